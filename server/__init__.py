@@ -1,0 +1,1 @@
+"""pcsc_bridge.server"""
