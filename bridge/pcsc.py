@@ -1,0 +1,596 @@
+"""The pcsc-lite client/server protocol, sans-IO.
+
+Messages are frozen dataclasses named after pcsc-lite's structs and fields
+(winscard_msg.h), so the code can be read side by side with it. The same class serves a
+request and its reply: pcscd writes the request's struct back with fields updated.
+
+Two readers turn bytes into messages:
+  RequestReader  the server's side (an application's socket): header + body (+ data)
+  ReplyReader    the client's side (a socket to pcscd): header-less replies, whose size
+                 follows from what was asked, plus the unsolicited wake-up after
+                 CMD_WAIT_READER_STATE_CHANGE
+Both check sizes the way pcscd does and raise only ProtocolError; neither buffers more
+than one message.
+
+Byte order: pcsc-lite uses the host's native order ("="); the bridge's own wire uses
+little-endian ("<"). Every struct is precompiled once per order.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, fields
+from enum import IntEnum
+from operator import attrgetter
+from typing import ClassVar
+
+NATIVE = "="
+WIRE = "<"
+ORDERS = (NATIVE, WIRE)
+
+MAX_READERNAME = 128
+MAX_ATR_SIZE = 33
+MAX_BUFFER_SIZE = 264
+MAX_BUFFER_SIZE_EXTENDED = 65548
+PCSCLITE_MAX_READERS_CONTEXTS = 16
+PROTOCOL_VERSION_MAJOR = 4
+PROTOCOL_MINORS = (4, 5, 6)  # the dialects this codec speaks
+
+
+class Cmd(IntEnum):
+    SCARD_ESTABLISH_CONTEXT = 0x01
+    SCARD_RELEASE_CONTEXT = 0x02
+    SCARD_LIST_READERS = 0x03
+    SCARD_CONNECT = 0x04
+    SCARD_RECONNECT = 0x05
+    SCARD_DISCONNECT = 0x06
+    SCARD_BEGIN_TRANSACTION = 0x07
+    SCARD_END_TRANSACTION = 0x08
+    SCARD_TRANSMIT = 0x09
+    SCARD_CONTROL = 0x0A
+    SCARD_STATUS = 0x0B
+    SCARD_GET_STATUS_CHANGE = 0x0C
+    SCARD_CANCEL = 0x0D
+    SCARD_CANCEL_TRANSACTION = 0x0E
+    SCARD_GET_ATTRIB = 0x0F
+    SCARD_SET_ATTRIB = 0x10
+    CMD_VERSION = 0x11
+    CMD_GET_READERS_STATE = 0x12
+    CMD_WAIT_READER_STATE_CHANGE = 0x13
+    CMD_STOP_WAITING_READER_STATE_CHANGE = 0x14
+    CMD_GET_READER_EVENTS = 0x15
+    CMD_GET_READERS_STATE_SIZE = 0x16
+    CMD_GET_READERS_STATE_ARRAY = 0x17
+
+
+# Return codes (pcsclite.h); the ones the bridge itself produces or inspects.
+SCARD_S_SUCCESS = 0x00000000
+SCARD_F_INTERNAL_ERROR = 0x80100001
+SCARD_E_CANCELLED = 0x80100002
+SCARD_E_INVALID_HANDLE = 0x80100003
+SCARD_E_INVALID_PARAMETER = 0x80100004
+SCARD_E_NO_MEMORY = 0x80100006
+SCARD_E_INSUFFICIENT_BUFFER = 0x80100008
+SCARD_E_UNKNOWN_READER = 0x80100009
+SCARD_E_TIMEOUT = 0x8010000A
+SCARD_E_SHARING_VIOLATION = 0x8010000B
+SCARD_E_NO_SMARTCARD = 0x8010000C
+SCARD_E_PROTO_MISMATCH = 0x8010000F
+SCARD_E_INVALID_VALUE = 0x80100011
+SCARD_E_NOT_TRANSACTED = 0x80100016
+SCARD_E_READER_UNAVAILABLE = 0x80100017
+SCARD_E_NO_SERVICE = 0x8010001D
+SCARD_E_SERVICE_STOPPED = 0x8010001E
+SCARD_E_UNSUPPORTED_FEATURE = 0x80100022
+SCARD_E_NO_READERS_AVAILABLE = 0x8010002E
+SCARD_W_UNRESPONSIVE_CARD = 0x80100066
+SCARD_W_UNPOWERED_CARD = 0x80100067
+SCARD_W_RESET_CARD = 0x80100068
+SCARD_W_REMOVED_CARD = 0x80100069
+SCARD_W_SECURITY_VIOLATION = 0x8010006A
+SCARD_E_NOT_SUPPORTED = 0x80100022  # pcsc-lite aliases it to UNSUPPORTED_FEATURE
+
+RV_NAMES = {v: k for k, v in sorted(globals().items()) if k.startswith(("SCARD_S_", "SCARD_E_",
+                                                                         "SCARD_F_", "SCARD_W_"))}
+
+SCARD_SHARE_EXCLUSIVE, SCARD_SHARE_SHARED, SCARD_SHARE_DIRECT = 1, 2, 3
+SCARD_LEAVE_CARD, SCARD_RESET_CARD, SCARD_UNPOWER_CARD, SCARD_EJECT_CARD = 0, 1, 2, 3
+SCARD_PROTOCOL_UNDEFINED, SCARD_PROTOCOL_T0, SCARD_PROTOCOL_T1 = 0, 1, 2
+SCARD_PROTOCOL_RAW, SCARD_PROTOCOL_T15 = 4, 8
+SCARD_PROTOCOL_ANY_OLD = 0x1000  # pcsc-lite's SCARD_PROTOCOL_ANY_OLD
+# readerState bits (pcsclite.h)
+SCARD_UNKNOWN, SCARD_ABSENT, SCARD_PRESENT, SCARD_SWALLOWED = 0x01, 0x02, 0x04, 0x08
+SCARD_POWERED, SCARD_NEGOTIABLE, SCARD_SPECIFIC = 0x10, 0x20, 0x40
+
+
+def rv_name(rv: int) -> str:
+    return RV_NAMES.get(rv, f"0x{rv:08X}")
+
+
+class ProtocolError(Exception):
+    """Bytes that do not form a valid pcsc-lite message. The socket must be closed."""
+
+
+def _structs(fmt: str) -> dict[str, struct.Struct]:
+    return {order: struct.Struct(order + fmt) for order in ORDERS}
+
+
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+class Message:
+    """Base of every message: ``CMD``, the body struct per byte order, the field list."""
+
+    CMD: ClassVar[Cmd]
+    FMT: ClassVar[str] = ""
+    STRUCTS: ClassVar[dict[str, struct.Struct]]
+    FIELDS: ClassVar[tuple[str, ...]] = ()
+    _get: ClassVar[attrgetter]
+    SIZE: ClassVar[int] = 0
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+
+    @classmethod
+    def _setup(cls):
+        cls.STRUCTS = _structs(cls.FMT)
+        cls.SIZE = cls.STRUCTS[NATIVE].size
+        cls.FIELDS = tuple(f.name for f in fields(cls) if f.name != "data")
+        cls._get = attrgetter(*cls.FIELDS) if len(cls.FIELDS) > 1 else (
+            (lambda m, g=attrgetter(cls.FIELDS[0]): (g(m),)) if cls.FIELDS else (lambda m: ()))
+        return cls
+
+    # --- generic body codec; string and byte-array fields are converted by subclasses
+    def pack(self, order: str = NATIVE) -> bytes:
+        return self.STRUCTS[order].pack(*self._get(self))
+
+    @classmethod
+    def unpack(cls, body, order: str = NATIVE):
+        return cls(*cls.STRUCTS[order].unpack(body))
+
+    def trailing(self, reply: bool) -> bytes:
+        return b""
+
+    def with_rv(self, rv: int, **changes):
+        return _replace(self, rv=rv, **changes)
+
+
+def _replace(obj, **changes):
+    values = {name: getattr(obj, name) for name in obj.FIELDS}
+    if hasattr(obj, "data"):
+        values["data"] = obj.data
+    values.update(changes)
+    return type(obj)(**values)
+
+
+def message(cmd: Cmd, fmt: str):
+    def wrap(cls):
+        cls = dataclass(frozen=True, slots=True)(cls)
+        cls.CMD = cmd
+        cls.FMT = fmt
+        return cls._setup()
+    return wrap
+
+
+@message(Cmd.SCARD_ESTABLISH_CONTEXT, "III")
+class EstablishContext(Message):
+    dwScope: int = 0
+    hContext: int = 0
+    rv: int = 0
+
+
+@message(Cmd.SCARD_RELEASE_CONTEXT, "II")
+class ReleaseContext(Message):
+    hContext: int = 0
+    rv: int = 0
+
+
+@message(Cmd.SCARD_CONNECT, "I128sIIiII")
+class Connect(Message):
+    hContext: int = 0
+    szReader: str = ""
+    dwShareMode: int = 0
+    dwPreferredProtocols: int = 0
+    hCard: int = 0
+    dwActiveProtocol: int = 0
+    rv: int = 0
+
+    def pack(self, order=NATIVE):
+        return self.STRUCTS[order].pack(self.hContext, _raw(self.szReader), self.dwShareMode,
+                                        self.dwPreferredProtocols, self.hCard,
+                                        self.dwActiveProtocol, self.rv)
+
+    @classmethod
+    def unpack(cls, body, order=NATIVE):
+        c, name, *rest = cls.STRUCTS[order].unpack(body)
+        return cls(c, _text(name), *rest)
+
+
+@message(Cmd.SCARD_RECONNECT, "iIIIII")
+class Reconnect(Message):
+    hCard: int = 0
+    dwShareMode: int = 0
+    dwPreferredProtocols: int = 0
+    dwInitialization: int = 0
+    dwActiveProtocol: int = 0
+    rv: int = 0
+
+
+@message(Cmd.SCARD_DISCONNECT, "iII")
+class Disconnect(Message):
+    hCard: int = 0
+    dwDisposition: int = 0
+    rv: int = 0
+
+
+@message(Cmd.SCARD_BEGIN_TRANSACTION, "iI")
+class BeginTransaction(Message):
+    hCard: int = 0
+    rv: int = 0
+
+
+@message(Cmd.SCARD_END_TRANSACTION, "iII")
+class EndTransaction(Message):
+    hCard: int = 0
+    dwDisposition: int = 0
+    rv: int = 0
+
+
+@message(Cmd.SCARD_TRANSMIT, "iIIIIIII")
+class Transmit(Message):
+    hCard: int = 0
+    ioSendPciProtocol: int = 0
+    ioSendPciLength: int = 8
+    cbSendLength: int = 0
+    ioRecvPciProtocol: int = 0
+    ioRecvPciLength: int = 8
+    pcbRecvLength: int = 0
+    rv: int = 0
+    data: bytes = field(default=b"", repr=False)  # APDU sent, or response received
+
+    def trailing(self, reply):
+        return self.data if (not reply or self.rv == 0) else b""
+
+
+@message(Cmd.SCARD_CONTROL, "iIIIII")
+class Control(Message):
+    hCard: int = 0
+    dwControlCode: int = 0
+    cbSendLength: int = 0
+    cbRecvLength: int = 0
+    dwBytesReturned: int = 0
+    rv: int = 0
+    data: bytes = field(default=b"", repr=False)
+
+    def trailing(self, reply):
+        return self.data if (not reply or self.rv == 0) else b""
+
+
+@message(Cmd.SCARD_STATUS, "iI")
+class Status(Message):
+    hCard: int = 0
+    rv: int = 0
+
+
+@message(Cmd.SCARD_CANCEL, "II")
+class Cancel(Message):
+    hContext: int = 0
+    rv: int = 0
+
+
+@message(Cmd.SCARD_GET_ATTRIB, "iI264sII")
+class GetAttrib(Message):
+    hCard: int = 0
+    dwAttrId: int = 0
+    pbAttr: bytes = b""  # the first cbAttrLen bytes of the 264-byte buffer
+    cbAttrLen: int = 0
+    rv: int = 0
+
+    @classmethod
+    def unpack(cls, body, order=NATIVE):
+        h, a, buf, n, rv = cls.STRUCTS[order].unpack(body)
+        return cls(h, a, buf[:min(n, MAX_BUFFER_SIZE)], n, rv)
+
+
+@message(Cmd.SCARD_SET_ATTRIB, "iI264sII")
+class SetAttrib(GetAttrib):
+    pass
+
+
+@message(Cmd.CMD_VERSION, "iiI")
+class Version(Message):
+    major: int = PROTOCOL_VERSION_MAJOR
+    minor: int = 4
+    rv: int = 0
+
+
+@message(Cmd.CMD_GET_READERS_STATE, "")
+class GetReadersState(Message):
+    pass
+
+
+@message(Cmd.CMD_WAIT_READER_STATE_CHANGE, "")
+class WaitReaderStateChange(Message):
+    pass
+
+
+@message(Cmd.CMD_STOP_WAITING_READER_STATE_CHANGE, "")
+class StopWaitingReaderStateChange(Message):
+    pass
+
+
+@message(Cmd.CMD_GET_READER_EVENTS, "")
+class GetReaderEvents(Message):
+    pass
+
+
+@message(Cmd.CMD_GET_READERS_STATE_SIZE, "")
+class GetReadersStateSize(Message):
+    pass
+
+
+@message(Cmd.CMD_GET_READERS_STATE_ARRAY, "")
+class GetReadersStateArray(Message):
+    pass
+
+
+# --- replies that are not the request's struct ------------------------------------------
+
+@message(Cmd.CMD_WAIT_READER_STATE_CHANGE, "II")
+class WaitReaderStateChangeReply(Message):
+    """struct wait_reader_state_change: the wake-up, or the answer to STOP."""
+    timeOut: int = 0
+    rv: int = 0
+
+
+@message(Cmd.CMD_GET_READER_EVENTS, "II")
+class ReaderEvents(Message):
+    readerEvents: int = 0
+    rv: int = 0
+
+
+@message(Cmd.CMD_GET_READERS_STATE_SIZE, "i")
+class ReadersStateSize(Message):
+    size: int = PCSCLITE_MAX_READERS_CONTEXTS
+
+
+READER_STATE = _structs("128sIIi33s3xII")
+READER_STATE_SIZE = READER_STATE[NATIVE].size  # 184
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderState:
+    """One entry of the reader-state array (READER_STATE); an empty name is a free slot."""
+
+    readerName: str = ""
+    eventCounter: int = 0
+    readerState: int = 0
+    readerSharing: int = 0
+    cardAtr: bytes = b""
+    cardProtocol: int = 0
+
+    def pack(self, order=NATIVE) -> bytes:
+        return READER_STATE[order].pack(_raw(self.readerName), self.eventCounter,
+                                        self.readerState, self.readerSharing, self.cardAtr,
+                                        len(self.cardAtr), self.cardProtocol)
+
+    @classmethod
+    def unpack(cls, raw, order=NATIVE) -> ReaderState:
+        name, ev, st, sh, atr, n, proto = READER_STATE[order].unpack(raw)
+        if n > MAX_ATR_SIZE:
+            raise ProtocolError(f"reader state: cardAtrLength {n} > {MAX_ATR_SIZE}")
+        return cls(_text(name), ev, st, sh, atr[:n], proto)
+
+
+EMPTY_READER_STATE = ReaderState()
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderStates:
+    """The reader-state array as sent: CMD_GET_READERS_STATE, the WAIT dump, or ARRAY."""
+
+    CMD: ClassVar[Cmd] = Cmd.CMD_GET_READERS_STATE
+    states: tuple[ReaderState, ...] = ()
+
+    def pack(self, order=NATIVE) -> bytes:
+        return b"".join(s.pack(order) for s in self.states)
+
+    @classmethod
+    def unpack(cls, raw, order=NATIVE) -> ReaderStates:
+        return cls(tuple(ReaderState.unpack(raw[i:i + READER_STATE_SIZE], order)
+                         for i in range(0, len(raw), READER_STATE_SIZE)))
+
+    def trailing(self, reply):
+        return b""
+
+
+def pad_states(states, count: int) -> tuple[ReaderState, ...]:
+    """``states`` cut or padded with empty slots to exactly ``count`` entries."""
+    states = tuple(states[:count])
+    return states + (EMPTY_READER_STATE,) * (count - len(states))
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+_HEADER = _structs("II")
+HEADER_SIZE = 8
+
+
+def encode_request(msg: Message, order: str = NATIVE) -> bytes:
+    """Header + body (+ data) as an application writes it."""
+    body = msg.pack(order)
+    return _HEADER[order].pack(len(body), msg.CMD) + body + msg.trailing(False)
+
+
+def encode_reply(msg, order: str = NATIVE) -> bytes:
+    """The server's answer: the body (+ data on success), no header."""
+    return msg.pack(order) + msg.trailing(True)
+
+
+REQUESTS: dict[int, type[Message]] = {
+    cls.CMD: cls for cls in (
+        EstablishContext, ReleaseContext, Connect, Reconnect, Disconnect, BeginTransaction,
+        EndTransaction, Transmit, Control, Status, Cancel, GetAttrib, SetAttrib, Version,
+        GetReadersState, WaitReaderStateChange, StopWaitingReaderStateChange,
+        GetReaderEvents, GetReadersStateSize, GetReadersStateArray)
+}
+# Commands pcscd refuses by closing the socket.
+REFUSED = {Cmd.SCARD_LIST_READERS, Cmd.SCARD_GET_STATUS_CHANGE, Cmd.SCARD_CANCEL_TRANSACTION}
+
+
+def decode_request(cmd: int, body, order: str = NATIVE) -> Message:
+    """A request body (without trailing data) into its message, checked like pcscd."""
+    cls = REQUESTS.get(cmd)
+    if cls is None:
+        raise ProtocolError(f"unsupported command 0x{cmd:02X}")
+    if len(body) != cls.SIZE:
+        raise ProtocolError(f"{cls.__name__}: body of {len(body)} bytes, expected {cls.SIZE}")
+    msg = cls.unpack(body, order) if cls.SIZE else cls()
+    if cls in (Transmit, Control) and msg.cbSendLength > MAX_BUFFER_SIZE_EXTENDED:
+        raise ProtocolError(f"{cls.__name__}: cbSendLength {msg.cbSendLength} > "
+                            f"{MAX_BUFFER_SIZE_EXTENDED}")
+    if cls in (GetAttrib, SetAttrib) and msg.cbAttrLen > MAX_BUFFER_SIZE:
+        raise ProtocolError(f"{cls.__name__}: cbAttrLen {msg.cbAttrLen} > {MAX_BUFFER_SIZE}")
+    return msg
+
+
+class RequestReader:
+    """Server side of one socket: bytes from an application in, requests out."""
+
+    def __init__(self, order: str = NATIVE):
+        self.order = order
+        self._buf = bytearray()
+        self._header = _HEADER[order]
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buf += data
+        out = []
+        buf = self._buf
+        while len(buf) >= HEADER_SIZE:
+            size, cmd = self._header.unpack_from(buf)
+            if cmd in REFUSED or cmd not in REQUESTS:
+                raise ProtocolError(f"unsupported command 0x{cmd:02X}")
+            if size != REQUESTS[cmd].SIZE:
+                raise ProtocolError(f"{REQUESTS[cmd].__name__}: body of {size} bytes, "
+                                    f"expected {REQUESTS[cmd].SIZE}")
+            end = HEADER_SIZE + size
+            if len(buf) < end:
+                break
+            msg = decode_request(cmd, memoryview(buf)[HEADER_SIZE:end], self.order)
+            extra = getattr(msg, "cbSendLength", 0) if cmd in (Cmd.SCARD_TRANSMIT,
+                                                             Cmd.SCARD_CONTROL) else 0
+            if extra:
+                if len(buf) < end + extra:
+                    break
+                msg = _replace(msg, data=bytes(buf[end:end + extra]))
+                end += extra
+            del buf[:end]
+            out.append(msg)
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+class ReplyReader:
+    """Client side of one socket to pcscd: bytes in, replies out, given what was asked.
+
+    Call ``expect(request)`` for each request written, in order. After
+    CMD_WAIT_READER_STATE_CHANGE one 8-byte WaitReaderStateChangeReply is owed (the
+    wake-up, or the answer to STOP, never both); it is matched when no other reply is due.
+    """
+
+    def __init__(self, dialect: int = 4, order: str = NATIVE):
+        self.order = order
+        self.dialect = dialect  # minor version: 4, 5 or 6
+        self._buf = bytearray()
+        self._expected: list = []
+        self.waiting = False
+        self._array_size = PCSCLITE_MAX_READERS_CONTEXTS
+
+    def expect(self, request: Message) -> None:
+        cmd = request.CMD
+        if cmd == Cmd.CMD_WAIT_READER_STATE_CHANGE:
+            if self.dialect < 6:
+                self._expected.append((ReaderStates, PCSCLITE_MAX_READERS_CONTEXTS))
+            self.waiting = True
+        elif cmd == Cmd.CMD_STOP_WAITING_READER_STATE_CHANGE:
+            self.waiting = True  # exactly one 8-byte message follows, whichever it is
+        elif cmd == Cmd.CMD_GET_READERS_STATE:
+            self._expected.append((ReaderStates, PCSCLITE_MAX_READERS_CONTEXTS))
+        elif cmd == Cmd.CMD_GET_READERS_STATE_ARRAY:
+            self._expected.append((ReaderStates, None))
+        elif cmd == Cmd.CMD_GET_READER_EVENTS:
+            self._expected.append((ReaderEvents, 0))
+        elif cmd == Cmd.CMD_GET_READERS_STATE_SIZE:
+            self._expected.append((ReadersStateSize, 0))
+        elif cmd == Cmd.SCARD_CANCEL or cmd in REQUESTS:
+            self._expected.append((type(request), request))
+        else:
+            raise ProtocolError(f"cannot expect a reply to 0x{cmd:02X}")
+
+    def feed(self, data: bytes) -> list:
+        self._buf += data
+        out = []
+        while True:
+            msg = self._next()
+            if msg is None:
+                return out
+            out.append(msg)
+
+    def _next(self):
+        buf = self._buf
+        if not self._expected:
+            if not buf:
+                return None
+            if not self.waiting:
+                raise ProtocolError(f"{len(buf)} unexpected bytes from the server")
+            if len(buf) < WaitReaderStateChangeReply.SIZE:
+                return None
+            self.waiting = False
+            msg = WaitReaderStateChangeReply.unpack(buf[:8], self.order)
+            del buf[:8]
+            return msg
+        cls, arg = self._expected[0]
+        if cls is ReaderStates:
+            count = arg if arg is not None else self._array_size
+            need = count * READER_STATE_SIZE
+            if len(buf) < need:
+                return None
+            msg = ReaderStates.unpack(bytes(buf[:need]), self.order)
+            end = need
+        else:
+            size = cls.SIZE
+            if len(buf) < size:
+                return None
+            msg = cls.unpack(memoryview(buf)[:size], self.order)
+            end = size
+            if cls is ReadersStateSize:
+                if not 0 <= msg.size <= 4096:
+                    raise ProtocolError(f"reader-state array size {msg.size}")
+                self._array_size = msg.size
+            elif cls in (Transmit, Control) and msg.rv == 0:
+                n = msg.pcbRecvLength if cls is Transmit else msg.dwBytesReturned
+                limit = arg.pcbRecvLength if cls is Transmit else arg.cbRecvLength
+                if n > max(limit, 0) or n > MAX_BUFFER_SIZE_EXTENDED:
+                    raise ProtocolError(f"{cls.__name__}: {n} bytes returned, {limit} allowed")
+                if len(buf) < size + n:
+                    return None
+                msg = _replace(msg, data=bytes(buf[size:size + n]))
+                end = size + n
+            elif cls in (GetAttrib, SetAttrib) and msg.cbAttrLen > MAX_BUFFER_SIZE:
+                if msg.rv == 0:
+                    raise ProtocolError(f"{cls.__name__}: cbAttrLen {msg.cbAttrLen}")
+        self._expected.pop(0)
+        del buf[:end]
+        return msg
+
+    @property
+    def pending(self) -> int:
+        return len(self._expected) + self.waiting
