@@ -1,0 +1,382 @@
+"""The pcscd-compatible façade: serves pcsc-lite applications on a Unix socket.
+
+Each application socket gets an ``AppSession``. It answers the protocol's bookkeeping
+itself, in the application's own dialect (4:4, 4:5 or 4:6), from a ``ReaderModel``:
+
+  CMD_VERSION, CMD_GET_READERS_STATE, CMD_WAIT_READER_STATE_CHANGE and its wake-up,
+  CMD_STOP_WAITING_READER_STATE_CHANGE, SCARD_CANCEL, CMD_GET_READER_EVENTS,
+  CMD_GET_READERS_STATE_SIZE, CMD_GET_READERS_STATE_ARRAY
+
+and forwards only the card calls (SCARD_ESTABLISH_CONTEXT … SCARD_SET_ATTRIB, whose
+structs are the same in every dialect) to a backend stream, one per application socket.
+This is the one place where dialects are translated: a backend only ever sees card calls
+and supplies reader states; the dialect an application speaks never reaches it.
+
+Invariant: a backend updates the model before it returns a call's reply, so an application
+told that a call succeeded (or woken by an event) never reads an older reader state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable, Iterable
+
+from . import log
+from .pcsc import (
+    NATIVE,
+    PCSCLITE_MAX_READERS_CONTEXTS,
+    SCARD_E_CANCELLED,
+    SCARD_E_INVALID_HANDLE,
+    SCARD_E_NO_SERVICE,
+    SCARD_E_SERVICE_STOPPED,
+    Cancel,
+    GetReaderEvents,
+    GetReadersState,
+    GetReadersStateArray,
+    GetReadersStateSize,
+    Message,
+    ProtocolError,
+    ReaderEvents,
+    ReaderState,
+    ReaderStates,
+    ReadersStateSize,
+    ReleaseContext,
+    RequestReader,
+    StopWaitingReaderStateChange,
+    Version,
+    WaitReaderStateChange,
+    WaitReaderStateChangeReply,
+    encode_reply,
+    pad_states,
+)
+
+NEWEST_MINOR = 6
+
+
+class ReaderModel:
+    """The reader-state array applications see, its reader-events counter, and listeners.
+
+    ``reader_events`` changes exactly when the set of reader names changes (what pcscd
+    2.3+ reports through CMD_GET_READER_EVENTS). ``capacity`` is what a 4:6 application
+    gets from CMD_GET_READERS_STATE_SIZE: it only grows, as pcsc-lite 2.5's client requires.
+    """
+
+    def __init__(self, states: Iterable[ReaderState] = ()):
+        self.states: tuple[ReaderState, ...] = ()
+        self.reader_events = 1
+        self.capacity = PCSCLITE_MAX_READERS_CONTEXTS
+        self._listeners: list[Callable[[], None]] = []
+        self.update(states)
+
+    def names(self) -> list[str]:
+        return [s.readerName for s in self.states if s.readerName]
+
+    def update(self, states: Iterable[ReaderState]) -> bool:
+        states = tuple(s for s in states if s.readerName)
+        if states == self.states:
+            return False
+        if [s.readerName for s in states] != self.names():
+            self.reader_events = self.reader_events % 0x7FFF + 1
+        self.capacity = max(self.capacity, len(states))
+        self.states = states
+        for listener in list(self._listeners):
+            listener()
+        return True
+
+    def listen(self, callback: Callable[[], None]) -> Callable[[], None]:
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+
+class BackendError(Exception):
+    """A backend could not serve a call (link down, backend gone): the app gets ``rv``."""
+
+    def __init__(self, message: str, rv: int = SCARD_E_NO_SERVICE):
+        super().__init__(message)
+        self.rv = rv
+
+
+class Stream:
+    """One application's card calls on a backend. ``call`` returns the reply message."""
+
+    async def call(self, msg: Message) -> Message:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class Backend:
+    """What a façade needs: a reader model and a stream per application socket."""
+
+    model: ReaderModel
+
+    async def open_stream(self, app: AppInfo) -> Stream:
+        raise NotImplementedError
+
+
+class AppInfo:
+    """Who is on the other end of an application socket (for logs and policy)."""
+
+    __slots__ = ("pid", "uid", "gid", "dialect", "id")
+    _next = 0
+
+    def __init__(self, pid=None, uid=None, gid=None):
+        AppInfo._next += 1
+        self.id = AppInfo._next
+        self.pid, self.uid, self.gid = pid, uid, gid
+        self.dialect: int | None = None
+
+
+_UCRED = struct.Struct("3i")
+
+
+def _peer_credentials(sock) -> AppInfo:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        return AppInfo(*_UCRED.unpack(raw))
+    except (OSError, AttributeError):
+        return AppInfo()
+
+
+def negotiate(major: int, minor: int) -> tuple[Version, int | None]:
+    """pcscd 2.4.1+'s rule, extended: serve 4:4 to 4:6 each in its own dialect; offer 4:6
+    to a newer client (pcsc-lite 2.5+ clients then retry with it); refuse anything else."""
+    if major == 4 and minor in (4, 5, 6):
+        return Version(major, minor, 0), minor
+    return Version(4, NEWEST_MINOR, SCARD_E_SERVICE_STOPPED), None
+
+
+class Facade:
+    """Serves applications over one backend; knows every live context for SCARD_CANCEL."""
+
+    def __init__(self, backend: Backend, name: str = "facade"):
+        self.backend = backend
+        self.name = name
+        self.contexts: dict[int, AppSession] = {}
+        self.sessions: set[AppSession] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    def protocol_factory(self):
+        return AppSession(self)
+
+    async def serve_unix(self, path: str, mode: int = 0o666, owner=None, group=None):
+        sock = bind_unix(path, mode, owner, group)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(self.protocol_factory, sock=sock)
+        log.info("socket.listen", path=path, mode=f"{mode:04o}")
+        return self._server
+
+    async def close(self):
+        if self._server:
+            self._server.close()
+        for s in list(self.sessions):
+            s.transport.close()
+
+
+def bind_unix(path: str, mode: int = 0o666, owner=None, group=None) -> socket.socket:
+    """A listening Unix socket at ``path``. A stale socket file (no one listening) is
+    replaced; a live socket or any other file is refused with a clear error."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1)
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: nobody is listening
+        except OSError as exc:
+            raise OSError(f"{path}: cannot tell whether the socket is in use ({exc})") from exc
+        else:
+            raise OSError(f"{path} is in use by a running service; refusing to replace it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, mode)
+    if owner is not None or group is not None:
+        import grp
+        import pwd
+        uid = pwd.getpwnam(owner).pw_uid if isinstance(owner, str) else (owner or -1)
+        gid = grp.getgrnam(group).gr_gid if isinstance(group, str) else (group or -1)
+        os.chown(path, uid, gid)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class AppSession(asyncio.Protocol):
+    """One application socket: parse requests, answer or forward them, in order."""
+
+    def __init__(self, facade: Facade):
+        self.facade = facade
+        self.model = facade.backend.model
+        self.reader = RequestReader(NATIVE)
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.transport: asyncio.Transport | None = None
+        self.stream: Stream | None = None
+        self.info = AppInfo()
+        self.dialect = 4  # until CMD_VERSION says otherwise
+        self.waiting = False     # registered for a wake-up (WAIT sent, not yet answered)
+        self.hold_wakeup = 0     # 4:6: SIZE + ARRAY still owed after WAIT
+        self.wakeup_rv: int | None = None  # a wake-up held back while hold_wakeup
+        self.contexts: set[int] = set()
+        self._task: asyncio.Task | None = None
+        self._unlisten = None
+        self.closed = False
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.info = _peer_credentials(sock)
+        self.facade.sessions.add(self)
+        self._unlisten = self.model.listen(self._on_change)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data):
+        try:
+            for msg in self.reader.feed(data):
+                self.queue.put_nowait(msg)
+        except ProtocolError as exc:
+            log.warning("app.protocol_error", app=self.info.id, pid=self.info.pid,
+                        error=str(exc))
+            self.transport.close()
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.facade.sessions.discard(self)
+        for h in self.contexts:
+            self.facade.contexts.pop(h, None)
+        if self._unlisten:
+            self._unlisten()
+        self.queue.put_nowait(None)
+
+    # --- processing ---------------------------------------------------------------------
+    async def _run(self):
+        try:
+            while True:
+                msg = await self.queue.get()
+                if msg is None:
+                    break
+                reply = await self._handle(msg)
+                if reply is not None and not self.closed:
+                    self.transport.write(encode_reply(reply, NATIVE))
+        except Exception as exc:  # noqa: BLE001 - one app's failure must stay with it
+            log.error("app.failed", app=self.info.id, error=repr(exc))
+            if self.transport:
+                self.transport.close()
+        finally:
+            if self.stream is not None:
+                stream, self.stream = self.stream, None
+                try:
+                    await stream.close()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("stream.close_failed", app=self.info.id, error=repr(exc))
+
+    async def _handle(self, msg):
+        handler = self._LOCAL.get(type(msg))
+        if handler is not None:
+            return handler(self, msg)
+        self.hold_wakeup = 0
+        try:
+            if self.stream is None:
+                self.stream = await self.facade.backend.open_stream(self.info)
+            reply = await self.stream.call(msg)
+        except BackendError as exc:
+            log.info("app.call_failed", app=self.info.id, call=type(msg).__name__,
+                     error=str(exc))
+            return msg.with_rv(exc.rv, **({"data": b""} if hasattr(msg, "data") else {}))
+        name = type(msg).__name__
+        if name == "EstablishContext" and reply.rv == 0:
+            self.contexts.add(reply.hContext)
+            self.facade.contexts[reply.hContext] = self
+        elif isinstance(msg, ReleaseContext) and reply.rv == 0:
+            self.contexts.discard(msg.hContext)
+            self.facade.contexts.pop(msg.hContext, None)
+        return reply
+
+    def _version(self, msg: Version):
+        reply, dialect = negotiate(msg.major, msg.minor)
+        if dialect is not None:
+            self.dialect = self.info.dialect = dialect
+        log.info("app.version", app=self.info.id, pid=self.info.pid,
+                 client=f"{msg.major}:{msg.minor}", dialect=f"4:{dialect}" if dialect else None,
+                 refused=None if dialect else "unsupported protocol version")
+        return reply
+
+    def _states16(self, _msg=None):
+        return ReaderStates(pad_states(self.model.states, PCSCLITE_MAX_READERS_CONTEXTS))
+
+    def _wait(self, _msg):
+        self.waiting = True
+        self.wakeup_rv = None
+        if self.dialect >= 6:
+            self.hold_wakeup = 2
+            return None
+        return self._states16()
+
+    def _stop(self, _msg):
+        self.hold_wakeup = 0
+        if not self.waiting:
+            return None  # the wake-up was sent already: it is the answer
+        self.waiting = False
+        rv, self.wakeup_rv = self.wakeup_rv or 0, None
+        return WaitReaderStateChangeReply(0, rv)
+
+    def _cancel(self, msg: Cancel):
+        target = self.facade.contexts.get(msg.hContext)
+        if target is None or not target.waiting:
+            return msg.with_rv(SCARD_E_INVALID_HANDLE)
+        target.wake(SCARD_E_CANCELLED)
+        return msg.with_rv(0)
+
+    def _events(self, _msg):
+        return ReaderEvents(self.model.reader_events, 0)
+
+    def _size(self, _msg):
+        self._held()
+        return ReadersStateSize(self.model.capacity)
+
+    def _array(self, _msg):
+        self._held()
+        return ReaderStates(pad_states(self.model.states, self.model.capacity))
+
+    _LOCAL = {
+        Version: _version, GetReadersState: _states16, WaitReaderStateChange: _wait,
+        StopWaitingReaderStateChange: _stop, Cancel: _cancel, GetReaderEvents: _events,
+        GetReadersStateSize: _size, GetReadersStateArray: _array,
+    }
+
+    def _held(self):
+        if self.hold_wakeup:
+            self.hold_wakeup -= 1
+            if not self.hold_wakeup and self.wakeup_rv is not None:
+                # sent after this reply: the queue runner writes the reply first
+                asyncio.get_running_loop().call_soon(self.wake, self.wakeup_rv)
+
+    # --- events -------------------------------------------------------------------------
+    def _on_change(self):
+        if self.waiting:
+            self.wake(0)
+
+    def wake(self, rv: int):
+        if not self.waiting or self.closed:
+            return
+        if self.hold_wakeup:
+            if self.wakeup_rv is None or rv != 0:
+                self.wakeup_rv = rv
+            return
+        self.waiting = False
+        self.wakeup_rv = None
+        self.transport.write(WaitReaderStateChangeReply(0, rv).pack(NATIVE))

@@ -1,0 +1,45 @@
+"""Logging: one line per event, ``event key=value ...``, to stderr (journald keeps it)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+logger = logging.getLogger("pcsc_bridge")
+
+
+def _fmt(value) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\n'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+def kv(event: str, **fields) -> str:
+    return " ".join([event] + [f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None])
+
+
+def info(event: str, **fields) -> None:
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(kv(event, **fields))
+
+
+def warning(event: str, **fields) -> None:
+    logger.warning(kv(event, **fields))
+
+
+def error(event: str, **fields) -> None:
+    logger.error(kv(event, **fields))
+
+
+def debug(event: str, **fields) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(kv(event, **fields))
+
+
+def setup(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False

@@ -1,0 +1,502 @@
+"""The virtual backend: readers and cards inside the process, with pcscd's semantics.
+
+Contexts and card handles belong to the stream (the application socket) that made them;
+SHARED / EXCLUSIVE / DIRECT share modes, transactions, dispositions, the reader-state
+array's event counters and sharing counts, and the card events a handle must see after a
+reset or a removal (SCARD_W_RESET_CARD, SCARD_W_REMOVED_CARD) follow pcscd 1.9.9's rules
+(winscard.c, readerfactory.c), so an application cannot tell the two apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+
+from pcsc_bridge import log
+from pcsc_bridge.card import Card
+from pcsc_bridge.facade import AppInfo, Backend, ReaderModel, Stream
+from pcsc_bridge.pcsc import (
+    SCARD_ABSENT,
+    SCARD_E_INSUFFICIENT_BUFFER,
+    SCARD_E_INVALID_HANDLE,
+    SCARD_E_INVALID_VALUE,
+    SCARD_E_NO_SMARTCARD,
+    SCARD_E_NOT_TRANSACTED,
+    SCARD_E_PROTO_MISMATCH,
+    SCARD_E_SHARING_VIOLATION,
+    SCARD_E_UNKNOWN_READER,
+    SCARD_E_UNSUPPORTED_FEATURE,
+    SCARD_LEAVE_CARD,
+    SCARD_NEGOTIABLE,
+    SCARD_POWERED,
+    SCARD_PRESENT,
+    SCARD_PROTOCOL_ANY_OLD,
+    SCARD_PROTOCOL_RAW,
+    SCARD_PROTOCOL_T0,
+    SCARD_PROTOCOL_T1,
+    SCARD_PROTOCOL_UNDEFINED,
+    SCARD_RESET_CARD,
+    SCARD_SHARE_DIRECT,
+    SCARD_SHARE_EXCLUSIVE,
+    SCARD_SHARE_SHARED,
+    SCARD_UNPOWER_CARD,
+    SCARD_W_REMOVED_CARD,
+    SCARD_W_RESET_CARD,
+    BeginTransaction,
+    Connect,
+    Control,
+    Disconnect,
+    EndTransaction,
+    EstablishContext,
+    GetAttrib,
+    ReaderState,
+    Reconnect,
+    ReleaseContext,
+    SetAttrib,
+    Status,
+    Transmit,
+)
+
+SCARD_ATTR_ATR_STRING = 0x00090303
+SCARD_ATTR_DEVICE_FRIENDLY_NAME = 0x7FFF0003
+SCARD_ATTR_DEVICE_SYSTEM_NAME = 0x7FFF0004
+LOCK_POLL = 0.1  # pcscd's PCSCLITE_LOCK_POLL_RATE: BeginTransaction waits this long at most
+EXCLUSIVE = -1
+REMOVED, RESET = "removed", "reset"
+
+
+def atr_protocols(atr: bytes) -> tuple[int, int]:
+    """(available protocols mask, default protocol) from an ATR's TDi bytes (ISO 7816-3)."""
+    available, default = 0, None
+    if len(atr) < 2:
+        return SCARD_PROTOCOL_T0, SCARD_PROTOCOL_T0
+    y, i, first = atr[1] >> 4, 2, True
+    while True:
+        i += bin(y & 0x7).count("1")  # TA, TB, TC
+        if not y & 0x8 or i >= len(atr):
+            break
+        td = atr[i]
+        i += 1
+        t = td & 0x0F
+        proto = {0: SCARD_PROTOCOL_T0, 1: SCARD_PROTOCOL_T1}.get(t, 0)
+        available |= proto
+        if first:
+            default, first = proto, False
+        y = td >> 4
+    if not available:
+        available = default = SCARD_PROTOCOL_T0
+    return available, default or available & -available
+
+
+@dataclass(eq=False)
+class Reader:
+    name: str
+    card: Card | None = None
+    atr: bytes = b""
+    event_counter: int = 0
+    protocol: int = SCARD_PROTOCOL_UNDEFINED
+    contexts: int = 0          # sharing: 0 none, >0 shared users, -1 exclusive
+    lock_id: int = 0           # hCard holding a transaction (or exclusive access)
+    lock_count: int = 0
+    handles: dict = field(default_factory=dict)  # hCard -> Handle
+
+    def state(self) -> ReaderState:
+        flags = (SCARD_PRESENT | SCARD_POWERED | SCARD_NEGOTIABLE) if self.card else SCARD_ABSENT
+        return ReaderState(self.name, self.event_counter, flags, self.contexts,
+                           self.atr if self.card else b"", self.protocol)
+
+    def signal(self, event: str) -> None:
+        for h in self.handles.values():
+            h.event = event
+        if event == REMOVED:
+            self.lock_id = self.lock_count = 0
+
+    def check_sharing(self, h_card: int) -> int:
+        return 0 if self.lock_id in (0, h_card) else SCARD_E_SHARING_VIOLATION
+
+
+@dataclass(eq=False)
+class Handle:
+    h_card: int
+    reader: Reader
+    context: int
+    share_mode: int
+    protocol: int
+    event: str | None = None
+
+    def check_event(self) -> int:
+        return {None: 0, REMOVED: SCARD_W_REMOVED_CARD, RESET: SCARD_W_RESET_CARD}[self.event]
+
+
+class VirtualBackend(Backend):
+    """Readers named at start; a virtual card can be inserted and removed at run time."""
+
+    def __init__(self, readers: list[tuple[str, Card | None]]):
+        self.readers = [Reader(name) for name, _ in readers]
+        self.model = ReaderModel()
+        self.handles: dict[int, Handle] = {}
+        self.changed = asyncio.Condition()
+        for i, (_, card) in enumerate(readers):
+            if card is not None:
+                self.insert(i, card)
+        self.publish()
+
+    def publish(self) -> None:
+        self.model.update(r.state() for r in self.readers)
+
+    def _notify(self) -> None:
+        self.publish()
+
+        async def notify():
+            async with self.changed:
+                self.changed.notify_all()
+        asyncio.get_running_loop().create_task(notify())
+
+    # --- run-time changes -----------------------------------------------------------------
+    def insert(self, index: int, card: Card | None = None) -> None:
+        reader = self.readers[index]
+        if reader.card is not None:
+            self.remove(index)
+        reader.card = card or Card()
+        reader.atr = reader.card.reset()
+        reader.protocol = SCARD_PROTOCOL_UNDEFINED
+        reader.event_counter += 1
+        log.info("virtual.insert", reader=reader.name)
+        if _in_loop():
+            self._notify()
+
+    def remove(self, index: int) -> None:
+        reader = self.readers[index]
+        if reader.card is None:
+            return
+        reader.card = None
+        reader.protocol = SCARD_PROTOCOL_UNDEFINED
+        reader.event_counter += 1
+        reader.signal(REMOVED)
+        log.info("virtual.remove", reader=reader.name)
+        if _in_loop():
+            self._notify()
+
+    def add_reader(self, name: str, card: Card | None = None) -> None:
+        self.readers.append(Reader(name))
+        if card is not None:
+            self.insert(len(self.readers) - 1, card)
+        elif _in_loop():
+            self._notify()
+
+    def remove_reader(self, name: str) -> None:
+        for reader in [r for r in self.readers if r.name == name]:
+            reader.signal(REMOVED)
+            for h in list(reader.handles):
+                self.handles.pop(h, None)
+            self.readers.remove(reader)
+        self._notify()
+
+    async def open_stream(self, app: AppInfo) -> Stream:
+        return VirtualStream(self)
+
+
+def _in_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _new_id(taken) -> int:
+    while True:
+        value = secrets.randbits(31)
+        if value and value not in taken:
+            return value
+
+
+class VirtualStream(Stream):
+    """One application socket's contexts and handles on the virtual backend."""
+
+    _contexts_in_use: set[int] = set()
+
+    def __init__(self, backend: VirtualBackend):
+        self.b = backend
+        self.contexts: set[int] = set()
+        self.handles: set[int] = set()
+
+    async def call(self, msg):
+        method = getattr(self, "do_" + type(msg).__name__, None)
+        if method is None:
+            return msg.with_rv(SCARD_E_UNSUPPORTED_FEATURE)
+        reply = await method(msg)
+        self.b.publish()  # the model is current before the reply leaves
+        return reply
+
+    async def close(self) -> None:
+        for h in list(self.handles):
+            self._drop(h, SCARD_LEAVE_CARD)
+        for c in self.contexts:
+            self._contexts_in_use.discard(c)
+        self.contexts.clear()
+        self.b._notify()
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _handle(self, h_card: int) -> Handle | None:
+        return self.b.handles.get(h_card) if h_card in self.handles else None
+
+    def _drop(self, h_card: int, disposition: int) -> None:
+        h = self.b.handles.pop(h_card)
+        self.handles.discard(h_card)
+        r = h.reader
+        r.handles.pop(h_card, None)
+        if r.contexts == EXCLUSIVE:
+            r.contexts = 0
+        elif r.contexts > 0:
+            r.contexts -= 1
+        if r.lock_id == h_card:
+            r.lock_id = r.lock_count = 0
+        self._dispose(r, disposition)
+        self.b._notify()
+
+    def _dispose(self, r: Reader, disposition: int, keep: Handle | None = None) -> None:
+        if disposition in (SCARD_RESET_CARD, SCARD_UNPOWER_CARD) and r.card is not None:
+            r.atr = r.card.reset()
+            r.protocol = SCARD_PROTOCOL_UNDEFINED
+            r.signal(RESET)
+            if keep is not None:
+                keep.event = None
+
+    def _negotiate(self, r: Reader, preferred: int) -> tuple[int, int]:
+        """(rv, protocol) as pcscd's SCardConnect chooses it."""
+        if preferred & SCARD_PROTOCOL_RAW:
+            return 0, SCARD_PROTOCOL_RAW
+        if r.protocol == SCARD_PROTOCOL_UNDEFINED:
+            available, default = atr_protocols(r.atr)
+            if preferred & SCARD_PROTOCOL_ANY_OLD:
+                preferred = SCARD_PROTOCOL_T0 | SCARD_PROTOCOL_T1
+            if preferred & default:
+                return 0, default
+            common = preferred & available
+            if not common:
+                return SCARD_E_PROTO_MISMATCH, 0
+            return 0, common & -common
+        if not preferred & r.protocol:
+            return SCARD_E_PROTO_MISMATCH, 0
+        return 0, r.protocol
+
+    async def _wait_unlocked(self, r: Reader, timeout: float | None) -> None:
+        async with self.b.changed:
+            try:
+                await asyncio.wait_for(
+                    self.b.changed.wait_for(lambda: r.lock_id == 0), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    # --- calls ------------------------------------------------------------------------------
+    async def do_EstablishContext(self, m: EstablishContext):
+        h = _new_id(self._contexts_in_use)
+        self._contexts_in_use.add(h)
+        self.contexts.add(h)
+        return m.with_rv(0, hContext=h)
+
+    async def do_ReleaseContext(self, m: ReleaseContext):
+        if m.hContext not in self.contexts:
+            return m.with_rv(SCARD_E_INVALID_HANDLE)
+        for h in [h for h in self.handles if self.b.handles[h].context == m.hContext]:
+            self._drop(h, SCARD_LEAVE_CARD)
+        self.contexts.discard(m.hContext)
+        self._contexts_in_use.discard(m.hContext)
+        return m.with_rv(0)
+
+    async def do_Connect(self, m: Connect):
+        if m.hContext not in self.contexts:
+            return m.with_rv(SCARD_E_INVALID_HANDLE)
+        if m.dwShareMode != SCARD_SHARE_DIRECT and not m.dwPreferredProtocols & (
+                SCARD_PROTOCOL_T0 | SCARD_PROTOCOL_T1 | SCARD_PROTOCOL_RAW
+                | SCARD_PROTOCOL_ANY_OLD):
+            return m.with_rv(SCARD_E_PROTO_MISMATCH)
+        if m.dwShareMode not in (SCARD_SHARE_EXCLUSIVE, SCARD_SHARE_SHARED, SCARD_SHARE_DIRECT):
+            return m.with_rv(SCARD_E_INVALID_VALUE)
+        r = next((r for r in self.b.readers if r.name == m.szReader), None)
+        if r is None:
+            return m.with_rv(SCARD_E_UNKNOWN_READER)
+        if r.contexts == EXCLUSIVE:
+            return m.with_rv(SCARD_E_SHARING_VIOLATION)
+        if r.lock_id:
+            await self._wait_unlocked(r, None)  # pcscd waits for the transaction to end
+            if r not in self.b.readers:
+                return m.with_rv(SCARD_E_UNKNOWN_READER)
+        protocol = SCARD_PROTOCOL_UNDEFINED
+        if m.dwShareMode != SCARD_SHARE_DIRECT:
+            if r.card is None:
+                return m.with_rv(SCARD_E_NO_SMARTCARD)
+            rv, protocol = self._negotiate(r, m.dwPreferredProtocols)
+            if rv:
+                return m.with_rv(rv)
+            r.protocol = protocol
+        elif m.dwPreferredProtocols & SCARD_PROTOCOL_RAW:
+            protocol = SCARD_PROTOCOL_RAW
+        if m.dwShareMode == SCARD_SHARE_EXCLUSIVE:
+            if r.contexts != 0:
+                return m.with_rv(SCARD_E_SHARING_VIOLATION)
+            r.contexts = EXCLUSIVE
+        else:
+            r.contexts += 1
+        h = _new_id(self.b.handles)
+        handle = Handle(h, r, m.hContext, m.dwShareMode, protocol)
+        if m.dwShareMode == SCARD_SHARE_EXCLUSIVE:
+            r.lock_id, r.lock_count = h, 1
+        r.handles[h] = handle
+        self.b.handles[h] = handle
+        self.handles.add(h)
+        return m.with_rv(0, hCard=h, dwActiveProtocol=protocol)
+
+    async def do_Reconnect(self, m: Reconnect):
+        h = self._handle(m.hCard)
+        if h is None:
+            return m.with_rv(SCARD_E_INVALID_HANDLE)
+        if m.dwInitialization not in (0, 1, 2, 3) or m.dwShareMode not in (
+                SCARD_SHARE_EXCLUSIVE, SCARD_SHARE_SHARED, SCARD_SHARE_DIRECT):
+            return m.with_rv(SCARD_E_INVALID_VALUE)
+        r = h.reader
+        rv = r.check_sharing(m.hCard)
+        if rv:
+            return m.with_rv(rv)
+        if m.dwInitialization in (SCARD_RESET_CARD, SCARD_UNPOWER_CARD) and r.card:
+            self._dispose(r, m.dwInitialization, keep=h)
+        elif h.event == REMOVED or r.card is None:
+            if r.card is None:
+                return m.with_rv(SCARD_E_NO_SMARTCARD)
+        h.event = None
+        protocol = h.protocol
+        if m.dwShareMode != SCARD_SHARE_DIRECT:
+            if r.card is None:
+                return m.with_rv(SCARD_E_NO_SMARTCARD)
+            rv, protocol = self._negotiate(r, m.dwPreferredProtocols)
+            if rv:
+                return m.with_rv(rv)
+            r.protocol = protocol
+        if m.dwShareMode == SCARD_SHARE_EXCLUSIVE and h.share_mode != SCARD_SHARE_EXCLUSIVE:
+            if r.contexts != 1:
+                return m.with_rv(SCARD_E_SHARING_VIOLATION)
+            r.contexts, r.lock_id, r.lock_count = EXCLUSIVE, m.hCard, 1
+        elif m.dwShareMode != SCARD_SHARE_EXCLUSIVE and h.share_mode == SCARD_SHARE_EXCLUSIVE:
+            r.contexts = 1
+            r.lock_id = r.lock_count = 0
+        h.share_mode, h.protocol = m.dwShareMode, protocol
+        return m.with_rv(0, dwActiveProtocol=protocol)
+
+    async def do_Disconnect(self, m: Disconnect):
+        if self._handle(m.hCard) is None:
+            return m.with_rv(SCARD_E_INVALID_HANDLE)
+        if m.dwDisposition not in (0, 1, 2, 3):
+            return m.with_rv(SCARD_E_INVALID_VALUE)
+        self._drop(m.hCard, m.dwDisposition)
+        return m.with_rv(0)
+
+    def _card_checks(self, h: Handle | None, h_card: int) -> int:
+        if h is None:
+            return SCARD_E_INVALID_HANDLE
+        return h.reader.check_sharing(h_card) or h.check_event()
+
+    async def do_BeginTransaction(self, m: BeginTransaction):
+        h = self._handle(m.hCard)
+        if h is None:
+            return m.with_rv(SCARD_E_INVALID_HANDLE)
+        rv = h.check_event()
+        if rv:
+            return m.with_rv(rv)
+        r = h.reader
+        if r.check_sharing(m.hCard):
+            # pcscd answers SHARING_VIOLATION after a short wait; the client retries
+            await self._wait_unlocked(r, LOCK_POLL)
+            if self._handle(m.hCard) is None:
+                return m.with_rv(SCARD_E_INVALID_HANDLE)
+            if r.check_sharing(m.hCard):
+                return m.with_rv(SCARD_E_SHARING_VIOLATION)
+            rv = h.check_event()
+            if rv:
+                return m.with_rv(rv)
+        r.lock_id = m.hCard
+        r.lock_count += 1
+        return m.with_rv(0)
+
+    async def do_EndTransaction(self, m: EndTransaction):
+        h = self._handle(m.hCard)
+        if h is None:
+            return m.with_rv(SCARD_E_INVALID_HANDLE)
+        if m.dwDisposition not in (0, 1, 2, 3):
+            return m.with_rv(SCARD_E_INVALID_VALUE)
+        r = h.reader
+        rv = r.check_sharing(m.hCard) or h.check_event()
+        if rv:
+            return m.with_rv(rv)
+        self._dispose(r, m.dwDisposition, keep=h)
+        if r.contexts == EXCLUSIVE:
+            if r.lock_count <= 1:
+                return m.with_rv(SCARD_E_NOT_TRANSACTED)
+            r.lock_count -= 1
+        else:
+            if r.lock_count <= 0:
+                return m.with_rv(SCARD_E_NOT_TRANSACTED)
+            r.lock_count -= 1
+            if r.lock_count == 0:
+                r.lock_id = 0
+                self.b._notify()
+        return m.with_rv(0)
+
+    async def do_Transmit(self, m: Transmit):
+        if m.pcbRecvLength < 2:
+            return m.with_rv(SCARD_E_INSUFFICIENT_BUFFER, data=b"")
+        h = self._handle(m.hCard)
+        rv = self._card_checks(h, m.hCard)
+        if rv:
+            return m.with_rv(rv, data=b"")
+        r = h.reader
+        if m.ioSendPciProtocol != SCARD_PROTOCOL_RAW:
+            if r.card is None:
+                return m.with_rv(SCARD_E_NO_SMARTCARD, data=b"")
+            if m.ioSendPciProtocol not in (SCARD_PROTOCOL_ANY_OLD, r.protocol):
+                return m.with_rv(SCARD_E_PROTO_MISMATCH, data=b"")
+        card = r.card
+        response, delay = card.process(m.data)
+        if delay:
+            await asyncio.sleep(delay)
+            if r.card is not card:
+                return m.with_rv(SCARD_W_REMOVED_CARD, data=b"")
+        if len(response) > m.pcbRecvLength:
+            return m.with_rv(SCARD_E_INSUFFICIENT_BUFFER, pcbRecvLength=len(response),
+                             data=b"")
+        return m.with_rv(0, pcbRecvLength=len(response), data=response)
+
+    async def do_Control(self, m: Control):
+        h = self._handle(m.hCard)
+        if h is None:
+            return m.with_rv(SCARD_E_INVALID_HANDLE, data=b"")
+        rv = h.reader.check_sharing(m.hCard) or SCARD_E_UNSUPPORTED_FEATURE
+        return m.with_rv(rv, dwBytesReturned=0, data=b"")
+
+    async def do_Status(self, m: Status):
+        h = self._handle(m.hCard)
+        rv = self._card_checks(h, m.hCard)
+        return m.with_rv(rv)
+
+    async def do_GetAttrib(self, m: GetAttrib):
+        h = self._handle(m.hCard)
+        rv = self._card_checks(h, m.hCard)
+        if rv:
+            return m.with_rv(rv)
+        r = h.reader
+        if m.dwAttrId == SCARD_ATTR_ATR_STRING:
+            value = r.atr if r.card else b""
+        elif m.dwAttrId in (SCARD_ATTR_DEVICE_FRIENDLY_NAME, SCARD_ATTR_DEVICE_SYSTEM_NAME):
+            value = r.name.encode() + b"\0"
+        else:
+            return m.with_rv(SCARD_E_UNSUPPORTED_FEATURE)
+        if len(value) > m.cbAttrLen:
+            return m.with_rv(SCARD_E_INSUFFICIENT_BUFFER, cbAttrLen=len(value))
+        return m.with_rv(0, pbAttr=value, cbAttrLen=len(value))
+
+    async def do_SetAttrib(self, m: SetAttrib):
+        h = self._handle(m.hCard)
+        rv = self._card_checks(h, m.hCard)
+        return m.with_rv(rv or SCARD_E_NOT_TRANSACTED)
+
