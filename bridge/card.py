@@ -15,7 +15,6 @@ Commands (ISO 7816-4 framing, short or extended Lc/Le):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from functools import reduce
 
 

@@ -24,6 +24,7 @@ import socket
 import stat
 import struct
 from collections.abc import Callable, Iterable
+from typing import ClassVar
 
 from . import log
 from .pcsc import (
@@ -41,9 +42,9 @@ from .pcsc import (
     Message,
     ProtocolError,
     ReaderEvents,
+    ReadersStateSize,
     ReaderState,
     ReaderStates,
-    ReadersStateSize,
     ReleaseContext,
     RequestReader,
     StopWaitingReaderStateChange,
@@ -122,7 +123,7 @@ class Backend:
 class AppInfo:
     """Who is on the other end of an application socket (for logs and policy)."""
 
-    __slots__ = ("pid", "uid", "gid", "dialect", "id")
+    __slots__ = ("dialect", "gid", "id", "pid", "uid")
     _next = 0
 
     def __init__(self, pid=None, uid=None, gid=None):
@@ -352,7 +353,7 @@ class AppSession(asyncio.Protocol):
         self._held()
         return ReaderStates(pad_states(self.model.states, self.model.capacity))
 
-    _LOCAL = {
+    _LOCAL: ClassVar[dict] = {
         Version: _version, GetReadersState: _states16, WaitReaderStateChange: _wait,
         StopWaitingReaderStateChange: _stop, Cancel: _cancel, GetReaderEvents: _events,
         GetReadersStateSize: _size, GetReadersStateArray: _array,

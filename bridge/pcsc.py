@@ -584,9 +584,9 @@ class ReplyReader:
                     return None
                 msg = _replace(msg, data=bytes(buf[size:size + n]))
                 end = size + n
-            elif cls in (GetAttrib, SetAttrib) and msg.cbAttrLen > MAX_BUFFER_SIZE:
-                if msg.rv == 0:
-                    raise ProtocolError(f"{cls.__name__}: cbAttrLen {msg.cbAttrLen}")
+            elif cls in (GetAttrib, SetAttrib) and msg.cbAttrLen > MAX_BUFFER_SIZE \
+                    and msg.rv == 0:
+                raise ProtocolError(f"{cls.__name__}: cbAttrLen {msg.cbAttrLen}")
         self._expected.pop(0)
         del buf[:end]
         return msg

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from pcsc_bridge import log
 from pcsc_bridge.card import Card
@@ -73,7 +74,7 @@ def atr_protocols(atr: bytes) -> tuple[int, int]:
         return SCARD_PROTOCOL_T0, SCARD_PROTOCOL_T0
     y, i, first = atr[1] >> 4, 2, True
     while True:
-        i += bin(y & 0x7).count("1")  # TA, TB, TC
+        i += (y & 0x7).bit_count()  # TA, TB, TC
         if not y & 0x8 or i >= len(atr):
             break
         td = atr[i]
@@ -215,7 +216,7 @@ def _new_id(taken) -> int:
 class VirtualStream(Stream):
     """One application socket's contexts and handles on the virtual backend."""
 
-    _contexts_in_use: set[int] = set()
+    _contexts_in_use: ClassVar[set[int]] = set()
 
     def __init__(self, backend: VirtualBackend):
         self.b = backend
@@ -362,9 +363,8 @@ class VirtualStream(Stream):
             return m.with_rv(rv)
         if m.dwInitialization in (SCARD_RESET_CARD, SCARD_UNPOWER_CARD) and r.card:
             self._dispose(r, m.dwInitialization, keep=h)
-        elif h.event == REMOVED or r.card is None:
-            if r.card is None:
-                return m.with_rv(SCARD_E_NO_SMARTCARD)
+        elif r.card is None:
+            return m.with_rv(SCARD_E_NO_SMARTCARD)
         h.event = None
         protocol = h.protocol
         if m.dwShareMode != SCARD_SHARE_DIRECT:
