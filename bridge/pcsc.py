@@ -81,14 +81,14 @@ SCARD_E_NOT_TRANSACTED = 0x80100016
 SCARD_E_READER_UNAVAILABLE = 0x80100017
 SCARD_E_NO_SERVICE = 0x8010001D
 SCARD_E_SERVICE_STOPPED = 0x8010001E
-SCARD_E_UNSUPPORTED_FEATURE = 0x80100022
+SCARD_E_UNSUPPORTED_FEATURE = 0x8010001F  # pcsc-lite value (Windows: 0x80100022)
 SCARD_E_NO_READERS_AVAILABLE = 0x8010002E
 SCARD_W_UNRESPONSIVE_CARD = 0x80100066
 SCARD_W_UNPOWERED_CARD = 0x80100067
 SCARD_W_RESET_CARD = 0x80100068
 SCARD_W_REMOVED_CARD = 0x80100069
 SCARD_W_SECURITY_VIOLATION = 0x8010006A
-SCARD_E_NOT_SUPPORTED = 0x80100022  # pcsc-lite aliases it to UNSUPPORTED_FEATURE
+SCARD_E_UNEXPECTED = 0x8010001F
 
 RV_NAMES = {v: k for k, v in sorted(globals().items()) if k.startswith(("SCARD_S_", "SCARD_E_",
                                                                          "SCARD_F_", "SCARD_W_"))}
@@ -141,8 +141,11 @@ class Message:
         cls.STRUCTS = _structs(cls.FMT)
         cls.SIZE = cls.STRUCTS[NATIVE].size
         cls.FIELDS = tuple(f.name for f in fields(cls) if f.name != "data")
-        cls._get = attrgetter(*cls.FIELDS) if len(cls.FIELDS) > 1 else (
-            (lambda m, g=attrgetter(cls.FIELDS[0]): (g(m),)) if cls.FIELDS else (lambda m: ()))
+        if len(cls.FIELDS) > 1:
+            cls._get = staticmethod(attrgetter(*cls.FIELDS))
+        else:
+            names = cls.FIELDS
+            cls._get = staticmethod(lambda m: tuple(getattr(m, n) for n in names))
         return cls
 
     # --- generic body codec; string and byte-array fields are converted by subclasses
@@ -382,9 +385,8 @@ class ReaderState:
     @classmethod
     def unpack(cls, raw, order=NATIVE) -> ReaderState:
         name, ev, st, sh, atr, n, proto = READER_STATE[order].unpack(raw)
-        if n > MAX_ATR_SIZE:
-            raise ProtocolError(f"reader state: cardAtrLength {n} > {MAX_ATR_SIZE}")
-        return cls(_text(name), ev, st, sh, atr[:n], proto)
+        # pcscd marks a reader not yet initialised with a length beyond MAX_ATR_SIZE
+        return cls(_text(name), ev, st, sh, atr[:n] if n <= MAX_ATR_SIZE else b"", proto)
 
 
 EMPTY_READER_STATE = ReaderState()

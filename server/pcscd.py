@@ -1,0 +1,214 @@
+"""The pcscd backend: each application stream gets its own socket to the host's pcscd.
+
+pcscd keeps its own per-socket rules (contexts, handles, cleanup when a socket closes), so
+a stream maps one to one onto a pcscd connection. The backend speaks pcscd's dialect,
+discovered with CMD_VERSION when it starts and again whenever pcscd comes back after a
+restart (it may have been upgraded). Reader states come from a watcher socket registered
+for events (CMD_WAIT_READER_STATE_CHANGE) and a poller socket that reads the array;
+``refresh()`` re-reads it after calls that can change it (connect, disconnect,
+transactions, status), before their reply goes back, so no one reads a stale state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from pcsc_bridge import log
+from pcsc_bridge.facade import AppInfo, Backend, BackendError, ReaderModel, Stream
+from pcsc_bridge.pcsc import (
+    NATIVE,
+    SCARD_E_NO_SERVICE,
+    GetReadersState,
+    GetReadersStateArray,
+    GetReadersStateSize,
+    Message,
+    ProtocolError,
+    ReplyReader,
+    Transmit,
+    Version,
+    WaitReaderStateChange,
+    encode_request,
+    rv_name,
+)
+
+DEFAULT_SOCKET = "/run/pcscd/pcscd.comm"
+NEWEST = 6
+# Calls after which the reader-state array may have changed.
+REFRESH_AFTER = {"Connect", "Reconnect", "Disconnect", "BeginTransaction", "EndTransaction",
+                 "Status"}
+RETRY_INTERVAL = 1.0
+
+
+class PcscdConnection(asyncio.Protocol):
+    """One socket to pcscd: requests out, replies in, one call at a time."""
+
+    def __init__(self, dialect: int):
+        self.reader = ReplyReader(dialect, NATIVE)
+        self.transport = None
+        self.replies: asyncio.Queue = asyncio.Queue()
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        try:
+            for msg in self.reader.feed(data):
+                self.replies.put_nowait(msg)
+        except ProtocolError as exc:
+            log.error("pcscd.protocol_error", error=str(exc))
+            self.transport.close()
+
+    def connection_lost(self, exc):
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        self.replies.put_nowait(None)
+
+    async def call(self, msg: Message, expect=None):
+        if self.lost.done():
+            raise BackendError("pcscd connection closed")
+        self.reader.expect(expect or msg)
+        self.transport.write(encode_request(msg, NATIVE))
+        reply = await self.replies.get()
+        if reply is None:
+            raise BackendError("pcscd closed the connection")
+        return reply
+
+    def send(self, msg: Message) -> None:
+        self.reader.expect(msg)
+        self.transport.write(encode_request(msg, NATIVE))
+
+    async def next_reply(self):
+        reply = await self.replies.get()
+        if reply is None:
+            raise BackendError("pcscd closed the connection")
+        return reply
+
+    def close(self):
+        if self.transport:
+            self.transport.close()
+
+
+async def connect(path: str, dialect: int, timeout: float = 5.0) -> PcscdConnection:
+    loop = asyncio.get_running_loop()
+    try:
+        _, conn = await asyncio.wait_for(
+            loop.create_unix_connection(lambda: PcscdConnection(dialect), path), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise BackendError(f"cannot reach pcscd at {path}: {exc}") from exc
+    return conn
+
+
+class PcscdStream(Stream):
+    def __init__(self, backend: PcscdBackend, conn: PcscdConnection):
+        self.backend = backend
+        self.conn = conn
+
+    async def call(self, msg):
+        reply = await self.conn.call(msg)
+        if type(msg).__name__ in REFRESH_AFTER or (
+                isinstance(msg, Transmit) and reply.rv != 0):
+            await self.backend.refresh()
+        return reply
+
+    async def close(self):
+        self.conn.close()
+
+
+class PcscdBackend(Backend):
+    def __init__(self, path: str = DEFAULT_SOCKET):
+        self.path = path
+        self.model = ReaderModel()
+        self.dialect: int | None = None
+        self.version: str | None = None
+        self._poller: PcscdConnection | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+        self.up = asyncio.Event()
+
+    async def start(self, wait: bool = True) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+        if wait:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.up.wait(), 5)
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._poller:
+            self._poller.close()
+
+    async def discover(self) -> int:
+        """pcscd's dialect: offer our newest; an older pcscd answers with its own."""
+        conn = await connect(self.path, NEWEST)
+        try:
+            reply = await conn.call(Version(4, NEWEST))
+        finally:
+            conn.close()
+        if reply.rv == 0:
+            return NEWEST
+        if reply.major == 4 and reply.minor in (4, 5):
+            return reply.minor
+        raise BackendError(f"pcscd speaks protocol {reply.major}:{reply.minor}, "
+                           f"not one of 4:4, 4:5, 4:6")
+
+    async def _open(self) -> PcscdConnection:
+        conn = await connect(self.path, self.dialect)
+        reply = await conn.call(Version(4, self.dialect))
+        if reply.rv != 0:
+            conn.close()
+            raise BackendError(f"pcscd refused protocol 4:{self.dialect}: {rv_name(reply.rv)}",
+                               SCARD_E_NO_SERVICE)
+        return conn
+
+    async def open_stream(self, app: AppInfo) -> Stream:
+        if self.dialect is None:
+            raise BackendError(f"pcscd is not available at {self.path}")
+        return PcscdStream(self, await self._open())
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            if self._poller is None:
+                return
+            if self.dialect >= 6:
+                await self._poller.call(GetReadersStateSize())
+                states = await self._poller.call(GetReadersStateArray())
+            else:
+                states = await self._poller.call(GetReadersState())
+            self.model.update(states.states)
+
+    async def _watch(self) -> None:
+        """Keep the model current; survive pcscd restarts (and upgrades)."""
+        announced_down = False
+        while True:
+            watcher = None
+            try:
+                self.dialect = await self.discover()
+                self._poller = await self._open()
+                watcher = await self._open()
+                log.info("pcscd.up", socket=self.path, dialect=f"4:{self.dialect}")
+                announced_down = False
+                await self.refresh()
+                self.up.set()
+                while True:
+                    watcher.send(WaitReaderStateChange())
+                    if self.dialect < 6:
+                        await watcher.next_reply()  # the array dump; refresh reads it all
+                    await self.refresh()  # catches changes made before we registered
+                    wake = await watcher.next_reply()
+                    log.debug("pcscd.event", rv=rv_name(wake.rv))
+            except (BackendError, ProtocolError, OSError) as exc:
+                self.up.clear()
+                if not announced_down:
+                    log.warning("pcscd.down", socket=self.path, error=str(exc))
+                    announced_down = True
+                self.model.update(())
+                if self._poller:
+                    self._poller.close()
+                    self._poller = None
+                if watcher:
+                    watcher.close()
+                await asyncio.sleep(RETRY_INTERVAL)
