@@ -1,0 +1,98 @@
+"""`pcsc-bridge server -c config.yaml`: the host service."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+
+from pcsc_bridge import config, log, tls
+from pcsc_bridge.card import DEFAULT_AIDS, Card
+
+from .host import Server, make_backend
+from .policy import Policy
+from .session import Limits
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("server", help="run the host server (mutual-TLS TCP → pcscd)",
+                              description="Expose this host's readers to guests over "
+                              "mutual-TLS TCP.")
+    p.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    p.add_argument("--listen", action="append", help="HOST:PORT (repeatable; overrides)")
+    p.add_argument("--backend", choices=("auto", "pcscd", "virtual", "pyscard"))
+    p.add_argument("--pcscd-socket", help="pcscd's socket (backend pcscd)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=run)
+
+
+def overrides(args) -> dict:
+    out = {"server.listen": args.listen, "server.backend.type": args.backend,
+           "server.backend.socket": args.pcscd_socket, "log.level": args.log_level}
+    return {k: v for k, v in out.items() if v}
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) how we are; nothing when not run by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), address)
+        except OSError as exc:
+            log.warning("sd_notify.failed", error=str(exc))
+
+
+def build(cfg) -> Server:
+    s = cfg.server
+    readers = None
+    if s.virtual.readers:
+        readers = [(r.name, None if r.card is None else Card(
+            **({"atr": r.card.atr} if r.card.atr else {}),
+            aids=tuple(r.card.aids or DEFAULT_AIDS))) for r in s.virtual.readers]
+    backend = make_backend(s.backend.type, s.backend.socket, readers)
+    lim = s.limits
+    limits = Limits(lim.max_frame, lim.handshake_timeout, lim.keepalive_interval,
+                    lim.keepalive_timeout, lim.call_timeout)
+    policies = {name: Policy(tuple(p.readers), p.exclusive, p.direct,
+                             p.control if isinstance(p.control, str) else tuple(p.control),
+                             p.max_streams or lim.streams_per_guest, p.allow)
+                for name, p in (s.guests or {}).items()}
+    policies.setdefault("default", Policy(max_streams=lim.streams_per_guest))
+    return Server(backend, tls.ServerTLS(s.cert, s.key, s.ca, s.crl, s.tls_min_version),
+                  s.listen, policies, limits, lim.max_guests)
+
+
+async def serve(server: Server) -> None:
+    if hasattr(server.backend, "start"):
+        await server.backend.start()
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
+    sd_notify("READY=1")
+    log.info("server.ready", backend=server.backend_name(), dialect=server.backend_dialect())
+    await stop.wait()
+    sd_notify("STOPPING=1")
+    await server.close()
+
+
+def run(args) -> int:
+    try:
+        cfg = config.load(args.config, "server", overrides(args))
+        log.setup(cfg.log.level)
+        server = build(cfg)
+        asyncio.run(serve(server))
+    except (config.ConfigError, tls.TLSConfigError) as exc:
+        print(f"pcsc-bridge server: {exc}", flush=True)
+        return 2
+    except OSError as exc:
+        print(f"pcsc-bridge server: {exc}", flush=True)
+        return 1
+    return 0
