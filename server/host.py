@@ -55,26 +55,40 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for host, port in self.listen:
-            server = await loop.create_server(
-                lambda: GuestSession(self), host, port, ssl=self.tls.context,
-                ssl_handshake_timeout=self.limits.handshake_timeout, reuse_address=True)
-            for sock in server.sockets:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            server = await loop.create_server(lambda: _Accept(self), host, port,
+                                              reuse_address=True)
             self.servers.append(server)
             log.info("server.listen", address=f"{host}:{port}")
 
+    async def handshake(self, transport) -> None:
+        """TLS on an accepted connection, with the current context (so SIGHUP's new
+        certificates and CRL apply to every later connection); refusals are logged."""
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = GuestSession(self)
+        try:
+            tls_transport = await asyncio.get_running_loop().start_tls(
+                transport, session, self.tls.context, server_side=True,
+                ssl_handshake_timeout=self.limits.handshake_timeout)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
+                or str(exc) or type(exc).__name__
+            log.warning("guest.refused", peer=f"{peer[0]}:{peer[1]}", stage="tls",
+                        reason=reason)
+            transport.abort()
+            return
+        session.connection_made(tls_transport)
+
     async def reload(self) -> None:
-        """Re-read certificates, key, CA and CRL (SIGHUP). The listeners are reopened with
-        the new context; live sessions are not touched."""
+        """Re-read certificates, key, CA and CRL (SIGHUP) for new connections; live
+        sessions are not touched. A failed reload keeps the previous files in use."""
         try:
             self.tls.reload()
         except tls.TLSConfigError as exc:
             log.error("server.reload_failed", error=str(exc), kept="previous certificates")
             return
-        old, self.servers = self.servers, []
-        for server in old:
-            server.close()
-        await self.start()
         log.info("server.reloaded")
 
     async def close(self) -> None:
@@ -82,6 +96,17 @@ class Server:
             server.close()
         for s in list(self.sessions):
             s.transport.close()
+
+
+class _Accept(asyncio.Protocol):
+    """A fresh TCP connection, until its TLS handshake is done."""
+
+    def __init__(self, server: Server):
+        self.server = server
+
+    def connection_made(self, transport):
+        transport.pause_reading()  # the ClientHello waits for start_tls
+        asyncio.get_running_loop().create_task(self.server.handshake(transport))
 
 
 def make_backend(kind: str, socket_path: str = DEFAULT_SOCKET, readers=None) -> Backend:

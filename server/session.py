@@ -82,6 +82,7 @@ class GuestSession(asyncio.Protocol):
         self._unlisten = None
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
+        self._early = b""  # bytes that arrived before connection_made (after start_tls)
 
     # --- connection ---------------------------------------------------------------------
     def connection_made(self, transport):
@@ -101,6 +102,9 @@ class GuestSession(asyncio.Protocol):
         self._schedule_keepalive()
         loop = asyncio.get_running_loop()
         loop.call_later(self.limits.handshake_timeout, self._handshake_deadline)
+        if self._early:
+            early, self._early = self._early, b""
+            self.data_received(early)
 
     def _handshake_deadline(self):
         if not self.ready and not self.closed:
@@ -115,6 +119,8 @@ class GuestSession(asyncio.Protocol):
             self.transport.abort() if not self.ready else self.transport.close()
 
     def connection_lost(self, exc):
+        if self.transport is None:
+            return
         self.closed = True
         self.server.release(self)
         if self._unlisten:
@@ -128,6 +134,9 @@ class GuestSession(asyncio.Protocol):
                      error=str(exc) if exc else None)
 
     def data_received(self, data):
+        if self.transport is None:
+            self._early += data
+            return
         self.last_rx = time.monotonic()
         try:
             for kind, sid, payload in self.reader.feed(data):

@@ -1,0 +1,260 @@
+"""The bridge end to end, on loopback: real pcscd ← server ← mutual TLS ← agents ← pyscard."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import ssl
+import time
+
+import pytest
+from conftest import (
+    App,
+    Process,
+    free_port,
+    make_pki,
+    wait_path,
+    wait_port,
+    write_client_config,
+    write_server_config,
+)
+from smartcard import scard as s
+
+from pcsc_bridge.certs.main import CA
+
+R0 = "Virtual PCD 00 00"
+ANY = s.SCARD_PROTOCOL_T0 | s.SCARD_PROTOCOL_T1
+NO_SERVICE = s.SCARD_E_NO_SERVICE & 0xFFFFFFFF
+
+
+class Bridge:
+    def __init__(self, directory, guests=("guest1",), extra=""):
+        self.dir = directory
+        self.ca = make_pki(directory, guests)
+        self.port = free_port()
+        self.extra = extra
+        self.server = None
+        self.agents = {}
+        self.apps = []
+
+    def start_server(self):
+        conf = write_server_config(self.dir, self.ca, self.port, extra=self.extra)
+        self.server = Process(["server", "-c", conf], os.path.join(self.dir, "server.log"))
+        wait_port(self.port)
+
+    def start_agent(self, guest, wait=True, extra=""):
+        sock = os.path.join(self.dir, f"{guest}.sock")
+        conf = write_client_config(self.dir, self.ca, self.port, guest, sock, extra=extra)
+        self.agents[guest] = Process(["client", "-c", conf],
+                                     os.path.join(self.dir, f"agent-{guest}.log"))
+        wait_path(sock)
+        return sock
+
+    def app(self, sock):
+        a = App(sock)
+        self.apps.append(a)
+        return a
+
+    def stop(self):
+        for a in self.apps:
+            a.close()
+        for p in self.agents.values():
+            p.stop()
+        if self.server:
+            self.server.stop()
+
+
+@pytest.fixture
+def bridge(pcscd, tmp_path):
+    if pcscd[0].sock is None:
+        pcscd[0].insert()
+    b = Bridge(str(tmp_path), guests=("guest1", "guest2", "guest3"))
+    yield b
+    b.stop()
+
+
+def establish(app, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        hr, ctx = app.SCardEstablishContext(s.SCARD_SCOPE_USER)
+        if hr == 0:
+            hr, readers = app.SCardListReaders(ctx, [])
+            if hr == 0 and R0 in readers:
+                return ctx
+            app.SCardReleaseContext(ctx)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no context with readers through the bridge (hr {hr:#x})")
+        time.sleep(0.1)
+
+
+def test_three_guests_and_the_host_share_one_card(bridge):
+    bridge.start_server()
+    apps = [bridge.app(bridge.start_agent(g)) for g in ("guest1", "guest2", "guest3")]
+    apps.append(bridge.app("/run/pcscd/pcscd.comm"))  # the host itself, directly
+    cards = []
+    for a in apps:
+        ctx = establish(a)
+        hr, card, proto = a.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
+        assert hr == 0
+        cards.append(card)
+    # each takes the transaction in turn; the others wait until it ends
+    assert apps[0].SCardBeginTransaction(cards[0]) == [0]
+    waiting = [a.start("SCardBeginTransaction", c) for a, c in zip(apps[1:], cards[1:])]
+    time.sleep(0.5)
+    assert all(a.wait(w, 0.05) is None for a, w in zip(apps[1:], waiting))
+    for i in range(len(apps)):
+        hr, resp = apps[i].SCardTransmit(cards[i], s.SCARD_PROTOCOL_T1,
+                                         [0x80, 0xEE, 0, 0, 1, i])
+        assert (hr, resp) == (0, [i, 0x90, 0])
+        assert apps[i].SCardEndTransaction(cards[i], s.SCARD_LEAVE_CARD) == [0]
+        if i + 1 < len(apps):
+            # exactly one of the waiters gets it next; find it and let it go first
+            got = None
+            deadline = time.monotonic() + 3
+            while got is None and time.monotonic() < deadline:
+                for j in range(i + 1, len(apps)):
+                    if waiting[j - 1] is not None and apps[j].wait(waiting[j - 1], 0.02) == [0]:
+                        got = j
+                        waiting[j - 1] = None
+                        break
+            assert got is not None, "a waiting guest must get the transaction"
+            apps[i + 1], apps[got] = apps[got], apps[i + 1]
+            cards[i + 1], cards[got] = cards[got], cards[i + 1]
+            waiting[i], waiting[got - 1] = waiting[got - 1], waiting[i]
+            assert all(apps[j].wait(waiting[j - 1], 0.02) is None
+                       for j in range(i + 2, len(apps)) if waiting[j - 1] is not None)
+
+
+def _tls_probe(port, ctx):
+    raw = socket.create_connection(("127.0.0.1", port), 5)
+    try:
+        tls = ctx.wrap_socket(raw, server_hostname="localhost")
+        tls.settimeout(5)
+        tls.sendall(b"\x0e\x00\x00\x00\x01\x00\x00\x00\x00{\"version\":1}")
+        return tls.recv(100)  # a refused peer reads EOF or gets an alert here
+    except (ssl.SSLError, OSError) as exc:
+        return exc
+    finally:
+        raw.close()
+
+
+def test_refused_peers_are_logged_and_others_keep_working(bridge, tmp_path):
+    bridge.start_server()
+    good = bridge.app(bridge.start_agent("guest1"))
+    ctx = establish(good)
+    ca = CA(bridge.ca)
+    other = CA.init(str(tmp_path / "other-ca"))
+    other.issue("client", "intruder")
+    ca.issue("client", "expired", not_before=dt.datetime.now(dt.timezone.utc)
+             - dt.timedelta(days=30), days=1)
+    ca.issue("client", "revoked")
+    ca.revoke("revoked")
+    bridge.server.proc.send_signal(1)  # SIGHUP: reload the CRL
+    time.sleep(0.5)
+    wait_port(bridge.port)
+
+    def client_ctx(cert, key, ca_file=f"{bridge.ca}/ca.pem"):
+        c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        c.load_verify_locations(ca_file)
+        c.set_alpn_protocols(["pcsc-bridge/1"])
+        if cert:
+            c.load_cert_chain(cert, key)
+        return c
+
+    cases = {
+        "no client certificate": client_ctx(None, None),
+        "other CA": client_ctx(f"{other.dir}/intruder.pem", f"{other.dir}/intruder-key.pem"),
+        "expired": client_ctx(f"{bridge.ca}/expired.pem", f"{bridge.ca}/expired-key.pem"),
+        "revoked": client_ctx(f"{bridge.ca}/revoked.pem", f"{bridge.ca}/revoked-key.pem"),
+    }
+    for name, c in cases.items():
+        out = _tls_probe(bridge.port, c)
+        assert not (isinstance(out, bytes) and out), f"{name}: the server answered {out!r}"
+    # plain TCP and garbage
+    for payload in (b"GET / HTTP/1.0\r\n\r\n", os.urandom(300)):
+        with socket.create_connection(("127.0.0.1", bridge.port), 5) as raw:
+            raw.sendall(payload)
+            raw.settimeout(5)
+            try:
+                assert raw.recv(100) == b"", "a non-TLS peer must get nothing back"
+            except ConnectionResetError:
+                pass
+    # the agent checks the server's name
+    sock = bridge.start_agent("guest2", extra="")
+    wrong = write_client_config(bridge.dir, bridge.ca, bridge.port, "guest3",
+                                os.path.join(bridge.dir, "wrong.sock"), name="wrong.yaml")
+    text = open(wrong).read().replace("server_name: localhost", "server_name: not-this-host")
+    open(wrong, "w").write(text)
+    wrong_agent = Process(["client", "-c", wrong], os.path.join(bridge.dir, "wrong.log"))
+    try:
+        wait_path(os.path.join(bridge.dir, "wrong.sock"))
+        w = bridge.app(os.path.join(bridge.dir, "wrong.sock"))
+        hr, _ = w.SCardEstablishContext(s.SCARD_SCOPE_USER)
+        assert hr & 0xFFFFFFFF == NO_SERVICE
+        time.sleep(0.5)
+        assert "not-this-host" in wrong_agent.output() or "certificate" in wrong_agent.output()
+    finally:
+        wrong_agent.stop()
+    # the good guest never noticed
+    hr, card, proto = good.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
+    assert hr == 0
+    assert bridge.app(sock).SCardEstablishContext(s.SCARD_SCOPE_USER)[0] == 0
+    log = bridge.server.output()
+    refusals = [line for line in log.splitlines() if "guest.refused" in line]
+    assert len(refusals) >= 6, log  # four certificates, plain TCP, garbage
+    assert any("revoked" in line for line in refusals), refusals
+    assert any("expired" in line for line in refusals), refusals
+
+
+def test_server_killed_and_restarted(bridge):
+    bridge.start_server()
+    sock = bridge.start_agent("guest1")
+    app = bridge.app(sock)
+    ctx = establish(app)
+    hr, card, proto = app.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
+    assert hr == 0
+    pending = app.start("SCardGetStatusChange", ctx, s.INFINITE, [[R0, 0x22]])
+    bridge.server.proc.kill()
+    bridge.server.proc.wait()
+    t0 = time.monotonic()
+    hr, _ = app.wait(pending, 5.0)  # woken: the readers went away with the server
+    hr, _ = app.SCardTransmit(card, proto, [0x80, 0xEE, 0, 0, 1, 1])
+    assert hr & 0xFFFFFFFF == NO_SERVICE
+    assert time.monotonic() - t0 < 5.0, "no call may hang past the keepalive bound"
+    fresh = bridge.app(sock)
+    assert fresh.SCardEstablishContext(s.SCARD_SCOPE_USER)[0] & 0xFFFFFFFF == NO_SERVICE
+    bridge.start_server()
+    ctx = establish(fresh, timeout=10)
+    hr, card, proto = fresh.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
+    assert hr == 0
+
+
+def test_agent_started_before_the_server(bridge):
+    sock = bridge.start_agent("guest1")
+    app = bridge.app(sock)
+    t0 = time.monotonic()
+    hr, _ = app.SCardEstablishContext(s.SCARD_SCOPE_USER)
+    assert hr & 0xFFFFFFFF == NO_SERVICE and time.monotonic() - t0 < 3.0
+    bridge.start_server()
+    establish(app, timeout=10)
+
+
+def test_policy_hides_readers_and_withholds_exclusive(pcscd, tmp_path):
+    if pcscd[0].sock is None:
+        pcscd[0].insert()
+    b = Bridge(str(tmp_path), guests=("lab",), extra="""  guests:
+    lab: {readers: ["*00 00"], exclusive: false}
+""")
+    try:
+        b.start_server()
+        app = b.app(b.start_agent("lab"))
+        ctx = establish(app)
+        assert app.SCardListReaders(ctx, []) == [0, [R0]]
+        hr, _, _ = app.SCardConnect(ctx, "Virtual PCD 00 01", s.SCARD_SHARE_SHARED, ANY)
+        assert hr & 0xFFFFFFFF == s.SCARD_E_UNKNOWN_READER & 0xFFFFFFFF
+        hr, _, _ = app.SCardConnect(ctx, R0, s.SCARD_SHARE_EXCLUSIVE, ANY)
+        assert hr & 0xFFFFFFFF == s.SCARD_W_SECURITY_VIOLATION & 0xFFFFFFFF
+        assert "policy.denied" in b.server.output()
+    finally:
+        b.stop()
