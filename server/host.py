@@ -121,6 +121,6 @@ def make_backend(kind: str, socket_path: str = DEFAULT_SOCKET, readers=None) -> 
         return VirtualBackend(readers or [("Virtual PCD 00 00", Card()),
                                           ("Virtual PCD 00 01", None)])
     if kind == "pyscard":
-        from .pyscard_backend import PyscardBackend
-        return PyscardBackend()
+        raise ValueError("backend type pyscard is not available in this release; "
+                         "use pcscd or virtual")
     raise ValueError(f"unknown backend type {kind}")

@@ -89,7 +89,7 @@ def run(args) -> int:
         log.setup(cfg.log.level)
         server = build(cfg)
         asyncio.run(serve(server))
-    except (config.ConfigError, tls.TLSConfigError) as exc:
+    except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
         print(f"pcsc-bridge server: {exc}", flush=True)
         return 2
     except OSError as exc:

@@ -12,6 +12,7 @@ import pytest
 from conftest import (
     App,
     Process,
+    cli,
     free_port,
     make_pki,
     wait_path,
@@ -228,6 +229,18 @@ def test_server_killed_and_restarted(bridge):
     ctx = establish(fresh, timeout=10)
     hr, card, proto = fresh.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
     assert hr == 0
+
+
+def test_doctor_reports_the_whole_chain(bridge):
+    bridge.start_server()
+    bridge.start_agent("guest1")
+    conf = os.path.join(bridge.dir, "client-guest1.yaml")
+    out = cli("doctor", "-c", conf, check=False, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "'guest1'" in out.stdout and R0 in out.stdout and "all good" in out.stdout
+    bridge.server.stop()
+    out = cli("doctor", "-c", conf, check=False, timeout=60)
+    assert out.returncode == 1 and "cannot reach the server" in out.stdout
 
 
 def test_agent_started_before_the_server(bridge):
