@@ -1,0 +1,910 @@
+"""pcsc-bridge against direct pcscd and the usual tunnels, all measured in one run.
+
+    benchmarks/run            # full run (N = 1000 / 1000 / 200, 5 s of load, 10 sessions)
+    benchmarks/run --quick    # smoke check, under a minute
+
+Paths, every one ending at the same pcscd, vpcd reader and test card on 127.0.0.1:
+  direct   the application talks to /run/pcscd/pcscd.comm
+  bridge   app → pcsc-bridge client (agent) ═ mutual TLS ═ pcsc-bridge server → pcscd
+  socat    app → socat UNIX-LISTEN,fork → OPENSSL,nodelay ═ OPENSSL-LISTEN,fork → pcscd
+  stunnel  app → stunnel client (Unix socket) ═ mutual TLS ═ stunnel server → pcscd
+  ssh      app → sshd's socket from `ssh -N -R SOCK:/run/pcscd/pcscd.comm` → pcscd
+           (a private sshd on a high loopback port, throwaway keys; the system's sshd and
+           its configuration are not touched)
+
+Every path runs one instance per guest (16 agents, 16 socat / stunnel clients, 16 ssh -R
+sessions) against one shared host side (one server, one socat / stunnel listener, one
+sshd).  Guest 1 serves the latency figures; all 16 serve the load (4 contexts each).
+The application is benchmarks/client.c, compiled here against libpcsclite; it times each
+library call and prints JSON, so the driver's own cost is not in the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+PCSCD_SOCKET = "/run/pcscd/pcscd.comm"
+READER = "Virtual PCD 00 00"
+CARD_PORT = 35963
+PATHS = ("direct", "bridge", "socat", "stunnel", "ssh")
+SESSION_STEPS = ("establish", "list readers", "connect", "10 APDUs", "disconnect", "release")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Settings:
+    n_transmit: int = 1000
+    n_status: int = 1000
+    n_estrel: int = 200
+    guests: int = 16
+    contexts: int = 4
+    load_seconds: float = 5.0
+    sessions: int = 10
+    delay_ms: float = 10.0
+    start_timeout: float = 20.0   # a process must be ready within this
+    tests_wait: float = 1800.0    # wait this long at most for running pytest to finish
+
+
+QUICK = Settings(n_transmit=100, n_status=100, n_estrel=20, load_seconds=1.0, sessions=2)
+
+
+class Unavailable(Exception):
+    """A path cannot be measured here; the message says why."""
+
+
+class MeasureError(Exception):
+    """One measurement failed; the message carries the client's PC/SC error."""
+
+
+def log(event: str, **kv) -> None:
+    print(" ".join([f"bench event={event}", *(f"{k}={v}" for k, v in kv.items())]),
+          file=sys.stderr, flush=True)
+
+
+# --- processes ------------------------------------------------------------------------
+
+class Procs:
+    """Every process this run starts; stopped in reverse order at the end, by pid."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.live: list[tuple[subprocess.Popen, str]] = []
+
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        path = self.dir / f"{name}.log"
+        with open(path, "w") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                    start_new_session=True)
+        self.live.append((proc, name))
+        return proc
+
+    def tail(self, proc: subprocess.Popen, lines: int = 3) -> str:
+        name = next(n for p, n in self.live if p is proc)
+        text = (self.dir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:]) or "(no output)"
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.live = [(p, n) for p, n in self.live if p is not proc]
+
+    def stop_all(self) -> None:
+        for proc, _ in reversed(self.live):
+            self.stop(proc)
+
+
+def wait_until(check, proc: subprocess.Popen | None, procs: Procs, what: str,
+               timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc is not None and proc.poll() is not None:
+            raise Unavailable(f"{what}: exited with status {proc.returncode}: "
+                              f"{procs.tail(proc)}")
+        if time.monotonic() > deadline:
+            tail = f": {procs.tail(proc)}" if proc is not None else ""
+            raise Unavailable(f"{what}: not ready after {timeout:.0f} s{tail}")
+        time.sleep(0.05)
+
+
+def listening(port: int) -> bool:
+    """A TCP listener on port (read from /proc/net/tcp, so no connection is made)."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return any(fields[1].endswith(f":{port:04X}") and fields[3] == "0A"
+                   for fields in (line.split() for line in f))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unix_connectable(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+# --- /proc accounting --------------------------------------------------------------------
+
+def descendants(roots: list[int]) -> list[int]:
+    out, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        out.append(pid)
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                pass
+    return out
+
+
+def stat(pid: int) -> tuple[float, int]:
+    """(CPU seconds including reaped children, resident bytes) of one process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0, 0
+    return sum(int(x) for x in fields[11:15]) / TICK, int(fields[21]) * PAGE
+
+
+def hwm(pid: int) -> int:
+    """A process's peak resident size (VmHWM) in bytes."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Sampler(threading.Thread):
+    """Peak resident memory of each side's process trees, sampled every 0.2 s."""
+
+    def __init__(self, sides: dict[str, list[int]]):
+        super().__init__(daemon=True)
+        self.sides = sides
+        self.peak = {side: 0 for side in sides}
+        self.done = threading.Event()
+
+    def sample(self) -> None:
+        for side, roots in self.sides.items():
+            total = sum(stat(p)[1] for p in descendants(roots))
+            self.peak[side] = max(self.peak[side], total)
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            self.sample()
+
+    def cpu(self) -> dict[str, float]:
+        return {side: sum(stat(p)[0] for p in descendants(roots))
+                for side, roots in self.sides.items()}
+
+    def finish(self) -> dict[str, int]:
+        """Peaks so far, raised to any single process's own VmHWM (catches short peaks)."""
+        self.sample()
+        self.done.set()
+        out = {side: max(self.peak[side], *(hwm(p) for p in descendants(roots)), 0)
+               for side, roots in self.sides.items()}
+        out["guest_instance_max"] = max((hwm(p) for p in self.sides["guest"]), default=0)
+        return out
+
+
+# --- certificates --------------------------------------------------------------------------
+
+OPENSSL_CNF = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[ca_ext]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server_ext]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1,DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[client_ext]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+class Pki:
+    """Throwaway EC P-256 certificates made with the openssl CLI: a CA, a server
+    certificate for 127.0.0.1, one client certificate per guest."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        directory.mkdir(mode=0o700)
+        self.cnf = directory / "openssl.cnf"
+        self.cnf.write_text(OPENSSL_CNF)
+        self.ca = str(directory / "ca.pem")
+        self._key("ca")
+        self._openssl("req", "-x509", "-new", "-key", f"{directory}/ca.key", "-subj",
+                      "/CN=pcsc-bridge benchmark CA", "-days", "2", "-sha256",
+                      "-extensions", "ca_ext", "-out", self.ca)
+        self.server = self._leaf("server", "127.0.0.1", "server_ext")
+        self.clients: dict[str, tuple[str, str]] = {}
+
+    def client(self, name: str) -> tuple[str, str]:
+        if name not in self.clients:
+            self.clients[name] = self._leaf(f"client-{name}", name, "client_ext")
+        return self.clients[name]
+
+    def _openssl(self, *args: str) -> None:
+        subprocess.run(["openssl", args[0], "-config", str(self.cnf), *args[1:]]
+                       if args[0] == "req" else ["openssl", *args],
+                       check=True, capture_output=True)
+
+    def _key(self, name: str) -> str:
+        path = f"{self.dir}/{name}.key"
+        self._openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                      "-out", path)
+        os.chmod(path, 0o600)
+        return path
+
+    def _leaf(self, name: str, cn: str, ext: str) -> tuple[str, str]:
+        key, csr, cert = self._key(name), f"{self.dir}/{name}.csr", f"{self.dir}/{name}.pem"
+        self._openssl("req", "-new", "-key", key, "-subj", f"/CN={cn}", "-out", csr)
+        self._openssl("x509", "-req", "-in", csr, "-CA", self.ca, "-CAkey",
+                      f"{self.dir}/ca.key", "-set_serial", f"0x{secrets.token_hex(8)}",
+                      "-days", "2", "-sha256", "-extfile", str(self.cnf), "-extensions", ext,
+                      "-out", cert)
+        return cert, key
+
+
+# --- paths ---------------------------------------------------------------------------------
+
+class Route:
+    """One way for an application to reach pcscd: a shared part started once, one
+    instance per guest.  ``host`` and ``guest`` list the root pids measured on each side."""
+
+    name = "?"
+    slow_listen = "tcp"   # the delay proxy listens on TCP and the instance connects to it
+
+    def __init__(self, run: Run):
+        self.run, self.procs, self.dir = run, run.procs, run.dir / self.name
+        self.dir.mkdir()
+        self.host: list[int] = []
+        self.guest: list[int] = []
+        self.port = 0
+
+    def start_shared(self) -> None:
+        pass
+
+    def upstream(self) -> str:
+        """Where the delay proxy forwards to."""
+        return f"tcp:127.0.0.1:{self.port}"
+
+    def start_instance(self, tag: str, port: int) -> str:
+        """Start one guest's instance connecting to ``port``; return its socket path."""
+        raise NotImplementedError
+
+    def _wait_socket(self, path: str, proc: subprocess.Popen, what: str) -> str:
+        wait_until(lambda: unix_connectable(path), proc, self.procs, what,
+                   self.run.settings.start_timeout)
+        return path
+
+    def _wait_port(self, proc: subprocess.Popen, what: str) -> None:
+        wait_until(lambda: listening(self.port), proc, self.procs, what,
+                   self.run.settings.start_timeout)
+
+
+class Direct(Route):
+    name = "direct"
+    slow_listen = "unix"  # the delay proxy itself is the application's socket
+
+    def upstream(self) -> str:
+        return f"unix:{PCSCD_SOCKET}"
+
+    def start_instance(self, tag: str, port: int) -> str:
+        return PCSCD_SOCKET
+
+
+class Bridge(Route):
+    name = "bridge"
+
+    def start_shared(self) -> None:
+        check = subprocess.run([PYTHON, "-m", "pcsc_bridge", "server", "--help"],
+                               check=False, capture_output=True, text=True, cwd=ROOT)
+        if check.returncode != 0:
+            raise Unavailable("`pcsc-bridge server` is not there yet: "
+                              + (check.stderr.strip().splitlines() or ["?"])[-1])
+        self.port = free_port()
+        cert, key = self.run.pki.server
+        config = self.dir / "server.yaml"
+        config.write_text(f"""\
+server:
+  listen: ["127.0.0.1:{self.port}"]
+  cert: {cert}
+  key: {key}
+  ca: {self.run.pki.ca}
+  backend: {{type: pcscd, socket: {PCSCD_SOCKET}}}
+""")
+        proc = self.procs.start("bridge-server", [PYTHON, "-m", "pcsc_bridge", "server", "-c",
+                                                  str(config)])
+        self.host.append(proc.pid)
+        self._wait_port(proc, "pcsc-bridge server")
+
+    def start_instance(self, tag: str, port: int) -> str:
+        cert, key = self.run.pki.client(tag)
+        sock, config = self.dir / f"{tag}.sock", self.dir / f"client-{tag}.yaml"
+        config.write_text(f"""\
+client:
+  server: "127.0.0.1:{port}"
+  server_name: "127.0.0.1"
+  cert: {cert}
+  key: {key}
+  ca: {self.run.pki.ca}
+  socket: {sock}
+""")
+        proc = self.procs.start(f"bridge-agent-{tag}", [PYTHON, "-m", "pcsc_bridge", "client",
+                                                         "-c", str(config)])
+        self.guest.append(proc.pid)
+        return self._wait_socket(str(sock), proc, f"pcsc-bridge client {tag}")
+
+
+class Socat(Route):
+    name = "socat"
+
+    def start_shared(self) -> None:
+        self.port = free_port()
+        cert, key = self.run.pki.server
+        proc = self.procs.start("socat-server", [
+            "socat", (f"OPENSSL-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,nodelay,"
+            f"cert={cert},key={key},cafile={self.run.pki.ca},verify=1"),
+            f"UNIX-CONNECT:{PCSCD_SOCKET}"])
+        self.host.append(proc.pid)
+        self._wait_port(proc, "socat listener")
+
+    def start_instance(self, tag: str, port: int) -> str:
+        cert, key = self.run.pki.client(tag)
+        sock = str(self.dir / f"{tag}.sock")
+        proc = self.procs.start(f"socat-{tag}", [
+            "socat", f"UNIX-LISTEN:{sock},fork,unlink-early",
+            (f"OPENSSL:127.0.0.1:{port},nodelay,cert={cert},key={key},cafile={self.run.pki.ca},"
+            "verify=1,commonname=127.0.0.1")])
+        self.guest.append(proc.pid)
+        return self._wait_socket(sock, proc, f"socat client {tag}")
+
+
+class Stunnel(Route):
+    name = "stunnel"
+
+    def start_shared(self) -> None:
+        self.port = free_port()
+        cert, key = self.run.pki.server
+        config = self.dir / "server.conf"
+        config.write_text(f"""\
+foreground = yes
+pid =
+syslog = no
+[pcscd]
+accept = 127.0.0.1:{self.port}
+connect = {PCSCD_SOCKET}
+cert = {cert}
+key = {key}
+CAfile = {self.run.pki.ca}
+verifyChain = yes
+requireCert = yes
+""")
+        proc = self.procs.start("stunnel-server", ["stunnel4", str(config)])
+        self.host.append(proc.pid)
+        self._wait_port(proc, "stunnel server")
+
+    def start_instance(self, tag: str, port: int) -> str:
+        cert, key = self.run.pki.client(tag)
+        sock, config = self.dir / f"{tag}.sock", self.dir / f"client-{tag}.conf"
+        config.write_text(f"""\
+foreground = yes
+pid =
+syslog = no
+[pcscd]
+client = yes
+accept = {sock}
+connect = 127.0.0.1:{port}
+cert = {cert}
+key = {key}
+CAfile = {self.run.pki.ca}
+verifyChain = yes
+checkIP = 127.0.0.1
+""")
+        proc = self.procs.start(f"stunnel-{tag}", ["stunnel4", str(config)])
+        self.guest.append(proc.pid)
+        return self._wait_socket(str(sock), proc, f"stunnel client {tag}")
+
+
+class Ssh(Route):
+    """ssh -R: the host runs `ssh -N -R SOCK:/run/pcscd/pcscd.comm` to the guest's sshd,
+    which creates SOCK on the guest.  Host side: the ssh clients; guest side: sshd."""
+
+    name = "ssh"
+
+    def start_shared(self) -> None:
+        if os.geteuid() != 0:
+            raise Unavailable("sshd needs root here (privilege separation)")
+        d = self.dir
+        for key in ("host", "user"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"bench-{key}",
+                            "-f", str(d / f"{key}_key")], check=True, capture_output=True)
+        (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
+        self.port = free_port()
+        (d / "known_hosts").write_text(f"[127.0.0.1]:{self.port} "
+                                       + (d / "host_key.pub").read_text())
+        (d / "sshd_config").write_text(f"""\
+ListenAddress 127.0.0.1:{self.port}
+HostKey {d}/host_key
+PidFile none
+AuthorizedKeysFile {d}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowStreamLocalForwarding yes
+StreamLocalBindUnlink yes
+MaxStartups 100
+MaxSessions 100
+PrintMotd no
+""")
+        if not os.path.isdir("/run/sshd"):  # sshd's privilege separation directory
+            os.makedirs("/run/sshd", mode=0o755)
+        proc = self.procs.start("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f",
+                                         str(d / "sshd_config")])
+        self.guest.append(proc.pid)
+        self._wait_port(proc, "sshd")
+
+    def start_instance(self, tag: str, port: int) -> str:
+        d, sock = self.dir, str(self.dir / f"{tag}.sock")
+        proc = self.procs.start(f"ssh-{tag}", [
+            "ssh", "-F", "/dev/null", "-N", "-T", "-p", str(port), "-i", str(d / "user_key"),
+            "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={d}/known_hosts",
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+            "-o", "ExitOnForwardFailure=yes", "-R", f"{sock}:{PCSCD_SOCKET}", "root@127.0.0.1"])
+        self.host.append(proc.pid)
+        return self._wait_socket(sock, proc, f"ssh -R {tag}")
+
+
+PATH_CLASSES = {c.name: c for c in (Direct, Bridge, Socat, Stunnel, Ssh)}
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def latency(ns: list[int]) -> dict:
+    us = [v / 1000 for v in ns]
+    return {"n": len(us), "p50_us": pct(us, 50), "p90_us": pct(us, 90), "p99_us": pct(us, 99),
+            "max_us": max(us)}
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+class Run:
+    def __init__(self, settings: Settings, directory: Path):
+        self.settings, self.dir = settings, directory
+        self.procs = Procs(directory)
+        self.notes: list[str] = []
+        self.client_bin = str(directory / "client")
+        self.pki: Pki
+
+    # setup
+
+    def compile_client(self) -> None:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "libpcsclite"],
+                               check=True, capture_output=True, text=True).stdout
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", self.client_bin, str(HERE / "client.c"),
+                        *shlex.split(flags), "-lpthread"], check=True)
+
+    def wait_for_tests(self) -> None:
+        deadline, said = time.monotonic() + self.settings.tests_wait, False
+        while True:
+            pids = subprocess.run(["pgrep", "-f", "pytest"], check=False, capture_output=True,
+                                  text=True).stdout.split()
+            if not pids:
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: pytest still running (pids {' '.join(pids)}); "
+                                 "they share pcscd and the vpcd ports: try later")
+            if not said:
+                log("waiting_for_tests", pids=",".join(pids))
+                said = True
+            time.sleep(5)
+
+    def ensure_pcscd(self) -> None:
+        if unix_connectable(PCSCD_SOCKET):
+            self.notes.append("pcscd: the one already running (left running)")
+            return
+        if not shutil.which("pcscd"):
+            raise SystemExit("bench: pcscd is not installed (apt: pcscd vsmartcard-vpcd)")
+        os.makedirs("/run/pcscd", exist_ok=True)
+        proc = self.procs.start("pcscd", ["pcscd", "-f"])
+        wait_until(lambda: unix_connectable(PCSCD_SOCKET), proc, self.procs, "pcscd", 10)
+        self.notes.append("pcscd: started by this run (`pcscd -f`, stopped at the end)")
+
+    def ensure_card(self) -> None:
+        if self.client(PCSCD_SOCKET, "wait", READER, 0)["present"]:
+            self.notes.append(f"card: one was already in {READER} (used as is)")
+            return
+        self.procs.start("testcard", [PYTHON, str(ROOT / "tests" / "testcard.py"), "--port",
+                                      str(CARD_PORT)])
+        if not self.client(PCSCD_SOCKET, "wait", READER, 10000)["present"]:
+            raise SystemExit(f"bench: no card appeared in {READER}: see {self.dir}/testcard.log")
+        self.notes.append(f"card: tests/testcard.py on 127.0.0.1:{CARD_PORT} ({READER})")
+
+    # the application
+
+    def client(self, sock: str, *args, timeout: float = 600) -> dict:
+        try:
+            done = subprocess.run([self.client_bin, *map(str, args)], check=False,
+                                  capture_output=True,
+                                  text=True, timeout=timeout,
+                                  env={**os.environ, "PCSCLITE_CSOCK_NAME": sock})
+        except subprocess.TimeoutExpired:
+            raise MeasureError(f"client {args[0]}: no answer within {timeout:.0f} s") from None
+        lines = done.stdout.strip().splitlines()
+        out = json.loads(lines[-1]) if lines else {}
+        if done.returncode != 0 or "error" in out:
+            raise MeasureError(f"client {args[0]}: {out.get('error', 'failed')} "
+                               f"{out.get('code', '')} {done.stderr.strip()[-200:]}".strip())
+        return out
+
+    def client_many(self, jobs: list[tuple[str, list]], timeout: float) -> list[dict]:
+        procs = [subprocess.Popen([self.client_bin, *map(str, args)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PCSCLITE_CSOCK_NAME": sock})
+                 for sock, args in jobs]
+        outs = []
+        for p in procs:
+            try:
+                stdout, stderr = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                stdout, stderr = p.communicate()
+            lines = stdout.strip().splitlines()
+            out = json.loads(lines[-1]) if lines else {"error": stderr.strip()[-200:] or "died"}
+            outs.append(out)
+        return outs
+
+    # one path
+
+    def measure(self, name: str) -> dict:
+        s = self.settings
+        result: dict = {"path": name}
+        path = PATH_CLASSES[name](self)
+        log("path.start", path=name)
+        try:
+            path.start_shared()
+            sockets = [path.start_instance(f"guest{i + 1:02d}", path.port)
+                       for i in range(s.guests)]
+            for sock in dict.fromkeys(sockets):
+                if not self.client(sock, "wait", READER, 10000, timeout=60)["present"]:
+                    raise Unavailable(f"no card seen through {sock}")
+        except (Unavailable, MeasureError) as exc:
+            result["unavailable"] = str(exc)
+            log("path.unavailable", path=name, reason=json.dumps(str(exc)))
+            self._stop(path)
+            return result
+        sampler = Sampler({"host": path.host, "guest": path.guest})
+        sampler.start()
+        try:
+            cpu0 = sampler.cpu()
+            result["transmit"] = latency(self.client(sockets[0], "transmit", READER,
+                                                     s.n_transmit)["ns"])
+            result["status"] = latency(self.client(sockets[0], "status", READER,
+                                                   s.n_status)["ns"])
+            result["estrel"] = latency(self.client(sockets[0], "estrel", s.n_estrel)["ns"])
+            cpu1 = sampler.cpu()
+            result["cpu_latency_s"] = {k: cpu1[k] - cpu0[k] for k in cpu1}
+            result["load"] = self.load(sockets)
+            cpu2 = sampler.cpu()
+            result["cpu_load_s"] = {k: cpu2[k] - cpu1[k] for k in cpu2}
+        except MeasureError as exc:
+            result["error"] = str(exc)
+            log("path.error", path=name, error=json.dumps(str(exc)))
+        finally:
+            result["peak_rss"] = sampler.finish()
+            result["instances"] = s.guests
+        try:
+            result["slow"] = self.slow(path)
+        except (Unavailable, MeasureError) as exc:
+            result["slow_error"] = str(exc)
+            log("path.slow_error", path=name, error=json.dumps(str(exc)))
+        self._stop(path)
+        log("path.done", path=name)
+        return result
+
+    def _stop(self, path: Route) -> None:
+        for pid in path.guest + path.host:
+            for proc, _ in list(self.procs.live):
+                if proc.pid == pid:
+                    self.procs.stop(proc)
+
+    def load(self, sockets: list[str]) -> dict:
+        s = self.settings
+        start_ns = time.time_ns() + int((2 + 0.1 * len(sockets)) * 1e9)
+        outs = self.client_many([(sock, ["load", READER, s.contexts, start_ns,
+                                         int(s.load_seconds * 1000)]) for sock in sockets],
+                                timeout=120 + s.load_seconds)
+        failed = [o for o in outs if "error" in o]
+        if failed:
+            raise MeasureError(f"load: {len(failed)} of {len(outs)} clients failed, first: "
+                               f"{failed[0].get('error')} {failed[0].get('code', '')}")
+        count = sum(o["count"] for o in outs)
+        return {"contexts": len(sockets) * s.contexts, "round_trips": count,
+                "per_s": count / s.load_seconds, "errors": sum(o["errors"] for o in outs),
+                "late_contexts": sum(o["late"] for o in outs)}
+
+    def slow(self, path: Route) -> dict:
+        s = self.settings
+        if path.slow_listen == "unix":
+            listen_path = str(path.dir / "slow.sock")
+            listen, port = f"unix:{listen_path}", 0
+        else:
+            port = free_port()
+            listen = f"tcp:127.0.0.1:{port}"
+        proxy = self.procs.start(f"delayproxy-{path.name}", [
+            PYTHON, str(HERE / "delayproxy.py"), "--listen", listen, "--connect",
+            path.upstream(), "--delay-ms", str(s.delay_ms)])
+        try:
+            if path.slow_listen == "unix":
+                wait_until(lambda: os.path.exists(listen_path), proxy, self.procs,
+                           "delay proxy", 10)
+                sock = listen_path
+            else:
+                wait_until(lambda: listening(port), proxy, self.procs, "delay proxy", 10)
+                sock = path.start_instance("slow", port)
+            if not self.client(sock, "wait", READER, 20000, timeout=60)["present"]:
+                raise MeasureError("slow link: no card seen")
+            steps = self.client(sock, "session", READER, s.sessions)["steps_ns"]
+        finally:
+            self.procs.stop(proxy)
+        n = len(SESSION_STEPS)
+        sessions = [steps[i:i + n] for i in range(0, len(steps), n)]
+        totals = [sum(x) / 1e6 for x in sessions]
+        rt = 2 * s.delay_ms
+        median = statistics.median(totals)
+        return {"sessions": len(totals), "ms": median, "round_trips": median / rt,
+                "min_ms": min(totals), "max_ms": max(totals),
+                "steps_ms": {name: statistics.median(x[i] for x in sessions) / 1e6
+                             for i, name in enumerate(SESSION_STEPS)}}
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def get(result: dict | None, *keys):
+    for k in keys:
+        if not isinstance(result, dict) or k not in result:
+            return None
+        result = result[k]
+    return result
+
+
+def fmt(v, digits=0) -> str:
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def ratio(a, b) -> str:
+    return "–" if a is None or not b else f"{a / b:.2f}×"
+
+
+def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
+    by = {r["path"]: r for r in results}
+    direct, stunnel = by.get("direct"), by.get("stunnel")
+    out = [(f"## Results ({time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, "
+           f"{os.cpu_count()} CPUs, kernel {platform.release()})"), "",
+           (f"N: {settings.n_transmit} Transmit, {settings.n_status} Status, "
+           f"{settings.n_estrel} Establish+Release; load: {settings.guests} guests × "
+           f"{settings.contexts} contexts for {settings.load_seconds:g} s; slow link: "
+           f"{settings.delay_ms:g} ms each way, median of {settings.sessions} sessions."), ""]
+    out += [f"- {n}" for n in notes] + [""]
+    out += [("| path | Transmit p50 µs | Transmit p99 µs | Status p50 µs | Establish+Release "
+            "p50 ms | 64-context round trips/s | slow-link session ms | slow-link round trips |"),
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "unavailable" in r:
+            out.append(f"| {r['path']} | unavailable: {r['unavailable']} |||||||")
+            continue
+        out.append(f"| {r['path']} | {fmt(get(r, 'transmit', 'p50_us'))} | "
+                   f"{fmt(get(r, 'transmit', 'p99_us'))} | {fmt(get(r, 'status', 'p50_us'))} | "
+                   f"{fmt(get(r, 'estrel', 'p50_us') and get(r, 'estrel', 'p50_us') / 1000, 2)} | "
+                   f"{fmt(get(r, 'load', 'per_s'))} | {fmt(get(r, 'slow', 'ms'))} | "
+                   f"{fmt(get(r, 'slow', 'round_trips'), 1)} |")
+    metrics = (("Transmit p50", ("transmit", "p50_us")), ("Status p50", ("status", "p50_us")),
+               ("Establish+Release p50", ("estrel", "p50_us")), ("round trips/s", ("load", "per_s")),
+               ("slow session", ("slow", "ms")))
+    out += ["", ("Ratios (each path ÷ direct / ÷ stunnel; for round trips/s higher is better, "
+            "for the rest lower is better):"), "",
+            "| path | " + " | ".join(m for m, _ in metrics) + " |",
+            "|---|" + "---|" * len(metrics)]
+    for r in results:
+        if "unavailable" in r:
+            continue
+        cells = [f"{ratio(get(r, *k), get(direct, *k))} / {ratio(get(r, *k), get(stunnel, *k))}"
+                 for _, k in metrics]
+        out.append(f"| {r['path']} | " + " | ".join(cells) + " |")
+    out += ["", ("Proxy processes (host side: server / listeners / ssh clients; guest side: "
+            "agents / tunnel clients / sshd). CPU: the latency phase (all Transmit, Status, "
+            "Establish+Release calls) in seconds, and per round trip under load; RSS: peak, "
+            "all of a side's processes summed."), "",
+            ("| path | host CPU s | guest CPU s | CPU µs per round trip under load | "
+            "host peak RSS MB | guest peak RSS MB per guest |"), "|---|---|---|---|---|---|"]
+    for r in results:
+        if "unavailable" in r or r["path"] == "direct":
+            continue
+        cpu_load = get(r, "cpu_load_s")
+        per_rt = (sum(cpu_load.values()) / r["load"]["round_trips"] * 1e6
+                  if cpu_load and get(r, "load", "round_trips") else None)
+        rss = r.get("peak_rss", {})
+        out.append(f"| {r['path']} | {fmt(get(r, 'cpu_latency_s', 'host'), 2)} | "
+                   f"{fmt(get(r, 'cpu_latency_s', 'guest'), 2)} | {fmt(per_rt, 1)} | "
+                   f"{fmt(rss.get('host', 0) / 2**20, 1)} | "
+                   f"{fmt(rss.get('guest', 0) / 2**20 / r['instances'], 1)} |")
+    out += ["", (f"Slow link, median ms per step of the session ({settings.delay_ms:g} ms each "
+            f"way, one round trip = {2 * settings.delay_ms:g} ms):"), "",
+            "| path | " + " | ".join(SESSION_STEPS) + " | total | round trips |",
+            "|---|" + "---|" * (len(SESSION_STEPS) + 2)]
+    for r in results:
+        slow = r.get("slow")
+        if slow:
+            out.append(f"| {r['path']} | " + " | ".join(fmt(slow["steps_ms"][s], 1)
+                                                         for s in SESSION_STEPS)
+                       + f" | {fmt(slow['ms'], 1)} | {fmt(slow['round_trips'], 1)} |")
+        elif "unavailable" not in r:
+            out.append(f"| {r['path']} | error: {r.get('slow_error', '?')} |")
+    errors = [f"- {r['path']}: {r['error']}" for r in results if "error" in r]
+    if errors:
+        out += ["", "Errors:", *errors]
+    out += ["", "Targets (pcsc-bridge):", "", *targets(by.get("bridge"), direct, stunnel)]
+    return "\n".join(out)
+
+
+def targets(bridge: dict | None, direct: dict | None, stunnel: dict | None) -> list[str]:
+    if not bridge or "unavailable" in bridge:
+        why = bridge.get("unavailable") if bridge else "not run"
+        return [f"- pending: the bridge was not measured ({why})"]
+    mb = 2**20
+
+    def div(a, b):
+        return None if a is None or not b else a / b
+
+    rows = [  # label, value, limit, "max" or "min", unit
+        ("Transmit p50 ≤ 1.0× stunnel (aim 0.8×)",
+         div(get(bridge, "transmit", "p50_us"), get(stunnel, "transmit", "p50_us")), 1.0,
+         "max", "× stunnel"),
+        ("Transmit p99 ≤ 3× its p50",
+         div(get(bridge, "transmit", "p99_us"), get(bridge, "transmit", "p50_us")), 3.0,
+         "max", "× p50"),
+        ("Establish+Release p50 ≤ 0.1× stunnel",
+         div(get(bridge, "estrel", "p50_us"), get(stunnel, "estrel", "p50_us")), 0.1,
+         "max", "× stunnel"),
+        ("slow-link session ≤ 15 round trips", get(bridge, "slow", "round_trips"), 15, "max",
+         "round trips"),
+        ("64-context round trips/s ≥ 0.5× direct",
+         div(get(bridge, "load", "per_s"), get(direct, "load", "per_s")), 0.5, "min",
+         "× direct"),
+        ("server peak RSS ≤ 60 MB (16 guests × 4 contexts)",
+         div(get(bridge, "peak_rss", "host"), mb), 60, "max", "MB"),
+        ("agent peak RSS ≤ 40 MB", div(get(bridge, "peak_rss", "guest_instance_max"), mb),
+         40, "max", "MB"),
+    ]
+    out = []
+    for label, value, limit, kind, unit in rows:
+        if value is None:
+            out.append(f"- {label}: not measured")
+            continue
+        met = value <= limit if kind == "max" else value >= limit
+        out.append(f"- {label}: {value:.2f} {unit} — {'met' if met else 'MISSED'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("--quick", action="store_true", help="small N: a smoke check under a minute")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"subset of {','.join(PATHS)}")
+    p.add_argument("-n", "--transmit", type=int, help="SCardTransmit and SCardStatus calls")
+    p.add_argument("--estrel", type=int, help="Establish+Release pairs")
+    p.add_argument("--load-seconds", type=float)
+    p.add_argument("--sessions", type=int, help="slow-link sessions per path")
+    p.add_argument("--delay-ms", type=float, help="slow link, one-way delay")
+    p.add_argument("--guests", type=int)
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
+    args = p.parse_args(argv)
+    s = QUICK if args.quick else Settings()
+    over = {"n_transmit": args.transmit, "n_status": args.transmit, "n_estrel": args.estrel,
+            "load_seconds": args.load_seconds, "sessions": args.sessions,
+            "delay_ms": args.delay_ms, "guests": args.guests}
+    s = replace(s, **{k: v for k, v in over.items() if v is not None})
+    paths = [x for x in args.paths.split(",") if x]
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        p.error(f"unknown paths: {', '.join(sorted(unknown))}")
+    for tool in ("gcc", "pkg-config", "openssl"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench: {tool} is needed (apt: gcc pkgconf openssl)")
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    directory = Path(tempfile.mkdtemp(prefix="pcsc-bench-"))
+    run = Run(s, directory)
+    results: list[dict] = []
+    try:
+        run.compile_client()
+        run.wait_for_tests()
+        run.ensure_pcscd()
+        run.ensure_card()
+        run.pki = Pki(directory / "pki")
+        for name in paths:
+            results.append(run.measure(name))
+    finally:
+        run.procs.stop_all()
+        if args.keep:
+            log("kept", dir=directory)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    text = report(results, s, run.notes)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": s.__dict__, "notes": run.notes,
+                                               "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
