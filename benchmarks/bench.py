@@ -177,58 +177,61 @@ def descendants(roots: list[int]) -> list[int]:
     return out
 
 
-def stat(pid: int) -> tuple[float, int]:
-    """(CPU seconds including reaped children, resident bytes) of one process."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time of one process, including its reaped children."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
     except OSError:
-        return 0.0, 0
-    return sum(int(x) for x in fields[11:15]) / TICK, int(fields[21]) * PAGE
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / TICK
 
 
-def hwm(pid: int) -> int:
-    """A process's peak resident size (VmHWM) in bytes."""
+def memory(pid: int) -> tuple[int, int]:
+    """(proportional set size, peak resident size) of one process, in bytes.  PSS splits
+    each shared page among the processes that map it, so a side's processes can be
+    summed without counting shared libraries or forked copies many times."""
+    pss = peak = 0
     try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            pss = next((int(x.split()[1]) * 1024 for x in f if x.startswith("Pss:")), 0)
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+            peak = next((int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:")), 0)
     except OSError:
         pass
-    return 0
+    return pss, peak
 
 
 class Sampler(threading.Thread):
-    """Peak resident memory of each side's process trees, sampled every 0.2 s."""
+    """Memory of each side's process trees, sampled every 0.5 s: the peak of the summed
+    PSS, and the largest single process's peak RSS (VmHWM)."""
 
     def __init__(self, sides: dict[str, list[int]]):
         super().__init__(daemon=True)
         self.sides = sides
-        self.peak = {side: 0 for side in sides}
+        self.pss = {side: 0 for side in sides}
+        self.rss = {side: 0 for side in sides}
         self.done = threading.Event()
 
     def sample(self) -> None:
         for side, roots in self.sides.items():
-            total = sum(stat(p)[1] for p in descendants(roots))
-            self.peak[side] = max(self.peak[side], total)
+            got = [memory(p) for p in descendants(roots)]
+            self.pss[side] = max(self.pss[side], sum(m[0] for m in got))
+            self.rss[side] = max(self.rss[side], *(m[1] for m in got), 0)
 
     def run(self) -> None:
-        while not self.done.wait(0.2):
+        while not self.done.wait(0.5):
             self.sample()
 
     def cpu(self) -> dict[str, float]:
-        return {side: sum(stat(p)[0] for p in descendants(roots))
+        return {side: sum(cpu_seconds(p) for p in descendants(roots))
                 for side, roots in self.sides.items()}
 
     def finish(self) -> dict[str, int]:
-        """Peaks so far, raised to any single process's own VmHWM (catches short peaks)."""
         self.sample()
         self.done.set()
-        out = {side: max(self.peak[side], *(hwm(p) for p in descendants(roots)), 0)
-               for side, roots in self.sides.items()}
-        out["guest_instance_max"] = max((hwm(p) for p in self.sides["guest"]), default=0)
-        return out
+        return {**{f"{side}_pss": v for side, v in self.pss.items()},
+                **{f"{side}_rss_max": v for side, v in self.rss.items()}}
 
 
 # --- certificates --------------------------------------------------------------------------
@@ -479,8 +482,7 @@ class Ssh(Route):
                             "-f", str(d / f"{key}_key")], check=True, capture_output=True)
         (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
         self.port = free_port()
-        (d / "known_hosts").write_text(f"[127.0.0.1]:{self.port} "
-                                       + (d / "host_key.pub").read_text())
+        (d / "known_hosts").write_text("bench-sshd " + (d / "host_key.pub").read_text())
         (d / "sshd_config").write_text(f"""\
 ListenAddress 127.0.0.1:{self.port}
 HostKey {d}/host_key
@@ -509,6 +511,7 @@ PrintMotd no
         proc = self.procs.start(f"ssh-{tag}", [
             "ssh", "-F", "/dev/null", "-N", "-T", "-p", str(port), "-i", str(d / "user_key"),
             "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={d}/known_hosts",
+            "-o", "HostKeyAlias=bench-sshd",
             "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
             "-o", "ExitOnForwardFailure=yes", "-R", f"{sock}:{PCSCD_SOCKET}", "root@127.0.0.1"])
         self.host.append(proc.pid)
@@ -550,11 +553,15 @@ class Run:
         subprocess.run(["gcc", "-O2", "-Wall", "-o", self.client_bin, str(HERE / "client.c"),
                         *shlex.split(flags), "-lpthread"], check=True)
 
+    @staticmethod
+    def tests_running() -> list[str]:
+        return subprocess.run(["pgrep", "-f", "pytest"], check=False, capture_output=True,
+                              text=True).stdout.split()
+
     def wait_for_tests(self) -> None:
         deadline, said = time.monotonic() + self.settings.tests_wait, False
         while True:
-            pids = subprocess.run(["pgrep", "-f", "pytest"], check=False, capture_output=True,
-                                  text=True).stdout.split()
+            pids = self.tests_running()
             if not pids:
                 return
             if time.monotonic() > deadline:
@@ -657,7 +664,7 @@ class Run:
             result["error"] = str(exc)
             log("path.error", path=name, error=json.dumps(str(exc)))
         finally:
-            result["peak_rss"] = sampler.finish()
+            result["memory"] = sampler.finish()
             result["instances"] = s.guests
         try:
             result["slow"] = self.slow(path)
@@ -665,6 +672,8 @@ class Run:
             result["slow_error"] = str(exc)
             log("path.slow_error", path=name, error=json.dumps(str(exc)))
         self._stop(path)
+        if self.tests_running():
+            result["disturbed"] = "pytest was running at the end of this path's measurements"
         log("path.done", path=name)
         return result
 
@@ -675,18 +684,24 @@ class Run:
                     self.procs.stop(proc)
 
     def load(self, sockets: list[str]) -> dict:
+        """All guests at once, each with ``contexts`` threads; a context that cannot be
+        opened is counted (with the PC/SC error) and the others carry on."""
         s = self.settings
         start_ns = time.time_ns() + int((2 + 0.1 * len(sockets)) * 1e9)
         outs = self.client_many([(sock, ["load", READER, s.contexts, start_ns,
                                          int(s.load_seconds * 1000)]) for sock in sockets],
                                 timeout=120 + s.load_seconds)
-        failed = [o for o in outs if "error" in o]
-        if failed:
-            raise MeasureError(f"load: {len(failed)} of {len(outs)} clients failed, first: "
-                               f"{failed[0].get('error')} {failed[0].get('code', '')}")
+        died = [o for o in outs if "error" in o]
+        if died:
+            raise MeasureError(f"load: {len(died)} of {len(outs)} clients failed, first: "
+                               f"{died[0].get('error')} {died[0].get('code', '')}")
         count = sum(o["count"] for o in outs)
+        failed = [o for o in outs if o["failed_contexts"]]
         return {"contexts": len(sockets) * s.contexts, "round_trips": count,
                 "per_s": count / s.load_seconds, "errors": sum(o["errors"] for o in outs),
+                "failed_contexts": sum(o["failed_contexts"] for o in outs),
+                "failed_first": (f"{failed[0]['failed_call']} {failed[0]['first_error']}"
+                                 if failed else None),
                 "late_contexts": sum(o["late"] for o in outs)}
 
     def slow(self, path: Route) -> dict:
@@ -742,6 +757,13 @@ def ratio(a, b) -> str:
     return "–" if a is None or not b else f"{a / b:.2f}×"
 
 
+def throughput(r: dict) -> str:
+    failed = get(r, "load", "failed_contexts")
+    cell = fmt(get(r, "load", "per_s"))
+    return cell + (f" ({r['load']['contexts'] - failed} of {r['load']['contexts']} "
+                   "contexts opened)" if failed else "")
+
+
 def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
     by = {r["path"]: r for r in results}
     direct, stunnel = by.get("direct"), by.get("stunnel")
@@ -762,7 +784,7 @@ def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
         out.append(f"| {r['path']} | {fmt(get(r, 'transmit', 'p50_us'))} | "
                    f"{fmt(get(r, 'transmit', 'p99_us'))} | {fmt(get(r, 'status', 'p50_us'))} | "
                    f"{fmt(get(r, 'estrel', 'p50_us') and get(r, 'estrel', 'p50_us') / 1000, 2)} | "
-                   f"{fmt(get(r, 'load', 'per_s'))} | {fmt(get(r, 'slow', 'ms'))} | "
+                   f"{throughput(r)} | {fmt(get(r, 'slow', 'ms'))} | "
                    f"{fmt(get(r, 'slow', 'round_trips'), 1)} |")
     metrics = (("Transmit p50", ("transmit", "p50_us")), ("Status p50", ("status", "p50_us")),
                ("Establish+Release p50", ("estrel", "p50_us")), ("round trips/s", ("load", "per_s")),
@@ -778,22 +800,26 @@ def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
                  for _, k in metrics]
         out.append(f"| {r['path']} | " + " | ".join(cells) + " |")
     out += ["", ("Proxy processes (host side: server / listeners / ssh clients; guest side: "
-            "agents / tunnel clients / sshd). CPU: the latency phase (all Transmit, Status, "
-            "Establish+Release calls) in seconds, and per round trip under load; RSS: peak, "
-            "all of a side's processes summed."), "",
+                 "agents / tunnel clients / sshd).  CPU: the latency phase (all Transmit, "
+                 "Status and Establish+Release calls) in seconds, and per round trip under "
+                 "load.  Memory over the latency and load phases: the peak of the side's "
+                 "summed PSS (shared pages split among the processes sharing them), and the "
+                 "peak RSS (VmHWM) of its largest single process."), "",
             ("| path | host CPU s | guest CPU s | CPU µs per round trip under load | "
-            "host peak RSS MB | guest peak RSS MB per guest |"), "|---|---|---|---|---|---|"]
+             "host PSS MB | host largest RSS MB | guest PSS MB per guest | "
+             "guest largest RSS MB |"), "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "unavailable" in r or r["path"] == "direct":
             continue
         cpu_load = get(r, "cpu_load_s")
         per_rt = (sum(cpu_load.values()) / r["load"]["round_trips"] * 1e6
                   if cpu_load and get(r, "load", "round_trips") else None)
-        rss = r.get("peak_rss", {})
+        mem = {k: v / 2**20 for k, v in r.get("memory", {}).items()}
         out.append(f"| {r['path']} | {fmt(get(r, 'cpu_latency_s', 'host'), 2)} | "
                    f"{fmt(get(r, 'cpu_latency_s', 'guest'), 2)} | {fmt(per_rt, 1)} | "
-                   f"{fmt(rss.get('host', 0) / 2**20, 1)} | "
-                   f"{fmt(rss.get('guest', 0) / 2**20 / r['instances'], 1)} |")
+                   f"{fmt(mem.get('host_pss'), 1)} | {fmt(mem.get('host_rss_max'), 1)} | "
+                   f"{fmt(mem.get('guest_pss', 0) / r['instances'], 1)} | "
+                   f"{fmt(mem.get('guest_rss_max'), 1)} |")
     out += ["", (f"Slow link, median ms per step of the session ({settings.delay_ms:g} ms each "
             f"way, one round trip = {2 * settings.delay_ms:g} ms):"), "",
             "| path | " + " | ".join(SESSION_STEPS) + " | total | round trips |",
@@ -806,7 +832,17 @@ def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
                        + f" | {fmt(slow['ms'], 1)} | {fmt(slow['round_trips'], 1)} |")
         elif "unavailable" not in r:
             out.append(f"| {r['path']} | error: {r.get('slow_error', '?')} |")
-    errors = [f"- {r['path']}: {r['error']}" for r in results if "error" in r]
+    errors = [f"- {r['path']}: {r[k]}" for r in results
+              for k in ("error", "slow_error", "disturbed") if k in r]
+    errors += [f"- {r['path']}: under load, {r['load']['failed_contexts']} of "
+               f"{r['load']['contexts']} contexts could not be opened "
+               f"({r['load']['failed_first']}); round trips/s counts the others"
+               for r in results if get(r, "load", "failed_contexts")]
+    errors += [f"- {r['path']}: under load, {r['load']['errors']} SCardTransmit calls failed"
+               for r in results if get(r, "load", "errors")]
+    errors += [f"- {r['path']}: under load, {r['load']['late_contexts']} contexts were opened "
+               "only after the start (fewer round trips counted)"
+               for r in results if get(r, "load", "late_contexts")]
     if errors:
         out += ["", "Errors:", *errors]
     out += ["", "Targets (pcsc-bridge):", "", *targets(by.get("bridge"), direct, stunnel)]
@@ -838,9 +874,9 @@ def targets(bridge: dict | None, direct: dict | None, stunnel: dict | None) -> l
          div(get(bridge, "load", "per_s"), get(direct, "load", "per_s")), 0.5, "min",
          "× direct"),
         ("server peak RSS ≤ 60 MB (16 guests × 4 contexts)",
-         div(get(bridge, "peak_rss", "host"), mb), 60, "max", "MB"),
-        ("agent peak RSS ≤ 40 MB", div(get(bridge, "peak_rss", "guest_instance_max"), mb),
-         40, "max", "MB"),
+         div(get(bridge, "memory", "host_rss_max"), mb), 60, "max", "MB"),
+        ("agent peak RSS ≤ 40 MB (largest of the agents)",
+         div(get(bridge, "memory", "guest_rss_max"), mb), 40, "max", "MB"),
     ]
     out = []
     for label, value, limit, kind, unit in rows:
@@ -894,8 +930,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run.measure(name))
     finally:
         run.procs.stop_all()
-        if args.keep:
-            log("kept", dir=directory)
+        if args.keep or any(k in r for r in results for k in ("error", "slow_error")):
+            log("kept", dir=directory, why="--keep or an error: logs and configs are there")
         else:
             shutil.rmtree(directory, ignore_errors=True)
     text = report(results, s, run.notes)

@@ -11,6 +11,7 @@
  *                                CONTEXTS threads, each with its own context and card
  *                                handle, loop ECHO from CLOCK_REALTIME START_NS for
  *                                DURATION_MS; prints the number of completed round trips
+ *                                and how many contexts could not be opened (and why)
  *   client wait READER TIMEOUT_MS
  *                                waits until READER shows a card; prints whether it did
  *
@@ -172,6 +173,7 @@ struct worker {
     int64_t start_mono, end_mono;
     long count, errors;
     LONG first_error;
+    const char *failed; /* the call that could not open this context, or NULL */
     int late;
 };
 
@@ -179,7 +181,20 @@ static void *load_worker(void *arg) {
     struct worker *w = arg;
     SCARDCONTEXT ctx;
     SCARDHANDLE card;
-    open_card(w->reader, &ctx, &card);
+    DWORD proto;
+    LONG rv = SCardEstablishContext(SCARD_SCOPE_SYSTEM, NULL, NULL, &ctx);
+    if (rv != SCARD_S_SUCCESS) {
+        w->failed = "SCardEstablishContext";
+        w->first_error = rv;
+        return NULL;
+    }
+    rv = SCardConnect(ctx, w->reader, SCARD_SHARE_SHARED, SCARD_PROTOCOL_T1, &card, &proto);
+    if (rv != SCARD_S_SUCCESS) {
+        w->failed = "SCardConnect";
+        w->first_error = rv;
+        SCardReleaseContext(ctx);
+        return NULL;
+    }
     int64_t now = mono_ns();
     if (now > w->start_mono)
         w->late = 1;
@@ -196,15 +211,17 @@ static void *load_worker(void *arg) {
         else if (w->errors++ == 0)
             w->first_error = rv;
     }
-    close_card(ctx, card);
+    SCardDisconnect(card, SCARD_LEAVE_CARD);
+    SCardReleaseContext(ctx);
     return NULL;
 }
 
 static int do_load(const char *reader, int contexts, int64_t start_real, long duration_ms) {
     struct worker *w = calloc(contexts, sizeof *w);
     int64_t start = mono_ns() + (start_real - real_ns());
-    long count = 0, errors = 0, late = 0;
+    long count = 0, errors = 0, late = 0, failed = 0;
     LONG first_error = 0;
+    const char *failed_call = "";
     for (int i = 0; i < contexts; i++) {
         w[i] = (struct worker){.reader = reader, .start_mono = start,
                                .end_mono = start + duration_ms * 1000000LL};
@@ -215,11 +232,14 @@ static int do_load(const char *reader, int contexts, int64_t start_real, long du
         count += w[i].count;
         errors += w[i].errors;
         late += w[i].late;
+        if (w[i].failed && !failed++)
+            failed_call = w[i].failed;
         if (!first_error)
             first_error = w[i].first_error;
     }
-    printf("{\"count\": %ld, \"errors\": %ld, \"first_error\": \"0x%08lX\", \"late\": %ld}\n",
-           count, errors, (unsigned long)first_error, late);
+    printf("{\"count\": %ld, \"errors\": %ld, \"failed_contexts\": %ld, \"failed_call\": "
+           "\"%s\", \"first_error\": \"0x%08lX\", \"late\": %ld}\n",
+           count, errors, failed, failed_call, (unsigned long)first_error, late);
     return 0;
 }
 

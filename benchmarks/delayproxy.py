@@ -50,13 +50,13 @@ async def until(due: float) -> None:
         time.sleep(left)  # noqa: ASYNC251 - under 1.5 ms, for a precise deadline
 
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float,
-               not_before: float = 0.0) -> None:
-    """Copy reader to writer, each chunk written ``delay`` seconds after it was read."""
+def receive(reader: asyncio.StreamReader, delay: float,
+            not_before: float = 0.0) -> tuple[asyncio.Queue, asyncio.Task]:
+    """Read chunks as they come, each stamped with the time it is due at the far end."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
-    async def receive() -> None:
+    async def run() -> None:
         while True:
             try:
                 data = await reader.read(CHUNK)
@@ -66,7 +66,11 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay
             if not data:
                 return
 
-    receiving = asyncio.create_task(receive())
+    return queue, asyncio.create_task(run())
+
+
+async def send(queue: asyncio.Queue, writer: asyncio.StreamWriter) -> None:
+    """Write each chunk when it is due; end with EOF."""
     try:
         while True:
             due, data = await queue.get()
@@ -79,8 +83,6 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay
             await writer.drain()
     except OSError:
         return
-    finally:
-        receiving.cancel()
 
 
 class Proxy:
@@ -91,6 +93,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         nodelay(down_w)
         ready = loop.time() + 3 * self.delay  # SYN up, SYN-ACK down, ACK + first bytes up
+        up_queue, up_task = receive(down_r, self.delay, ready)
         await until(ready)
         kind, where = self.connect
         try:
@@ -100,13 +103,16 @@ class Proxy:
                 up_r, up_w = await asyncio.open_connection(*where)
         except OSError as exc:
             print(f"delayproxy event=connect_failed error={exc}", file=sys.stderr, flush=True)
+            up_task.cancel()
             down_w.close()
             return
         nodelay(up_w)
+        down_queue, down_task = receive(up_r, self.delay)
         try:
-            await asyncio.gather(pipe(down_r, up_w, self.delay, ready),
-                                 pipe(up_r, down_w, self.delay))
+            await asyncio.gather(send(up_queue, up_w), send(down_queue, down_w))
         finally:
+            up_task.cancel()
+            down_task.cancel()
             for w in (up_w, down_w):
                 w.close()
 
