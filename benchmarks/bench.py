@@ -916,10 +916,14 @@ def main(argv: list[str] | None = None) -> int:
         if not shutil.which(tool):
             raise SystemExit(f"bench: {tool} is needed (apt: gcc pkgconf openssl)")
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     directory = Path(tempfile.mkdtemp(prefix="pcsc-bench-"))
     run = Run(s, directory)
     results: list[dict] = []
+    status = 0
     try:
         run.compile_client()
         run.wait_for_tests()
@@ -928,18 +932,20 @@ def main(argv: list[str] | None = None) -> int:
         run.pki = Pki(directory / "pki")
         for name in paths:
             results.append(run.measure(name))
+    except KeyboardInterrupt:
+        run.notes.append("INTERRUPTED: only the paths above were measured")
+        status = 130
     finally:
         run.procs.stop_all()
         if args.keep or any(k in r for r in results for k in ("error", "slow_error")):
             log("kept", dir=directory, why="--keep or an error: logs and configs are there")
         else:
             shutil.rmtree(directory, ignore_errors=True)
-    text = report(results, s, run.notes)
-    print(text)
+    print(report(results, s, run.notes))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": s.__dict__, "notes": run.notes,
                                                "results": results}, indent=1))
-    return 0
+    return status
 
 
 if __name__ == "__main__":
