@@ -1,0 +1,685 @@
+"""The bridge's own wire protocol between guest agent and host server, sans-IO.
+
+One ``Connection`` per TLS connection (ALPN ``pcsc-bridge/1``). Feed it the bytes you read
+with ``receive_data()`` and get frozen-dataclass events back; hand ``send()`` an event and
+write the bytes it returns. No sockets, clocks or logging in here.
+
+Errors come in three kinds (docs/wire-protocol.md, "Errors"):
+  WireError           raised by receive_data: the peer broke the framing or the connection
+                      rules; the connection is finished (send a GOAWAY and close).
+  StreamError (event) one stream broke a rule; the connection has already forgotten the
+                      stream; answer with CLOSE on it and carry on with the others.
+  LocalProtocolError  raised by send: this side tried something the protocol forbids.
+
+Payloads of CALL, REPLY and STATE are pcsc-lite bytes (little-endian) this module does not
+parse. A frame is copied once: from the receive buffer into its event's ``bytes``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+from typing import Any
+
+ALPN = "pcsc-bridge/1"
+WIRE_VERSION = 1                  # the revision inside ALPN pcsc-bridge/1 this code speaks
+DEFAULT_MAX_FRAME = 131072        # whole frame, length field included
+MIN_MAX_FRAME = 66560             # 65 KiB: every peer accepts this (largest pcsc-lite msg 65,588)
+MAX_MAX_FRAME = 1 << 24
+DEFAULT_MAX_STREAMS = 64
+MAX_PROPERTIES = 4096             # HELLO's JSON properties, bytes
+READER_STATE_SIZE = 184
+MAX_STREAM_ID = 0xFFFFFFFF
+UID_UNKNOWN = 0xFFFFFFFF
+
+HEAD = struct.Struct("<IBI")      # length (counts what follows it), type, stream id
+HEAD_SIZE = HEAD.size             # 9
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_VERSION = struct.Struct("<HH")   # HELLO: wire version, flags
+_OPEN = struct.Struct("<HHII")    # OPEN: dialect major, minor, pid, uid
+_CODE = struct.Struct("<I")       # REFUSED, CLOSE: reason code, then UTF-8 text
+_GOAWAY = struct.Struct("<II")    # GOAWAY: last stream id, reason code, then UTF-8 text
+_DIALECT = re.compile(r"[0-9]{1,5}:[0-9]{1,5}\Z")
+
+
+class FrameType(IntEnum):
+    HELLO = 1     # both, first frame each way, stream 0
+    OPEN = 2      # client → server: a new stream
+    CALL = 3      # client → server: one pcsc-lite request
+    REPLY = 4     # server → client: its reply
+    CLOSE = 5     # both: the stream is gone
+    STATE = 6     # server → client, stream 0: reader-state update (the "event" frame)
+    PING = 7      # both, stream 0
+    PONG = 8      # both, stream 0
+    GOAWAY = 9    # both, stream 0: no new streams, closing soon
+    REFUSED = 10  # server → client: negative answer to OPEN
+    OPENED = 11   # server → client: positive answer to OPEN
+
+
+class Reason(IntEnum):
+    """Codes in REFUSED, CLOSE, GOAWAY and StreamError. Unknown codes are kept as ints."""
+    NORMAL = 0           # no error: the application or the operator closed it
+    PROTOCOL_ERROR = 1   # the wire protocol was broken
+    PCSC_ERROR = 2       # a CALL or REPLY was not a valid pcsc-lite message
+    POLICY = 3           # this guest may not do that
+    LIMIT = 4            # a limit was reached (streams, frame size, pending calls)
+    BACKEND = 5          # the backend (pcscd, PC/SC API) failed or went away
+    TIMEOUT = 6          # a call, handshake or keepalive timed out
+    SHUTDOWN = 7         # the sender is shutting down
+    UNSUPPORTED = 8      # e.g. a pcsc-lite dialect the server cannot serve
+    INTERNAL = 9         # a bug or an unexpected failure on the sender's side
+
+
+class Role(str, Enum):
+    CLIENT = "client"    # the guest agent
+    SERVER = "server"    # the host server
+
+
+class WireError(Exception):
+    """The peer broke the protocol: the connection must end.
+
+    ``code`` suits a GOAWAY; ``events`` holds what was decoded before the error.
+    """
+
+    def __init__(self, message: str, code: int = Reason.PROTOCOL_ERROR):
+        super().__init__(message)
+        self.code = code
+        self.events: list[Event] = []
+
+
+class LocalProtocolError(Exception):
+    """This side asked ``send()`` for something the protocol forbids (a bug in the caller)."""
+
+
+# --- events ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Event:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Event):
+    """Properties travel as JSON; None means absent. ``send`` fills role and limits."""
+    version: int = WIRE_VERSION
+    flags: int = 0
+    role: str | None = None
+    software: str | None = None
+    dialect: str | None = None        # the server's backend pcsc-lite dialect, e.g. "4:4"
+    max_frame: int | None = None
+    max_streams: int | None = None
+    keepalive: float | None = None    # seconds between the sender's keepalive PINGs
+    extra: Mapping[str, Any] = field(default_factory=dict)  # other properties, kept as is
+
+
+@dataclass(frozen=True, slots=True)
+class Open(Event):
+    stream_id: int
+    major: int = 4                    # the application's pcsc-lite protocol dialect
+    minor: int = 4
+    pid: int | None = None
+    uid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Opened(Event):
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refused(Event):
+    stream_id: int
+    code: int = Reason.NORMAL
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Event):
+    stream_id: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Event):
+    stream_id: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StateUpdate(Event):
+    reader_events: int
+    states: bytes                     # N × 184-byte READER_STATE records, little-endian
+
+    @property
+    def count(self) -> int:
+        return len(self.states) // READER_STATE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Close(Event):
+    stream_id: int
+    code: int = Reason.NORMAL
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Event):
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Event):
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class GoAway(Event):
+    last_stream_id: int
+    code: int = Reason.NORMAL
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamError(Event):
+    """Receive side only: a frame broke a stream rule. The stream is forgotten already."""
+    stream_id: int
+    frame_type: int
+    code: int
+    text: str
+
+
+class StreamState(Enum):
+    OPENING = "opening"   # OPEN sent/received, no OPENED yet (CALLs may already flow)
+    OPEN = "open"
+
+
+class _Stream:
+    __slots__ = ("pending", "state")
+
+    def __init__(self):
+        self.state = StreamState.OPENING
+        self.pending = False
+
+
+# who may send each type (None: both), and which types live on stream 0
+_SENDER = {
+    FrameType.HELLO: None, FrameType.OPEN: Role.CLIENT, FrameType.CALL: Role.CLIENT,
+    FrameType.REPLY: Role.SERVER, FrameType.CLOSE: None, FrameType.STATE: Role.SERVER,
+    FrameType.PING: None, FrameType.PONG: None, FrameType.GOAWAY: None,
+    FrameType.REFUSED: Role.SERVER, FrameType.OPENED: Role.SERVER,
+}
+_CONNECTION_FRAMES = frozenset({FrameType.HELLO, FrameType.STATE, FrameType.PING,
+                                FrameType.PONG, FrameType.GOAWAY})
+
+
+def encode_frame(frame_type: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """One frame, no checks (tools and tests); use ``Connection.send`` in the product."""
+    return HEAD.pack(len(payload) + 5, frame_type, stream_id) + payload
+
+
+def _text(payload, start: int) -> str:
+    return bytes(payload[start:]).decode("utf-8", "replace")
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _int_prop(props, key, low, high):
+    value = props.get(key)
+    if value is not None and (type(value) is not int or not low <= value <= high):
+        raise WireError(f"HELLO property {key}={value!r} is not an integer in {low}..{high}")
+    return value
+
+
+def decode_hello(payload) -> Hello:
+    if len(payload) < _VERSION.size:
+        raise WireError(f"HELLO payload of {len(payload)} bytes, at least 4 needed")
+    version, flags = _VERSION.unpack_from(payload)
+    if version < 1:
+        raise WireError("HELLO wire version 0")
+    raw = bytes(payload[_VERSION.size:])
+    if len(raw) > MAX_PROPERTIES:
+        raise WireError(f"HELLO properties of {len(raw)} bytes, limit {MAX_PROPERTIES}")
+    try:
+        props = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant) if raw else {}
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise WireError(f"HELLO properties are not JSON: {exc}") from None
+    if not isinstance(props, dict):
+        raise WireError("HELLO properties must be a JSON object")
+    for key in ("role", "software", "dialect"):
+        if props.get(key) is not None and not isinstance(props[key], str):
+            raise WireError(f"HELLO property {key} must be a string")
+    if props.get("dialect") is not None and not _DIALECT.match(props["dialect"]):
+        raise WireError(f"HELLO property dialect={props['dialect']!r} is not major:minor")
+    keepalive = props.get("keepalive")
+    if keepalive is not None and (type(keepalive) not in (int, float) or not
+                                  0 < keepalive <= 86400):
+        raise WireError(f"HELLO property keepalive={keepalive!r} is not in (0, 86400]")
+    known = ("role", "software", "dialect", "max_frame", "max_streams", "keepalive")
+    return Hello(version, flags, props.get("role"), props.get("software"), props.get("dialect"),
+                 _int_prop(props, "max_frame", MIN_MAX_FRAME, MAX_MAX_FRAME),
+                 _int_prop(props, "max_streams", 1, MAX_STREAM_ID),
+                 keepalive, {k: v for k, v in props.items() if k not in known})
+
+
+def encode_hello_payload(hello: Hello) -> bytes:
+    props = {k: v for k, v in (("role", hello.role), ("software", hello.software),
+                               ("dialect", hello.dialect), ("max_frame", hello.max_frame),
+                               ("max_streams", hello.max_streams),
+                               ("keepalive", hello.keepalive)) if v is not None}
+    if props.keys() & hello.extra.keys():
+        raise LocalProtocolError("Hello.extra repeats a named property")
+    props.update(hello.extra)
+    try:
+        raw = json.dumps(props, separators=(",", ":"), ensure_ascii=False,
+                         allow_nan=False).encode()
+        decode_hello(_VERSION.pack(hello.version, hello.flags) + raw)  # what the peer checks
+    except (TypeError, ValueError, struct.error, WireError) as exc:
+        raise LocalProtocolError(f"bad Hello: {exc}") from None
+    return _VERSION.pack(hello.version, hello.flags) + raw
+
+
+class Connection:
+    """One side of one pcsc-bridge/1 connection. ``role`` is "client" or "server"."""
+
+    def __init__(self, role: Role | str, max_frame: int = DEFAULT_MAX_FRAME,
+                 max_streams: int = DEFAULT_MAX_STREAMS):
+        self.role = Role(role)
+        self.peer_role = Role.SERVER if self.role is Role.CLIENT else Role.CLIENT
+        if not MIN_MAX_FRAME <= max_frame <= MAX_MAX_FRAME:
+            raise ValueError(f"max_frame {max_frame} outside {MIN_MAX_FRAME}..{MAX_MAX_FRAME}")
+        if not 1 <= max_streams <= MAX_STREAM_ID:
+            raise ValueError(f"max_streams {max_streams} must be at least 1")
+        self.max_frame = max_frame
+        self.max_streams = max_streams
+        self.peer_hello: Hello | None = None
+        self.hello_sent = False
+        self.goaway_sent: int | None = None       # last_stream_id we announced
+        self.goaway_received: int | None = None   # last_stream_id the peer announced
+        self.error: WireError | None = None
+        self.ignored = 0             # frames for streams closed earlier (normal races)
+        self._streams: dict[int, _Stream] = {}
+        self._highest = 0            # highest stream id opened so far (ids odd, increasing)
+        self._buf = bytearray()      # at most one incomplete frame
+        self._receivers = {
+            FrameType.HELLO: self._on_hello, FrameType.OPEN: self._on_open,
+            FrameType.OPENED: self._on_opened, FrameType.REFUSED: self._on_refused,
+            FrameType.CALL: self._on_call, FrameType.REPLY: self._on_reply,
+            FrameType.CLOSE: self._on_close, FrameType.STATE: self._on_state,
+            FrameType.PING: self._on_ping, FrameType.PONG: self._on_pong,
+            FrameType.GOAWAY: self._on_goaway,
+        }
+        self._senders = {
+            Hello: self._send_hello, Open: self._send_open, Opened: self._send_opened,
+            Refused: self._send_refused, Reply: self._send_reply,
+            Close: self._send_close, StateUpdate: self._send_state, Ping: self._send_ping,
+            Pong: self._send_ping, GoAway: self._send_goaway,
+        }
+
+    # --- inspection -------------------------------------------------------------------------
+    @property
+    def version(self) -> int | None:
+        """The wire revision in use: the lower of both HELLOs (None before the peer's)."""
+        return min(WIRE_VERSION, self.peer_hello.version) if self.peer_hello else None
+
+    @property
+    def peer_max_frame(self) -> int:
+        if self.peer_hello and self.peer_hello.max_frame:
+            return self.peer_hello.max_frame
+        return MIN_MAX_FRAME
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held; always below ``max_frame``."""
+        return len(self._buf)
+
+    @property
+    def last_stream_id(self) -> int:
+        return self._highest
+
+    @property
+    def next_stream_id(self) -> int:
+        return self._highest + 2 if self._highest else 1
+
+    def stream_state(self, stream_id: int) -> StreamState | None:
+        stream = self._streams.get(stream_id)
+        return stream.state if stream else None
+
+    def call_pending(self, stream_id: int) -> bool:
+        stream = self._streams.get(stream_id)
+        return bool(stream and stream.pending)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    # --- receiving ----------------------------------------------------------------------------
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Decode every complete frame in ``data`` (plus what was buffered before)."""
+        if self.error is not None:
+            raise WireError(f"connection already failed: {self.error}", self.error.code)
+        events: list[Event] = []
+        try:
+            view = memoryview(data).cast("B")
+            n = len(view)
+            pos = 0
+            buf = self._buf
+            if buf:
+                pos = self._fill(view)
+                have = len(buf)
+                if have < 4 or have < self._check_head(buf, 0, have):
+                    return events
+                with memoryview(buf) as frame:
+                    self._dispatch(frame, 0, have, events)
+                buf.clear()
+            while n - pos >= 4:
+                want = self._check_head(view, pos, n - pos)
+                if n - pos < want:
+                    break
+                self._dispatch(view, pos, pos + want, events)
+                pos += want
+            if pos < n:
+                buf += view[pos:]
+        except WireError as exc:
+            self._buf = bytearray()
+            self.error = exc
+            exc.events = events
+            raise
+        return events
+
+    def _fill(self, view) -> int:
+        """Move bytes from ``view`` into the buffer, never past the current frame's end."""
+        buf, n, pos = self._buf, len(view), 0
+        while pos < n:
+            have = len(buf)
+            if have < 4:
+                need = 4
+            else:
+                want = self._check_head(buf, 0, have)
+                if have == want:
+                    break
+                need = want if have >= HEAD_SIZE else min(want, HEAD_SIZE)
+            take = min(need - have, n - pos)
+            buf += view[pos:pos + take]
+            pos += take
+        return pos
+
+    def _check_head(self, data, pos: int, avail: int) -> int:
+        """Check as much of a frame's header as ``avail`` bytes show; return its full size."""
+        length = _U32.unpack_from(data, pos)[0]
+        if length < 5 or length > self.max_frame - 4:
+            raise WireError(f"frame length {length} outside 5..{self.max_frame - 4}",
+                            Reason.LIMIT if length >= 5 else Reason.PROTOCOL_ERROR)
+        if avail >= HEAD_SIZE:
+            _, kind, sid = HEAD.unpack_from(data, pos)
+            if kind not in _SENDER:
+                raise WireError(f"unknown frame type {kind}")
+            kind = FrameType(kind)
+            sender = _SENDER[kind]
+            if sender is not None and sender is not self.peer_role:
+                raise WireError(f"{kind.name} sent by a {self.peer_role.value}")
+            if (kind in _CONNECTION_FRAMES) != (sid == 0):
+                raise WireError(f"{kind.name} on stream {sid}")
+            if (self.peer_hello is None) != (kind is FrameType.HELLO):
+                raise WireError("first frame must be HELLO" if self.peer_hello is None
+                                else "second HELLO")
+        return length + 4
+
+    def _dispatch(self, data, start: int, end: int, events: list) -> None:
+        _, kind, sid = HEAD.unpack_from(data, start)
+        self._receivers[kind](sid, data[start + HEAD_SIZE:end], events)
+
+    def _unknown(self, sid: int, kind: int, events: list) -> None:
+        """A frame for a stream not open: late (closed earlier) or never opened."""
+        if sid & 1 and sid <= self._highest or kind in (FrameType.CLOSE, FrameType.REFUSED):
+            self.ignored += 1   # never answered: CLOSE on an unknown stream ends any loop
+        else:
+            events.append(StreamError(sid, kind, Reason.PROTOCOL_ERROR,
+                                      f"{FrameType(kind).name} on unknown stream {sid}"))
+
+    def _stream_error(self, sid: int, kind: int, code: int, text: str, events: list) -> None:
+        self._streams.pop(sid, None)
+        events.append(StreamError(sid, kind, code, text))
+
+    def _on_hello(self, sid, payload, events):
+        hello = decode_hello(payload)
+        if hello.role != self.peer_role.value:
+            raise WireError(f"HELLO role {hello.role!r}, expected {self.peer_role.value!r}")
+        self.peer_hello = hello
+        events.append(hello)
+
+    def _on_open(self, sid, payload, events):
+        kind = FrameType.OPEN
+        if self.goaway_received is not None:
+            raise WireError("OPEN after the client's GOAWAY")
+        if not sid & 1 or sid <= self._highest:
+            return self._stream_error(sid, kind, Reason.PROTOCOL_ERROR,
+                                      f"stream id {sid} not odd and above {self._highest}",
+                                      events)
+        self._highest = sid
+        if self.goaway_sent is not None and sid > self.goaway_sent:
+            self.ignored += 1   # the client learns from our GOAWAY that it was not served
+            return None
+        if len(payload) != _OPEN.size:
+            return self._stream_error(sid, kind, Reason.PROTOCOL_ERROR,
+                                      f"OPEN payload of {len(payload)} bytes, not 12", events)
+        if len(self._streams) >= self.max_streams:
+            return self._stream_error(sid, kind, Reason.LIMIT,
+                                      f"more than max_streams={self.max_streams}", events)
+        major, minor, pid, uid = _OPEN.unpack_from(payload)
+        self._streams[sid] = _Stream()
+        events.append(Open(sid, major, minor, pid or None, None if uid == UID_UNKNOWN else uid))
+        return None
+
+    def _on_opened(self, sid, payload, events):
+        stream = self._streams.get(sid)
+        if stream is None:
+            return self._unknown(sid, FrameType.OPENED, events)
+        if stream.state is not StreamState.OPENING or payload:
+            return self._stream_error(sid, FrameType.OPENED, Reason.PROTOCOL_ERROR,
+                                      "OPENED twice or with a payload", events)
+        stream.state = StreamState.OPEN
+        events.append(Opened(sid))
+        return None
+
+    def _on_refused(self, sid, payload, events):
+        stream = self._streams.get(sid)
+        if stream is None:
+            return self._unknown(sid, FrameType.REFUSED, events)
+        if stream.state is not StreamState.OPENING or len(payload) < 4:
+            return self._stream_error(sid, FrameType.REFUSED, Reason.PROTOCOL_ERROR,
+                                      "REFUSED after OPENED or without a code", events)
+        del self._streams[sid]
+        events.append(Refused(sid, _CODE.unpack_from(payload)[0], _text(payload, 4)))
+        return None
+
+    def _on_call(self, sid, payload, events):
+        stream = self._streams.get(sid)
+        if stream is None:
+            return self._unknown(sid, FrameType.CALL, events)
+        if stream.pending:
+            return self._stream_error(sid, FrameType.CALL, Reason.PROTOCOL_ERROR,
+                                      "CALL while a call is pending", events)
+        stream.pending = True
+        events.append(Call(sid, bytes(payload)))
+        return None
+
+    def _on_reply(self, sid, payload, events):
+        stream = self._streams.get(sid)
+        if stream is None:
+            return self._unknown(sid, FrameType.REPLY, events)
+        if not stream.pending or stream.state is not StreamState.OPEN:
+            return self._stream_error(sid, FrameType.REPLY, Reason.PROTOCOL_ERROR,
+                                      "REPLY with no call pending or before OPENED", events)
+        stream.pending = False
+        events.append(Reply(sid, bytes(payload)))
+        return None
+
+    def _on_close(self, sid, payload, events):
+        if self._streams.pop(sid, None) is None:
+            return self._unknown(sid, FrameType.CLOSE, events)
+        if len(payload) < 4:
+            events.append(StreamError(sid, FrameType.CLOSE, Reason.PROTOCOL_ERROR,
+                                      "CLOSE without a code"))
+        else:
+            events.append(Close(sid, _CODE.unpack_from(payload)[0], _text(payload, 4)))
+        return None
+
+    def _on_state(self, sid, payload, events):
+        if len(payload) < 4 or (len(payload) - 4) % READER_STATE_SIZE:
+            raise WireError(f"STATE payload of {len(payload)} bytes is not 4 + N × 184")
+        events.append(StateUpdate(_U32.unpack_from(payload)[0], bytes(payload[4:])))
+
+    def _on_ping(self, sid, payload, events):
+        events.append(Ping(self._token(payload)))
+
+    def _on_pong(self, sid, payload, events):
+        events.append(Pong(self._token(payload)))
+
+    @staticmethod
+    def _token(payload) -> int:
+        if len(payload) != 8:
+            raise WireError(f"PING/PONG payload of {len(payload)} bytes, not 8")
+        return _U64.unpack_from(payload)[0]
+
+    def _on_goaway(self, sid, payload, events):
+        if len(payload) < _GOAWAY.size:
+            raise WireError(f"GOAWAY payload of {len(payload)} bytes, at least 8 needed")
+        last, code = _GOAWAY.unpack_from(payload)
+        self.goaway_received = last
+        if self.role is Role.CLIENT:   # streams above last were not served and never will be
+            for stream_id in [s for s in self._streams if s > last]:
+                del self._streams[stream_id]
+        events.append(GoAway(last, code, _text(payload, 8)))
+
+    # --- sending ------------------------------------------------------------------------------
+    def send(self, event: Event) -> bytes:
+        """Encode ``event`` as one frame after checking it is allowed now."""
+        if type(event) is Call:   # the hot path: one pack, one concatenation
+            stream = self._streams.get(event.stream_id)
+            if stream is None or stream.pending or self.role is not Role.CLIENT or self.error:
+                raise LocalProtocolError(f"CALL on stream {event.stream_id} not allowed now")
+            payload = event.payload
+            if len(payload) + HEAD_SIZE > self.peer_max_frame:
+                raise LocalProtocolError(f"CALL of {len(payload)} bytes exceeds the peer's "
+                                         f"max_frame {self.peer_max_frame}")
+            stream.pending = True
+            return HEAD.pack(len(payload) + 5, FrameType.CALL, event.stream_id) + payload
+        sender = self._senders.get(type(event))
+        if sender is None:
+            raise LocalProtocolError(f"{type(event).__name__} cannot be sent")
+        if self.error is not None and type(event) is not GoAway:
+            raise LocalProtocolError("the connection failed; only GOAWAY may follow")
+        if not self.hello_sent and type(event) is not Hello:
+            raise LocalProtocolError("HELLO must be the first frame")
+        return sender(event)
+
+    def _frame(self, kind: FrameType, sid: int, payload: bytes = b"") -> bytes:
+        if _SENDER[kind] not in (None, self.role):
+            raise LocalProtocolError(f"a {self.role.value} does not send {kind.name}")
+        if not 0 <= sid <= MAX_STREAM_ID or (kind in _CONNECTION_FRAMES) != (sid == 0):
+            raise LocalProtocolError(f"{kind.name} on stream {sid}")
+        if len(payload) + HEAD_SIZE > self.peer_max_frame:
+            raise LocalProtocolError(f"{kind.name} of {len(payload)} bytes exceeds the peer's "
+                                     f"max_frame {self.peer_max_frame}")
+        return HEAD.pack(len(payload) + 5, kind, sid) + payload
+
+    def _open_stream(self, sid: int, states: tuple) -> _Stream:
+        stream = self._streams.get(sid)
+        if stream is None or stream.state not in states:
+            raise LocalProtocolError(f"stream {sid} is not in state "
+                                     f"{'/'.join(s.value for s in states)}")
+        return stream
+
+    def _send_hello(self, hello: Hello) -> bytes:
+        if self.hello_sent:
+            raise LocalProtocolError("HELLO was sent already")
+        if hello.role not in (None, self.role.value):
+            raise LocalProtocolError(f"Hello.role {hello.role!r} but this is a {self.role.value}")
+        for key in ("max_frame", "max_streams"):
+            if getattr(hello, key) not in (None, getattr(self, key)):
+                raise LocalProtocolError(f"Hello.{key} differs from the connection's {key}")
+        hello = Hello(hello.version, hello.flags, self.role.value, hello.software, hello.dialect,
+                      self.max_frame, self.max_streams, hello.keepalive, hello.extra)
+        data = self._frame(FrameType.HELLO, 0, encode_hello_payload(hello))
+        self.hello_sent = True
+        return data
+
+    def _send_open(self, event: Open) -> bytes:
+        sid = event.stream_id
+        if self.goaway_sent is not None or self.goaway_received is not None:
+            raise LocalProtocolError("no OPEN after GOAWAY")
+        if not sid & 1 or sid <= self._highest:
+            raise LocalProtocolError(f"stream id {sid} not odd and above {self._highest}")
+        uid = UID_UNKNOWN if event.uid is None else event.uid
+        try:
+            payload = _OPEN.pack(event.major, event.minor, event.pid or 0, uid)
+        except struct.error as exc:
+            raise LocalProtocolError(f"bad Open: {exc}") from None
+        data = self._frame(FrameType.OPEN, sid, payload)
+        self._highest = sid
+        self._streams[sid] = _Stream()
+        return data
+
+    def _send_opened(self, event: Opened) -> bytes:
+        data = self._frame(FrameType.OPENED, event.stream_id)
+        self._open_stream(event.stream_id, (StreamState.OPENING,)).state = StreamState.OPEN
+        return data
+
+    def _send_refused(self, event: Refused) -> bytes:
+        data = self._frame(FrameType.REFUSED, event.stream_id, _coded(event.code, event.text))
+        self._open_stream(event.stream_id, (StreamState.OPENING,))
+        del self._streams[event.stream_id]
+        return data
+
+    def _send_reply(self, event: Reply) -> bytes:
+        data = self._frame(FrameType.REPLY, event.stream_id, event.payload)
+        stream = self._open_stream(event.stream_id, (StreamState.OPEN,))
+        if not stream.pending:
+            raise LocalProtocolError(f"REPLY on stream {event.stream_id} with no call pending")
+        stream.pending = False
+        return data
+
+    def _send_close(self, event: Close) -> bytes:
+        if event.stream_id == 0:
+            raise LocalProtocolError("CLOSE on stream 0; use GOAWAY")
+        data = self._frame(FrameType.CLOSE, event.stream_id, _coded(event.code, event.text))
+        self._streams.pop(event.stream_id, None)
+        return data
+
+    def _send_state(self, event: StateUpdate) -> bytes:
+        if len(event.states) % READER_STATE_SIZE:
+            raise LocalProtocolError("StateUpdate.states is not N × 184 bytes")
+        try:
+            head = _U32.pack(event.reader_events)
+        except struct.error as exc:
+            raise LocalProtocolError(f"bad StateUpdate: {exc}") from None
+        return self._frame(FrameType.STATE, 0, head + event.states)
+
+    def _send_ping(self, event: Ping | Pong) -> bytes:
+        try:
+            token = _U64.pack(event.token)
+        except struct.error as exc:
+            raise LocalProtocolError(f"bad {type(event).__name__}: {exc}") from None
+        return self._frame(FrameType.PING if type(event) is Ping else FrameType.PONG, 0, token)
+
+    def _send_goaway(self, event: GoAway) -> bytes:
+        try:
+            head = _GOAWAY.pack(event.last_stream_id, event.code)
+        except struct.error as exc:
+            raise LocalProtocolError(f"bad GoAway: {exc}") from None
+        data = self._frame(FrameType.GOAWAY, 0, head + event.text.encode())
+        self.goaway_sent = event.last_stream_id
+        return data
+
+
+def _coded(code: int, text: str) -> bytes:
+    try:
+        return _CODE.pack(code) + text.encode()
+    except struct.error as exc:
+        raise LocalProtocolError(f"bad reason code: {exc}") from None
