@@ -425,9 +425,11 @@ class Connection:
                 raise WireError(f"{kind.name} sent by a {self.peer_role.value}")
             if (kind in _CONNECTION_FRAMES) != (sid == 0):
                 raise WireError(f"{kind.name} on stream {sid}")
-            if (self.peer_hello is None) != (kind is FrameType.HELLO):
-                raise WireError("first frame must be HELLO" if self.peer_hello is None
-                                else "second HELLO")
+            if self.peer_hello is None:
+                if kind is not FrameType.HELLO and kind is not FrameType.GOAWAY:
+                    raise WireError("first frame must be HELLO (or GOAWAY)")
+            elif kind is FrameType.HELLO:
+                raise WireError("second HELLO")
         return length + 4
 
     def _dispatch(self, data, start: int, end: int, events: list) -> None:
@@ -575,7 +577,7 @@ class Connection:
             raise LocalProtocolError(f"{type(event).__name__} cannot be sent")
         if self.error is not None and type(event) is not GoAway:
             raise LocalProtocolError("the connection failed; only GOAWAY may follow")
-        if not self.hello_sent and type(event) is not Hello:
+        if not self.hello_sent and type(event) is not Hello and type(event) is not GoAway:
             raise LocalProtocolError("HELLO must be the first frame")
         return sender(event)
 
