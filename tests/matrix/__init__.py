@@ -1,0 +1,1 @@
+"""Real pcsc-lite of other versions (Debian chroots) for cross-version tests."""
