@@ -403,7 +403,7 @@ class Connection:
                 want = self._check_head(buf, 0, have)
                 if have == want:
                     break
-                need = want if have >= HEAD_SIZE else min(want, HEAD_SIZE)
+                need = want
             take = min(need - have, n - pos)
             buf += view[pos:pos + take]
             pos += take

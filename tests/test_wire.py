@@ -261,6 +261,11 @@ def test_declared_length_over_max_frame_fails_before_buffering():
     with pytest.raises(WireError) as err:
         conn.receive_data(head[:4])            # the length alone is enough
     assert err.value.code == Reason.LIMIT and conn.buffered == 0
+    for head in (struct.pack("<IBI", 60000, 12, 0), struct.pack("<IBI", 60000, 4, 0)):
+        conn = Connection("server")                       # unknown type, wrong direction:
+        conn.receive_data(hello_bytes("client") + head[:3])
+        with pytest.raises(WireError):                    # refused at the header, before
+            conn.receive_data(head[3:])                   # any of the payload arrives
     # the largest legal frame (max_frame bytes in all) passes, fed in pieces
     c, s = pair(max_frame=MIN_MAX_FRAME)
     sid = opened_stream(c, s)
