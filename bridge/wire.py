@@ -221,6 +221,11 @@ def encode_frame(frame_type: int, stream_id: int, payload: bytes = b"") -> bytes
     return HEAD.pack(len(payload) + 5, frame_type, stream_id) + payload
 
 
+def _reason(code: int) -> int:
+    """Known codes as ``Reason`` members (readable in logs), others as plain ints."""
+    return Reason(code) if code in Reason._value2member_map_ else code
+
+
 def _text(payload, start: int) -> str:
     return bytes(payload[start:]).decode("utf-8", "replace")
 
@@ -497,7 +502,7 @@ class Connection:
             return self._stream_error(sid, FrameType.REFUSED, Reason.PROTOCOL_ERROR,
                                       "REFUSED after OPENED or without a code", events)
         del self._streams[sid]
-        events.append(Refused(sid, _CODE.unpack_from(payload)[0], _text(payload, 4)))
+        events.append(Refused(sid, _reason(_CODE.unpack_from(payload)[0]), _text(payload, 4)))
         return None
 
     def _on_call(self, sid, payload, events):
@@ -529,7 +534,7 @@ class Connection:
             events.append(StreamError(sid, FrameType.CLOSE, Reason.PROTOCOL_ERROR,
                                       "CLOSE without a code"))
         else:
-            events.append(Close(sid, _CODE.unpack_from(payload)[0], _text(payload, 4)))
+            events.append(Close(sid, _reason(_CODE.unpack_from(payload)[0]), _text(payload, 4)))
         return None
 
     def _on_state(self, sid, payload, events):
@@ -557,7 +562,7 @@ class Connection:
         if self.role is Role.CLIENT:   # streams above last were not served and never will be
             for stream_id in [s for s in self._streams if s > last]:
                 del self._streams[stream_id]
-        events.append(GoAway(last, code, _text(payload, 8)))
+        events.append(GoAway(last, _reason(code), _text(payload, 8)))
 
     # --- sending ------------------------------------------------------------------------------
     def send(self, event: Event) -> bytes:

@@ -458,7 +458,7 @@ def test_goaway():
     b = c.next_stream_id
     in_flight = c.send(Open(b))
     [ev] = c.receive_data(s.send(GoAway(a, Reason.SHUTDOWN, "restart")))
-    assert ev == GoAway(a, Reason.SHUTDOWN, "restart")
+    assert ev == GoAway(a, Reason.SHUTDOWN, "restart") and ev.code is Reason.SHUTDOWN
     assert c.stream_state(b) is None and c.stream_state(a) is StreamState.OPEN
     assert s.receive_data(in_flight) == [] and s.ignored == 1
     with pytest.raises(LocalProtocolError):
