@@ -1,0 +1,131 @@
+"""The cross-version matrix is what it claims: real pcsc-lite 1.9.9, 2.3.3 and 2.5.x.
+
+Each pcscd answers CMD_VERSION with its own protocol; each client environment sends its own
+protocol in SCardEstablishContext; and the nine client × server pairs behave as the versions
+do (4:4 and 4:5 refuse each other with SCARD_E_SERVICE_STOPPED, 4:6 talks to both).
+The chroots are built into ~/.cache/pcsc-bridge on first use (about a minute each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from matrix.pcsclite import ChrootPcscd, HostPcscd, client_envs
+from testcard import TestCard
+
+pytestmark = pytest.mark.matrix
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASES = ("bookworm", "trixie", "sid")
+PROTOCOL = {"bookworm": "4:4", "trixie": "4:5", "sid": "4:6"}
+READERS = ["Virtual PCD 00 00", "Virtual PCD 00 01"]
+SERVICE_STOPPED = 0x8010001E
+PROBE_TIMEOUT_S = 30
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("matrix-pcscd")
+    with HostPcscd(start=True) as host, \
+            ChrootPcscd("trixie", logs / "trixie.log") as trixie, \
+            ChrootPcscd("sid", logs / "sid.log") as sid:
+        yield {"bookworm": host, "trixie": trixie, "sid": sid}
+
+
+@pytest.fixture(scope="module")
+def clients():
+    return {c.release: c for c in client_envs()}
+
+
+def probe(client, sock: str) -> dict:
+    r = subprocess.run([*client.argv_prefix, "tests/matrix/probe.py"], cwd=ROOT,
+                       env={**os.environ, **client.env,
+                            "PCSCLITE_CSOCK_NAME": client.translate_path(sock)},
+                       capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_each_pcscd_speaks_its_protocol(servers):
+    assert {name: s.protocol for name, s in servers.items()} == PROTOCOL
+    assert servers["trixie"].version == "2.3.3"
+    assert servers["sid"].version.startswith("2.5.")
+    assert servers["bookworm"].version == "1.9.9"
+    assert servers["trixie"].vpcd_ports == (35971, 35972)
+    assert servers["sid"].vpcd_ports == (35981, 35982)
+
+
+def recording_server(path: str, seen: list) -> threading.Thread:
+    """A socket that records the CMD_VERSION a client sends and refuses it."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(PROBE_TIMEOUT_S)
+
+    def serve():
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while len(data) < 20 and (chunk := conn.recv(20 - len(data))):
+                    data += chunk
+                size, command, major, minor, _ = struct.unpack("<IIiiI", data)
+                seen.append((size, command, f"{major}:{minor}"))
+                conn.sendall(struct.pack("<iiI", major, minor, SERVICE_STOPPED))
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_client_sends_its_protocol(clients, release, tmp_path):
+    client = clients[release]
+    seen = []
+    t = recording_server(str(tmp_path / "recorder.comm"), seen)
+    out = probe(client, str(tmp_path / "recorder.comm"))
+    t.join(PROBE_TIMEOUT_S)
+    assert seen == [(12, 0x11, PROTOCOL[release])] == [(12, 0x11, client.protocol)]
+    assert out["establish"] != 0  # refused: 2.5 reports SCARD_E_NO_SERVICE, older STOPPED
+    libs = {os.path.basename(p): os.path.dirname(p) for p in out["libs"]}
+    if release == "trixie":  # the host's python really loaded trixie's library, both parts
+        assert libs == dict.fromkeys(["libpcsclite.so.1", "libpcsclite_real.so.1"],
+                                     client.env["LD_LIBRARY_PATH"])
+    elif release == "bookworm":
+        assert list(libs) == ["libpcsclite.so.1.0.0"]
+
+
+@pytest.mark.parametrize("server", RELEASES)
+@pytest.mark.parametrize("release", RELEASES)
+def test_cross_version_establish(clients, servers, release, server):
+    out = probe(clients[release], servers[server].socket)
+    if {release, server} == {"bookworm", "trixie"}:  # 4:4 and 4:5 know nothing of each other
+        assert (out["establish"], out["readers"]) == (SERVICE_STOPPED, None)
+    else:
+        assert (out["establish"], out["readers"]) == (0, READERS)
+
+
+@pytest.mark.parametrize("server", ["trixie", "sid"])
+def test_card_on_chroot_vpcd_port(clients, servers, server):
+    client, sock = clients[server], servers[server].socket
+    card = TestCard(servers[server].vpcd_ports[1])
+    card.insert()
+    try:
+        wait_present(client, sock, [False, True])
+    finally:
+        card.remove()
+    wait_present(client, sock, [False, False])
+
+
+def wait_present(client, sock, want, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while (seen := probe(client, sock)["present"]) != want:
+        assert time.monotonic() < deadline, f"readers show {seen}, not {want}"
+        time.sleep(0.1)
