@@ -1,270 +1,656 @@
-"""Configuration: YAML, checked against one schema, errors as ``file:line: key: message``.
+"""Configuration: one YAML file, checked at start, typed into frozen dataclasses.
 
-The schema below is the single source of truth for keys, types and defaults;
-config.example.yaml documents every key. Command-line flags override file values
-(``overrides={"client.socket": "/x"}``). Relative paths resolve against the file's folder.
+The dataclasses below are the schema: each field's metadata says how its YAML value is
+parsed, its default is the default. config.example.yaml documents every key. An error
+names file, line, key and what was expected::
+
+    config.yaml:12: server.listen: expected HOST:PORT, got "8443"
+
+Precedence: built-in defaults < the file < command-line flags (``overrides``, dotted keys
+such as ``{"client.socket": "/x"}``). Relative paths in the file resolve against the
+file's folder; relative paths given as flags against the current directory.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import difflib
+import ipaddress
 import os
 import re
-from types import SimpleNamespace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import yaml
 
+from .card import DEFAULT_AIDS, DEFAULT_ATR
+from .wire import MAX_MAX_FRAME, MIN_MAX_FRAME
+
+DEFAULT_SOCKET = "/run/pcscd/pcscd.comm"
+MAX_READER_NAME = 127          # bytes; pcsc-lite's MAX_READERNAME is 128 with the NUL
+
 
 class ConfigError(Exception):
-    """One line: where, which key, what was expected."""
+    """A configuration that cannot be used; str() is one line: ``file:line: key: message``."""
 
 
-# --- value types: each takes (value, ctx) and returns the typed value or raises ValueError
-
-def duration(v, _=None) -> float:
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0:
-        return float(v)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(v))
-    if not m:
-        raise ValueError(f'expected a duration like "5s" or "500ms", got {_show(v)}')
-    return float(m[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m[2]]
+class BadValue(argparse.ArgumentTypeError, ValueError):
+    """A value that does not parse. argparse shows the message as is when a parser below
+    is used as ``type=``."""
 
 
-def size(v, _=None) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*(KiB|MiB|k|K|M)?\s*", str(v))
-    if not m or isinstance(v, bool):
-        raise ValueError(f'expected a size like "128KiB", got {_show(v)}')
-    return int(m[1]) * {None: 1, "KiB": 1024, "k": 1024, "K": 1024, "MiB": 1 << 20,
-                        "M": 1 << 20}[m[2]]
+class FieldError(ValueError):
+    """A dataclass rejects one field's value (a check across fields)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name}: {message}")
+        self.name, self.message = name, message
 
 
-def hostport(v, _=None) -> tuple[str, int]:
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\s\[\]]+):(\d+)", str(v))
-    if not m or isinstance(v, bool):
-        raise ValueError(f'expected HOST:PORT (IPv6 as "[::1]:8443"), got {_show(v)}')
-    host, port = (m[1], m[2]) if m[1] else (m[3], m[4])
-    if not 0 < int(port) < 65536:
-        raise ValueError(f"port {port} is out of range 1..65535")
-    return host, int(port)
+# --- value parsers: text (or the already typed value) in, typed value out, else BadValue --
+
+def _show(v: Any) -> str:
+    if isinstance(v, str):
+        return f'"{v}"'
+    if v is None or isinstance(v, bool):
+        return {None: "null", True: "true", False: "false"}[v]
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    return "a mapping" if isinstance(v, Mapping) else str(v)
 
 
-def mode(v, _=None) -> int:
-    try:
-        value = int(str(v), 8)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 0o7777 or isinstance(v, bool):
-        raise ValueError(f'expected an octal file mode like "0660", got {_show(v)}')
-    return value
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*")
+_UNITS = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}
 
 
-def string(v, _=None) -> str:
-    if not isinstance(v, str) or not v:
-        raise ValueError(f"expected a non-empty string, got {_show(v)}")
-    return v
+def parse_duration(v: Any) -> float:
+    """``"5s"``, ``"500ms"``, ``"2m"``, ``"1h"`` or a number of seconds → seconds (> 0)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        seconds = float(v)
+    elif isinstance(v, str) and (m := _DURATION.fullmatch(v)):
+        seconds = float(m[1]) * _UNITS[m[2]]
+    else:
+        raise BadValue(f'expected a duration like "5s", "500ms" or "2m", got {_show(v)}')
+    if not 0 < seconds < 1e9:
+        raise BadValue(f"expected a duration above zero, got {_show(v)}")
+    return seconds
 
 
-def path(v, ctx) -> str:
-    return os.path.normpath(os.path.join(ctx["dir"], string(v)))
+_SIZE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB)?\s*")
 
 
-def boolean(v, _=None) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {_show(v)}")
-    return v
-
-
-def integer(v, _=None) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ValueError(f"expected a non-negative integer, got {_show(v)}")
-    return v
-
-
-def choice(*options):
-    def check(v, _=None):
-        if v not in options:
-            raise ValueError(f"expected one of {', '.join(map(str, options))}, got {_show(v)}")
+def parse_size(v: Any) -> int:
+    """``"128KiB"``, ``"1MiB"``, ``"4096"`` or an integer → bytes."""
+    if isinstance(v, int) and not isinstance(v, bool):
         return v
-    return check
+    if isinstance(v, str) and (m := _SIZE.fullmatch(v)):
+        return int(m[1]) * {None: 1, "B": 1, "KiB": 1024, "MiB": 1 << 20}[m[2]]
+    raise BadValue(f'expected a size like "128KiB", "1MiB" or "65536", got {_show(v)}')
 
 
-def hexbytes(lo, hi):
-    def check(v, _=None):
+class HostPort(NamedTuple):
+    """A TCP address; unpacks as ``host, port``. str() gives ``[::1]:8443`` for IPv6."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, v: Any) -> HostPort:
+        """``"host:8443"``, ``"192.0.2.1:8443"``, ``"[::1]:8443"`` (or a (host, port) pair)."""
+        text = str(HostPort(*v)) if isinstance(v, tuple) and len(v) == 2 else v
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+(?:%[\w.-]+)?)\]:(\d{1,5})"
+                         r"|([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?):(\d{1,5})",
+                         text) if isinstance(text, str) else None
+        if m and m[1]:
+            try:
+                ipaddress.IPv6Address(m[1])
+            except ValueError:
+                m = None
+        if not m:
+            hint = ' with IPv6 in brackets ("[::1]:8443")' if isinstance(text, str) \
+                and text.count(":") > 1 and "[" not in text else ""
+            raise BadValue(f"expected HOST:PORT{hint}, got {_show(v)}")
+        host, port = (m[1], int(m[2])) if m[1] else (m[3], int(m[4]))
+        if not 0 < port < 65536:
+            raise BadValue(f"expected a port from 1 to 65535, got {_show(v)}")
+        return cls(host, port)
+
+
+parse_hostport = HostPort.parse
+
+
+def parse_file_mode(v: Any) -> int:
+    """Octal text ``"0660"``, ``"660"``, ``"0o660"`` (or an int, taken as is) → mode bits."""
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0o7777:
+        return v
+    if isinstance(v, str) and re.fullmatch(r"0?o?[0-7]{1,4}", v.strip()):
+        return int(v.strip().replace("o", ""), 8)
+    raise BadValue(f'expected an octal file mode like "0660", got {_show(v)}')
+
+
+def parse_hex(v: Any, lo: int = 1, hi: int = 1 << 16) -> bytes:
+    """Hex digits, spaces or colons allowed between bytes: ``"3B 8A 80 01"`` → bytes."""
+    if isinstance(v, (bytes, bytearray)):
+        raw = bytes(v)
+    else:
         try:
-            raw = bytes.fromhex(str(v).replace(":", " "))
+            raw = bytes.fromhex(v.replace(":", " ")) if isinstance(v, str) else None
         except ValueError:
-            raise ValueError(f"expected hex bytes, got {_show(v)}") from None
-        if not lo <= len(raw) <= hi:
-            raise ValueError(f"expected {lo} to {hi} bytes, got {len(raw)}")
-        return raw
-    return check
+            raw = None
+        if raw is None:
+            raise BadValue(f'expected hex bytes like "3B 8A 80 01", got {_show(v)}')
+    if not lo <= len(raw) <= hi:
+        raise BadValue(f"expected {lo} to {hi} bytes of hex, got {len(raw)}")
+    return raw
 
 
-def optional(check):
-    return lambda v, ctx=None: None if v is None else check(v, ctx)
+def _string(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise BadValue(f"expected a non-empty string, got {_show(v)}")
+    return v
 
 
-REQUIRED = object()
+def _boolean(v: Any) -> bool:
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in words:     # from a command-line flag
+        return words[v.lower()]
+    raise BadValue(f"expected true or false, got {_show(v)}")
 
 
-def _show(v) -> str:
-    return '"' + v + '"' if isinstance(v, str) else repr(v)
+def _integer(lo: int, hi: int) -> Callable[[Any], int]:
+    def parse(v: Any) -> int:
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise BadValue(f"expected an integer from {lo} to {hi}, got {_show(v)}")
+        return v
+    return parse
 
 
-class ListOf:
-    def __init__(self, item, single_ok=False):
-        self.item, self.single_ok = item, single_ok
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        if str(v) not in options or isinstance(v, bool):
+            raise BadValue(f"expected one of {', '.join(options)}, got {_show(v)}")
+        return str(v)
+    return parse
 
 
-class Map:
-    """A mapping of free keys (guest names) to one schema."""
-
-    def __init__(self, schema):
-        self.schema = schema
-
-
-POLICY = {
-    "readers": (ListOf(string, single_ok=True), ["*"]),
-    "exclusive": (boolean, True),
-    "direct": (boolean, False),
-    "control": (None, "none"),  # "all" | "none" | list of integers; checked below
-    "max_streams": (optional(integer), None),
-    "allow": (boolean, True),
-}
-CARD = {"atr": (optional(hexbytes(2, 33)), None), "aids": (ListOf(hexbytes(5, 16)), None)}
-READER = {"name": (string, REQUIRED), "card": (CARD, None)}
-SCHEMA = {
-    "log": ({"level": (choice("debug", "info", "warning", "error"), "info"),
-             "apdu": (boolean, False)}, {}),
-    "server": ({
-        "listen": (ListOf(hostport, single_ok=True), ["0.0.0.0:8443", "[::]:8443"]),
-        "cert": (path, REQUIRED), "key": (path, REQUIRED), "ca": (path, REQUIRED),
-        "crl": (optional(path), None),
-        "tls_min_version": (choice("1.2", "1.3"), "1.3"),
-        "backend": ({"type": (choice("auto", "pcscd", "virtual", "pyscard"), "auto"),
-                     "socket": (string, "/run/pcscd/pcscd.comm")}, {}),
-        "virtual": ({"readers": (ListOf(READER), None)}, {}),
-        "limits": ({"max_guests": (integer, 64), "streams_per_guest": (integer, 64),
-                    "max_frame": (size, "128KiB"), "handshake_timeout": (duration, "10s"),
-                    "keepalive_interval": (duration, "5s"),
-                    "keepalive_timeout": (duration, "15s"),
-                    "call_timeout": (optional(duration), None)}, {}),
-        "guests": (Map(POLICY), None),
-    }, None),
-    "client": ({
-        "server": (hostport, REQUIRED), "server_name": (optional(string), None),
-        "cert": (path, REQUIRED), "key": (path, REQUIRED), "ca": (path, REQUIRED),
-        "tls_min_version": (choice("1.2", "1.3"), "1.3"),
-        "socket": (string, "/run/pcscd/pcscd.comm"), "socket_mode": (mode, "0666"),
-        "socket_owner": (optional(string), None), "socket_group": (optional(string), None),
-        "connect_timeout": (duration, "5s"),
-        "reconnect": ({"initial": (duration, "0.5s"), "max": (duration, "30s")}, {}),
-        "keepalive": ({"interval": (duration, "5s"), "timeout": (duration, "15s")}, {}),
-        "call_timeout": (optional(duration), None),
-    }, None),
-}
+def _atr(v: Any) -> bytes:
+    raw = parse_hex(v, 2, 33)
+    if raw[0] not in (0x3B, 0x3F):
+        raise BadValue(f"expected an ATR starting with 3B or 3F, got {_show(v)}")
+    return raw
 
 
-def _python(node):
-    """A YAML node to plain Python, for leaf values."""
-    return yaml.safe_load(yaml.serialize(node)) if node is not None else None
+def _reader_name(v: Any) -> str:
+    name = _string(v)
+    if len(name.encode()) > MAX_READER_NAME or "\0" in name:
+        raise BadValue(f"expected a reader name of at most {MAX_READER_NAME} bytes, "
+                       f"got {len(name.encode())}")
+    return name
 
 
-def _convert(schema, node, key, ctx):
-    where = f"{ctx['file']}:{node.start_mark.line + 1}" if node is not None else ctx["file"]
-    try:
-        if isinstance(schema, dict):
-            if node is not None and node.tag.endswith(":null"):
-                return None
-            if node is not None and not isinstance(node, yaml.MappingNode):
-                raise ValueError(f"expected a mapping, got {_show(_python(node))}")
-            return _section(schema, node, key, ctx)
-        if isinstance(schema, ListOf):
-            if isinstance(node, yaml.SequenceNode):
-                return [_convert(schema.item, n, f"{key}[{i}]", ctx)
-                        for i, n in enumerate(node.value)]
-            if schema.single_ok and isinstance(node, yaml.ScalarNode):
-                return [_convert(schema.item, node, key, ctx)]
-            raise ValueError(f"expected a list, got {_show(_python(node))}")
-        if isinstance(schema, Map):
-            if not isinstance(node, yaml.MappingNode):
-                raise ValueError(f"expected a mapping of names, got {_show(_python(node))}")
-            return {str(_python(k)): _convert(schema.schema, v, f"{key}.{_python(k)}", ctx)
-                    for k, v in node.value}
-        if schema is None:
-            return _python(node)
-        return schema(_python(node), ctx)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {key}: {exc}") from None
+def _user(v: Any) -> str | int:
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
+    if isinstance(v, str) and v.isdigit():
+        return int(v)
+    if isinstance(v, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*\$?", v):
+        return v
+    raise BadValue(f"expected a user or group name or a numeric id, got {_show(v)}")
 
 
-def _leaf(check, value, key, ctx):
-    try:
-        if isinstance(check, ListOf):
-            values = [value] if isinstance(value, str) else list(value)
-            return [check.item(v, ctx) for v in values]
-        return value if check is None else check(value, ctx)
-    except ValueError as exc:
-        raise ConfigError(f"{ctx['file']}: {key}: {exc}") from None
+def _control(v: Any) -> str | tuple[int, ...]:
+    if v in ("all", "none"):
+        return v
+    codes = v if isinstance(v, (list, tuple)) else [v]
+    out = []
+    for c in codes:
+        if isinstance(c, str) and re.fullmatch(r"0[xX][0-9A-Fa-f]+|\d+", c):
+            c = int(c, 0)
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 0xFFFFFFFF:
+            raise BadValue(f'expected "all", "none" or a list of control codes '
+                           f"(0x42000D48, ...), got {_show(v)}")
+        out.append(c)
+    return tuple(out)
 
 
-def _section(schema, node, prefix, ctx):
-    items = {}
-    if node is not None:
+# --- schema vocabulary for field metadata ------------------------------------------------
+
+@dataclass(frozen=True)
+class _Leaf:
+    parse: Callable[[Any], Any]
+    typed: bool = False      # True: gets YAML's value; False: a plain scalar's source text
+    path: bool = False       # resolved against the config file's folder
+    nullable: bool = False   # null is allowed and means "none"
+
+
+@dataclass(frozen=True)
+class _ListOf:
+    item: Any
+    single_ok: bool = False  # a lone scalar counts as a list of one
+    min_items: int = 0
+
+
+@dataclass(frozen=True)
+class _MapOf:
+    item: Any                # free keys (guest names), each value of this type
+
+
+def _m(parse, nullable: bool = False) -> dict:
+    """A field's metadata: how its YAML value is parsed, whether null means None."""
+    if isinstance(parse, _Leaf) and nullable:
+        parse = dataclasses.replace(parse, nullable=True)
+    return {"parse": parse, "nullable": nullable}
+
+
+def _f(parse, default=dataclasses.MISSING, nullable=False):
+    return field(default=default, metadata=_m(parse, nullable))
+
+
+STRING = _Leaf(_string)
+PATH = _Leaf(_string, path=True)
+BOOL = _Leaf(_boolean, typed=True)
+DURATION = _Leaf(parse_duration)
+TLS_VERSION = _Leaf(_choice("1.2", "1.3"))
+
+
+# --- the schema ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    level: str = _f(_Leaf(_choice("debug", "info", "warning", "error")), "info")
+    apdu: bool = _f(BOOL, False)     # log APDU bytes (PINs travel in APDUs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendConfig:
+    type: str = _f(_Leaf(_choice("auto", "pcscd", "virtual", "pyscard")), "auto")
+    socket: str = _f(PATH, DEFAULT_SOCKET)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CardConfig:
+    atr: bytes = _f(_Leaf(_atr), DEFAULT_ATR)
+    aids: tuple[bytes, ...] = _f(_ListOf(_Leaf(lambda v: parse_hex(v, 5, 16))), DEFAULT_AIDS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReaderConfig:
+    name: str = _f(_Leaf(_reader_name))
+    card: CardConfig | None = field(default_factory=CardConfig,  # None: empty reader
+                                   metadata=_m(CardConfig, nullable=True))
+
+
+@dataclass(frozen=True, kw_only=True)
+class VirtualConfig:
+    readers: tuple[ReaderConfig, ...] = _f(_ListOf(ReaderConfig), (
+        ReaderConfig(name="Virtual PCD 00 00"), ReaderConfig(name="Virtual PCD 00 01")))
+
+    def __post_init__(self):
+        names = [r.name for r in self.readers]
+        for name in names:
+            if names.count(name) > 1:
+                raise FieldError("readers", f'reader name "{name}" is used twice')
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    max_guests: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 64)
+    streams_per_guest: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 64)
+    max_frame: int = _f(_Leaf(parse_size), 131072)
+    handshake_timeout: float = _f(DURATION, 10.0)
+    keepalive_interval: float = _f(DURATION, 5.0)
+    keepalive_timeout: float = _f(DURATION, 15.0)
+    call_timeout: float | None = _f(DURATION, None, nullable=True)
+
+    def __post_init__(self):
+        if not MIN_MAX_FRAME <= self.max_frame <= MAX_MAX_FRAME:
+            raise FieldError("max_frame", f"expected {MIN_MAX_FRAME} to {MAX_MAX_FRAME} "
+                             f"bytes (65KiB to 16MiB), got {self.max_frame}")
+        if self.keepalive_timeout <= self.keepalive_interval:
+            raise FieldError("keepalive_timeout", "expected more than keepalive_interval "
+                             f"({self.keepalive_interval:g}s), got {self.keepalive_timeout:g}s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuestPolicy:
+    readers: tuple[str, ...] = _f(_ListOf(STRING, single_ok=True), ("*",))  # glob patterns
+    exclusive: bool = _f(BOOL, True)       # may connect with SCARD_SHARE_EXCLUSIVE
+    direct: bool = _f(BOOL, False)         # may connect with SCARD_SHARE_DIRECT
+    control: str | tuple[int, ...] = _f(_Leaf(_control, typed=True), "none")
+    max_streams: int | None = _f(_Leaf(_integer(1, 1 << 16), typed=True), None)
+    allow: bool = _f(BOOL, True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    log: LogConfig = field(default_factory=LogConfig)     # the file's top-level log:
+    listen: tuple[HostPort, ...] = _f(_ListOf(_Leaf(HostPort.parse), True, 1), (
+        HostPort("0.0.0.0", 8443), HostPort("::", 8443)))
+    cert: str = _f(PATH)
+    key: str = _f(PATH)
+    ca: str = _f(PATH)
+    crl: str | None = _f(PATH, None, nullable=True)
+    tls_min_version: str = _f(TLS_VERSION, "1.3")
+    backend: BackendConfig = field(default_factory=BackendConfig, metadata=_m(BackendConfig))
+    virtual: VirtualConfig = field(default_factory=VirtualConfig, metadata=_m(VirtualConfig))
+    limits: LimitsConfig = field(default_factory=LimitsConfig, metadata=_m(LimitsConfig))
+    # guest name (certificate CN) → policy; always holds "default", for guests not named;
+    # every max_streams is resolved (limits.streams_per_guest unless set)
+    guests: Mapping[str, GuestPolicy] = field(default_factory=dict,
+                                              metadata=_m(_MapOf(GuestPolicy)))
+
+    def __post_init__(self):
+        guests = {"default": GuestPolicy(), **self.guests}
+        object.__setattr__(self, "guests", MappingProxyType({
+            name: p if p.max_streams is not None else dataclasses.replace(
+                p, max_streams=self.limits.streams_per_guest) for name, p in guests.items()}))
+
+    def policy_for(self, guest: str) -> GuestPolicy:
+        return self.guests.get(guest) or self.guests["default"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconnectConfig:
+    initial: float = _f(DURATION, 0.5)
+    max: float = _f(DURATION, 30.0)
+
+    def __post_init__(self):
+        if self.max < self.initial:
+            raise FieldError("max", f"expected at least initial ({self.initial:g}s), "
+                             f"got {self.max:g}s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeepaliveConfig:
+    interval: float = _f(DURATION, 5.0)
+    timeout: float = _f(DURATION, 15.0)
+
+    def __post_init__(self):
+        if self.timeout <= self.interval:
+            raise FieldError("timeout", f"expected more than interval ({self.interval:g}s), "
+                             f"got {self.timeout:g}s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    log: LogConfig = field(default_factory=LogConfig)     # the file's top-level log:
+    server: HostPort = field(metadata=_m(_Leaf(HostPort.parse)))
+    server_name: str | None = _f(STRING, None)            # None → the host part of server
+    cert: str = _f(PATH)
+    key: str = _f(PATH)
+    ca: str = _f(PATH)
+    tls_min_version: str = _f(TLS_VERSION, "1.3")
+    socket: str = _f(PATH, DEFAULT_SOCKET)
+    socket_mode: int = _f(_Leaf(parse_file_mode), 0o666)
+    socket_owner: str | int | None = _f(_Leaf(_user), None, nullable=True)
+    socket_group: str | int | None = _f(_Leaf(_user), None, nullable=True)
+    connect_timeout: float = _f(DURATION, 5.0)
+    reconnect: ReconnectConfig = field(default_factory=ReconnectConfig,
+                                       metadata=_m(ReconnectConfig))
+    keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig,
+                                       metadata=_m(KeepaliveConfig))
+    call_timeout: float | None = _f(DURATION, None, nullable=True)   # None: no bound
+
+    def __post_init__(self):
+        if self.server_name is None:
+            object.__setattr__(self, "server_name", self.server.host)
+
+
+@dataclass(frozen=True)
+class Config:
+    """What ``load`` returns: the log section and the requested section."""
+
+    log: LogConfig
+    server: ServerConfig | None = None
+    client: ClientConfig | None = None
+
+
+SECTIONS = {"log": LogConfig, "server": ServerConfig, "client": ClientConfig}
+
+
+def config_keys(kind: Any = None, prefix: str = "") -> list[str]:
+    """Every key the schema knows, dotted: ``server.listen``,
+    ``server.virtual.readers[].card.atr``, ``server.guests.<name>.control``."""
+    if kind is None:
+        return [k for name, cls in SECTIONS.items() for k in config_keys(cls, name)]
+    if isinstance(kind, _ListOf):
+        return config_keys(kind.item, prefix + ("[]" if _is_section(kind.item) else ""))
+    if isinstance(kind, _MapOf):
+        return config_keys(kind.item, prefix + ".<name>")
+    if not _is_section(kind):
+        return [prefix]
+    return [k for f in _fields(kind).values() for k in config_keys(
+        f.metadata["parse"], f"{prefix}.{f.name}")]
+
+
+# --- loading ------------------------------------------------------------------------------
+
+def _is_section(kind) -> bool:
+    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if "parse" in f.metadata}
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _is_null(node) -> bool:
+    return node is None or node.tag == "tag:yaml.org,2002:null"
+
+
+def _hint(name: str, known) -> str:
+    close = difflib.get_close_matches(str(name), list(known), 1, 0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _python(node) -> Any:
+    if _is_null(node):
+        return None
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+
+
+class _Loader:
+    def __init__(self, file: str, overrides: Mapping[str, Any] | None):
+        self.file = file
+        self.base = os.path.dirname(os.path.abspath(file))
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+    def fail(self, line: int | None, key: str, message: str) -> ConfigError:
+        where = self.file if line is None else f"{self.file}:{line}"
+        return ConfigError(f"{where}: {key}: {message}")
+
+    def mapping(self, node, key: str, known) -> dict[str, tuple]:
+        """name → (key node, value node), names checked against ``known``."""
+        if _is_null(node):
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node.start_mark.line + 1, key or "(top level)",
+                            f"expected a mapping, got {_show(_python(node))}")
+        out: dict[str, tuple] = {}
         for k, v in node.value:
-            name = _python(k)
-            if name not in schema:
-                hint = difflib.get_close_matches(str(name), schema, 1)
-                raise ConfigError(f"{ctx['file']}:{k.start_mark.line + 1}: "
-                                  f"{prefix + '.' if prefix else ''}{name}: unknown key"
-                                  + (f" (did you mean {hint[0]}?)" if hint else ""))
-            items[name] = v
-    out = {}
-    for name, (check, default) in schema.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if key in ctx["overrides"]:
-            out[name] = _leaf(check, ctx["overrides"][key], key,
-                              dict(ctx, file="command line", dir=os.getcwd()))
-        elif name in items:
-            out[name] = _convert(check, items[name], key, ctx)
-        elif default is REQUIRED:
-            line = f":{node.start_mark.line + 1}" if node is not None else ""
-            raise ConfigError(f"{ctx['file']}{line}: {key}: required key is missing")
-        elif isinstance(check, dict) and default is not None:
-            out[name] = _section(check, None, key, ctx)
-        else:
-            out[name] = None if default is None else _leaf(check, default, key, ctx)
-    return SimpleNamespace(**out)
+            name = k.value if isinstance(k, yaml.ScalarNode) else "?"
+            line = k.start_mark.line + 1
+            if known is not None and name not in known:
+                raise self.fail(line, _join(key, name), "unknown key" + _hint(name, known))
+            if name in out:
+                raise self.fail(line, _join(key, name), "duplicate key (first on line "
+                                f"{out[name][0].start_mark.line + 1})")
+            out[name] = (k, v)
+        return out
+
+    def section(self, cls, node, key: str, line: int | None, **extra):
+        given = self.mapping(node, key, _fields(cls))
+        values = dict(extra)
+        for name, f in _fields(cls).items():
+            full = _join(key, name)
+            if full in self.overrides:
+                values[name] = _from_flag(f.metadata["parse"], full, self.overrides.pop(full))
+            elif name in given:
+                v = given[name][1]
+                values[name] = self.value(f.metadata["parse"], v, full,
+                                          f.metadata["nullable"])
+            elif _required(f):
+                raise self.fail(line, full, "required key is missing")
+        try:
+            return cls(**values)
+        except FieldError as exc:
+            where = given[exc.name][1].start_mark.line + 1 if exc.name in given else line
+            raise self.fail(where, _join(key, exc.name), exc.message) from None
+
+    def value(self, kind, node, key: str, nullable: bool = False):
+        line = node.start_mark.line + 1
+        if nullable and _is_null(node):
+            return None
+        if _is_section(kind):
+            return self.section(kind, node, key, line)
+        if isinstance(kind, _MapOf):
+            given = self.mapping(node, key, None)
+            return {name: self.value(kind.item, v, _join(key, name))
+                    for name, (_, v) in given.items()}
+        if isinstance(kind, _ListOf):
+            if isinstance(node, yaml.SequenceNode):
+                if len(node.value) < kind.min_items:
+                    raise self.fail(line, key, f"expected at least {kind.min_items} item(s)")
+                return tuple(self.value(kind.item, n, f"{key}[{i}]")
+                             for i, n in enumerate(node.value))
+            if kind.single_ok and isinstance(node, yaml.ScalarNode) and not _is_null(node):
+                return (self.value(kind.item, node, key),)
+            raise self.fail(line, key, f"expected a list, got {_show(_python(node))}")
+        raw = node.value if isinstance(node, yaml.ScalarNode) and not (
+            kind.typed or _is_null(node)) else _python(node)
+        try:
+            out = kind.parse(raw)
+        except BadValue as exc:
+            raise self.fail(line, key, str(exc)) from None
+        return os.path.normpath(os.path.join(self.base, out)) if kind.path else out
+
+    def load(self, section: str):
+        try:
+            with open(self.file, encoding="utf-8") as f:
+                root = yaml.compose(f)
+        except OSError as exc:
+            raise ConfigError(f"{self.file}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{self.file}: not UTF-8 text") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{self.file}:{mark.line + 1}" if mark else self.file
+            what = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"{where}: YAML syntax error: {what}") from None
+        top = self.mapping(root, "", SECTIONS)
+        line = {n: k.start_mark.line + 1 for n, (k, _) in top.items()}
+        log = self.section(LogConfig, top.get("log", (None, None))[1], "log", line.get("log"))
+        out = {}
+        for name in ("server", "client"):
+            if name in top:
+                out[name] = self.section(SECTIONS[name], top[name][1], name, line[name],
+                                         log=log)
+        if section not in out:
+            raise ConfigError(f"{self.file}:1: {section}: required section is missing")
+        if self.overrides:
+            key = next(iter(self.overrides))
+            raise ConfigError(f"command line: {key}: unknown key"
+                              + _hint(key, _settable(SECTIONS[section], section)))
+        return out[section]
 
 
-def load(file: str, section: str, overrides: dict | None = None) -> SimpleNamespace:
-    """The whole file checked; ``section`` ("server" or "client") must be present."""
+def _settable(cls, prefix: str) -> list[str]:
+    return [k for k in config_keys(cls, prefix) if "[]" not in k and "<name>" not in k] + \
+        config_keys(LogConfig, "log")
+
+
+def _from_flag(kind, key: str, value: Any):
+    """A command-line value for one field, parsed like the file's; paths against cwd."""
     try:
-        with open(file, encoding="utf-8") as f:
-            root = yaml.compose(f)
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{file}{line}: YAML syntax error: "
-                          f"{getattr(exc, 'problem', None) or exc}") from None
-    if root is not None and not isinstance(root, yaml.MappingNode):
-        raise ConfigError(f"{file}:1: expected a mapping with server:/client: sections")
-    ctx = {"file": file, "dir": os.path.dirname(os.path.abspath(file)),
-           "overrides": overrides or {}}
-    cfg = _section(SCHEMA, root, "", ctx)
-    if getattr(cfg, section) is None:
-        raise ConfigError(f"{file}: {section}: required section is missing")
-    if section == "server":
-        _check_server(cfg.server, root, ctx)
+        if isinstance(kind, _ListOf) and isinstance(kind.item, _Leaf):
+            items = value if isinstance(value, (list, tuple)) and not isinstance(
+                value, HostPort) else [value]
+            if len(items) < kind.min_items:
+                raise BadValue(f"expected at least {kind.min_items} item(s)")
+            return tuple(_from_flag(kind.item, key, v) for v in items)
+        if not isinstance(kind, _Leaf):
+            raise BadValue("cannot be set as a whole from the command line; set its keys")
+        out = None if kind.nullable and value in ("", "null", "none") else kind.parse(value)
+        return os.path.abspath(out) if kind.path and out is not None else out
+    except BadValue as exc:
+        raise ConfigError(f"command line: {key}: {exc}") from None
+
+
+def load_server_config(path: str, overrides: Mapping[str, Any] | None = None) -> ServerConfig:
+    """The whole file checked; its ``server:`` section (required) and ``log:``.
+    ``overrides``: dotted keys → values (text as on a command line, or typed); None
+    values are ignored, so argparse results can be passed as they are."""
+    return _Loader(path, overrides).load("server")
+
+
+def load_client_config(path: str, overrides: Mapping[str, Any] | None = None) -> ClientConfig:
+    """The whole file checked; its ``client:`` section (required) and ``log:``."""
+    return _Loader(path, overrides).load("client")
+
+
+def load(path: str, section: str, overrides: Mapping[str, Any] | None = None) -> Config:
+    """``cfg.log`` and ``cfg.server`` or ``cfg.client``, for callers that want both."""
+    sub = (load_server_config if section == "server" else load_client_config)(path, overrides)
+    return Config(log=sub.log, **{section: sub})
+
+
+def apply_overrides(cfg, overrides: Mapping[str, Any]):
+    """A copy of a loaded ServerConfig/ClientConfig with dotted keys replaced
+    (``{"client.socket": "/x", "log.level": "debug"}``); values are parsed as on the
+    command line. A server_name that was derived from server follows a new server."""
+    section = "server" if isinstance(cfg, ServerConfig) else "client"
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        head, _, rest = key.partition(".")
+        if head not in ("log", section) or not rest:
+            raise ConfigError(f"command line: {key}: unknown key"
+                              + _hint(key, _settable(type(cfg), section)))
+        before = cfg
+        if head == "log":
+            cfg = dataclasses.replace(cfg, log=_replace(cfg.log, rest.split("."), value, key))
+        else:
+            cfg = _replace(cfg, rest.split("."), value, key)
+        if key == "client.server" and "client.server_name" not in overrides \
+                and before.server_name == before.server.host:
+            cfg = dataclasses.replace(cfg, server_name=cfg.server.host)
+        if key == "server.limits.streams_per_guest":
+            old, new = before.limits.streams_per_guest, cfg.limits.streams_per_guest
+            cfg = dataclasses.replace(cfg, guests={n: dataclasses.replace(
+                p, max_streams=new if p.max_streams == old else p.max_streams)
+                for n, p in cfg.guests.items()})
     return cfg
 
 
-def _check_server(s, root, ctx):
-    for name, p in (s.guests or {}).items():
-        c = p.control
-        if not (c in ("all", "none") or (isinstance(c, list) and all(
-                isinstance(x, int) and not isinstance(x, bool) for x in c))):
-            raise ConfigError(f"{ctx['file']}: server.guests.{name}.control: expected "
-                              f'"all", "none" or a list of control codes, got {c!r}')
+def _replace(obj, names: list[str], value: Any, key: str):
+    known = _fields(type(obj))
+    f = known.get(names[0])
+    if f is None:
+        raise ConfigError(f"command line: {key}: unknown key" + _hint(names[0], known))
+    if len(names) > 1:
+        if not _is_section(f.metadata["parse"]):
+            raise ConfigError(f"command line: {key}: cannot be set from the command line")
+        new = _replace(getattr(obj, f.name), names[1:], value, key)
+    else:
+        new = _from_flag(f.metadata["parse"], key, value)
+    try:
+        return dataclasses.replace(obj, **{f.name: new})
+    except FieldError as exc:
+        raise ConfigError(f"command line: {key}: {exc}") from None
