@@ -137,7 +137,8 @@ def _remove_tree(path: Path) -> None:
 
 def _run(argv: list[str], **kw) -> None:
     log("matrix.run", argv=" ".join(argv)[:200])
-    r = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, **kw)
+    r = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL,
+                       **{"stdout": sys.stderr, **kw})  # stdout carries the manifest
     if r.returncode:
         raise MatrixError(f"exit {r.returncode}: {' '.join(argv)}")
 
@@ -175,7 +176,7 @@ def _build(release: Release, work: Path) -> None:
     _run([*in_root, "apt-get", "update", "-q"], stdout=subprocess.DEVNULL)
     _run([*in_root, "apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES],
          stdout=subprocess.DEVNULL)
-    _run([*in_root, "apt-get", "clean"])
+    _run([*in_root, "apt-get", "clean"], stdout=subprocess.DEVNULL)
     confd = work / "etc/reader.conf.d"
     (confd / "vpcd.dpkg-new").unlink(missing_ok=True)
     conf = confd / "vpcd"
