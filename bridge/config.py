@@ -497,22 +497,26 @@ class _Loader:
 
     def section(self, cls, node, key: str, line: int | None, **extra):
         given = self.mapping(node, key, _fields(cls))
-        values = dict(extra)
+        values, flagged = dict(extra), set()
         for name, f in _fields(cls).items():
-            full = _join(key, name)
+            full, kind = _join(key, name), f.metadata["parse"]
             if full in self.overrides:
-                values[name] = _from_flag(f.metadata["parse"], full, self.overrides.pop(full))
+                values[name] = _from_flag(kind, full, self.overrides.pop(full))
+                flagged.add(name)
             elif name in given:
-                v = given[name][1]
-                values[name] = self.value(f.metadata["parse"], v, full,
-                                          f.metadata["nullable"])
+                values[name] = self.value(kind, given[name][1], full, f.metadata["nullable"])
+            elif _is_section(kind) and any(k.startswith(full + ".") for k in self.overrides):
+                values[name] = self.section(kind, None, full, line)   # flags set its keys
             elif _required(f):
                 raise self.fail(line, full, "required key is missing")
         try:
             return cls(**values)
         except FieldError as exc:
+            full = _join(key, exc.name)
+            if exc.name in flagged:
+                raise ConfigError(f"command line: {full}: {exc.message}") from None
             where = given[exc.name][1].start_mark.line + 1 if exc.name in given else line
-            raise self.fail(where, _join(key, exc.name), exc.message) from None
+            raise self.fail(where, full, exc.message) from None
 
     def value(self, kind, node, key: str, nullable: bool = False):
         line = node.start_mark.line + 1
@@ -565,15 +569,21 @@ class _Loader:
         if section not in out:
             raise ConfigError(f"{self.file}:1: {section}: required section is missing")
         if self.overrides:
-            key = next(iter(self.overrides))
-            raise ConfigError(f"command line: {key}: unknown key"
-                              + _hint(key, _settable(SECTIONS[section], section)))
+            raise _unknown_flag(next(iter(self.overrides)), section)
         return out[section]
 
 
-def _settable(cls, prefix: str) -> list[str]:
-    return [k for k in config_keys(cls, prefix) if "[]" not in k and "<name>" not in k] + \
-        config_keys(LogConfig, "log")
+def _settable(section: str) -> list[str]:
+    """The keys a flag can set on a loaded config (not inside lists or guests)."""
+    return [k for k in config_keys() if k.startswith(("log.", section + "."))
+            and "[]" not in k and "<name>" not in k]
+
+
+def _unknown_flag(key: str, section: str) -> ConfigError:
+    other = "client" if section == "server" else "server"
+    if key.startswith(other + "."):
+        return ConfigError(f"command line: {key}: a {other} setting, not a {section} one")
+    return ConfigError(f"command line: {key}: unknown key" + _hint(key, _settable(section)))
 
 
 def _from_flag(kind, key: str, value: Any):
@@ -620,9 +630,8 @@ def apply_overrides(cfg, overrides: Mapping[str, Any]):
         if value is None:
             continue
         head, _, rest = key.partition(".")
-        if head not in ("log", section) or not rest:
-            raise ConfigError(f"command line: {key}: unknown key"
-                              + _hint(key, _settable(type(cfg), section)))
+        if not any(k == key or k.startswith(key + ".") for k in _settable(section)):
+            raise _unknown_flag(key, section)
         before = cfg
         if head == "log":
             cfg = dataclasses.replace(cfg, log=_replace(cfg.log, rest.split("."), value, key))
@@ -640,17 +649,13 @@ def apply_overrides(cfg, overrides: Mapping[str, Any]):
 
 
 def _replace(obj, names: list[str], value: Any, key: str):
-    known = _fields(type(obj))
-    f = known.get(names[0])
-    if f is None:
-        raise ConfigError(f"command line: {key}: unknown key" + _hint(names[0], known))
+    f = _fields(type(obj))[names[0]]       # the key was checked against _settable
     if len(names) > 1:
-        if not _is_section(f.metadata["parse"]):
-            raise ConfigError(f"command line: {key}: cannot be set from the command line")
         new = _replace(getattr(obj, f.name), names[1:], value, key)
     else:
         new = _from_flag(f.metadata["parse"], key, value)
     try:
         return dataclasses.replace(obj, **{f.name: new})
     except FieldError as exc:
-        raise ConfigError(f"command line: {key}: {exc}") from None
+        parent = key.rsplit(".", len(names))[0]
+        raise ConfigError(f"command line: {parent}.{exc.name}: {exc.message}") from None
