@@ -483,17 +483,24 @@ class _Loader:
         if not isinstance(node, yaml.MappingNode):
             raise self.fail(node.start_mark.line + 1, key or "(top level)",
                             f"expected a mapping, got {_show(_python(node))}")
+        own = [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]
+        if len(own) < len(node.value):        # "<<: *anchor" merge keys, as YAML 1.1 has them
+            try:
+                yaml.constructor.SafeConstructor().flatten_mapping(node)
+            except yaml.MarkedYAMLError as exc:
+                raise self.fail(exc.problem_mark.line + 1, key, exc.problem) from None
         out: dict[str, tuple] = {}
-        for k, v in node.value:
+        merged = len(node.value) - len(own)
+        for i, (k, v) in enumerate(node.value):
             name = k.value if isinstance(k, yaml.ScalarNode) else "?"
             line = k.start_mark.line + 1
             if known is not None and name not in known:
                 raise self.fail(line, _join(key, name), "unknown key" + _hint(name, known))
-            if name in out:
+            if name in out and i >= merged and out[name][2] >= merged:
                 raise self.fail(line, _join(key, name), "duplicate key (first on line "
                                 f"{out[name][0].start_mark.line + 1})")
-            out[name] = (k, v)
-        return out
+            out[name] = (k, v, i)
+        return {name: (k, v) for name, (k, v, _) in out.items()}
 
     def section(self, cls, node, key: str, line: int | None, **extra):
         given = self.mapping(node, key, _fields(cls))
@@ -557,6 +564,8 @@ class _Loader:
             mark = getattr(exc, "problem_mark", None)
             where = f"{self.file}:{mark.line + 1}" if mark else self.file
             what = getattr(exc, "problem", None) or str(exc)
+            if what.startswith("but ") and getattr(exc, "context", None):
+                what = f"{exc.context} {what}"     # "expected a single document ... but found"
             raise ConfigError(f"{where}: YAML syntax error: {what}") from None
         top = self.mapping(root, "", SECTIONS)
         line = {n: k.start_mark.line + 1 for n, (k, _) in top.items()}

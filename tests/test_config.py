@@ -154,6 +154,17 @@ def test_typed_values_and_defaults(tmp_path):
         s.limits.max_guests = 1
 
 
+def test_anchors_and_merge_keys_reuse_a_policy(tmp_path):
+    s = load_server_config(write(tmp_path, SERVER + """\
+  guests:
+    lab-01: &lab {readers: ["*00 00"], exclusive: false}
+    lab-02: *lab
+    lab-03: {<<: *lab, exclusive: true}
+"""))
+    assert s.guests["lab-02"] == s.guests["lab-01"] and not s.guests["lab-01"].exclusive
+    assert s.guests["lab-03"].readers == ("*00 00",) and s.guests["lab-03"].exclusive
+
+
 def test_defaults_without_optional_sections(tmp_path):
     s = load_server_config(write(tmp_path, SERVER.replace('  listen: "127.0.0.1:8443"\n', "")))
     assert s.listen == (("0.0.0.0", 8443), ("::", 8443)) and s.crl is None
