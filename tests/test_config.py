@@ -172,8 +172,8 @@ def test_defaults_without_optional_sections(tmp_path):
     assert all(r.card.atr == DEFAULT_ATR for r in s.virtual.readers)
     assert dict(s.guests) == {"default": s.guests["default"]} and s.guests["default"].allow
     assert s.log.level == "info" and s.log.apdu is False
-    c = load_client_config(write(tmp_path, CLIENT + "  socket_mode: 0660\n"))
-    assert c.server_name == "127.0.0.1" and c.socket_mode == 0o660  # YAML 1.1 reads 0660 as 432
+    c = load_client_config(write(tmp_path, CLIENT + "  socket_mode: 660\n"))
+    assert c.server_name == "127.0.0.1" and c.socket_mode == 0o660  # octal, though YAML reads 660
     assert (c.connect_timeout, c.reconnect.initial, c.reconnect.max) == (5.0, 0.5, 30.0)
     assert (c.keepalive.interval, c.keepalive.timeout, c.call_timeout) == (5.0, 15.0, None)
     assert c.socket == "/run/pcscd/pcscd.comm" and c.socket_owner is None
