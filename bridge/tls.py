@@ -1,100 +1,242 @@
 """TLS for the bridge, built in this one place: mutual TLS, 1.3 by default, ALPN, CRL.
 
-Both ends refuse a private key that group or others can read, and say how to fix it.
+Before OpenSSL sees a file, each one is read and checked here, so a bad setup fails at
+start with a sentence that names the file and the fix (a typed ``TLSConfigError``) rather
+than with every handshake failing later: missing or unreadable files, files that hold no
+PEM of the right kind, a key that does not belong to its certificate, an expired own
+certificate or CRL, a CRL from another CA, and a private key that group or others can read.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import os
+import re
 import ssl
 import stat
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
 from .link import ALPN
+
+MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # forward secrecy and AEAD only, when 1.2 is on
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 class TLSConfigError(Exception):
-    """Certificates, keys or CRL unusable; the message says what and how to fix it."""
+    """Certificates, key, CA or CRL unusable; the message says which file and what to do."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
 
 
+class MissingFileError(TLSConfigError):
+    """A configured file does not exist or cannot be read."""
+
+
+class BadPEMError(TLSConfigError):
+    """A file holds no PEM block of the kind expected, or a damaged one."""
+
+
+class KeyMismatchError(TLSConfigError):
+    """The private key does not belong to the certificate."""
+
+
+class KeyPermissionError(TLSConfigError):
+    """The private key file is open to group or others."""
+
+
+class ExpiredError(TLSConfigError):
+    """This end's own certificate, or the CRL, is past its date."""
+
+
+# --- checks ----------------------------------------------------------------------------------
 def check_key_permissions(path: str) -> None:
+    """Refuse a private key file that group or others may read or write."""
     try:
-        mode = os.stat(path).st_mode
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise MissingFileError(f"key file {path} does not exist", path) from None
     except OSError as exc:
-        raise TLSConfigError(f"key file {path}: {exc.strerror}") from exc
+        raise MissingFileError(f"key file {path}: {exc.strerror}", path) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise TLSConfigError(
-            f"key file {path} is readable by group/others (mode {stat.S_IMODE(mode):04o}); "
-            f"run: chmod 600 {path}")
+        how = "readable" if mode & (stat.S_IRGRP | stat.S_IROTH) else "writable"
+        raise KeyPermissionError(f"key file {path} is {how} by group/others (mode {mode:04o}); "
+                                 f"run chmod 600 {path}", path)
 
 
-def _versions(min_version: str) -> ssl.TLSVersion:
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _utc(obj, name: str) -> dt.datetime | None:
+    value = getattr(obj, name + "_utc", None)
+    if value is None:
+        value = getattr(obj, name)
+        value = value and value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def _read(path: str, label: str) -> bytes:
     try:
-        return {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}[str(min_version)]
-    except KeyError:
-        raise TLSConfigError(f"tls_min_version must be 1.2 or 1.3, not {min_version}") from None
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise MissingFileError(f"{label} file {path} does not exist", path) from None
+    except OSError as exc:
+        raise MissingFileError(f"cannot read {label} file {path}: {exc.strerror} "
+                               f"(running as uid {os.getuid()})", path) from None
 
 
-def _load(ctx: ssl.SSLContext, cert: str, key: str, ca: str) -> None:
-    for label, path in (("certificate", cert), ("key", key), ("CA certificate", ca)):
-        if not os.path.exists(path):
-            raise TLSConfigError(f"{label} file {path} does not exist")
+def _pem(data: bytes, kind: str, path: str, label: str) -> list[bytes]:
+    blocks = re.findall(rb"-----BEGIN %s-----.+?-----END %s-----" % (kind.encode(),
+                        kind.encode()), data, re.DOTALL)
+    if not blocks:
+        raise BadPEMError(f"{label} file {path} holds no PEM {kind.lower()} (a "
+                          f"'-----BEGIN {kind}-----' block)", path)
+    return blocks
+
+
+def _certificates(path: str, label: str) -> list[x509.Certificate]:
+    out = []
+    for block in _pem(_read(path, label), "CERTIFICATE", path, label):
+        try:
+            out.append(x509.load_pem_x509_certificate(block))
+        except ValueError as exc:
+            raise BadPEMError(f"{label} file {path} holds a damaged certificate: {exc}",
+                              path) from None
+    return out
+
+
+def _check_identity(cert: str, key: str) -> None:
+    """This end's own certificate and key: readable, PEM, a pair, in date, key private."""
+    leaf = _certificates(cert, "certificate")[0]
     check_key_permissions(key)
     try:
-        ctx.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:
-        raise TLSConfigError(f"cannot use {cert} with {key}: {exc.reason or exc} "
-                             "(wrong key for this certificate, or not PEM)") from exc
+        private = serialization.load_pem_private_key(_read(key, "key"), None)
+    except TypeError:
+        raise TLSConfigError(f"key file {key} is encrypted with a passphrase; pcsc-bridge "
+                             "needs an unencrypted key protected by mode 0600", key) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise BadPEMError(f"key file {key} is not a PEM private key", key) from None
+    if private.public_key().public_bytes(*_SPKI) != leaf.public_key().public_bytes(*_SPKI):
+        raise KeyMismatchError(f"key file {key} does not belong to certificate {cert} (their "
+                               "public keys differ); use the -key.pem file issued with that "
+                               "certificate", key)
+    end = _utc(leaf, "not_valid_after")
+    if end < _now():
+        raise ExpiredError(f"certificate {cert} expired on {end:%Y-%m-%d %H:%M} UTC; issue a "
+                           "new one (pcsc-bridge certs server|client ... --force)", cert)
+
+
+def _check_crl(crl: str, cas: list[x509.Certificate], ca: str) -> None:
+    for block in _pem(_read(crl, "CRL"), "X509 CRL", crl, "CRL"):
+        try:
+            c = x509.load_pem_x509_crl(block)
+        except ValueError as exc:
+            raise BadPEMError(f"CRL file {crl} holds a damaged CRL: {exc}", crl) from None
+        if not any(a.subject == c.issuer and _signed(c, a) for a in cas):
+            raise TLSConfigError(f"CRL file {crl} is signed by '{c.issuer.rfc4514_string()}', "
+                                 f"which is not a CA in {ca}; use the crl.pem of the CA that "
+                                 "issued the guests' certificates", crl)
+        nxt = _utc(c, "next_update")
+        if nxt is not None and nxt < _now():
+            raise ExpiredError(f"CRL file {crl} expired on {nxt:%Y-%m-%d %H:%M} UTC (its next "
+                               "update), so every guest would be refused; re-sign it with "
+                               "pcsc-bridge certs crl, copy it here and reload", crl)
+
+
+def _signed(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
     try:
+        return crl.is_signature_valid(ca.public_key())
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        return False
+
+
+# --- contexts --------------------------------------------------------------------------------
+def _context(protocol, cert: str, key: str, ca: str, crl: str | None,
+             min_version: str) -> ssl.SSLContext:
+    version = MIN_VERSIONS.get(str(min_version))
+    if version is None:
+        raise TLSConfigError(f"tls_min_version must be \"1.2\" or \"1.3\", not {min_version!r}")
+    _check_identity(cert, key)
+    cas = _certificates(ca, "CA certificate")
+    if crl:
+        _check_crl(crl, cas, ca)
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = version
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.set_alpn_protocols([ALPN])
+    try:
+        ctx.load_cert_chain(cert, key)
         ctx.load_verify_locations(cafile=ca)
-    except ssl.SSLError as exc:
-        raise TLSConfigError(f"cannot read CA certificate {ca}: {exc.reason or exc}") from exc
+        if crl:
+            ctx.load_verify_locations(cafile=crl)
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    except (ssl.SSLError, OSError) as exc:
+        raise TLSConfigError(f"OpenSSL refused {cert}, {key}, {ca} or {crl}: "
+                             f"{getattr(exc, 'reason', None) or exc}") from None
+    return ctx
 
 
 def server_context(cert: str, key: str, ca: str, crl: str | None = None,
                    min_version: str = "1.3") -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = _versions(min_version)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    _load(ctx, cert, key, ca)
-    if crl:
-        if not os.path.exists(crl):
-            raise TLSConfigError(f"CRL file {crl} does not exist")
-        try:
-            ctx.load_verify_locations(cafile=crl)
-        except ssl.SSLError as exc:
-            raise TLSConfigError(f"cannot read CRL {crl}: {exc.reason or exc}") from exc
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    ctx.set_alpn_protocols([ALPN])
-    return ctx
+    """The host server's context: guests must present a certificate from CA (and not one
+    listed in CRL, when given); ALPN pcsc-bridge/1; TLS 1.3, or 1.2 when so configured."""
+    return _context(ssl.PROTOCOL_TLS_SERVER, cert, key, ca, crl, min_version)
 
 
-def client_context(cert: str, key: str, ca: str, min_version: str = "1.3") -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = _versions(min_version)
+def client_context(cert: str, key: str, ca: str, min_version: str = "1.3",
+                   crl: str | None = None) -> ssl.SSLContext:
+    """The guest agent's context: presents the guest's certificate, checks the server's
+    against CA and its name (pass server_hostname= when connecting); ALPN pcsc-bridge/1."""
+    ctx = _context(ssl.PROTOCOL_TLS_CLIENT, cert, key, ca, crl, min_version)
     ctx.check_hostname = True
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    _load(ctx, cert, key, ca)
-    ctx.set_alpn_protocols([ALPN])
     return ctx
 
 
-def peer_identity(ssl_object) -> str:
-    """The common name of the verified peer certificate (a guest's identity)."""
-    cert = ssl_object.getpeercert() if ssl_object else None
+def peer_identity(peer) -> str:
+    """The common name of the verified peer certificate: a guest's identity. PEER is an
+    SSLSocket, an SSLObject or an asyncio transport; "?" when there is no such name."""
+    if hasattr(peer, "get_extra_info"):
+        peer = peer.get_extra_info("ssl_object")
+    cert = peer.getpeercert() if peer is not None else None
     for rdn in (cert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
+        for name, value in rdn:
+            if name == "commonName":
                 return value
     return "?"
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerFiles:
+    cert: str
+    key: str
+    ca: str
+    crl: str | None = None
+    min_version: str = "1.3"
+
+
 class ServerTLS:
-    """The server's context, reloadable (SIGHUP): new connections use the new files,
-    live sessions keep going. A failed reload keeps the old context."""
+    """The server's context, reloadable (SIGHUP). Read ``.context`` for every new
+    connection; ``reload()`` builds a new one from the files and swaps it in, so later
+    connections use the new certificate, key, CA and CRL while established sessions go on.
+    A failed reload raises its TLSConfigError and leaves ``.context`` as it was."""
 
-    def __init__(self, cert, key, ca, crl=None, min_version="1.3"):
-        self.args = (cert, key, ca, crl, min_version)
-        self.context = server_context(*self.args)
+    def __init__(self, cert: str, key: str, ca: str, crl: str | None = None,
+                 min_version: str = "1.3"):
+        self.files = ServerFiles(cert, key, ca, crl, min_version)
+        self.context = server_context(**dataclasses.asdict(self.files))
 
-    def reload(self) -> None:
-        self.context = server_context(*self.args)
+    def reload(self, files: ServerFiles | None = None) -> ssl.SSLContext:
+        files = files or self.files
+        context = server_context(**dataclasses.asdict(files))
+        self.files, self.context = files, context
+        return context

@@ -1,239 +1,117 @@
-"""`pcsc-bridge certs`: a small CA for one bridge — server and guest certificates, CRL.
+"""`pcsc-bridge certs`: the CA, the server's certificate, one certificate per guest, the CRL.
 
-Files in DIR (PEM): ca.pem, ca-key.pem, NAME.pem + NAME-key.pem per certificate,
-crl.pem, and index.json (what was issued, for `list` and `revoke`). Keys are EC P-256,
-created with mode 0600 from the start. A guest's identity is its certificate's CN.
+All files live in one directory (--dir, default /etc/pcsc-bridge/ca): ca.pem, ca-key.pem,
+NAME.pem + NAME-key.pem per certificate, crl.pem and index.json. See docs/certificates.md.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
-import json
-import os
 import sys
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
-UTC = dt.timezone.utc
+from .ca import CA, CA_DAYS, CERT_DAYS, CRL_DAYS, CertError, not_after, now
 
-
-class CertError(Exception):
-    pass
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(UTC).replace(microsecond=0)
-
-
-def write_private(path: str, data: bytes, force: bool = False) -> None:
-    """Write a key file created 0600 (never readable by others, not even briefly)."""
-    if force and os.path.exists(path):
-        os.unlink(path)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise CertError(f"{path} exists; use --force to replace it") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
-def write_public(path: str, data: bytes, force: bool = False) -> None:
-    if os.path.exists(path) and not force:
-        raise CertError(f"{path} exists; use --force to replace it")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pcsc-bridge")])
-
-
-class CA:
-    def __init__(self, directory: str):
-        self.dir = directory
-        try:
-            with open(self.path("ca.pem"), "rb") as f:
-                self.cert = x509.load_pem_x509_certificate(f.read())
-            with open(self.path("ca-key.pem"), "rb") as f:
-                self.key = serialization.load_pem_private_key(f.read(), None)
-        except FileNotFoundError as exc:
-            raise CertError(f"no CA in {directory} ({exc.filename} missing); "
-                            f"run: pcsc-bridge certs init --dir {directory}") from None
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
-    @staticmethod
-    def init(directory: str, name: str = "pcsc-bridge CA", days: int = 3650,
-             force: bool = False) -> CA:
-        os.makedirs(directory, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
-        cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5))
-                .not_valid_after(now + dt.timedelta(days=days))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
-                                             False, False), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                               critical=False)
-                .sign(key, hashes.SHA256()))
-        write_private(os.path.join(directory, "ca-key.pem"), _key_pem(key), force)
-        write_public(os.path.join(directory, "ca.pem"),
-                     cert.public_bytes(serialization.Encoding.PEM), force)
-        ca = CA(directory)
-        ca._save_index([])
-        ca.write_crl()
-        return ca
-
-    # --- index ------------------------------------------------------------------------------
-    def index(self) -> list[dict]:
-        try:
-            with open(self.path("index.json")) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return []
-
-    def _save_index(self, entries) -> None:
-        write_public(self.path("index.json"), json.dumps(entries, indent=1).encode(), True)
-
-    # --- issuing ------------------------------------------------------------------------
-    def issue(self, kind: str, name: str, dns=(), ips=(), days: int = 825,
-              force: bool = False, not_before: dt.datetime | None = None) -> str:
-        if not name or "/" in name or name.startswith("."):
-            raise CertError(f"bad certificate name {name!r}")
-        key = ec.generate_private_key(ec.SECP256R1())
-        start = not_before or (_now() - dt.timedelta(minutes=5))
-        eku = ExtendedKeyUsageOID.SERVER_AUTH if kind == "server" else \
-            ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = (x509.CertificateBuilder().subject_name(_name(name))
-                   .issuer_name(self.cert.subject).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-                   .add_extension(x509.ExtendedKeyUsage([eku]), False)
-                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                       self.key.public_key()), False))
-        if kind == "server":
-            try:
-                names = [x509.DNSName(d) for d in dns] + [
-                    x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-            except ValueError as exc:
-                raise CertError(f"bad --ip address: {exc}") from None
-            if not names:
-                raise CertError("a server certificate needs at least one --dns or --ip name")
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
-        cert = builder.sign(self.key, hashes.SHA256())
-        write_private(self.path(f"{name}-key.pem"), _key_pem(key), force)
-        write_public(self.path(f"{name}.pem"), cert.public_bytes(serialization.Encoding.PEM),
-                     force)
-        entries = [e for e in self.index() if e["name"] != name or e.get("revoked")]
-        entries.append({"kind": kind, "name": name, "serial": f"{cert.serial_number:x}",
-                        "not_after": cert.not_valid_after_utc.isoformat()
-                        if hasattr(cert, "not_valid_after_utc")
-                        else cert.not_valid_after.replace(tzinfo=UTC).isoformat(),
-                        "revoked": None})
-        self._save_index(entries)
-        return self.path(f"{name}.pem")
-
-    def revoke(self, what: str) -> list[dict]:
-        entries = self.index()
-        hits = [e for e in entries if not e["revoked"] and what in (e["name"], e["serial"])]
-        if not hits:
-            raise CertError(f"no valid certificate named or numbered {what!r} in {self.dir}")
-        for e in hits:
-            e["revoked"] = _now().isoformat()
-        self._save_index(entries)
-        self.write_crl()
-        return hits
-
-    def write_crl(self, days: int = 30) -> None:
-        now = _now()
-        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
-                   .last_update(now).next_update(now + dt.timedelta(days=days)))
-        for e in self.index():
-            if e["revoked"]:
-                builder = builder.add_revoked_certificate(
-                    x509.RevokedCertificateBuilder().serial_number(int(e["serial"], 16))
-                    .revocation_date(dt.datetime.fromisoformat(e["revoked"])).build())
-        crl = builder.sign(self.key, hashes.SHA256())
-        write_public(self.path("crl.pem"), crl.public_bytes(serialization.Encoding.PEM), True)
+__all__ = ["CA", "CertError", "register", "run"]
+DEFAULT_DIR = "/etc/pcsc-bridge/ca"
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("certs", help="make the CA, server and guest certificates",
-                              description="A small CA for pcsc-bridge: PEM files in DIR.")
+    p = subparsers.add_parser(
+        "certs", help="make the CA, the server's and the guests' certificates; revoke",
+        description="A small CA for pcsc-bridge. PEM files in DIR: ca.pem, ca-key.pem, "
+        "NAME.pem + NAME-key.pem per certificate, crl.pem, index.json. Keys are EC P-256, "
+        "mode 0600. Existing files are never replaced without --force.")
     sub = p.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
 
-    def action(name, help_text):
+    def action(name, help_text, days=None, force=False):
         a = sub.add_parser(name, help=help_text, description=help_text)
-        a.add_argument("--dir", default="/etc/pcsc-bridge/ca",
-                       help="CA directory (default /etc/pcsc-bridge/ca)")
+        a.add_argument("--dir", default=DEFAULT_DIR, help=f"CA directory (default {DEFAULT_DIR})")
+        if days:
+            a.add_argument("--days", type=int, default=days, help=f"validity (default {days})")
+        if force:
+            a.add_argument("--force", action="store_true", help="replace existing files")
         return a
 
-    a = action("init", "create the CA (ca.pem, ca-key.pem, crl.pem)")
-    a.add_argument("--name", default="pcsc-bridge CA")
-    a.add_argument("--days", type=int, default=3650)
-    a.add_argument("--force", action="store_true")
-    a = action("server", "issue the host server's certificate")
-    a.add_argument("name")
-    a.add_argument("--dns", action="append", default=[], help="DNS name (repeatable)")
-    a.add_argument("--ip", action="append", default=[], help="IP address (repeatable)")
-    a.add_argument("--days", type=int, default=825)
-    a.add_argument("--force", action="store_true")
-    a = action("client", "issue a guest's certificate; NAME is the guest's identity")
-    a.add_argument("name")
-    a.add_argument("--days", type=int, default=825)
-    a.add_argument("--force", action="store_true")
-    action("list", "list issued certificates with their expiry")
-    a = action("revoke", "revoke a certificate (by name or serial) into crl.pem")
-    a.add_argument("what")
-    action("crl", "re-sign crl.pem (run before its next-update date)")
+    a = action("init", "create the CA: ca.pem, ca-key.pem, an empty crl.pem", CA_DAYS, True)
+    a.add_argument("--name", default="pcsc-bridge CA", help="the CA's common name")
+    a = action("server", "issue the host server's certificate DIR/NAME.pem", CERT_DAYS, True)
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("--dns", action="append", default=[], metavar="NAME",
+                   help="a DNS name guests use for the server (repeatable)")
+    a.add_argument("--ip", action="append", default=[], metavar="ADDR",
+                   help="an IP address guests use for the server (repeatable)")
+    a = action("client", "issue a guest's certificate DIR/GUEST.pem; its CN is the guest's "
+               "identity", CERT_DAYS, True)
+    a.add_argument("name", metavar="GUEST")
+    action("list", "list every certificate issued: kind, name, serial, expiry, revocation")
+    a = action("revoke", "revoke certificates (by name: all of that name; or by serial) and "
+               "re-sign crl.pem", CRL_DAYS)
+    a.add_argument("what", metavar="NAME|SERIAL")
+    action("crl", "re-sign crl.pem with a new next-update date", CRL_DAYS)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     try:
-        if args.certs_command == "init":
-            CA.init(args.dir, args.name, args.days, args.force)
-            print(f"CA created in {args.dir}: ca.pem, ca-key.pem (keep it private), crl.pem")
-            return 0
-        ca = CA(args.dir)
-        if args.certs_command in ("server", "client"):
-            path = ca.issue(args.certs_command, args.name, args.dns if args.certs_command ==
-                            "server" else (), getattr(args, "ip", ()), args.days, args.force)
-            print(f"{args.certs_command} certificate {path}, key "
-                  f"{ca.path(args.name + '-key.pem')}")
-        elif args.certs_command == "list":
-            now = _now()
-            print(f"{'KIND':7} {'NAME':24} {'SERIAL':34} {'NOT AFTER':26} STATUS")
-            for e in ca.index():
-                left = (dt.datetime.fromisoformat(e["not_after"]) - now).days
-                status = f"revoked {e['revoked'][:10]}" if e["revoked"] else (
-                    "expired" if left < 0 else f"{left} days left")
-                print(f"{e['kind']:7} {e['name']:24} {e['serial']:34} {e['not_after']:26} "
-                      f"{status}")
-        elif args.certs_command == "revoke":
-            for e in ca.revoke(args.what):
-                print(f"revoked {e['kind']} {e['name']} serial {e['serial']}; "
-                      f"crl.pem updated: copy it to the server and send it SIGHUP")
-        elif args.certs_command == "crl":
-            ca.write_crl()
-            print(f"{ca.path('crl.pem')} re-signed")
-        return 0
+        return _run(args)
     except (CertError, OSError) as exc:
         print(f"pcsc-bridge certs: {exc}", file=sys.stderr)
         return 1
+
+
+def _run(args) -> int:
+    cmd = args.certs_command
+    if cmd == "init":
+        ca = CA.init(args.dir, args.name, args.days, args.force)
+        print(f"CA {args.name!r} created in {args.dir}: ca.pem (give it to the server and "
+              f"every guest), ca-key.pem (keep it here, private), crl.pem")
+        return 0
+    ca = CA(args.dir)
+    if cmd in ("server", "client"):
+        e = ca.issue(cmd, args.name, getattr(args, "dns", ()), getattr(args, "ip", ()),
+                     args.days, args.force)
+        print(f"{cmd} certificate {ca.path(e.name + '.pem')} and key "
+              f"{ca.path(e.name + '-key.pem')}: serial {e.serial}, valid until "
+              f"{e.not_after:%Y-%m-%d}")
+    elif cmd == "list":
+        _list(ca)
+    elif cmd == "revoke":
+        for e in ca.revoke(args.what, args.days):
+            print(f"revoked {e.kind} certificate {e.name} serial {e.serial}")
+        print(f"{ca.path('crl.pem')} re-signed: copy it to the server, then reload it "
+              "(systemctl reload pcsc-bridge-server)")
+    elif cmd == "crl":
+        ca.write_crl(args.days)
+        print(f"{ca.path('crl.pem')} re-signed, next update {ca.crl_next_update():%Y-%m-%d}")
+    return 0
+
+
+def _list(ca: CA) -> None:
+    t = now()
+    rows = [("KIND", "NAME", "SERIAL", "NOT AFTER", "DAYS LEFT", "STATUS")]
+    ca_end = not_after(ca.cert)
+    cn = ca.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    rows.append(("ca", str(cn[0].value) if cn else "?", f"{ca.cert.serial_number:x}",
+                 f"{ca_end:%Y-%m-%d}", str((ca_end - t).days), "valid"))
+    for e in ca.entries():
+        left = e.days_left(t)
+        if e.revoked:
+            status = f"revoked {e.revoked:%Y-%m-%d}"
+        elif left < 0:
+            status = "expired"
+        elif not ca.current(e):
+            status = "replaced (still valid until revoked)"
+        else:
+            status = "valid"
+        rows.append((e.kind, e.name, e.serial, f"{e.not_after:%Y-%m-%d}", str(left), status))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    nxt = ca.crl_next_update()
+    if nxt is None:
+        print(f"{ca.path('crl.pem')}: missing or unreadable; run: pcsc-bridge certs crl")
+    else:
+        print(f"crl.pem next update {nxt:%Y-%m-%d} ({(nxt - t).days} days left; "
+              "re-sign it before then with: pcsc-bridge certs crl)")
+

@@ -1,0 +1,313 @@
+"""A small certificate authority for one bridge: server and guest certificates, CRL.
+
+Files in the CA directory (all PEM): ``ca.pem`` and ``ca-key.pem``; ``NAME.pem`` and
+``NAME-key.pem`` for every certificate issued; ``crl.pem``; ``index.json``, the record of
+everything issued (for listing and revoking). Keys are EC P-256 (PKCS#8, unencrypted) and
+are created with mode 0600 from their first byte; every file is written to a temporary
+name and renamed into place, so a crash never leaves half a file behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+import secrets
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pcsc_bridge import tls
+
+UTC = dt.timezone.utc
+CA_DAYS = 3650        # the CA itself: ten years
+CERT_DAYS = 825       # server and guest certificates
+CRL_DAYS = 365        # next-update of crl.pem; `certs crl` re-signs it
+BACKDATE = dt.timedelta(minutes=5)  # not-before slightly in the past: small clock skew is fine
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")  # 64: the CN length limit
+RESERVED = {"ca", "crl", "index"}
+KINDS = ("server", "client")
+
+
+class CertError(Exception):
+    """The CA directory or a request is unusable; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One issued certificate, as recorded in index.json."""
+
+    kind: str                       # "server" or "client"
+    name: str                       # the CN; for a guest, its identity
+    serial: str                     # lowercase hex, as `certs list` prints it
+    not_after: dt.datetime
+    revoked: dt.datetime | None = None
+
+    def days_left(self, now: dt.datetime) -> int:
+        return (self.not_after - now) // dt.timedelta(days=1)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "serial": self.serial,
+                "not_after": self.not_after.isoformat(),
+                "revoked": self.revoked.isoformat() if self.revoked else None}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Entry:
+        return cls(d["kind"], d["name"], d["serial"], dt.datetime.fromisoformat(d["not_after"]),
+                   dt.datetime.fromisoformat(d["revoked"]) if d.get("revoked") else None)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(UTC).replace(microsecond=0)
+
+
+def not_after(cert: x509.Certificate) -> dt.datetime:
+    value = getattr(cert, "not_valid_after_utc", None)
+    return value or cert.not_valid_after.replace(tzinfo=UTC)
+
+
+def normal_serial(text: str) -> str | None:
+    """'5A:0F…', '0x5a0f…' or '5a0f…' → '5a0f…'; None when it is not hexadecimal."""
+    s = text.strip().lower().replace(":", "")
+    s = s.removeprefix("0x")
+    return s.lstrip("0") or "0" if s and all(c in "0123456789abcdef" for c in s) else None
+
+
+# --- files ---------------------------------------------------------------------------------
+def _write(path: str, data: bytes, mode: int, force: bool) -> None:
+    """Create PATH holding DATA with MODE, all or nothing. The temporary file is created by
+    os.open(O_CREAT | O_EXCL, mode): a key is never, even briefly, readable by others."""
+    tmp = os.path.join(os.path.dirname(path) or ".",
+                       f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails, atomically, when PATH exists
+            except FileExistsError:
+                raise CertError(f"{path} exists; use --force to replace it") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def write_private(path: str, data: bytes, force: bool = False) -> None:
+    _write(path, data, 0o600, force)
+
+
+def write_public(path: str, data: bytes, force: bool = False) -> None:
+    _write(path, data, 0o644, force)
+
+
+def _refuse_existing(paths, force: bool) -> None:
+    for path in paths:
+        if os.path.lexists(path) and not force:
+            raise CertError(f"{path} exists; use --force to replace it")
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pcsc-bridge"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _days(days: int) -> dt.timedelta:
+    if not isinstance(days, int) or days < 1:
+        raise CertError(f"--days must be a whole number of days, at least 1 (not {days})")
+    return dt.timedelta(days=days)
+
+
+# --- the CA --------------------------------------------------------------------------------
+class CA:
+    """An existing CA directory; ``CA.init`` makes a new one."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        cert_path, key_path = self.path("ca.pem"), self.path("ca-key.pem")
+        if not os.path.exists(cert_path) or not os.path.exists(key_path):
+            raise CertError(f"no CA in {directory} (needs ca.pem and ca-key.pem); "
+                            f"create one with: pcsc-bridge certs init --dir {directory}")
+        try:
+            tls.check_key_permissions(key_path)
+        except tls.TLSConfigError as exc:
+            raise CertError(str(exc)) from None
+        try:
+            with open(cert_path, "rb") as f:
+                self.cert = x509.load_pem_x509_certificate(f.read())
+            with open(key_path, "rb") as f:
+                self.key = serialization.load_pem_private_key(f.read(), None)
+        except (ValueError, TypeError) as exc:
+            raise CertError(f"cannot read the CA in {directory}: {exc}") from None
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    @classmethod
+    def init(cls, directory: str, name: str = "pcsc-bridge CA", days: int = CA_DAYS,
+             force: bool = False) -> CA:
+        span = _days(days)
+        if not name.strip() or len(name) > 64:
+            raise CertError("the CA name must be 1 to 64 characters")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        files = [os.path.join(directory, f) for f in ("ca.pem", "ca-key.pem", "crl.pem",
+                                                       "index.json")]
+        _refuse_existing(files, force)
+        key = ec.generate_private_key(ec.SECP256R1())
+        start = now() - BACKDATE
+        cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(start).not_valid_after(start + span)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(
+                    digital_signature=False, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                               critical=False)
+                .sign(key, hashes.SHA256()))
+        write_private(files[1], _key_pem(key), force)
+        write_public(files[0], cert.public_bytes(serialization.Encoding.PEM), force)
+        ca = cls(directory)
+        ca._save({"crl_number": 0, "certs": []})
+        ca.write_crl()
+        return ca
+
+    # --- index ------------------------------------------------------------------------------
+    def _load(self) -> dict:
+        try:
+            with open(self.path("index.json")) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {"crl_number": 0, "certs": []}
+        except ValueError as exc:
+            raise CertError(f"{self.path('index.json')} is damaged: {exc}") from None
+        return {"crl_number": 0, "certs": data} if isinstance(data, list) else data
+
+    def _save(self, data: dict) -> None:
+        write_public(self.path("index.json"), json.dumps(data, indent=1).encode() + b"\n",
+                     force=True)
+
+    def entries(self) -> list[Entry]:
+        return [Entry.from_json(d) for d in self._load()["certs"]]
+
+    def current(self, entry: Entry) -> bool:
+        """False for a certificate replaced by a later one of the same name."""
+        same = [e for e in self.entries() if e.name == entry.name]
+        return same[-1].serial == entry.serial
+
+    # --- issuing ----------------------------------------------------------------------------
+    def issue(self, kind: str, name: str, dns=(), ips=(), days: int = CERT_DAYS,
+              force: bool = False, not_before: dt.datetime | None = None) -> Entry:
+        """Issue NAME.pem and NAME-key.pem. ``not_before`` exists for tests (expired
+        certificates); the command line always starts validity now."""
+        if kind not in KINDS:
+            raise CertError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        if not NAME_RE.match(name or "") or name in RESERVED or name.endswith("-key"):
+            raise CertError(f"bad name {name!r}: use 1-64 letters, digits, '.', '_', '@' or "
+                            "'-', not starting with a dot, not ending in '-key', and not "
+                            "ca, crl or index")
+        span = _days(days)
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        for ip in ips:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
+            except ValueError:
+                raise CertError(f"--ip {ip!r} is not an IPv4 or IPv6 address") from None
+        if kind == "server" and not sans:
+            raise CertError("a server certificate needs at least one --dns NAME or --ip ADDR: "
+                            "the names guests use to reach it (their server_name)")
+        if kind == "client" and sans:
+            raise CertError("a guest certificate carries no --dns/--ip names; its CN is its "
+                            "identity")
+        cert_path, key_path = self.path(f"{name}.pem"), self.path(f"{name}-key.pem")
+        _refuse_existing((cert_path, key_path), force)
+        key = ec.generate_private_key(ec.SECP256R1())
+        start = not_before or (now() - BACKDATE)
+        eku = ExtendedKeyUsageOID.SERVER_AUTH if kind == "server" else \
+            ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = (x509.CertificateBuilder().subject_name(_name(name))
+                   .issuer_name(self.cert.subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(start).not_valid_after(start + span)
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+                   .add_extension(x509.KeyUsage(
+                       digital_signature=True, content_commitment=False, key_encipherment=False,
+                       data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                       crl_sign=False, encipher_only=False, decipher_only=False), True)
+                   .add_extension(x509.ExtendedKeyUsage([eku]), False)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                  False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       self.key.public_key()), False))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        write_private(key_path, _key_pem(key), force)
+        write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM), force)
+        entry = Entry(kind, name, f"{cert.serial_number:x}", not_after(cert))
+        data = self._load()
+        data["certs"].append(entry.to_json())
+        self._save(data)
+        return entry
+
+    # --- revocation ---------------------------------------------------------------------
+    def revoke(self, what: str, crl_days: int = CRL_DAYS) -> list[Entry]:
+        """Revoke every unrevoked certificate named WHAT, or the one with serial WHAT."""
+        _days(crl_days)
+        data = self._load()
+        serial = normal_serial(what)
+        hits = []
+        for d in data["certs"]:
+            if not d.get("revoked") and (d["name"] == what or d["serial"] == serial):
+                d["revoked"] = now().isoformat()
+                hits.append(Entry.from_json(d))
+        if not hits:
+            raise CertError(f"no unrevoked certificate named {what!r} or with that serial in "
+                            f"{self.dir}; see: pcsc-bridge certs list --dir {self.dir}")
+        self._save(data)
+        self.write_crl(crl_days)
+        return hits
+
+    def write_crl(self, days: int = CRL_DAYS) -> x509.CertificateRevocationList:
+        """Re-sign crl.pem: every revoked certificate, next-update DAYS from now."""
+        span = _days(days)
+        data = self._load()
+        data["crl_number"] = int(data.get("crl_number", 0)) + 1
+        t = now()
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+                   .last_update(t).next_update(t + span)
+                   .add_extension(x509.CRLNumber(data["crl_number"]), False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       self.key.public_key()), False))
+        for e in data["certs"]:
+            if e.get("revoked"):
+                builder = builder.add_revoked_certificate(
+                    x509.RevokedCertificateBuilder().serial_number(int(e["serial"], 16))
+                    .revocation_date(dt.datetime.fromisoformat(e["revoked"])).build())
+        crl = builder.sign(self.key, hashes.SHA256())
+        write_public(self.path("crl.pem"), crl.public_bytes(serialization.Encoding.PEM), True)
+        self._save(data)
+        return crl
+
+    def crl_next_update(self) -> dt.datetime | None:
+        try:
+            with open(self.path("crl.pem"), "rb") as f:
+                crl = x509.load_pem_x509_crl(f.read())
+        except (OSError, ValueError):
+            return None
+        value = getattr(crl, "next_update_utc", None)
+        return value or (crl.next_update.replace(tzinfo=UTC) if crl.next_update else None)
