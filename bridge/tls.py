@@ -67,7 +67,7 @@ def check_key_permissions(path: str) -> None:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         how = "readable" if mode & (stat.S_IRGRP | stat.S_IROTH) else "writable"
         raise KeyPermissionError(f"key file {path} is {how} by group/others (mode {mode:04o}); "
-                                 f"run chmod 600 {path}", path)
+                                 f"run: chmod 600 {path}", path)
 
 
 def _now() -> dt.datetime:
