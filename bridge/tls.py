@@ -97,7 +97,8 @@ def _pem(data: bytes, kind: str, path: str, label: str) -> list[bytes]:
     blocks = re.findall(rb"-----BEGIN %s-----.+?-----END %s-----" % (kind.encode(),
                         kind.encode()), data, re.DOTALL)
     if not blocks:
-        raise BadPEMError(f"{label} file {path} holds no PEM {kind.lower()} (a "
+        what = {"CERTIFICATE": "certificate", "X509 CRL": "CRL"}[kind]
+        raise BadPEMError(f"{label} file {path} holds no PEM {what} (a "
                           f"'-----BEGIN {kind}-----' block)", path)
     return blocks
 
