@@ -1,0 +1,215 @@
+"""`pcsc-bridge certs`: the files it writes, what is inside them, list, revoke, CRL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pcsc_bridge.certs.ca import CA, not_after
+from pcsc_bridge.cli import main
+
+UTC = dt.timezone.utc
+
+
+def certs(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(["certs", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def read(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def load(path) -> x509.Certificate:
+    with open(path, "rb") as f:
+        return x509.load_pem_x509_certificate(f.read())
+
+
+def load_crl(path) -> x509.CertificateRevocationList:
+    with open(path, "rb") as f:
+        return x509.load_pem_x509_crl(f.read())
+
+
+def cn(cert) -> str:
+    return cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+def eku(cert) -> list:
+    return list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+
+
+@pytest.fixture
+def ca_dir(tmp_path, capsys):
+    d = str(tmp_path / "ca")
+    assert certs(capsys, "init", "--dir", d)[0] == 0
+    return d
+
+
+def test_init_makes_a_p256_ca_whose_key_is_0600_from_creation(tmp_path, capsys, monkeypatch):
+    def no_chmod(*a, **k):
+        raise AssertionError("key files must be created 0600, never chmod-ed afterwards")
+
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    monkeypatch.setattr(os, "fchmod", no_chmod)
+    d = str(tmp_path / "ca")
+    old = os.umask(0)  # the mode must not depend on the umask
+    try:
+        rc, out, _ = certs(capsys, "init", "--dir", d, "--name", "Lab CA", "--days", "30")
+    finally:
+        os.umask(old)
+    assert rc == 0 and "created" in out
+    assert sorted(os.listdir(d)) == ["ca-key.pem", "ca.pem", "crl.pem", "index.json"]
+    assert mode(d) == 0o700
+    assert mode(f"{d}/ca-key.pem") == 0o600
+    assert mode(f"{d}/ca.pem") == 0o644
+    cert = load(f"{d}/ca.pem")
+    assert cn(cert) == "Lab CA" and cert.issuer == cert.subject
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert isinstance(cert.public_key().curve, ec.SECP256R1)
+    assert 29 <= (not_after(cert) - dt.datetime.now(UTC)).days <= 30
+    crl = load_crl(f"{d}/crl.pem")
+    assert crl.is_signature_valid(cert.public_key()) and len(crl) == 0
+
+
+def test_server_certificate_carries_its_names_and_server_auth(ca_dir, capsys):
+    rc, out, _ = certs(capsys, "server", "--dir", ca_dir, "host", "--dns", "host.example.net",
+                       "--dns", "localhost", "--ip", "127.0.0.1", "--ip", "::1",
+                       "--days", "90")
+    assert rc == 0 and f"{ca_dir}/host.pem" in out and f"{ca_dir}/host-key.pem" in out
+    assert mode(f"{ca_dir}/host-key.pem") == 0o600
+    cert, ca = load(f"{ca_dir}/host.pem"), load(f"{ca_dir}/ca.pem")
+    cert.verify_directly_issued_by(ca)
+    assert cn(cert) == "host"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["host.example.net", "localhost"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    assert eku(cert) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert 89 <= (not_after(cert) - dt.datetime.now(UTC)).days <= 90
+
+
+def test_each_guest_gets_its_own_certificate_with_its_identity_as_cn(ca_dir, capsys):
+    for guest in ("lab-01", "vm.build@ci"):
+        assert certs(capsys, "client", "--dir", ca_dir, guest)[0] == 0
+        cert = load(f"{ca_dir}/{guest}.pem")
+        assert cn(cert) == guest
+        assert eku(cert) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+        assert mode(f"{ca_dir}/{guest}-key.pem") == 0o600
+    a, b = load(f"{ca_dir}/lab-01.pem"), load(f"{ca_dir}/vm.build@ci.pem")
+    assert a.serial_number != b.serial_number and a.public_key() != b.public_key()
+
+
+def test_existing_files_are_never_replaced_without_force(ca_dir, capsys):
+    certs(capsys, "client", "--dir", ca_dir, "lab-01")
+    before = read(f"{ca_dir}/lab-01.pem"), read(f"{ca_dir}/lab-01-key.pem")
+    rc, _, err = certs(capsys, "client", "--dir", ca_dir, "lab-01")
+    assert rc == 1
+    assert err == f"pcsc-bridge certs: {ca_dir}/lab-01.pem exists; use --force to replace it\n"
+    assert (read(f"{ca_dir}/lab-01.pem"), read(f"{ca_dir}/lab-01-key.pem")) == before
+    rc, _, err = certs(capsys, "init", "--dir", ca_dir)
+    assert rc == 1 and "exists; use --force" in err
+    assert certs(capsys, "client", "--dir", ca_dir, "lab-01", "--force")[0] == 0
+    assert read(f"{ca_dir}/lab-01.pem") != before[0]
+    assert mode(f"{ca_dir}/lab-01-key.pem") == 0o600
+    assert not [f for f in os.listdir(ca_dir) if f.endswith(".tmp")]
+    # the replaced certificate is still listed, and still valid until revoked
+    _, out, _ = certs(capsys, "list", "--dir", ca_dir)
+    lines = [line for line in out.splitlines() if " lab-01 " in line]
+    assert len(lines) == 2
+    assert lines[0].endswith("replaced (still valid until revoked)")
+    assert lines[1].endswith("valid") and "replaced" not in lines[1]
+
+
+def test_list_shows_kind_name_serial_expiry_days_left_and_revocation(ca_dir, capsys):
+    ca = CA(ca_dir)
+    server = ca.issue("server", "host", dns=["localhost"], days=100)
+    guest = ca.issue("client", "lab-01", days=10)
+    gone = ca.issue("client", "lab-02")
+    old = ca.issue("client", "lab-03", days=1,
+                   not_before=dt.datetime.now(UTC) - dt.timedelta(days=3))
+    ca.revoke("lab-02")
+    rc, out, _ = certs(capsys, "list", "--dir", ca_dir)
+    assert rc == 0
+    rows = {line.split()[1]: line.split() for line in out.splitlines()[2:6]}
+    today = dt.datetime.now(UTC).date().isoformat()
+    assert rows["host"][:4] == ["server", "host", server.serial,
+                                f"{server.not_after:%Y-%m-%d}"]
+    assert rows["host"][4:] == ["99", "valid"]
+    assert rows["lab-01"][:5] == ["client", "lab-01", guest.serial,
+                                  f"{guest.not_after:%Y-%m-%d}", "9"]
+    assert rows["lab-02"][2] == gone.serial and rows["lab-02"][5:] == ["revoked", today]
+    assert rows["lab-03"][2] == old.serial and rows["lab-03"][4:] == ["-2", "expired"]
+    assert out.splitlines()[1].startswith("ca ")
+    assert "crl.pem next update" in out.splitlines()[-1]
+
+
+def test_revoke_by_name_or_serial_signs_a_new_crl(ca_dir, capsys):
+    ca = CA(ca_dir)
+    a = ca.issue("client", "lab-01")
+    b = ca.issue("client", "lab-02")
+    ca.issue("client", "lab-03")
+    number = load_crl(f"{ca_dir}/crl.pem").extensions.get_extension_for_class(
+        x509.CRLNumber).value.crl_number
+    rc, out, _ = certs(capsys, "revoke", "--dir", ca_dir, "lab-01")
+    assert rc == 0 and f"revoked client certificate lab-01 serial {a.serial}" in out
+    colons = ":".join(b.serial.upper()[i:i + 2] for i in range(0, len(b.serial), 2))
+    assert certs(capsys, "revoke", "--dir", ca_dir, colons)[0] == 0  # as openssl prints it
+    crl = load_crl(f"{ca_dir}/crl.pem")
+    assert crl.is_signature_valid(ca.cert.public_key())
+    assert sorted(r.serial_number for r in crl) == sorted(int(s, 16) for s in (a.serial,
+                                                                               b.serial))
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number > number
+    rc, _, err = certs(capsys, "revoke", "--dir", ca_dir, "lab-01")
+    assert rc == 1 and "no unrevoked certificate named 'lab-01'" in err
+
+
+def test_crl_refresh_moves_the_next_update(ca_dir, capsys):
+    ca = CA(ca_dir)
+    ca.issue("client", "lab-01")
+    ca.revoke("lab-01")
+    rc, out, _ = certs(capsys, "crl", "--dir", ca_dir, "--days", "7")
+    assert rc == 0 and "re-signed" in out
+    crl = load_crl(f"{ca_dir}/crl.pem")
+    left = crl.next_update_utc - dt.datetime.now(UTC)
+    assert dt.timedelta(days=6, hours=23) < left <= dt.timedelta(days=7)
+    assert len(crl) == 1  # still lists what was revoked
+
+
+@pytest.mark.parametrize("args, message", [
+    (["client", "ca"], "bad name 'ca'"),
+    (["client", "../x"], "bad name '../x'"),
+    (["client", "lab-key"], "bad name 'lab-key'"),
+    (["client", "lab", "--days", "0"], "--days must be a whole number of days, at least 1"),
+    (["server", "host"], "a server certificate needs at least one --dns NAME or --ip ADDR"),
+    (["server", "host", "--ip", "host.example.net"],
+     "--ip 'host.example.net' is not an IPv4 or IPv6 address"),
+    (["revoke", "nobody"], "no unrevoked certificate named 'nobody'"),
+])
+def test_bad_requests_are_refused_in_plain_words(ca_dir, capsys, args, message):
+    files = sorted(os.listdir(ca_dir))
+    rc, _, err = certs(capsys, args[0], "--dir", ca_dir, *args[1:])
+    assert rc == 1 and err.startswith("pcsc-bridge certs: ") and message in err, err
+    assert sorted(os.listdir(ca_dir)) == files  # nothing written
+
+
+def test_without_a_ca_or_with_an_exposed_ca_key_nothing_is_issued(tmp_path, ca_dir, capsys):
+    empty = str(tmp_path / "empty")
+    rc, _, err = certs(capsys, "client", "--dir", empty, "lab-01")
+    assert rc == 1
+    assert f"no CA in {empty}" in err and f"pcsc-bridge certs init --dir {empty}" in err
+    os.chmod(f"{ca_dir}/ca-key.pem", 0o644)
+    rc, _, err = certs(capsys, "client", "--dir", ca_dir, "lab-01")
+    assert rc == 1 and f"run: chmod 600 {ca_dir}/ca-key.pem" in err
+    assert not os.path.exists(f"{ca_dir}/lab-01.pem")
