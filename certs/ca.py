@@ -48,7 +48,8 @@ class Entry:
     revoked: dt.datetime | None = None
 
     def days_left(self, now: dt.datetime) -> int:
-        return (self.not_after - now) // dt.timedelta(days=1)
+        """Whole days until expiry; negative: whole days since."""
+        return days_between(now, self.not_after)
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "name": self.name, "serial": self.serial,
@@ -59,6 +60,10 @@ class Entry:
     def from_json(cls, d: dict) -> Entry:
         return cls(d["kind"], d["name"], d["serial"], dt.datetime.fromisoformat(d["not_after"]),
                    dt.datetime.fromisoformat(d["revoked"]) if d.get("revoked") else None)
+
+
+def days_between(start: dt.datetime, end: dt.datetime) -> int:
+    return int((end - start) / dt.timedelta(days=1))  # toward zero
 
 
 def now() -> dt.datetime:

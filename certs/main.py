@@ -10,7 +10,7 @@ import sys
 
 from cryptography.x509.oid import NameOID
 
-from .ca import CA, CA_DAYS, CERT_DAYS, CRL_DAYS, CertError, not_after, now
+from .ca import CA, CA_DAYS, CERT_DAYS, CRL_DAYS, CertError, days_between, not_after, now
 
 __all__ = ["CA", "CertError", "register", "run"]
 DEFAULT_DIR = "/etc/pcsc-bridge/ca"
@@ -93,7 +93,7 @@ def _list(ca: CA) -> None:
     ca_end = not_after(ca.cert)
     cn = ca.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     rows.append(("ca", str(cn[0].value) if cn else "?", f"{ca.cert.serial_number:x}",
-                 f"{ca_end:%Y-%m-%d}", str((ca_end - t).days), "valid"))
+                 f"{ca_end:%Y-%m-%d}", str(days_between(t, ca_end)), "valid" if ca_end > t else "expired"))
     for e in ca.entries():
         left = e.days_left(t)
         if e.revoked:
@@ -112,6 +112,6 @@ def _list(ca: CA) -> None:
     if nxt is None:
         print(f"{ca.path('crl.pem')}: missing or unreadable; run: pcsc-bridge certs crl")
     else:
-        print(f"crl.pem next update {nxt:%Y-%m-%d} ({(nxt - t).days} days left; "
+        print(f"crl.pem next update {nxt:%Y-%m-%d} ({days_between(t, nxt)} days left; "
               "re-sign it before then with: pcsc-bridge certs crl)")
 
