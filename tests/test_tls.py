@@ -9,6 +9,7 @@ import queue
 import socket
 import ssl
 import threading
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -341,3 +342,27 @@ def test_peer_identity_from_an_asyncio_transport(pki):
 
     asyncio.run(asyncio.wait_for(main(), 10))
     assert seen == ["bob"]
+
+
+def test_ca_rotation_two_cas_and_their_crls_side_by_side(pki, serve, tmp_path):
+    """During a CA change the server trusts both CAs (ca.pem files concatenated) and checks
+    both CRLs (crl.pem files concatenated): guests of either get in, revoked ones do not."""
+    ca, _ = pki
+    new = CA.init(str(tmp_path / "new"), name="pcsc-bridge CA 2")
+    new.issue("client", "carol")
+    new.issue("client", "dave")
+    new.revoke("dave")
+    ca.revoke("bob")
+    both_ca, both_crl = tmp_path / "both-ca.pem", tmp_path / "both-crl.pem"
+    both_ca.write_bytes(Path(ca.path("ca.pem")).read_bytes()
+                        + Path(new.path("ca.pem")).read_bytes())
+    both_crl.write_bytes(Path(ca.path("crl.pem")).read_bytes()
+                         + Path(new.path("crl.pem")).read_bytes())
+    srv = serve(tls.ServerTLS(*files(ca, "server"), str(both_ca), str(both_crl)))
+    for who, issuer in (("alice", ca), ("carol", new)):
+        with srv.connect(tls.client_context(*files(issuer, who), ca.path("ca.pem"))) as c:
+            assert echo(c) == b"hello"
+        assert srv.result()[:2] == ("ok", who)
+    for who, issuer in (("bob", ca), ("dave", new)):
+        ctx = tls.client_context(*files(issuer, who), ca.path("ca.pem"))
+        assert srv.refusal(ctx) == "certificate revoked", who
