@@ -1,9 +1,12 @@
 """The project's test card for vpcd: plays pcsc_bridge.card.Card on vpcd's TCP port.
 
 A card is inserted while its connection to vpcd is open and removed when it closes.
-vpcd framing: 2-byte big-endian length + payload; a 1-byte payload is a control
-(0 power off, 1 power on, 2 reset, 4 get ATR), anything longer an APDU.
-TCP_NODELAY on the socket and TCP_QUICKACK after each read keep delayed ACKs away.
+vpcd framing, both ways: 2-byte big-endian length, then the payload. A 1-byte payload from
+vpcd is a control (0x00 power off, 0x01 power on, 0x02 reset: no answer; 0x04 get ATR:
+answer the ATR); anything else is a command APDU, answered with the response APDU (so a
+1-byte APDU other than those four gets the card's 67 00 instead of hanging the reader).
+TCP_NODELAY on the socket and TCP_QUICKACK after every recv keep delayed ACKs (~40 ms per
+APDU) away.
 
     python tests/testcard.py --port 35963      # a card in "Virtual PCD 00 00" until ^C
 """
@@ -13,40 +16,59 @@ from __future__ import annotations
 import argparse
 import socket
 import struct
+import sys
 import threading
 import time
 
-from pcsc_bridge.card import Card
+from pcsc_bridge.card import DEFAULT_ATR, Card
 
-QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
+QUICKACK = getattr(socket, "TCP_QUICKACK", 12)  # Linux
+CONNECT_TIMEOUT_S = 5.0
+MAX_PAYLOAD = 0xFFFF  # what a 2-byte length can say
+CTRL_OFF, CTRL_ON, CTRL_RESET, CTRL_ATR = 0x00, 0x01, 0x02, 0x04
 
 
 class TestCard:
+    """A card for one vpcd reader port; ``insert()`` connects, ``remove()`` disconnects."""
+
     __test__ = False  # not a pytest class
 
-    def __init__(self, port: int, host: str = "127.0.0.1", card: Card | None = None):
-        self.port, self.host = port, host
-        self.card = card or Card()
-        self.sock: socket.socket | None = None
+    def __init__(self, port: int, host: str = "127.0.0.1", atr: bytes = DEFAULT_ATR):
+        self.port, self.host, self.atr = port, host, atr
+        self.card = Card(atr=atr)
+        self.sock: socket.socket | None = None  # None while the card is out
         self.thread: threading.Thread | None = None
+        self.apdus = 0  # answered since the last insert
 
-    def insert(self, timeout: float = 5.0) -> None:
+    @property
+    def inserted(self) -> bool:
+        return self.sock is not None
+
+    def insert(self, atr: bytes | None = None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+        """Connect to vpcd (a fresh card session); retries while vpcd is not listening."""
+        if self.sock is not None:
+            raise RuntimeError(f"a card is already in port {self.port}")
         deadline = time.monotonic() + timeout
         while True:
             try:
                 sock = socket.create_connection((self.host, self.port), timeout=1)
                 break
-            except OSError:
+            except OSError as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    raise ConnectionError(f"vpcd does not listen on {self.host}:{self.port} "
+                                          f"(is pcscd running with vsmartcard-vpcd?): {exc}")
                 time.sleep(0.05)
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.card = Card(atr=atr or self.atr)
+        self.apdus = 0
         self.sock = sock
-        self.thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+        self.thread = threading.Thread(target=self._serve, args=(sock,), daemon=True,
+                                       name=f"testcard-{self.port}")
         self.thread.start()
 
     def remove(self) -> None:
+        """Close the connection (also in the middle of an APDU); no-op when out."""
         sock, self.sock = self.sock, None
         if sock is not None:
             try:
@@ -54,50 +76,72 @@ class TestCard:
             except OSError:
                 pass
             sock.close()
-        if self.thread:
+        if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(2)
 
     def _serve(self, sock: socket.socket) -> None:
-        def read(n):
-            data = b""
-            while len(data) < n:
-                chunk = sock.recv(n - len(data))
+        buf = bytearray()
+
+        def read(n: int) -> bytes:
+            while len(buf) < n:
+                chunk = sock.recv(65536)
                 if not chunk:
-                    raise ConnectionError
-                data += chunk
-            sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
-            return data
+                    raise ConnectionError("vpcd closed the connection")
+                sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
+                buf.extend(chunk)
+            out = bytes(buf[:n])
+            del buf[:n]
+            return out
+
+        def send(payload: bytes) -> None:
+            sock.sendall(struct.pack(">H", len(payload)) + payload)
 
         try:
             while True:
                 (n,) = struct.unpack(">H", read(2))
                 payload = read(n)
-                if len(payload) == 1:
-                    if payload[0] == 4:
-                        atr = self.card.reset()
-                        sock.sendall(struct.pack(">H", len(atr)) + atr)
-                    elif payload[0] in (1, 2):
-                        self.card.reset()
+                if len(payload) == 1 and payload[0] == CTRL_ATR:
+                    send(self.card.atr)
+                    continue
+                if len(payload) == 1 and payload[0] in (CTRL_ON, CTRL_RESET, CTRL_OFF):
+                    self.card.reset()
                     continue
                 response, delay = self.card.process(payload)
                 if delay:
                     time.sleep(delay)
-                sock.sendall(struct.pack(">H", len(response)) + response)
-        except (ConnectionError, OSError):
+                if self.sock is not sock:
+                    return  # removed while the card was busy
+                send(response[:MAX_PAYLOAD])
+                self.apdus += 1
+        except OSError:  # includes ConnectionError: vpcd or remove() ended it
             pass
+        finally:
+            if self.sock is sock:  # vpcd went away (pcscd stopped): the card is out
+                self.sock = None
+                sock.close()
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, default=35963)
+    p.add_argument("--port", type=int, default=35963, help="vpcd port (35963: reader 00 00)")
+    p.add_argument("--host", default="127.0.0.1", help="vpcd address (loopback)")
+    p.add_argument("--atr", type=bytes.fromhex, default=DEFAULT_ATR, help="ATR in hex")
     args = p.parse_args()
-    card = TestCard(args.port)
-    card.insert()
+    card = TestCard(args.port, args.host, args.atr)
+    try:
+        card.insert()
+    except ConnectionError as exc:
+        print(f"event=testcard.failed port={args.port} error={exc!r}", file=sys.stderr)
+        return 1
+    print(f"event=testcard.inserted port={args.port} atr={card.atr.hex()}", file=sys.stderr)
     try:
         card.thread.join()
     except KeyboardInterrupt:
         card.remove()
+        return 0
+    print(f"event=testcard.closed port={args.port} reason=vpcd_closed", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,575 @@
+"""Targets — things that serve a pcsc-lite socket — and the applications that use them.
+
+A target has a ``name``, a ``socket`` path, ``readers`` (reader names, in order),
+``insert(i, atr=None)`` / ``remove(i)`` of the card in reader ``i`` (idempotent, do not
+wait), ``wait_cards([True, False])`` (until applications see exactly that), and ``app()``:
+an :class:`App`, one real pcsc-lite application process using the socket.
+
+Registered here:
+  pcscd     the host's real pcscd (Debian 12: 1.9.9) + vpcd + tests/testcard.py
+  emulator  pcsc_bridge.server.emulate.Emulator, in this process
+  bridge    pcscd ← pcsc-bridge server ← mutual TLS ← pcsc-bridge client (processes)
+
+More targets: ``register(name, factory)`` where ``factory(targets: Targets) -> Target``; a
+factory may wrap another target's socket with ``targets.get("pcscd")`` and take a private
+folder from ``targets.workdir(name)``. ``Targets`` starts each target on first use and
+stops all at the end.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORKER = "tests/scard_worker.py"  # relative to ROOT, so that it resolves inside chroots too
+READERS = ["Virtual PCD 00 00", "Virtual PCD 00 01"]
+PCSCD_SOCKET = "/run/pcscd/pcscd.comm"
+VPCD_PORTS = (35963, 35964)
+VPCD_LOCK = "/tmp/pcsc-bridge-vpcd.lock"  # one test session at a time on the vpcd ports
+VPCD_LOCK_WAIT_S = 90.0
+PCSCD_START_S = 10.0
+WORKER_START_S = 30.0  # a chroot's Python may start slowly
+CALL_TIMEOUT_S = 20.0
+CARD_WAIT_S = 10.0
+SCARD_STATE_PRESENT = 0x20
+
+
+class WorkerError(RuntimeError):
+    """The application process died, did not answer in time, or the call raised."""
+
+
+class App:
+    """One application process (tests/scard_worker.py) with its own PCSCLITE_CSOCK_NAME.
+
+    ``argv_prefix`` runs the worker under another Python or client library (a chroot
+    wrapper, ``env LD_LIBRARY_PATH=... python3``); ``env`` is added to this process's
+    environment after PCSCLITE_CSOCK_NAME=socket_path, so it may override it. Calls:
+    ``app.connect(ctx, reader, share=..., protocols=...)`` → Reply(rv=, card=, protocol=)
+    (see scard_worker.py for every call and field; bytes are hex strings), ``app.submit(
+    "begin", card=h)`` → Job (``job.wait(timeout)`` → Reply or None while it still runs).
+    """
+
+    def __init__(self, socket_path: str, argv_prefix: list[str] | None = None,
+                 env: dict[str, str] | None = None, worker: str = WORKER,
+                 timeout: float = CALL_TIMEOUT_S):
+        self.socket = socket_path
+        self.timeout = timeout
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [*(argv_prefix or [sys.executable]), worker], cwd=ROOT, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            env={**os.environ, "PCSCLITE_CSOCK_NAME": socket_path, **(env or {})},
+            start_new_session=True)  # its own process group: kill() reaches every process
+        self._lock = threading.Lock()
+        self._queues: dict[tuple[str, int], queue.Queue] = {("ready", 0): queue.Queue()}
+        self._next = 0
+        threading.Thread(target=self._read, daemon=True, name="app-reader").start()
+        hello = self._take(("ready", 0), WORKER_START_S, "start")
+        self.pid, self.python = hello["pid"], hello["python"]
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            key = ("ready", 0) if "ready" in msg else \
+                ("job", msg["job"]) if "job" in msg else ("id", msg["id"])
+            self._queue(key).put(msg)
+        with self._lock:
+            self._dead = True
+            for q in self._queues.values():
+                q.put(None)
+
+    def _queue(self, key) -> queue.Queue:
+        with self._lock:
+            if key not in self._queues:
+                self._queues[key] = queue.Queue()
+                if getattr(self, "_dead", False):
+                    self._queues[key].put(None)
+            return self._queues[key]
+
+    def _take(self, key, timeout: float | None, what: str):
+        try:
+            msg = self._queue(key).get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if msg is None:
+            self._queue(key).put(None)
+            self.proc.wait(5)
+            raise WorkerError(f"application process ended (rc {self.proc.returncode}) "
+                              f"during {what}: {self.stderr()[-2000:]}")
+        if "error" in msg:
+            raise WorkerError(f"{what}: {msg['error']}")
+        return msg
+
+    def _send(self, call: str, args: dict, is_async: bool = False) -> int:
+        with self._lock:
+            self._next += 1
+            rid = self._next
+        try:
+            self.proc.stdin.write(json.dumps({"id": rid, "call": call, "args": args,
+                                              "async": is_async}) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError) as exc:
+            raise WorkerError(f"application process is gone ({call}): {exc}") from None
+        return rid
+
+    def call(self, call: str, /, **args) -> SimpleNamespace:
+        msg = self._take(("id", self._send(call, args)), self.timeout, call)
+        if msg is None:
+            raise WorkerError(f"{call}: no answer within {self.timeout} s")
+        return SimpleNamespace(**msg["result"])
+
+    def submit(self, call: str, /, **args) -> Job:
+        rid = self._send(call, args, is_async=True)
+        if self._take(("id", rid), self.timeout, call) is None:
+            raise WorkerError(f"{call}: not started within {self.timeout} s")
+        return Job(self, rid, call)
+
+    def __getattr__(self, name: str):
+        if name.startswith("SCard"):  # pyscard's own signature and return values
+            return lambda *args: self._pyscard(name, args)
+        if name.startswith("_") or name not in CALLS:
+            raise AttributeError(name)
+        return lambda *args, **kw: self.call(name, **dict(zip(CALLS[name], args)), **kw)
+
+    def _pyscard(self, fn: str, args) -> list:
+        msg = self._take(("id", self._send("pyscard", {"fn": fn, "args": list(args)})),
+                         self.timeout, fn)
+        if msg is None:
+            raise WorkerError(f"{fn}: no answer within {self.timeout} s")
+        return msg["result"]
+
+    def start(self, fn: str, *args) -> Job:
+        """pyscard-style asynchronous call; ``wait(job, timeout)`` collects its values."""
+        rid = self._send("pyscard", {"fn": fn, "args": list(args)}, is_async=True)
+        self._take(("id", rid), self.timeout, fn)
+        return Job(self, rid, fn)
+
+    def wait(self, job: Job, timeout: float = 5.0):
+        return job.wait(timeout, raw=True)
+
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no chance to release anything."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+        self._stderr.close()
+
+
+# positional argument names of each worker call, for app.connect(ctx, reader) style calls
+CALLS: dict[str, tuple[str, ...]] = {
+    "establish": ("scope",), "release": ("context",), "is_valid_context": ("context",),
+    "list_readers": ("context", "groups"),
+    "connect": ("context", "reader", "share", "protocols"),
+    "reconnect": ("card", "share", "protocols", "init"),
+    "disconnect": ("card", "disposition"), "transmit": ("card", "apdu", "protocol"),
+    "status": ("card",), "get_attrib": ("card", "attr"), "control": ("card", "code", "data"),
+    "begin": ("card",), "end": ("card", "disposition"),
+    "get_status_change": ("context", "timeout_ms", "readers"), "cancel": ("context",),
+}
+
+
+class Job:
+    """An application call running in the background."""
+
+    def __init__(self, app: App, rid: int, call: str):
+        self.app, self.id, self.call = app, rid, call
+        self._result = None
+
+    def wait(self, timeout: float, raw: bool = False):
+        """The call's Reply (or pyscard values), or None if it still runs after timeout."""
+        if self._result is None:
+            self._result = self.app._take(("job", self.id), timeout, self.call)
+            if self._result is None:
+                return None
+        result = self._result["result"]
+        return result if raw or not isinstance(result, dict) else SimpleNamespace(**result)
+
+
+class Target:
+    """Something serving a pcsc-lite socket with ``readers``; subclasses insert/remove."""
+
+    name = "?"
+
+    def __init__(self, socket_path: str, readers: list[str] = READERS):
+        self.socket = socket_path
+        self.readers = list(readers)
+        self.apps: list[App] = []
+        self._observer: App | None = None
+        self._observer_ctx = None
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.close_apps()
+        if self._observer is not None:
+            self._observer.close()
+            self._observer = None
+
+    def insert(self, i: int, atr: bytes | None = None) -> None:
+        raise NotImplementedError
+
+    def remove(self, i: int) -> None:
+        raise NotImplementedError
+
+    def app(self, **kw) -> App:
+        a = App(self.socket, **kw)
+        self.apps.append(a)
+        return a
+
+    def close_apps(self) -> None:
+        for a in self.apps:
+            a.close()
+        self.apps.clear()
+
+    def seen(self) -> list[bool]:
+        """Which readers an application sees a card in, right now."""
+        if self._observer is None or self._observer.proc.poll() is not None:
+            self._observer = App(self.socket)
+            r = self._observer.establish()
+            if r.rv:
+                self._observer = None
+                raise WorkerError(f"{self.name}: SCardEstablishContext gave {r.rv:#010x}")
+            self._observer_ctx = r.context
+        r = self._observer.get_status_change(
+            self._observer_ctx, 0, [{"reader": n, "state": 0} for n in self.readers])
+        if r.rv:
+            raise WorkerError(f"{self.name}: SCardGetStatusChange gave {r.rv:#010x}")
+        return [bool(x["state"] & SCARD_STATE_PRESENT) for x in r.readers]
+
+    def wait_cards(self, present: list[bool], timeout: float = CARD_WAIT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while (seen := self.seen()) != present:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: applications see cards {seen}, "
+                                   f"not {present}, after {timeout} s")
+            time.sleep(0.02)
+
+    def reset(self) -> None:
+        """The state every test starts from: a fresh card in reader 0, the others empty."""
+        for i in range(1, len(self.readers)):
+            self.remove(i)
+        self.remove(0)
+        self.wait_cards([False] * len(self.readers))
+        self.insert(0)
+        self.wait_cards([True] + [False] * (len(self.readers) - 1))
+
+
+def _connectable(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+class PcscdTarget(Target):
+    """The host's pcscd with vpcd: uses a running one, else starts ``pcscd -f`` (and stops
+    only that one). The test cards connect to vpcd on 127.0.0.1; a file lock keeps two
+    test sessions on this machine from plugging cards into the same ports at once."""
+
+    name = "pcscd"
+
+    def __init__(self, log_dir: str, socket_path: str = PCSCD_SOCKET,
+                 ports: tuple[int, ...] = VPCD_PORTS):
+        super().__init__(socket_path)
+        from testcard import TestCard
+        self.log_path = os.path.join(log_dir, "pcscd.log")
+        self.cards = [TestCard(p) for p in ports]
+        self.proc: subprocess.Popen | None = None
+        self._lock_file = None
+
+    def start(self) -> None:
+        self._lock_file = open(VPCD_LOCK, "w")  # noqa: SIM115 - held for the session
+        deadline = time.monotonic() + VPCD_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"another test session holds {VPCD_LOCK} (the vpcd "
+                                       f"ports) for more than {VPCD_LOCK_WAIT_S} s") from None
+                time.sleep(0.2)
+        if not _connectable(self.socket):
+            self._start_pcscd()
+        try:  # a card closed just before (a previous run) takes pcscd a poll cycle to go
+            self.wait_cards([False] * len(self.readers))
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}: someone else's card is on the vpcd ports (a "
+                               "benchmark?); tests need them free") from None
+
+    def _start_pcscd(self) -> None:
+        if not shutil.which("pcscd"):
+            raise RuntimeError("pcscd is not installed: run scripts/setup")
+        os.makedirs(os.path.dirname(self.socket), exist_ok=True)
+        log = open(self.log_path, "w")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen(["pcscd", "-f"], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + PCSCD_START_S
+        while not _connectable(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("pcscd did not start (root? vsmartcard-vpcd installed?): "
+                                   + Path(self.log_path).read_text()[-2000:])
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for c in self.cards:
+            c.remove()
+        super().stop()
+        if self.proc is not None:  # only the pcscd started here
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._lock_file is not None:
+            self._lock_file.close()
+
+    def insert(self, i: int, atr: bytes | None = None) -> None:
+        if not self.cards[i].inserted:
+            self.cards[i].insert(atr)
+
+    def remove(self, i: int) -> None:
+        self.cards[i].remove()
+
+
+class EmulatorTarget(Target):
+    """The project's embedded emulator, in this process (its own asyncio thread)."""
+
+    name = "emulator"
+
+    def __init__(self, directory: str):
+        super().__init__(os.path.join(directory, "emulator.sock"))
+        self.emu = None
+        self.present = [False] * len(self.readers)
+
+    def start(self) -> None:
+        from pcsc_bridge.server.emulate import Emulator
+        self.emu = Emulator(self.socket, readers=self.readers)
+        self.emu.start()
+
+    def stop(self) -> None:
+        super().stop()
+        if self.emu is not None:
+            self.emu.stop()
+
+    def insert(self, i: int, atr: bytes | None = None) -> None:
+        if not self.present[i]:
+            self.emu.insert(i, atr=atr) if atr else self.emu.insert(i)
+            self.present[i] = True
+
+    def remove(self, i: int) -> None:
+        if self.present[i]:
+            self.emu.remove(i)
+            self.present[i] = False
+
+
+# --- the bridge: pcsc-bridge server and client as real processes on loopback ---
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args, check=True, **kw):
+    return subprocess.run([sys.executable, "-m", "pcsc_bridge", *args], check=check,
+                          capture_output=True, text=True, **kw)
+
+
+def make_pki(directory, guests=("guest1",)):
+    ca = os.path.join(directory, "ca")
+    cli("certs", "init", "--dir", ca)
+    cli("certs", "server", "--dir", ca, "host", "--dns", "localhost", "--ip", "127.0.0.1")
+    for g in guests:
+        cli("certs", "client", "--dir", ca, g)
+    return ca
+
+
+class Process:
+    """A `pcsc-bridge ...` process with its output in a log file."""
+
+    def __init__(self, args, log_path):
+        self.log_path = log_path
+        self.log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen([sys.executable, "-m", "pcsc_bridge", *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def output(self) -> str:
+        return Path(self.log_path).read_text()
+
+
+def write_server_config(directory, ca, port, backend="pcscd", extra="", name="server.yaml"):
+    path = os.path.join(directory, name)
+    Path(path).write_text(f"""\
+log: {{level: info}}
+server:
+  listen: ["127.0.0.1:{port}"]
+  cert: {ca}/host.pem
+  key: {ca}/host-key.pem
+  ca: {ca}/ca.pem
+  crl: {ca}/crl.pem
+  backend: {{type: {backend}}}
+  limits: {{keepalive_interval: 1s, keepalive_timeout: 3s}}
+{extra}""")
+    return path
+
+
+def write_client_config(directory, ca, port, guest, sock, name=None, extra=""):
+    path = os.path.join(directory, name or f"client-{guest}.yaml")
+    Path(path).write_text(f"""\
+log: {{level: info}}
+client:
+  server: "127.0.0.1:{port}"
+  server_name: localhost
+  cert: {ca}/{guest}.pem
+  key: {ca}/{guest}-key.pem
+  ca: {ca}/ca.pem
+  socket: {sock}
+  reconnect: {{initial: 0.2s, max: 1s}}
+  keepalive: {{interval: 1s, timeout: 3s}}
+{extra}""")
+    return path
+
+
+def wait_port(port, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def wait_path(path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.05)
+
+
+class BridgeTarget(Target):
+    """``inner``'s readers and cards through server ← TLS ← agent; the agent's socket."""
+
+    name = "bridge"
+
+    def __init__(self, inner: Target, directory: str):
+        super().__init__(os.path.join(directory, "agent.sock"), inner.readers)
+        self.inner, self.dir = inner, directory
+        self.server = self.agent = None
+
+    def start(self) -> None:
+        ca = make_pki(self.dir)
+        port = free_port()
+        self.server = Process(["server", "-c", write_server_config(self.dir, ca, port)],
+                              os.path.join(self.dir, "server.log"))
+        wait_port(port)
+        self.agent = Process(["client", "-c", write_client_config(
+            self.dir, ca, port, "guest1", self.socket)], os.path.join(self.dir, "agent.log"))
+        wait_path(self.socket)
+
+    def stop(self) -> None:
+        super().stop()
+        for p in (self.agent, self.server):
+            if p is not None:
+                p.stop()
+
+    def insert(self, i: int, atr: bytes | None = None) -> None:
+        self.inner.insert(i, atr)
+
+    def remove(self, i: int) -> None:
+        self.inner.remove(i)
+
+
+class Targets:
+    """The session's targets: each started on first ``get`` and stopped by ``stop``."""
+
+    def __init__(self, base_dir: str):
+        self.base = base_dir
+        self.started: dict[str, Target] = {}
+        self.failed: dict[str, Exception] = {}  # start once; later tests fail at once
+
+    def workdir(self, name: str) -> str:
+        path = tempfile.mkdtemp(prefix=f"{name}-", dir=self.base)
+        return path
+
+    def get(self, name: str) -> Target:
+        if name in self.failed:
+            raise self.failed[name]
+        if name not in self.started:
+            if name not in FACTORIES:
+                raise KeyError(f"unknown target {name!r}; registered: {', '.join(FACTORIES)}")
+            target = FACTORIES[name](self)
+            try:
+                target.start()
+            except Exception as exc:
+                self.failed[name] = exc
+                target.stop()
+                raise
+            self.started[name] = target
+        return self.started[name]
+
+    def stop(self) -> None:
+        for target in reversed(list(self.started.values())):  # wrappers before what they wrap
+            target.stop()
+        self.started.clear()
+
+
+FACTORIES: dict[str, Callable[[Targets], Target]] = {}
+
+
+def register(name: str, factory: Callable[[Targets], Target]) -> None:
+    FACTORIES[name] = factory
+
+
+register("pcscd", lambda ts: PcscdTarget(ts.workdir("pcscd")))
+register("emulator", lambda ts: EmulatorTarget(ts.workdir("emulator")))
+register("bridge", lambda ts: BridgeTarget(ts.get("pcscd"), ts.workdir("bridge")))
