@@ -29,6 +29,8 @@ def pytest_addoption(parser):
     parser.addoption("--targets", default=os.environ.get("PCSC_BRIDGE_TARGETS", "all"),
                      help="comma-separated targets for the PC/SC API tests "
                           f"({', '.join(FACTORIES)}; default: all)")
+    parser.addoption("--fail-on-skip", action="store_true",
+                     help="a skipped test fails the run (CI: nothing there may be skipped)")
 
 
 def selected_targets(config) -> list[str]:
@@ -42,6 +44,15 @@ def selected_targets(config) -> list[str]:
 
 def pytest_configure(config):
     selected_targets(config)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if session.config.getoption("--fail-on-skip") and skipped and exitstatus == 0:
+        names = ", ".join(r.nodeid for r in skipped[:10])
+        print(f"\n--fail-on-skip: {len(skipped)} test(s) skipped: {names}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_generate_tests(metafunc):

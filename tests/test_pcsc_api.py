@@ -247,6 +247,22 @@ def test_transaction_holds_back_transmit_and_connect_of_others(target):
     assert connect.wait(QUICK_S).rv == OK
 
 
+def test_no_reset_from_others_inside_a_transaction(target):
+    a, card_a = connected(target)
+    b, card_b = connected(target)
+    c, card_c = connected(target)
+    assert a.begin(card_a).rv == OK
+    reconnect = b.submit("reconnect", card=card_b, share=SHARED, protocols=ANY, init=RESET)
+    disconnect = c.submit("disconnect", card=card_c, disposition=RESET)
+    assert reconnect.wait(BLOCKED_S) is None and disconnect.wait(0) is None, \
+        "a reset must wait for the transaction to end"
+    assert ping(a, card_a) == OK
+    assert a.end(card_a, LEAVE).rv == OK
+    assert vars(reconnect.wait(QUICK_S)) == {"rv": OK, "protocol": T1}
+    assert disconnect.wait(QUICK_S).rv == OK
+    assert ping(a, card_a) == W_RESET_CARD  # the resets happened after the transaction
+
+
 def test_end_transaction_with_reset(target):
     a, card_a = connected(target)
     b, card_b = connected(target)
