@@ -273,8 +273,12 @@ class Target:
         while (seen := self.seen()) != present:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: applications see cards {seen}, "
-                                   f"not {present}, after {timeout} s")
+                                   f"not {present}, after {timeout} s{self.detail()}")
             time.sleep(0.02)
+
+    def detail(self) -> str:
+        """What the target knows about its cards, for error messages."""
+        return ""
 
     def reset(self) -> None:
         """The state every test starts from: a fresh card in reader 0, the others empty."""
@@ -359,6 +363,10 @@ class PcscdTarget(Target):
                 self.proc.wait()
         if self._lock_file is not None:
             self._lock_file.close()
+
+    def detail(self) -> str:
+        return "; test cards connected to vpcd: " + ", ".join(
+            f"{c.port}={c.inserted}" for c in self.cards)
 
     def insert(self, i: int, atr: bytes | None = None) -> None:
         if not self.cards[i].inserted:
@@ -497,7 +505,12 @@ def wait_path(path, timeout=10.0):
 
 
 class BridgeTarget(Target):
-    """``inner``'s readers and cards through server ← TLS ← agent; the agent's socket."""
+    """``inner``'s readers and cards through server ← TLS ← agent; the agent's socket.
+
+    The guest may do all an application on the host may (direct mode, any control code):
+    the API tests check that the bridge changes nothing; policy has its own tests."""
+
+    POLICY = "  guests:\n    default: {direct: true, exclusive: true, control: all}\n"
 
     name = "bridge"
 
@@ -509,8 +522,8 @@ class BridgeTarget(Target):
     def start(self) -> None:
         ca = make_pki(self.dir)
         port = free_port()
-        self.server = Process(["server", "-c", write_server_config(self.dir, ca, port)],
-                              os.path.join(self.dir, "server.log"))
+        conf = write_server_config(self.dir, ca, port, extra=self.POLICY)
+        self.server = Process(["server", "-c", conf], os.path.join(self.dir, "server.log"))
         wait_port(port)
         self.agent = Process(["client", "-c", write_client_config(
             self.dir, ca, port, "guest1", self.socket)], os.path.join(self.dir, "agent.log"))
