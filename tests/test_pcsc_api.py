@@ -415,3 +415,14 @@ def test_removal_during_an_apdu_ends_it(target):
     assert r is not None, "the application still waits for a card that is gone"
     # pcscd 1.9.9 with vpcd: success with no bytes; a CCID reader reports the removal
     assert (r.rv, r.response) == (OK, "") or r.rv in (W_REMOVED_CARD, E_NOT_TRANSACTED)
+
+
+def test_transmit_is_fast(target):
+    app, card = connected(target)
+    times = []
+    for _ in range(21):
+        t0 = time.perf_counter()
+        assert ping(app, card) == OK
+        times.append(time.perf_counter() - t0)
+    median = sorted(times)[10]
+    assert median < 0.010, f"median APDU round trip {median * 1000:.1f} ms (delayed ACKs?)"
