@@ -75,6 +75,7 @@ class App:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
             env={**os.environ, "PCSCLITE_CSOCK_NAME": socket_path, **(env or {})},
             start_new_session=True)  # its own process group: kill() reaches every process
+        self.noise: list[str] = []
         self._lock = threading.Lock()
         self._queues: dict[tuple[str, int], queue.Queue] = {("ready", 0): queue.Queue()}
         self._next = 0
@@ -84,7 +85,11 @@ class App:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            msg = json.loads(line)
+            try:
+                msg = json.loads(line)
+            except ValueError:  # something else wrote to stdout: keep it for errors
+                self.noise.append(line)
+                continue
             key = ("ready", 0) if "ready" in msg else \
                 ("job", msg["job"]) if "job" in msg else ("id", msg["id"])
             self._queue(key).put(msg)
@@ -110,7 +115,8 @@ class App:
             self._queue(key).put(None)
             self.proc.wait(5)
             raise WorkerError(f"application process ended (rc {self.proc.returncode}) "
-                              f"during {what}: {self.stderr()[-2000:]}")
+                              f"during {what}: {''.join(self.noise)[-500:]}"
+                              f"{self.stderr()[-2000:]}")
         if "error" in msg:
             raise WorkerError(f"{what}: {msg['error']}")
         return msg
@@ -179,7 +185,7 @@ class App:
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()
-                self.proc.wait(5)
+                self.proc.wait(2)
             except (OSError, subprocess.TimeoutExpired):
                 pass
         self.kill()

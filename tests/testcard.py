@@ -38,6 +38,7 @@ class TestCard:
         self.card = Card(atr=atr)
         self.sock: socket.socket | None = None  # None while the card is out
         self.thread: threading.Thread | None = None
+        self._removed = threading.Event()
         self.apdus = 0  # answered since the last insert
 
     @property
@@ -63,14 +64,16 @@ class TestCard:
         self.card = Card(atr=atr or self.atr)
         self.apdus = 0
         self.sock = sock
-        self.thread = threading.Thread(target=self._serve, args=(sock,), daemon=True,
-                                       name=f"testcard-{self.port}")
+        self._removed = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(sock, self._removed),
+                                       daemon=True, name=f"testcard-{self.port}")
         self.thread.start()
 
     def remove(self) -> None:
         """Close the connection (also in the middle of an APDU); no-op when out."""
         sock, self.sock = self.sock, None
         if sock is not None:
+            self._removed.set()  # also ends a slow command at once
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -79,7 +82,7 @@ class TestCard:
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(2)
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: socket.socket, removed: threading.Event) -> None:
         buf = bytearray()
 
         def read(n: int) -> bytes:
@@ -107,9 +110,7 @@ class TestCard:
                     self.card.reset()
                     continue
                 response, delay = self.card.process(payload)
-                if delay:
-                    time.sleep(delay)
-                if self.sock is not sock:
+                if removed.wait(delay) if delay else removed.is_set():
                     return  # removed while the card was busy
                 send(response[:MAX_PAYLOAD])
                 self.apdus += 1
