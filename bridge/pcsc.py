@@ -33,6 +33,9 @@ MAX_ATR_SIZE = 33
 MAX_BUFFER_SIZE = 264
 MAX_BUFFER_SIZE_EXTENDED = 65548
 PCSCLITE_MAX_READERS_CONTEXTS = 16
+# The largest reader-state array accepted from CMD_GET_READERS_STATE_SIZE (pcscd 2.5 has no
+# fixed limit; this bounds what one reply may make us buffer).
+MAX_READERS_STATE_ARRAY = 4096
 PROTOCOL_VERSION_MAJOR = 4
 PROTOCOL_MINORS = (4, 5, 6)  # the dialects this codec speaks
 
@@ -523,7 +526,10 @@ class ReplyReader:
                 self._expected.append((ReaderStates, PCSCLITE_MAX_READERS_CONTEXTS))
             self.waiting = True
         elif cmd == Cmd.CMD_STOP_WAITING_READER_STATE_CHANGE:
-            self.waiting = True  # exactly one 8-byte message follows, whichever it is
+            # pcscd answers STOP only while the socket still waits; once the wake-up has
+            # gone out (or without a WAIT) it is silent. Either way at most the one 8-byte
+            # message already owed follows, so nothing is added here.
+            pass
         elif cmd == Cmd.CMD_GET_READERS_STATE:
             self._expected.append((ReaderStates, PCSCLITE_MAX_READERS_CONTEXTS))
         elif cmd == Cmd.CMD_GET_READERS_STATE_ARRAY:
@@ -574,7 +580,7 @@ class ReplyReader:
             msg = cls.unpack(memoryview(buf)[:size], self.order)
             end = size
             if cls is ReadersStateSize:
-                if not 0 <= msg.size <= 4096:
+                if not 0 <= msg.size <= MAX_READERS_STATE_ARRAY:
                     raise ProtocolError(f"reader-state array size {msg.size}")
                 self._array_size = msg.size
             elif cls in (Transmit, Control) and msg.rv == 0:
@@ -596,3 +602,7 @@ class ReplyReader:
     @property
     def pending(self) -> int:
         return len(self._expected) + self.waiting
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)

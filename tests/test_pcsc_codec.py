@@ -28,7 +28,7 @@ MAX_EXT = p.MAX_BUFFER_SIZE_EXTENDED  # 65548
 # Declared limit of one request: header + largest body (getset_struct) + Transmit/Control data.
 MAX_MESSAGE = p.HEADER_SIZE + 280 + MAX_EXT
 # pcscd 2.5 grows its reader array without bound; the codec caps CMD_GET_READERS_STATE_SIZE.
-MAX_ARRAY_ENTRIES = 4096
+MAX_ARRAY_ENTRIES = p.MAX_READERS_STATE_ARRAY
 MAX_REPLY = max(MAX_MESSAGE, MAX_ARRAY_ENTRIES * p.READER_STATE_SIZE)
 
 u32 = st.integers(0, 2**32 - 1)
@@ -87,8 +87,7 @@ def states(count):
 
 
 def buffered(reader) -> int:
-    # ReplyReader has no public ``buffered`` (RequestReader has); read its buffer directly.
-    return reader.buffered if hasattr(reader, "buffered") else len(reader._buf)
+    return reader.buffered
 
 
 def feed_in_pieces(reader, raw, cuts, bound=MAX_MESSAGE):
@@ -645,12 +644,9 @@ def test_stop_before_the_wake_up_gets_one_answer(dialect, order):
         reader.feed(answer.pack(order))
 
 
-# KNOWN BUG in bridge/pcsc.py (reported): ReplyReader.expect(StopWaitingReaderStateChange)
-# sets ``waiting = True`` unconditionally. pcscd answers STOP only while the socket is still
-# registered (winscard_svc.c: no answer when EHUnregisterClientForEvent fails), and the
-# wake-up unregisters it; so after the wake-up, or with no WAIT at all, STOP is owed nothing.
-# The reader then believes another 8-byte message is owed: ``pending`` stays 1 and a stray
-# 8-byte message from the server is accepted instead of refused.
+# pcscd answers STOP only while the socket is still registered (winscard_svc.c: no answer
+# when EHUnregisterClientForEvent fails), and the wake-up unregisters it; so after the
+# wake-up, or with no WAIT at all, STOP is owed nothing and a stray 8-byte message is refused.
 @pytest.mark.parametrize("dialect", DIALECTS)
 @pytest.mark.parametrize("order", ORDERS)
 def test_stop_after_the_wake_up_is_owed_nothing(dialect, order):
@@ -661,13 +657,13 @@ def test_stop_after_the_wake_up_is_owed_nothing(dialect, order):
     reader.expect(p.Status(4))
     status = p.Status(4, p.SCARD_S_SUCCESS)
     assert reader.feed(status.pack(order)) == [status]
-    assert reader.pending == 0                    # KNOWN BUG: 1
-    with pytest.raises(p.ProtocolError):          # KNOWN BUG: accepted as a wake-up
+    assert reader.pending == 0
+    with pytest.raises(p.ProtocolError):
         reader.feed(wake.pack(order))
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
-def test_stop_without_wait_is_owed_nothing(dialect):  # KNOWN BUG, same cause
+def test_stop_without_wait_is_owed_nothing(dialect):
     reader = p.ReplyReader(dialect)
     reader.expect(p.StopWaitingReaderStateChange())
     assert reader.pending == 0
