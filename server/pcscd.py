@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 from pcsc_bridge import log
 from pcsc_bridge.facade import AppInfo, Backend, BackendError, ReaderModel, Stream
@@ -91,12 +92,32 @@ class PcscdConnection(asyncio.Protocol):
 
 
 async def connect(path: str, dialect: int, timeout: float = 5.0) -> PcscdConnection:
+    """Open one socket to pcscd.
+
+    pcscd 1.9.9 listens with a backlog of 1: a burst of connections finds the queue full
+    and a non-blocking connect fails with EAGAIN (asyncio then reports EINVAL). A blocking
+    client would just wait, so we retry with a fresh socket until ``timeout``.
+    """
     loop = asyncio.get_running_loop()
-    try:
-        _, conn = await asyncio.wait_for(
-            loop.create_unix_connection(lambda: PcscdConnection(dialect), path), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise BackendError(f"cannot reach pcscd at {path}: {exc}") from exc
+    deadline = loop.time() + timeout
+    pause = 0.0005
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+            break
+        except BlockingIOError:
+            sock.close()
+            if loop.time() + pause > deadline:
+                raise BackendError(f"cannot reach pcscd at {path}: its listen queue "
+                                   f"stayed full for {timeout:g} s") from None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        except OSError as exc:
+            sock.close()
+            raise BackendError(f"cannot reach pcscd at {path}: {exc}") from exc
+    _, conn = await loop.create_unix_connection(lambda: PcscdConnection(dialect), sock=sock)
     return conn
 
 

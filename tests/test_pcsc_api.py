@@ -82,6 +82,22 @@ def test_list_readers(target):
     assert app.release(r.context).rv == OK
 
 
+def test_a_burst_of_contexts_is_served(target):
+    # applications that start together all get a context and a card: pcscd 1.9.9 listens
+    # with a backlog of 1, so a burst of connections must queue, never fail
+    apps = [target.app() for _ in range(8)]
+    per_app = 8
+    jobs = [(a, a.submit("establish")) for a in apps for _ in range(per_app)]
+    contexts = [(a, r.context) for a, r in [(a, j.wait(10.0)) for a, j in jobs]
+                if r is not None and r.rv == OK]
+    assert len(contexts) == len(jobs)
+    jobs = [(a, a.submit("connect", context=c, reader=target.readers[0])) for a, c in contexts]
+    cards = [(a, r.card) for a, r in [(a, j.wait(10.0)) for a, j in jobs]
+             if r is not None and r.rv == OK]
+    assert len(cards) == len(jobs)
+    assert [ping(a, c) for a, c in cards] == [OK] * len(cards)
+
+
 def test_connect_negotiates_t1_and_refuses_other_protocols(target):
     app = target.app()
     ctx = app.establish().context
