@@ -516,7 +516,8 @@ class BridgeTarget(Target):
     The guest may do all an application on the host may (direct mode, any control code):
     the API tests check that the bridge changes nothing; policy has its own tests."""
 
-    POLICY = "  guests:\n    default: {direct: true, exclusive: true, control: all}\n"
+    POLICY = ("  guests:\n    default: {direct: true, exclusive: true, control: all, "
+              "max_streams: 256}\n")
 
     name = "bridge"
 
