@@ -67,27 +67,32 @@ EXCLUSIVE = -1
 REMOVED, RESET = "removed", "reset"
 
 
-def atr_protocols(atr: bytes) -> tuple[int, int]:
-    """(available protocols mask, default protocol) from an ATR's TDi bytes (ISO 7816-3)."""
-    available, default = 0, None
-    if len(atr) < 2:
-        return SCARD_PROTOCOL_T0, SCARD_PROTOCOL_T0
-    y, i, first = atr[1] >> 4, 2, True
+def atr_protocols(atr: bytes) -> int:
+    """The protocols (T=0, T=1 mask) a card offers, read from its ATR as pcscd reads it.
+
+    Every TDi names one protocol; a TA2 (specific mode) allows only its own; an ATR without
+    any TDi means T=0. An ATR pcscd cannot decode offers nothing.
+    """
+    if len(atr) < 2 or atr[0] not in (0x3B, 0x3F):
+        return 0
+    known = {0: SCARD_PROTOCOL_T0, 1: SCARD_PROTOCOL_T1}
+    available, y, i, level = 0, atr[1] >> 4, 2, 1
     while True:
+        ta = atr[i] if y & 0x1 and i < len(atr) else None
         i += (y & 0x7).bit_count()  # TA, TB, TC
-        if not y & 0x8 or i >= len(atr):
-            break
-        td = atr[i]
+        td = atr[i] if y & 0x8 and i < len(atr) else None
         i += 1
-        t = td & 0x0F
-        proto = {0: SCARD_PROTOCOL_T0, 1: SCARD_PROTOCOL_T1}.get(t, 0)
-        available |= proto
-        if first:
-            default, first = proto, False
-        y = td >> 4
-    if not available:
-        available = default = SCARD_PROTOCOL_T0
-    return available, default or available & -available
+        if td is not None:
+            if not available and td & 0x0F not in known:
+                return 0  # the first TDi must name T=0 or T=1
+            available |= known.get(td & 0x0F, 0)
+        if level == 2 and ta is not None:
+            if ta & 0x0F not in known:
+                return available
+            available = known[ta & 0x0F]
+        if td is None or not td >> 4:
+            return available or SCARD_PROTOCOL_T0
+        y, level = td >> 4, level + 1
 
 
 @dataclass(eq=False)
@@ -270,15 +275,13 @@ class VirtualStream(Stream):
         if preferred & SCARD_PROTOCOL_RAW:
             return 0, SCARD_PROTOCOL_RAW
         if r.protocol == SCARD_PROTOCOL_UNDEFINED:
-            available, default = atr_protocols(r.atr)
             if preferred & SCARD_PROTOCOL_ANY_OLD:
                 preferred = SCARD_PROTOCOL_T0 | SCARD_PROTOCOL_T1
-            if preferred & default:
-                return 0, default
-            common = preferred & available
+            common = preferred & atr_protocols(r.atr)
             if not common:
                 return SCARD_E_PROTO_MISMATCH, 0
-            return 0, common & -common
+            # pcscd asks for T=1 whenever the card and the application both allow it
+            return 0, SCARD_PROTOCOL_T1 if common & SCARD_PROTOCOL_T1 else SCARD_PROTOCOL_T0
         if not preferred & r.protocol:
             return SCARD_E_PROTO_MISMATCH, 0
         return 0, r.protocol
