@@ -211,6 +211,11 @@ def _in_loop() -> bool:
         return False
 
 
+def _no_protocol(share_mode: int, preferred: int) -> bool:
+    return share_mode != SCARD_SHARE_DIRECT and not preferred & (
+        SCARD_PROTOCOL_T0 | SCARD_PROTOCOL_T1 | SCARD_PROTOCOL_RAW | SCARD_PROTOCOL_ANY_OLD)
+
+
 def _new_id(taken) -> int:
     while True:
         value = secrets.randbits(31)
@@ -226,7 +231,7 @@ class VirtualStream(Stream):
     def __init__(self, backend: VirtualBackend):
         self.b = backend
         self.contexts: set[int] = set()
-        self.handles: set[int] = set()
+        self.handles: dict[int, int] = {}  # hCard -> its hContext
 
     async def call(self, msg):
         method = getattr(self, "do_" + type(msg).__name__, None)
@@ -238,7 +243,7 @@ class VirtualStream(Stream):
 
     async def close(self) -> None:
         for h in list(self.handles):
-            self._drop(h, SCARD_LEAVE_CARD)
+            self._release(h)
         for c in self.contexts:
             self._contexts_in_use.discard(c)
         self.contexts.clear()
@@ -249,8 +254,10 @@ class VirtualStream(Stream):
         return self.b.handles.get(h_card) if h_card in self.handles else None
 
     def _drop(self, h_card: int, disposition: int) -> None:
-        h = self.b.handles.pop(h_card)
-        self.handles.discard(h_card)
+        h = self.b.handles.pop(h_card, None)
+        self.handles.pop(h_card, None)
+        if h is None:  # its reader is gone
+            return
         r = h.reader
         r.handles.pop(h_card, None)
         if r.contexts == EXCLUSIVE:
@@ -262,13 +269,22 @@ class VirtualStream(Stream):
         self._dispose(r, disposition)
         self.b._notify()
 
-    def _dispose(self, r: Reader, disposition: int, keep: Handle | None = None) -> None:
+    def _release(self, h_card: int) -> None:
+        """A handle whose context ends (released, or its application gone). As in pcscd, a
+        handle that held the card's lock (a transaction, or exclusive access) resets the
+        card, unless it had already seen a reset or a removal: the next user must not
+        inherit what that application had unlocked."""
+        h = self._handle(h_card)
+        holder = h is not None and h.reader.lock_id == h_card and h.event is None
+        self._drop(h_card, SCARD_RESET_CARD if holder else SCARD_LEAVE_CARD)
+
+    def _dispose(self, r: Reader, disposition: int) -> None:
+        """Reset or power-cycle the card: every handle on it, the caller's too, then gets
+        SCARD_W_RESET_CARD until it reconnects."""
         if disposition in (SCARD_RESET_CARD, SCARD_UNPOWER_CARD) and r.card is not None:
             r.atr = r.card.reset()
             r.protocol = SCARD_PROTOCOL_UNDEFINED
             r.signal(RESET)
-            if keep is not None:
-                keep.event = None
 
     def _negotiate(self, r: Reader, preferred: int) -> tuple[int, int]:
         """(rv, protocol) as pcscd's SCardConnect chooses it."""
@@ -304,8 +320,8 @@ class VirtualStream(Stream):
     async def do_ReleaseContext(self, m: ReleaseContext):
         if m.hContext not in self.contexts:
             return m.with_rv(SCARD_E_INVALID_HANDLE)
-        for h in [h for h in self.handles if self.b.handles[h].context == m.hContext]:
-            self._drop(h, SCARD_LEAVE_CARD)
+        for h in [h for h, c in self.handles.items() if c == m.hContext]:
+            self._release(h)
         self.contexts.discard(m.hContext)
         self._contexts_in_use.discard(m.hContext)
         return m.with_rv(0)
@@ -313,9 +329,7 @@ class VirtualStream(Stream):
     async def do_Connect(self, m: Connect):
         if m.hContext not in self.contexts:
             return m.with_rv(SCARD_E_INVALID_HANDLE)
-        if m.dwShareMode != SCARD_SHARE_DIRECT and not m.dwPreferredProtocols & (
-                SCARD_PROTOCOL_T0 | SCARD_PROTOCOL_T1 | SCARD_PROTOCOL_RAW
-                | SCARD_PROTOCOL_ANY_OLD):
+        if _no_protocol(m.dwShareMode, m.dwPreferredProtocols):
             return m.with_rv(SCARD_E_PROTO_MISMATCH)
         if m.dwShareMode not in (SCARD_SHARE_EXCLUSIVE, SCARD_SHARE_SHARED, SCARD_SHARE_DIRECT):
             return m.with_rv(SCARD_E_INVALID_VALUE)
@@ -350,29 +364,29 @@ class VirtualStream(Stream):
             r.lock_id, r.lock_count = h, 1
         r.handles[h] = handle
         self.b.handles[h] = handle
-        self.handles.add(h)
+        self.handles[h] = m.hContext
         return m.with_rv(0, hCard=h, dwActiveProtocol=protocol)
 
     async def do_Reconnect(self, m: Reconnect):
         h = self._handle(m.hCard)
         if h is None:
             return m.with_rv(SCARD_E_INVALID_HANDLE)
-        if m.dwInitialization not in (0, 1, 2, 3) or m.dwShareMode not in (
-                SCARD_SHARE_EXCLUSIVE, SCARD_SHARE_SHARED, SCARD_SHARE_DIRECT):
+        # a reconnect cannot eject the card (SCARD_EJECT_CARD is refused)
+        if m.dwInitialization not in (SCARD_LEAVE_CARD, SCARD_RESET_CARD, SCARD_UNPOWER_CARD) \
+                or m.dwShareMode not in (SCARD_SHARE_EXCLUSIVE, SCARD_SHARE_SHARED,
+                                         SCARD_SHARE_DIRECT):
             return m.with_rv(SCARD_E_INVALID_VALUE)
+        if _no_protocol(m.dwShareMode, m.dwPreferredProtocols):
+            return m.with_rv(SCARD_E_PROTO_MISMATCH)
         r = h.reader
-        rv = r.check_sharing(m.hCard)
+        rv = r.check_sharing(m.hCard)  # the client retries while another handle holds the lock
         if rv:
             return m.with_rv(rv)
-        if m.dwInitialization in (SCARD_RESET_CARD, SCARD_UNPOWER_CARD) and r.card:
-            self._dispose(r, m.dwInitialization, keep=h)
-        elif r.card is None:
+        if r.card is None:
             return m.with_rv(SCARD_E_NO_SMARTCARD)
-        h.event = None
+        self._dispose(r, m.dwInitialization)
         protocol = h.protocol
         if m.dwShareMode != SCARD_SHARE_DIRECT:
-            if r.card is None:
-                return m.with_rv(SCARD_E_NO_SMARTCARD)
             rv, protocol = self._negotiate(r, m.dwPreferredProtocols)
             if rv:
                 return m.with_rv(rv)
@@ -384,14 +398,17 @@ class VirtualStream(Stream):
         elif m.dwShareMode != SCARD_SHARE_EXCLUSIVE and h.share_mode == SCARD_SHARE_EXCLUSIVE:
             r.contexts = 1
             r.lock_id = r.lock_count = 0
-        h.share_mode, h.protocol = m.dwShareMode, protocol
+        h.share_mode, h.protocol, h.event = m.dwShareMode, protocol, None
         return m.with_rv(0, dwActiveProtocol=protocol)
 
     async def do_Disconnect(self, m: Disconnect):
-        if self._handle(m.hCard) is None:
+        if m.hCard not in self.handles:
             return m.with_rv(SCARD_E_INVALID_HANDLE)
         if m.dwDisposition not in (0, 1, 2, 3):
             return m.with_rv(SCARD_E_INVALID_VALUE)
+        h = self._handle(m.hCard)  # None once its reader is gone: it just goes, like pcscd
+        if h and m.dwDisposition != SCARD_LEAVE_CARD and h.reader.check_sharing(m.hCard):
+            await self._wait_unlocked(h.reader, None)  # no reset inside another's transaction
         self._drop(m.hCard, m.dwDisposition)
         return m.with_rv(0)
 
@@ -429,10 +446,10 @@ class VirtualStream(Stream):
         if m.dwDisposition not in (0, 1, 2, 3):
             return m.with_rv(SCARD_E_INVALID_VALUE)
         r = h.reader
-        rv = r.check_sharing(m.hCard) or h.check_event()
+        rv = h.check_event() or r.check_sharing(m.hCard)
         if rv:
             return m.with_rv(rv)
-        self._dispose(r, m.dwDisposition, keep=h)
+        self._dispose(r, m.dwDisposition)
         if r.contexts == EXCLUSIVE:
             if r.lock_count <= 1:
                 return m.with_rv(SCARD_E_NOT_TRANSACTED)
