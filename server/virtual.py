@@ -302,13 +302,16 @@ class VirtualStream(Stream):
             return SCARD_E_PROTO_MISMATCH, 0
         return 0, r.protocol
 
-    async def _wait_unlocked(self, r: Reader, timeout: float | None) -> None:
+    async def _wait(self, done, timeout: float | None) -> None:
+        """Until done() holds after a change in the backend, or timeout seconds."""
         async with self.b.changed:
             try:
-                await asyncio.wait_for(
-                    self.b.changed.wait_for(lambda: r.lock_id == 0), timeout)
+                await asyncio.wait_for(self.b.changed.wait_for(done), timeout)
             except asyncio.TimeoutError:
                 pass
+
+    async def _wait_unlocked(self, r: Reader, timeout: float | None) -> None:
+        await self._wait(lambda: r.lock_id == 0, timeout)
 
     # --- calls ------------------------------------------------------------------------------
     async def do_EstablishContext(self, m: EstablishContext):
@@ -479,9 +482,11 @@ class VirtualStream(Stream):
         card = r.card
         response, delay = card.process(m.data)
         if delay:
-            await asyncio.sleep(delay)
+            await self._wait(lambda: r.card is not card, delay)
             if r.card is not card:
-                return m.with_rv(SCARD_W_REMOVED_CARD, data=b"")
+                # removed while it worked: the command ends at once and, as with pcscd
+                # and vpcd, succeeds with no bytes (the handle then gets W_REMOVED_CARD)
+                return m.with_rv(0, pcbRecvLength=0, data=b"")
         if len(response) > m.pcbRecvLength:
             return m.with_rv(SCARD_E_INSUFFICIENT_BUFFER, pcbRecvLength=len(response),
                              data=b"")
