@@ -61,8 +61,9 @@ NEWEST_MINOR = 6
 class ReaderModel:
     """The reader-state array applications see, its reader-events counter, and listeners.
 
-    ``reader_events`` changes exactly when the set of reader names changes (what pcscd
-    2.3+ reports through CMD_GET_READER_EVENTS). ``capacity`` is what a 4:6 application
+    ``reader_events`` changes exactly when a reader arrives or leaves (the names in the
+    slots change), never for a card event: what pcscd 2.3+ reports through
+    CMD_GET_READER_EVENTS, 1 to 32767 and never 0 (pcsc-lite's client ignores a 0). ``capacity`` is what a 4:6 application
     gets from CMD_GET_READERS_STATE_SIZE: it only grows, as pcsc-lite 2.5's client requires.
     """
 
@@ -77,10 +78,17 @@ class ReaderModel:
         return [s.readerName for s in self.states if s.readerName]
 
     def update(self, states: Iterable[ReaderState]) -> bool:
-        states = tuple(s for s in states if s.readerName)
+        """New reader states, in their slots: an empty entry between readers keeps its
+        place (pcscd fills the first free slot, and an application of the 16-entry array
+        sees the first 16 slots), empty entries at the end are dropped."""
+        states = tuple(states)
+        end = len(states)
+        while end and not states[end - 1].readerName:
+            end -= 1
+        states = states[:end]
         if states == self.states:
             return False
-        if [s.readerName for s in states] != self.names():
+        if [s.readerName for s in states] != [s.readerName for s in self.states]:
             self.reader_events = self.reader_events % 0x7FFF + 1
         self.capacity = max(self.capacity, len(states))
         self.states = states
@@ -336,8 +344,10 @@ class AppSession(asyncio.Protocol):
         return WaitReaderStateChangeReply(0, rv)
 
     def _cancel(self, msg: Cancel):
+        # pcscd: an unknown context is INVALID_HANDLE; a known one is SUCCESS, and woken
+        # with SCARD_E_CANCELLED only if it still waits (the wake-up may just have gone)
         target = self.facade.contexts.get(msg.hContext)
-        if target is None or not target.waiting:
+        if target is None:
             return msg.with_rv(SCARD_E_INVALID_HANDLE)
         target.wake(SCARD_E_CANCELLED)
         return msg.with_rv(0)

@@ -176,12 +176,19 @@ class PcscdBackend(Backend):
         raise BackendError(f"pcscd speaks protocol {reply.major}:{reply.minor}, "
                            f"not one of 4:4, 4:5, 4:6")
 
-    async def _open(self) -> PcscdConnection:
-        conn = await connect(self.path, self.dialect)
-        reply = await conn.call(Version(4, self.dialect))
+    async def _open(self, again: bool = True) -> PcscdConnection:
+        dialect = self.dialect
+        conn = await connect(self.path, dialect)
+        reply = await conn.call(Version(4, dialect))
         if reply.rv != 0:
             conn.close()
-            raise BackendError(f"pcscd refused protocol 4:{self.dialect}: {rv_name(reply.rv)}",
+            if again and reply.major == 4 and reply.minor != dialect:
+                # pcscd was restarted as another release before the watcher noticed
+                self.dialect = await self.discover()
+                log.info("pcscd.dialect_changed", socket=self.path, was=f"4:{dialect}",
+                         now=f"4:{self.dialect}")
+                return await self._open(again=False)
+            raise BackendError(f"pcscd refused protocol 4:{dialect}: {rv_name(reply.rv)}",
                                SCARD_E_NO_SERVICE)
         return conn
 
@@ -194,7 +201,7 @@ class PcscdBackend(Backend):
         async with self._lock:
             if self._poller is None:
                 return
-            if self.dialect >= 6:
+            if self._poller.reader.dialect >= 6:  # the dialect this socket was opened in
                 await self._poller.call(GetReadersStateSize())
                 states = await self._poller.call(GetReadersStateArray())
             else:
@@ -216,7 +223,7 @@ class PcscdBackend(Backend):
                 self.up.set()
                 while True:
                     watcher.send(WaitReaderStateChange())
-                    if self.dialect < 6:
+                    if watcher.reader.dialect < 6:
                         await watcher.next_reply()  # the array dump; refresh reads it all
                     await self.refresh()  # catches changes made before we registered
                     wake = await watcher.next_reply()

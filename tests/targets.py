@@ -458,8 +458,10 @@ class Process:
         return Path(self.log_path).read_text()
 
 
-def write_server_config(directory, ca, port, backend="pcscd", extra="", name="server.yaml"):
+def write_server_config(directory, ca, port, backend="pcscd", extra="", name="server.yaml",
+                        backend_socket=None):
     path = os.path.join(directory, name)
+    sock = f", socket: {backend_socket}" if backend_socket else ""
     Path(path).write_text(f"""\
 log: {{level: info}}
 server:
@@ -468,7 +470,7 @@ server:
   key: {ca}/host-key.pem
   ca: {ca}/ca.pem
   crl: {ca}/crl.pem
-  backend: {{type: {backend}}}
+  backend: {{type: {backend}{sock}}}
   limits: {{keepalive_interval: 1s, keepalive_timeout: 3s}}
 {extra}""")
     return path
@@ -521,15 +523,17 @@ class BridgeTarget(Target):
 
     name = "bridge"
 
-    def __init__(self, inner: Target, directory: str):
+    def __init__(self, inner: Target, directory: str, backend_socket: str | None = None):
         super().__init__(os.path.join(directory, "agent.sock"), inner.readers)
         self.inner, self.dir = inner, directory
+        self.backend_socket = backend_socket  # pcscd's socket, if not the default one
         self.server = self.agent = None
 
     def start(self) -> None:
         ca = make_pki(self.dir)
         port = free_port()
-        conf = write_server_config(self.dir, ca, port, extra=self.POLICY)
+        conf = write_server_config(self.dir, ca, port, extra=self.POLICY,
+                                   backend_socket=self.backend_socket)
         self.server = Process(["server", "-c", conf], os.path.join(self.dir, "server.log"))
         wait_port(port)
         self.agent = Process(["client", "-c", write_client_config(
