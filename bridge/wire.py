@@ -214,6 +214,7 @@ _SENDER = {
 }
 _CONNECTION_FRAMES = frozenset({FrameType.HELLO, FrameType.STATE, FrameType.PING,
                                 FrameType.PONG, FrameType.GOAWAY})
+_CONNECTION_TYPES = frozenset(int(k) for k in _CONNECTION_FRAMES)
 
 
 def encode_frame(frame_type: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -311,7 +312,7 @@ class Connection:
         self._streams: dict[int, _Stream] = {}
         self._highest = 0            # highest stream id opened so far (ids odd, increasing)
         self._buf = bytearray()      # at most one incomplete frame
-        self._receivers = {
+        receivers = {
             FrameType.HELLO: self._on_hello, FrameType.OPEN: self._on_open,
             FrameType.OPENED: self._on_opened, FrameType.REFUSED: self._on_refused,
             FrameType.CALL: self._on_call, FrameType.REPLY: self._on_reply,
@@ -319,6 +320,15 @@ class Connection:
             FrameType.PING: self._on_ping, FrameType.PONG: self._on_pong,
             FrameType.GOAWAY: self._on_goaway,
         }
+        # what the peer may send now, by type number: one lookup checks type, direction
+        # and the HELLO-first rule; swapped for _after_hello when the peer's HELLO is in
+        allowed = {int(k): h for k, h in receivers.items()
+                   if _SENDER[k] in (None, self.peer_role)}
+        self._before_hello = {k: allowed[k] for k in (FrameType.HELLO, FrameType.GOAWAY)}
+        self._after_hello = {k: h for k, h in allowed.items() if k != FrameType.HELLO}
+        self._accept = self._before_hello
+        self._limit = max_frame - 4          # the largest acceptable length field
+        self.peer_max_frame = MIN_MAX_FRAME  # what we may send until the peer's HELLO
         self._senders = {
             Hello: self._send_hello, Open: self._send_open, Opened: self._send_opened,
             Refused: self._send_refused, Reply: self._send_reply,
@@ -331,12 +341,6 @@ class Connection:
     def version(self) -> int | None:
         """The wire revision in use: the lower of both HELLOs (None before the peer's)."""
         return min(WIRE_VERSION, self.peer_hello.version) if self.peer_hello else None
-
-    @property
-    def peer_max_frame(self) -> int:
-        if self.peer_hello and self.peer_hello.max_frame:
-            return self.peer_hello.max_frame
-        return MIN_MAX_FRAME
 
     @property
     def buffered(self) -> int:
@@ -380,15 +384,23 @@ class Connection:
                 if have < 4 or have < self._check_head(buf, 0, have):
                     return events
                 with memoryview(buf) as frame:
-                    self._dispatch(frame, 0, have, events)
+                    _, kind, sid = HEAD.unpack_from(frame)
+                    self._accept[kind](sid, frame[HEAD_SIZE:have], events)
                 buf.clear()
-            while n - pos >= 4:
-                want = self._check_head(view, pos, n - pos)
-                if n - pos < want:
+            unpack, connection_frames = HEAD.unpack_from, _CONNECTION_TYPES
+            while n - pos >= HEAD_SIZE:
+                length, kind, sid = unpack(view, pos)
+                handler = self._accept.get(kind)
+                if handler is None or not 5 <= length <= self._limit or (
+                        kind in connection_frames) != (sid == 0):
+                    self._check_head(view, pos, HEAD_SIZE)   # raises the precise error
+                end = pos + 4 + length
+                if end > n:
                     break
-                self._dispatch(view, pos, pos + want, events)
-                pos += want
+                handler(sid, view[pos + HEAD_SIZE:end], events)
+                pos = end
             if pos < n:
+                self._check_head(view, pos, n - pos)
                 buf += view[pos:]
         except WireError as exc:
             self._buf = bytearray()
@@ -415,10 +427,13 @@ class Connection:
         return pos
 
     def _check_head(self, data, pos: int, avail: int) -> int:
-        """Check as much of a frame's header as ``avail`` bytes show; return its full size."""
+        """Check as much of a frame's header as ``avail`` bytes show (at least the length
+        field); raise WireError naming what is wrong, else return the frame's full size."""
+        if avail < 4:
+            return 4
         length = _U32.unpack_from(data, pos)[0]
-        if length < 5 or length > self.max_frame - 4:
-            raise WireError(f"frame length {length} outside 5..{self.max_frame - 4}",
+        if length < 5 or length > self._limit:
+            raise WireError(f"frame length {length} outside 5..{self._limit}",
                             Reason.LIMIT if length >= 5 else Reason.PROTOCOL_ERROR)
         if avail >= HEAD_SIZE:
             _, kind, sid = HEAD.unpack_from(data, pos)
@@ -437,10 +452,6 @@ class Connection:
                 raise WireError("second HELLO")
         return length + 4
 
-    def _dispatch(self, data, start: int, end: int, events: list) -> None:
-        _, kind, sid = HEAD.unpack_from(data, start)
-        self._receivers[kind](sid, data[start + HEAD_SIZE:end], events)
-
     def _unknown(self, sid: int, kind: int, events: list) -> None:
         """A frame for a stream not open: late (closed earlier) or never opened."""
         if sid & 1 and sid <= self._highest or kind in (FrameType.CLOSE, FrameType.REFUSED):
@@ -458,6 +469,9 @@ class Connection:
         if hello.role != self.peer_role.value:
             raise WireError(f"HELLO role {hello.role!r}, expected {self.peer_role.value!r}")
         self.peer_hello = hello
+        self._accept = self._after_hello
+        if hello.max_frame:
+            self.peer_max_frame = hello.max_frame
         events.append(hello)
 
     def _on_open(self, sid, payload, events):
@@ -567,17 +581,25 @@ class Connection:
     # --- sending ------------------------------------------------------------------------------
     def send(self, event: Event) -> bytes:
         """Encode ``event`` as one frame after checking it is allowed now."""
-        if type(event) is Call:   # the hot path: one pack, one concatenation
+        kind = type(event)
+        if kind is Call or kind is Reply:   # the hot path: one pack, one concatenation
             stream = self._streams.get(event.stream_id)
-            if stream is None or stream.pending or self.role is not Role.CLIENT or self.error:
-                raise LocalProtocolError(f"CALL on stream {event.stream_id} not allowed now")
+            if kind is Call:
+                if stream is None or stream.pending or self.role is not Role.CLIENT:
+                    raise LocalProtocolError(f"CALL on stream {event.stream_id} not allowed now")
+            elif stream is None or not stream.pending or stream.state is not StreamState.OPEN \
+                    or self.role is not Role.SERVER:
+                raise LocalProtocolError(f"REPLY on stream {event.stream_id} not allowed now "
+                                         "(no call pending, or OPENED not sent)")
             payload = event.payload
-            if len(payload) + HEAD_SIZE > self.peer_max_frame:
-                raise LocalProtocolError(f"CALL of {len(payload)} bytes exceeds the peer's "
-                                         f"max_frame {self.peer_max_frame}")
-            stream.pending = True
-            return HEAD.pack(len(payload) + 5, FrameType.CALL, event.stream_id) + payload
-        sender = self._senders.get(type(event))
+            if len(payload) + HEAD_SIZE > self.peer_max_frame or self.error:
+                raise LocalProtocolError(f"{kind.__name__.upper()} of {len(payload)} bytes "
+                                         f"exceeds the peer's max_frame {self.peer_max_frame}"
+                                         if not self.error else "the connection failed")
+            stream.pending = kind is Call
+            return HEAD.pack(len(payload) + 5, 3 if kind is Call else 4, event.stream_id) \
+                + payload
+        sender = self._senders.get(kind)
         if sender is None:
             raise LocalProtocolError(f"{type(event).__name__} cannot be sent")
         if self.error is not None and type(event) is not GoAway:
