@@ -311,6 +311,7 @@ class LimitsConfig:
     keepalive_interval: float = _f(DURATION, 5.0)
     keepalive_timeout: float = _f(DURATION, 15.0)
     call_timeout: float | None = _f(DURATION, None, nullable=True)
+    drain_timeout: float = _f(DURATION, 5.0)
 
     def __post_init__(self):
         if not MIN_MAX_FRAME <= self.max_frame <= MAX_MAX_FRAME:
@@ -404,15 +405,6 @@ class ClientConfig:
     def __post_init__(self):
         if self.server_name is None:
             object.__setattr__(self, "server_name", self.server.host)
-
-
-@dataclass(frozen=True)
-class Config:
-    """What ``load`` returns: the log section and the requested section."""
-
-    log: LogConfig
-    server: ServerConfig | None = None
-    client: ClientConfig | None = None
 
 
 SECTIONS = {"log": LogConfig, "server": ServerConfig, "client": ClientConfig}
@@ -622,12 +614,6 @@ def load_server_config(path: str, overrides: Mapping[str, Any] | None = None) ->
 def load_client_config(path: str, overrides: Mapping[str, Any] | None = None) -> ClientConfig:
     """The whole file checked; its ``client:`` section (required) and ``log:``."""
     return _Loader(path, overrides).load("client")
-
-
-def load(path: str, section: str, overrides: Mapping[str, Any] | None = None) -> Config:
-    """``cfg.log`` and ``cfg.server`` or ``cfg.client``, for callers that want both."""
-    sub = (load_server_config if section == "server" else load_client_config)(path, overrides)
-    return Config(log=sub.log, **{section: sub})
 
 
 def apply_overrides(cfg, overrides: Mapping[str, Any]):

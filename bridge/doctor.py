@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
 
-from . import config, tls
-from .link import Frame, FrameReader, hello, properties
+from . import __version__, config, tls
+from .wire import Connection, GoAway, Hello, Reason
 
 LIST_READERS = """
 from smartcard import scard as s
@@ -44,25 +47,69 @@ def _cert_expiry(path: str) -> str | None:
     return f"certificate {path} valid until {end:%Y-%m-%d} ({days} days)"
 
 
-async def _reach(c) -> dict:
+async def _reach(c: config.ClientConfig) -> Hello:
+    """TLS and both HELLOs, as the agent does them; the server's HELLO."""
     ctx = tls.client_context(c.cert, c.key, c.ca, c.tls_min_version)
-    host, port = c.server
     reader, writer = await asyncio.wait_for(asyncio.open_connection(
-        host, port, ssl=ctx, server_hostname=c.server_name or host), c.connect_timeout)
-    writer.write(hello(software="pcsc-bridge doctor", role="doctor"))
-    frames = FrameReader()
+        c.server.host, c.server.port, ssl=ctx, server_hostname=c.server_name),
+        c.connect_timeout)
+    conn = Connection("client")
+    writer.write(conn.send(Hello(software=f"pcsc-bridge {__version__} doctor")))
     try:
         while True:
             data = await asyncio.wait_for(reader.read(65536), c.connect_timeout)
             if not data:
                 raise ConnectionError("the server closed the connection (refused this guest?)")
-            for kind, _, payload in frames.feed(data):
-                if kind == Frame.HELLO:
-                    return properties(payload)
-                if kind == Frame.GOAWAY:
-                    raise ConnectionError(f"the server refused: {payload.decode()}")
+            for event in conn.receive_data(data):
+                if isinstance(event, Hello):
+                    writer.write(conn.send(GoAway(0, Reason.NORMAL, "doctor done")))
+                    return event
+                if isinstance(event, GoAway):
+                    raise ConnectionError(f"the server refused: {event.text}")
     finally:
         writer.close()
+
+
+PROBE = "from smartcard import scard as s; s.SCardEstablishContext(s.SCARD_SCOPE_USER)"
+_VERSION_CALL = struct.Struct("=IIiiI")   # header {size, command}, version_struct
+
+
+def library_dialect(timeout: float = 10.0) -> str:
+    """The pcsc-lite protocol this guest's client library (libpcsclite, through pyscard)
+    speaks: the CMD_VERSION it sends first, caught on a private socket."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "probe.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+            srv.bind(path)
+            srv.listen(1)
+            srv.settimeout(timeout)
+            proc = subprocess.Popen([sys.executable, "-c", PROBE],
+                                    env={**os.environ, "PCSCLITE_CSOCK_NAME": path},
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                app, _ = srv.accept()
+                with app:
+                    app.settimeout(timeout)
+                    data = b""
+                    while len(data) < _VERSION_CALL.size:
+                        chunk = app.recv(_VERSION_CALL.size - len(data))
+                        if not chunk:
+                            break
+                        data += chunk
+            except OSError as exc:
+                err = proc.stderr.read().decode(errors="replace").strip().splitlines() \
+                    if proc.poll() is not None else []
+                raise OSError(err[-1] if err else f"no client library call ({exc})") from None
+            finally:
+                proc.kill()
+                proc.wait()
+                proc.stderr.close()
+    if len(data) < _VERSION_CALL.size:
+        raise OSError("the client library closed its socket early")
+    size, command, major, minor, _ = _VERSION_CALL.unpack(data)
+    if command != 0x11 or size != 12:
+        raise OSError(f"the client library began with command 0x{command:02X}, not CMD_VERSION")
+    return f"{major}:{minor}"
 
 
 def run(args) -> int:
@@ -77,12 +124,11 @@ def run(args) -> int:
         print(f"FAIL {text}")
 
     try:
-        cfg = config.load(args.config, "client")
+        c = config.load_client_config(args.config)
         ok(f"configuration {args.config}")
     except config.ConfigError as exc:
         bad(str(exc))
         return 1
-    c = cfg.client
     for path in (c.cert, c.ca):
         try:
             line = _cert_expiry(path)
@@ -94,18 +140,28 @@ def run(args) -> int:
         ok(f"key {c.key} is private and matches the certificate")
     except tls.TLSConfigError as exc:
         bad(str(exc))
+    backend_dialect = None
     try:
-        props = asyncio.run(_reach(c))
-        ok(f"server {c.server[0]}:{c.server[1]} reached; it knows this guest as "
-           f"{props.get('guest')!r}, backend {props.get('backend')} "
-           f"(pcsc-lite protocol {props.get('dialect') or 'n/a'})")
+        hello = asyncio.run(_reach(c))
+        backend_dialect = hello.dialect
+        ok(f"server {c.server} reached ({hello.software or 'unknown software'}); it knows "
+           f"this guest as {hello.extra.get('guest')!r}, backend {hello.extra.get('backend')}"
+           f", backend dialect {backend_dialect or 'n/a'} (pcsc-lite protocol)")
     except Exception as exc:  # noqa: BLE001 - every failure is reported in words
         reason = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
-        bad(f"cannot reach the server {c.server[0]}:{c.server[1]}: {reason}")
+        bad(f"cannot reach the server {c.server}: {reason}")
+    try:
+        dialect = library_dialect()
+        note = "" if not backend_dialect or dialect == backend_dialect else \
+            f"; the agent translates to the backend's {backend_dialect}"
+        ok(f"applications here (pyscard's libpcsclite) speak dialect {dialect}{note}")
+    except (OSError, subprocess.SubprocessError) as exc:
+        bad(f"cannot tell the dialect of this guest's client library: {exc}")
     if not os.path.exists(c.socket):
         bad(f"the agent's socket {c.socket} does not exist: is `pcsc-bridge client` running?")
     else:
-        out = subprocess.run([sys.executable, "-c", LIST_READERS], capture_output=True,
+        out = subprocess.run([sys.executable, "-c", LIST_READERS], check=False,
+                             capture_output=True,
                              text=True, timeout=30,
                              env={**os.environ, "PCSCLITE_CSOCK_NAME": c.socket})
         if out.returncode == 0:

@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from .link import ALPN
+from .wire import ALPN
 
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # forward secrecy and AEAD only, when 1.2 is on

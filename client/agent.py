@@ -1,9 +1,11 @@
 """The guest agent's backend: one mutual-TLS session to the host server, many streams.
 
 Applications are served by the façade (bridge/facade.py) on the guest's Unix socket; their
-card calls become streams on this session. The agent serves its socket even while the
-server is unreachable: calls then fail fast with SCARD_E_NO_SERVICE. It reconnects with
-capped exponential backoff and jitter; keepalive notices a dead link within the configured
+card calls become streams on this session, spoken through ``pcsc_bridge.wire.Connection``
+(docs/wire-protocol.md). A stream's OPEN travels in the same write as its first CALL, so
+opening costs no round trip. The agent serves its socket even while the server is
+unreachable: calls then fail fast with SCARD_E_NO_SERVICE. It reconnects with capped
+exponential backoff and jitter; keepalive notices a dead link within the configured
 timeout, and every pending call on it returns SCARD_E_NO_SERVICE then.
 """
 
@@ -18,7 +20,6 @@ import time
 
 from pcsc_bridge import __version__, log
 from pcsc_bridge.facade import AppInfo, Backend, BackendError, ReaderModel, Stream
-from pcsc_bridge.link import Frame, FrameReader, LinkError, frame, hello, ping, properties
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
     WIRE,
@@ -28,20 +29,51 @@ from pcsc_bridge.pcsc import (
     ReplyReader,
     encode_request,
 )
+from pcsc_bridge.wire import (
+    DEFAULT_MAX_FRAME,
+    Call,
+    Close,
+    Connection,
+    GoAway,
+    Hello,
+    LocalProtocolError,
+    Open,
+    Opened,
+    Ping,
+    Pong,
+    Reason,
+    Refused,
+    Reply,
+    StateUpdate,
+    StreamError,
+    WireError,
+)
 
 
 class Link(asyncio.Protocol):
-    """One TLS connection to the server, after both HELLOs."""
+    """One TLS connection to the server."""
 
     def __init__(self, agent: RemoteBackend):
         self.agent = agent
-        self.reader = FrameReader(agent.max_frame)
+        self.conn = Connection("client", max_frame=agent.max_frame)
         self.transport = None
-        self.hello: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.pending: dict[int, tuple[asyncio.Future, ReplyReader]] = {}
-        self.server_props: dict = {}
+        loop = asyncio.get_running_loop()
+        self.hello: asyncio.Future = loop.create_future()   # the server's Hello
+        self.closed: asyncio.Future = loop.create_future()
+        self.pending: dict[int, tuple[asyncio.Future, RemoteStream]] = {}
         self.last_rx = time.monotonic()
-        self.closed = asyncio.get_running_loop().create_future()
+        self.sent = False             # wrote something since the last keepalive tick
+        self.dead = False             # no more calls: lost, dropped or closing
+        self.goaway: GoAway | None = None
+        self._handlers = {
+            Reply: self._on_reply, StateUpdate: self._on_state, Opened: _ignore,
+            Refused: self._on_gone, Close: self._on_gone, StreamError: self._on_stream_error,
+            Ping: self._on_ping, Pong: _ignore, Hello: self._on_hello, GoAway: self._on_goaway,
+        }
+
+    @property
+    def server_hello(self) -> Hello | None:
+        return self.conn.peer_hello
 
     def connection_made(self, transport):
         self.transport = transport
@@ -49,101 +81,168 @@ class Link(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.write(hello(software=f"pcsc-bridge {__version__}", role="agent",
-                              host=socket.gethostname()))
+        self.write(self.conn.send(Hello(software=f"pcsc-bridge {__version__}",
+                                        keepalive=self.agent.keepalive_interval,
+                                        extra={"host": socket.gethostname()})))
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+        self.sent = True
 
     def data_received(self, data):
+        if self.dead:
+            return
         self.last_rx = time.monotonic()
         try:
-            for kind, sid, payload in self.reader.feed(data):
-                self._frame(kind, sid, payload)
-        except (LinkError, ProtocolError) as exc:
+            events = self.conn.receive_data(data)
+        except WireError as exc:
+            self._dispatch(exc.events)
             log.error("link.protocol_error", error=str(exc))
-            self.transport.abort()
+            with contextlib.suppress(LocalProtocolError):
+                self.write(self.conn.send(GoAway(self.conn.last_stream_id, exc.code, str(exc))))
+            self.drop(f"protocol error from the server: {exc}")
+            return
+        self._dispatch(events)
 
-    def _frame(self, kind, sid, payload):
-        if kind == Frame.REPLY:
-            entry = self.pending.pop(sid, None)
-            if entry is None:
-                raise LinkError(f"REPLY on stream {sid} with no call pending")
-            fut, reader = entry
-            msgs = reader.feed(payload)
-            if len(msgs) != 1:
-                raise LinkError(f"REPLY on stream {sid} does not hold one reply")
+    def _dispatch(self, events):
+        handlers = self._handlers
+        for event in events:
+            handlers[type(event)](event)
+
+    def _on_reply(self, event: Reply):
+        entry = self.pending.pop(event.stream_id, None)
+        if entry is None:
+            return                    # its call timed out: the stream is closed already
+        fut, stream = entry
+        reader = stream.reader
+        try:
+            msgs = reader.feed(event.payload)
+            if len(msgs) != 1 or reader.buffered:
+                raise ProtocolError("a REPLY must carry exactly one pcsc-lite reply")
+        except ProtocolError as exc:
+            log.error("stream.protocol_error", stream=event.stream_id, error=str(exc))
+            self.write(self.conn.send(Close(event.stream_id, Reason.PCSC_ERROR, str(exc))))
             if not fut.done():
-                fut.set_result(msgs[0])
-        elif kind == Frame.STATE:
-            self.agent.model.update(ReaderStates.unpack(payload, WIRE).states)
-        elif kind in (Frame.REFUSED, Frame.CLOSE):
-            reason = payload.decode("utf-8", "replace")
-            self.agent.dead_streams.add(sid)
-            entry = self.pending.pop(sid, None)
-            if entry and not entry[0].done():
-                entry[0].set_exception(BackendError(f"server closed the stream: {reason}"))
-            log.info("stream.closed_by_server", stream=sid, reason=reason)
-        elif kind == Frame.PING:
-            self.transport.write(frame(Frame.PONG, 0, payload))
-        elif kind == Frame.PONG:
-            pass
-        elif kind == Frame.HELLO:
-            self.server_props = properties(payload)
-            if not self.hello.done():
-                self.hello.set_result(self.server_props)
-        elif kind == Frame.GOAWAY:
-            log.warning("link.goaway", reason=payload.decode("utf-8", "replace"))
-            self.transport.close()
-        else:
-            raise LinkError(f"unexpected frame {Frame(kind).name} from the server")
+                fut.set_exception(BackendError(f"bad reply from the server: {exc}"))
+            return
+        if not fut.done():
+            fut.set_result(msgs[0])
 
-    def connection_lost(self, exc):
-        error = BackendError("connection to the server lost", SCARD_E_NO_SERVICE)
-        for fut, _ in self.pending.values():
+    def _on_state(self, event: StateUpdate):
+        self.agent.model.update(ReaderStates.unpack(event.states, WIRE).states)
+
+    def _on_gone(self, event: Refused | Close):
+        self._fail(event.stream_id, f"the server closed the stream: "
+                   f"{getattr(event.code, 'name', event.code)} {event.text}".rstrip())
+
+    def _on_stream_error(self, event: StreamError):
+        log.error("stream.protocol_error", stream=event.stream_id, error=event.text)
+        self.write(self.conn.send(Close(event.stream_id, event.code, event.text)))
+        self._fail(event.stream_id, f"protocol error from the server: {event.text}")
+
+    def _fail(self, sid: int, reason: str, rv: int = SCARD_E_NO_SERVICE):
+        entry = self.pending.pop(sid, None)
+        log.info("stream.closed_by_server", stream=sid, reason=reason)
+        if entry and not entry[0].done():
+            entry[0].set_exception(BackendError(reason, rv))
+
+    def _on_ping(self, event: Ping):
+        self.write(self.conn.send(Pong(event.token)))
+
+    def _on_hello(self, event: Hello):
+        if not self.hello.done():
+            self.hello.set_result(event)
+
+    def _on_goaway(self, event: GoAway):
+        self.goaway = event
+        reason = f"{getattr(event.code, 'name', event.code)}: {event.text}".rstrip(": ")
+        if not self.hello.done():     # refused before HELLO
+            self.hello.set_exception(ConnectionError(f"the server refused: {reason}"))
+            return
+        log.warning("server.goaway", last_stream=event.last_stream_id, reason=reason)
+        for sid in [s for s in self.pending if self.conn.stream_state(s) is None]:
+            self._fail(sid, f"not served: the server is going away ({reason})")
+        self.agent.going_away(self)
+
+    def drop(self, reason: str) -> None:
+        """End this link now: pending calls fail at once, then the connection closes."""
+        self._lost(BackendError(reason, SCARD_E_NO_SERVICE))
+        self.transport.close()
+
+    def _lost(self, error: BackendError) -> None:
+        self.dead = True
+        pending, self.pending = self.pending, {}
+        for fut, _ in pending.values():
             if not fut.done():
                 fut.set_exception(error)
-        self.pending.clear()
+
+    def connection_lost(self, exc):
+        self._lost(BackendError("connection to the server lost", SCARD_E_NO_SERVICE))
         if not self.hello.done():
-            self.hello.set_exception(ConnectionError(str(exc) if exc else "closed"))
+            self.hello.set_exception(ConnectionError(str(exc) if exc else
+                                                     "the server closed the connection"))
         if not self.closed.done():
             self.closed.set_result(exc)
 
-    def send(self, kind, sid, payload=b""):
-        self.transport.write(frame(kind, sid, payload))
-
 
 class RemoteStream(Stream):
-    def __init__(self, agent: RemoteBackend, link: Link, sid: int):
-        self.agent, self.link, self.id = agent, link, sid
+    """One application's card calls; its OPEN goes out with its first CALL."""
+
+    __slots__ = ("agent", "app", "id", "link", "reader")
+
+    def __init__(self, agent: RemoteBackend, link: Link, app: AppInfo):
+        self.agent, self.link, self.app = agent, link, app
+        self.id = 0                             # given with the first call
+        self.reader = ReplyReader(6, WIRE)      # card replies: the same in every dialect
 
     async def call(self, msg: Message) -> Message:
         link = self.link
-        if link is not self.agent.link or self.id in self.agent.dead_streams:
+        if link.dead:
             raise BackendError("the session this application's context lived on is gone")
-        reader = ReplyReader(6, WIRE)
-        reader.expect(msg)
+        conn = link.conn
+        payload = encode_request(msg, WIRE)
+        try:
+            if self.id:
+                data = conn.send(Call(self.id, payload))
+            else:
+                if link.goaway is not None:
+                    raise BackendError("the server is going away")
+                sid = conn.next_stream_id
+                app = self.app
+                data = conn.send(Open(sid, 4, app.dialect or 4, app.pid, app.uid)) \
+                    + conn.send(Call(sid, payload))
+                self.id = sid
+        except LocalProtocolError:
+            raise BackendError("the server closed this application's stream") from None
+        self.reader.expect(msg)
         fut = asyncio.get_running_loop().create_future()
-        link.pending[self.id] = (fut, reader)
-        link.transport.write(frame(Frame.CALL, self.id, encode_request(msg, WIRE)))
-        if self.agent.call_timeout:
-            try:
-                return await asyncio.wait_for(fut, self.agent.call_timeout)
-            except asyncio.TimeoutError:
-                link.pending.pop(self.id, None)
-                self.agent.dead_streams.add(self.id)
-                link.send(Frame.CLOSE, self.id, b"call timeout")
-                raise BackendError("no reply from the server within call_timeout") from None
-        return await fut
+        link.pending[self.id] = (fut, self)
+        link.write(data)
+        timeout = self.agent.call_timeout
+        if not timeout:
+            return await fut
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            link.pending.pop(self.id, None)
+            if not link.dead:
+                with contextlib.suppress(LocalProtocolError):
+                    link.write(conn.send(Close(self.id, Reason.TIMEOUT, "call timeout")))
+            raise BackendError("no reply from the server within call_timeout") from None
 
     async def close(self) -> None:
-        self.agent.dead_streams.discard(self.id)
-        if self.link is self.agent.link and not self.link.closed.done():
-            self.link.send(Frame.CLOSE, self.id)
+        link = self.link
+        if self.id and not link.dead and link.conn.stream_state(self.id) is not None:
+            link.pending.pop(self.id, None)
+            with contextlib.suppress(LocalProtocolError):
+                link.write(link.conn.send(Close(self.id)))
 
 
 class RemoteBackend(Backend):
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext, server_name: str,
                  connect_timeout=5.0, reconnect_initial=0.5, reconnect_max=30.0,
                  keepalive_interval=5.0, keepalive_timeout=15.0, call_timeout=None,
-                 max_frame=131072):
+                 max_frame=DEFAULT_MAX_FRAME):
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.server_name = server_name
@@ -153,23 +252,26 @@ class RemoteBackend(Backend):
         self.call_timeout = call_timeout
         self.max_frame = max_frame
         self.model = ReaderModel()
-        self.link: Link | None = None
+        self.link: Link | None = None         # the link new streams go to
         self.connecting = asyncio.Event()
-        self.dead_streams: set[int] = set()
-        self._next_sid = 1
-        self._task: asyncio.Task | None = None
         self.connected = asyncio.Event()
+        self._task: asyncio.Task | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
+        """Agent shutdown: GOAWAY to the server, then close."""
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self.link:
-            self.link.transport.close()
+        link = self.link
+        if link and not link.dead:
+            with contextlib.suppress(LocalProtocolError):
+                link.write(link.conn.send(GoAway(link.conn.last_stream_id, Reason.NORMAL,
+                                                 "agent shutting down")))
+            link.drop("agent shutting down")
 
     async def open_stream(self, app: AppInfo) -> Stream:
         if self.link is None and self.connecting.is_set():
@@ -177,15 +279,21 @@ class RemoteBackend(Backend):
                 await asyncio.wait_for(self.connected.wait(), min(self.connect_timeout, 2.0))
         link = self.link
         if link is None:
-            raise BackendError(f"no session to the server {self.host}:{self.port}")
-        sid = self._next_sid
-        self._next_sid += 2
-        link.send(Frame.OPEN, sid, b'{"dialect":%d,"pid":%d,"uid":%d}' % (
-            app.dialect or 0, app.pid or 0, app.uid if app.uid is not None else -1))
-        log.info("app.stream", app=app.id, pid=app.pid, stream=sid,
+            raise BackendError(f"no session to the server {self.server}")
+        log.info("app.stream", app=app.id, pid=app.pid,
                  dialect=f"4:{app.dialect}" if app.dialect else None,
-                 server_backend=link.server_props.get("dialect"))
-        return RemoteStream(self, link, sid)
+                 backend_dialect=link.server_hello.dialect)
+        return RemoteStream(self, link, app)
+
+    @property
+    def server(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def going_away(self, link: Link) -> None:
+        """The server sent GOAWAY: new streams wait for the next connection."""
+        if self.link is link:
+            self.link = None
+            self.connected.clear()
 
     async def _connect(self) -> Link:
         loop = asyncio.get_running_loop()
@@ -209,10 +317,11 @@ class RemoteBackend(Backend):
                 link = await self._connect()
             except (OSError, asyncio.TimeoutError, ssl.SSLError, ConnectionError) as exc:
                 self.connecting.clear()
-                reason = str(exc) or type(exc).__name__
+                reason = getattr(exc, "verify_message", None) or str(exc) \
+                    or type(exc).__name__
                 if reason != announced:
-                    log.warning("server.unreachable", server=f"{self.host}:{self.port}",
-                                error=reason, retry=f"{delay:.1f}s")
+                    log.warning("server.unreachable", server=self.server, error=reason,
+                                retry=f"{delay:.1f}s")
                     announced = reason
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self.reconnect_max)
@@ -222,30 +331,39 @@ class RemoteBackend(Backend):
             delay = self.reconnect_initial
             self.link = link
             self.connected.set()
-            props = link.server_props
-            log.info("server.connected", server=f"{self.host}:{self.port}",
-                     guest=props.get("guest"), backend=props.get("backend"),
-                     backend_dialect=props.get("dialect"))
+            hello = link.server_hello
+            log.info("server.connected", server=self.server, guest=hello.extra.get("guest"),
+                     backend=hello.extra.get("backend"), backend_dialect=hello.dialect,
+                     software=hello.software, wire=link.conn.version)
             keepalive = asyncio.get_running_loop().create_task(self._keepalive(link))
             try:
                 await link.closed
             finally:
                 keepalive.cancel()
-                self.connected.clear()
-                self.link = None
-                self.dead_streams.clear()
+                if self.link is link:
+                    self.link = None
+                    self.connected.clear()
                 self.model.update(())
-            log.warning("server.disconnected", server=f"{self.host}:{self.port}")
+            log.warning("server.disconnected", server=self.server)
 
     async def _keepalive(self, link: Link) -> None:
+        """Drop a link silent past the timeout; PING after an interval of sending nothing
+        (the server's PONG then proves the link both ways)."""
         n = 0
+        tick = min(self.keepalive_interval, self.keepalive_timeout / 2)
         while True:
-            await asyncio.sleep(min(self.keepalive_interval, self.keepalive_timeout / 2))
+            await asyncio.sleep(tick)
             silent = time.monotonic() - link.last_rx
             if silent > self.keepalive_timeout:
-                log.warning("server.timeout", silent=f"{silent:.1f}s")
+                log.warning("server.timeout", server=self.server, silent=f"{silent:.1f}s")
+                link._lost(BackendError("the server stopped answering", SCARD_E_NO_SERVICE))
                 link.transport.abort()
                 return
-            n += 1
-            link.transport.write(ping(n))
+            if not link.sent:
+                n += 1
+                link.write(link.conn.send(Ping(n)))
+            link.sent = False
 
+
+def _ignore(_event) -> None:
+    pass

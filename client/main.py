@@ -24,27 +24,24 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def build(cfg) -> tuple[RemoteBackend, Facade]:
-    c = cfg.client
-    host, port = c.server
-    ctx = tls.client_context(c.cert, c.key, c.ca, c.tls_min_version)
-    backend = RemoteBackend(host, port, ctx, c.server_name or host, c.connect_timeout,
-                            c.reconnect.initial, c.reconnect.max, c.keepalive.interval,
-                            c.keepalive.timeout, c.call_timeout)
+def build(cfg: config.ClientConfig) -> tuple[RemoteBackend, Facade]:
+    ctx = tls.client_context(cfg.cert, cfg.key, cfg.ca, cfg.tls_min_version)
+    backend = RemoteBackend(cfg.server.host, cfg.server.port, ctx, cfg.server_name,
+                            cfg.connect_timeout, cfg.reconnect.initial, cfg.reconnect.max,
+                            cfg.keepalive.interval, cfg.keepalive.timeout, cfg.call_timeout)
     return backend, Facade(backend, "agent")
 
 
-async def serve(cfg) -> None:
-    c = cfg.client
+async def serve(cfg: config.ClientConfig) -> None:
     backend, facade = build(cfg)
     backend.start()
-    await facade.serve_unix(c.socket, c.socket_mode, c.socket_owner, c.socket_group)
+    await facade.serve_unix(cfg.socket, cfg.socket_mode, cfg.socket_owner, cfg.socket_group)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     sd_notify("READY=1")
-    log.info("agent.ready", socket=c.socket, server=f"{c.server[0]}:{c.server[1]}")
+    log.info("agent.ready", socket=cfg.socket, server=str(cfg.server))
     try:
         await stop.wait()
     finally:
@@ -52,7 +49,7 @@ async def serve(cfg) -> None:
         await facade.close()
         await backend.close()
         try:
-            os.unlink(c.socket)
+            os.unlink(cfg.socket)
         except OSError:
             pass
 
@@ -61,7 +58,7 @@ def run(args) -> int:
     over = {k: v for k, v in {"client.server": args.server, "client.socket": args.socket,
                               "log.level": args.log_level}.items() if v}
     try:
-        cfg = config.load(args.config, "client", over)
+        cfg = config.load_client_config(args.config, over)
         log.setup(cfg.log.level)
         asyncio.run(serve(cfg))
     except (config.ConfigError, tls.TLSConfigError) as exc:

@@ -92,10 +92,23 @@ class Server:
         log.info("server.reloaded")
 
     async def close(self) -> None:
+        """Graceful stop (SIGTERM): no new connections; every guest gets a GOAWAY, calls
+        under way finish (up to limits.drain_timeout), then the connections close."""
         for server in self.servers:
             server.close()
-        for s in list(self.sessions):
-            s.transport.close()
+        sessions = list(self.sessions)
+        for s in sessions:
+            s.go_away()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.drain_timeout
+        while any(not s.closed for s in sessions) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for s in sessions:
+            if not s.closed:
+                log.warning("guest.drain_timeout", guest=s.guest, peer=s.peer)
+                s.closed = True
+                s.transport.close()
+        await asyncio.sleep(0.05)   # let the TLS close_notify go out
 
 
 class _Accept(asyncio.Protocol):

@@ -47,24 +47,23 @@ def sd_notify(message: str) -> None:
             log.warning("sd_notify.failed", error=str(exc))
 
 
-def build(cfg) -> Server:
-    s = cfg.server
+def build(cfg: config.ServerConfig) -> Server:
     readers = None
-    if s.virtual.readers:
+    if cfg.virtual.readers:
         readers = [(r.name, None if r.card is None else Card(
             **({"atr": r.card.atr} if r.card.atr else {}),
-            aids=tuple(r.card.aids or DEFAULT_AIDS))) for r in s.virtual.readers]
-    backend = make_backend(s.backend.type, s.backend.socket, readers)
-    lim = s.limits
+            aids=tuple(r.card.aids or DEFAULT_AIDS))) for r in cfg.virtual.readers]
+    backend = make_backend(cfg.backend.type, cfg.backend.socket, readers)
+    lim = cfg.limits
     limits = Limits(lim.max_frame, lim.handshake_timeout, lim.keepalive_interval,
-                    lim.keepalive_timeout, lim.call_timeout)
+                    lim.keepalive_timeout, lim.call_timeout, lim.drain_timeout)
     policies = {name: Policy(tuple(p.readers), p.exclusive, p.direct,
                              p.control if isinstance(p.control, str) else tuple(p.control),
                              p.max_streams or lim.streams_per_guest, p.allow)
-                for name, p in (s.guests or {}).items()}
-    policies.setdefault("default", Policy(max_streams=lim.streams_per_guest))
-    return Server(backend, tls.ServerTLS(s.cert, s.key, s.ca, s.crl, s.tls_min_version),
-                  s.listen, policies, limits, lim.max_guests)
+                for name, p in cfg.guests.items()}
+    return Server(backend, tls.ServerTLS(cfg.cert, cfg.key, cfg.ca, cfg.crl,
+                                         cfg.tls_min_version),
+                  cfg.listen, policies, limits, lim.max_guests)
 
 
 async def serve(server: Server) -> None:
@@ -85,7 +84,7 @@ async def serve(server: Server) -> None:
 
 def run(args) -> int:
     try:
-        cfg = config.load(args.config, "server", overrides(args))
+        cfg = config.load_server_config(args.config, overrides(args))
         log.setup(cfg.log.level)
         server = build(cfg)
         asyncio.run(serve(server))

@@ -1,10 +1,12 @@
 """One guest's mutual-TLS session on the host: many streams, one backend stream each.
 
-Every CALL is parsed as a pcsc-lite request (little-endian on the wire) and checked like
-pcscd checks it, then against the guest's policy; only then does the backend see it. A
-stream that sends garbage is closed alone; a connection that breaks the framing is closed
-alone. The guest's reader-state array is pushed (STATE) whenever it changes — before the
-reply of the call that changed it, on the same ordered connection.
+The connection speaks pcsc-bridge/1 through ``pcsc_bridge.wire.Connection``
+(docs/wire-protocol.md). Every CALL is parsed as a pcsc-lite request (little-endian on the
+wire) and checked like pcscd checks it, then against the guest's policy; only then does
+the backend see it. A stream that sends garbage is closed alone (CLOSE with a reason); a
+connection that breaks the wire rules gets a GOAWAY and is closed alone. The guest's
+reader-state array is pushed (STATE) whenever it changes — before the reply of the call
+that changed it, on the same ordered connection.
 """
 
 from __future__ import annotations
@@ -15,46 +17,72 @@ import time
 
 from pcsc_bridge import log
 from pcsc_bridge.facade import AppInfo, Backend, BackendError
-from pcsc_bridge.link import (
-    DEFAULT_MAX_FRAME,
-    Frame,
-    FrameReader,
-    LinkError,
-    frame,
-    hello,
-    ping,
-    properties,
-    token,
-)
 from pcsc_bridge.pcsc import (
     WIRE,
+    BeginTransaction,
+    Connect,
+    Control,
+    Disconnect,
+    EndTransaction,
+    EstablishContext,
+    GetAttrib,
     Message,
     ProtocolError,
     ReaderStates,
+    Reconnect,
+    ReleaseContext,
     RequestReader,
+    SetAttrib,
+    Status,
+    Transmit,
     encode_reply,
     rv_name,
+)
+from pcsc_bridge.wire import (
+    ALPN,
+    DEFAULT_MAX_FRAME,
+    Call,
+    Close,
+    Connection,
+    GoAway,
+    Hello,
+    LocalProtocolError,
+    Open,
+    Opened,
+    Ping,
+    Pong,
+    Reason,
+    Refused,
+    Reply,
+    StateUpdate,
+    StreamError,
+    WireError,
 )
 
 from .policy import Policy
 
-CARD_CALLS = {"EstablishContext", "ReleaseContext", "Connect", "Reconnect", "Disconnect",
-              "BeginTransaction", "EndTransaction", "Transmit", "Control", "Status",
-              "GetAttrib", "SetAttrib"}
+# The calls that travel; the agent answers the others (version, reader states, waits,
+# SCARD_CANCEL) from the STATE it holds.
+CARD_CALLS = frozenset({EstablishContext, ReleaseContext, Connect, Reconnect, Disconnect,
+                        BeginTransaction, EndTransaction, Transmit, Control, Status,
+                        GetAttrib, SetAttrib})
+DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 .. 4:6; card calls are the same in all of them
 
 
 class Limits:
     def __init__(self, max_frame=DEFAULT_MAX_FRAME, handshake_timeout=10.0,
-                 keepalive_interval=5.0, keepalive_timeout=15.0, call_timeout=None):
+                 keepalive_interval=5.0, keepalive_timeout=15.0, call_timeout=None,
+                 drain_timeout=5.0):
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.call_timeout = call_timeout
+        self.drain_timeout = drain_timeout
 
 
 class ServerStream:
-    __slots__ = ("app", "backend_stream", "id", "queue", "reader", "task")
+    __slots__ = ("app", "backend_stream", "busy", "id", "opened", "queue", "reader", "task")
 
     def __init__(self, sid: int, app: AppInfo):
         self.id = sid
@@ -63,6 +91,8 @@ class ServerStream:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.backend_stream = None
         self.task: asyncio.Task | None = None
+        self.opened = False   # OPENED goes out in the same write as the first REPLY
+        self.busy = False     # a call is with the backend
 
 
 class GuestSession(asyncio.Protocol):
@@ -70,19 +100,26 @@ class GuestSession(asyncio.Protocol):
         self.server = server
         self.backend: Backend = server.backend
         self.limits: Limits = server.limits
-        self.reader = FrameReader(self.limits.max_frame)
+        self.conn: Connection | None = None
         self.transport = None
         self.guest = "?"
         self.peer = "?"
         self.policy: Policy | None = None
         self.streams: dict[int, ServerStream] = {}
-        self.ready = False
+        self.ready = False            # both HELLOs exchanged
+        self.going_away = False       # GOAWAY sent: no new streams, finishing the others
         self.last_rx = time.monotonic()
+        self.sent = False             # wrote something since the last keepalive tick
         self._sent_states = None
         self._unlisten = None
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         self._early = b""  # bytes that arrived before connection_made (after start_tls)
+        self._handlers = {
+            Call: self._on_call, Open: self._on_open, Close: self._on_close,
+            StreamError: self._on_stream_error, Ping: self._on_ping, Pong: _ignore,
+            Hello: self._on_hello, GoAway: self._on_goaway,
+        }
 
     # --- connection ---------------------------------------------------------------------
     def connection_made(self, transport):
@@ -92,31 +129,43 @@ class GuestSession(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object else None
         self.guest = self.server.identity(ssl_object)
-        if alpn != "pcsc-bridge/1":
-            return self.fail(f"peer did not negotiate ALPN pcsc-bridge/1 (got {alpn})")
+        if alpn != ALPN:
+            return self.fail(f"peer did not negotiate ALPN {ALPN} (got {alpn})")
         self.policy = self.server.policy_for(self.guest)
+        self.conn = Connection("server", self.limits.max_frame, self.policy.max_streams)
         if not self.policy.allow:
-            return self.fail("guest not allowed by policy")
+            return self.fail("guest not allowed by policy", Reason.POLICY)
         if not self.server.admit(self):
-            return self.fail("too many guests connected")
-        self._schedule_keepalive()
-        loop = asyncio.get_running_loop()
-        loop.call_later(self.limits.handshake_timeout, self._handshake_deadline)
+            return self.fail("too many guests connected", Reason.LIMIT)
+        self._timer = asyncio.get_running_loop().call_later(
+            self.limits.keepalive_interval, self._keepalive)
+        asyncio.get_running_loop().call_later(self.limits.handshake_timeout,
+                                              self._handshake_deadline)
         if self._early:
             early, self._early = self._early, b""
             self.data_received(early)
 
     def _handshake_deadline(self):
         if not self.ready and not self.closed:
-            self.fail("no HELLO within the handshake timeout")
+            self.fail("no HELLO within the handshake timeout", Reason.TIMEOUT)
 
-    def fail(self, reason: str):
+    def fail(self, reason: str, code: int = Reason.PROTOCOL_ERROR):
+        """End the connection: GOAWAY with ``code`` and ``reason`` (when the peer speaks
+        the wire protocol), then close. Before HELLO this is a refusal."""
         log.warning("guest.refused" if not self.ready else "guest.dropped",
                     guest=self.guest, peer=self.peer, reason=reason)
-        if self.transport and not self.closed:
-            with contextlib.suppress(Exception):
-                self.transport.write(frame(Frame.GOAWAY, 0, reason.encode()))
-            self.transport.abort() if not self.ready else self.transport.close()
+        if self.transport is None or self.closed:
+            return
+        if self.conn is None:
+            self.transport.abort()
+            return
+        with contextlib.suppress(LocalProtocolError):
+            self.transport.write(self.conn.send(GoAway(self.conn.last_stream_id, code, reason)))
+        self.closed = True
+        self.transport.close()
+        # a peer that does not answer the TLS close is cut off at the handshake bound
+        asyncio.get_running_loop().call_later(self.limits.handshake_timeout,
+                                              self.transport.abort)
 
     def connection_lost(self, exc):
         if self.transport is None:
@@ -137,83 +186,109 @@ class GuestSession(asyncio.Protocol):
         if self.transport is None:
             self._early += data
             return
+        if self.closed:
+            return
         self.last_rx = time.monotonic()
         try:
-            for kind, sid, payload in self.reader.feed(data):
-                self._frame(kind, sid, payload)
-        except LinkError as exc:
-            self.fail(f"framing error: {exc}")
-
-    def send(self, kind, sid, payload=b""):
-        if not self.closed:
-            self.transport.write(frame(kind, sid, payload))
-
-    # --- frames -------------------------------------------------------------------------
-    def _frame(self, kind, sid, payload):
-        if not self.ready:
-            if kind != Frame.HELLO:
-                raise LinkError("first frame must be HELLO")
-            props = properties(payload)
-            self.ready = True
-            log.info("guest.connected", guest=self.guest, peer=self.peer,
-                     agent=props.get("software"), backend=self.server.backend_name())
-            self.transport.write(hello(software=self.server.software, role="server",
-                                       guest=self.guest, backend=self.server.backend_name(),
-                                       dialect=self.server.backend_dialect(),
-                                       max_frame=self.limits.max_frame,
-                                       max_streams=self.policy.max_streams))
-            self._push_states()
-            self._unlisten = self.backend.model.listen(self._push_states)
+            events = self.conn.receive_data(data)
+        except WireError as exc:
+            self._dispatch(exc.events)
+            self.fail(f"protocol error: {exc}", exc.code)
             return
-        if kind == Frame.CALL:
-            stream = self.streams.get(sid)
-            if stream is None:
-                return self.send(Frame.REFUSED, sid, b"unknown stream")
-            try:
-                msgs = stream.reader.feed(payload)
-                if len(msgs) != 1 or stream.reader.buffered:
-                    raise ProtocolError("a CALL must carry exactly one request")
-                msg = msgs[0]
-                if type(msg).__name__ not in CARD_CALLS:
-                    raise ProtocolError(f"{type(msg).__name__} is answered by the agent")
-            except ProtocolError as exc:
-                log.warning("stream.protocol_error", guest=self.guest, stream=sid,
-                            error=str(exc))
-                self._end_stream(stream)
-                return self.send(Frame.REFUSED, sid, str(exc).encode())
-            stream.queue.put_nowait(msg)
-        elif kind == Frame.OPEN:
-            self._open(sid, payload)
-        elif kind == Frame.CLOSE:
-            stream = self.streams.get(sid)
-            if stream:
-                self._end_stream(stream)
-        elif kind == Frame.PING:
-            self.send(Frame.PONG, 0, payload if len(payload) == 8 else bytes(8))
-        elif kind == Frame.PONG:
-            token(payload)
-        elif kind == Frame.GOAWAY:
-            self.transport.close()
-        else:
-            raise LinkError(f"unexpected frame {Frame(kind).name} from an agent")
+        self._dispatch(events)
 
-    def _open(self, sid, payload):
-        if sid == 0 or sid in self.streams:
-            return self.send(Frame.REFUSED, sid, b"stream id in use")
-        if len(self.streams) >= self.policy.max_streams:
-            log.warning("stream.refused", guest=self.guest, reason="max_streams")
-            return self.send(Frame.REFUSED, sid, b"too many streams for this guest")
-        props = properties(payload)
-        app = AppInfo(props.get("pid"), props.get("uid"))
-        app.dialect = props.get("dialect")
+    def _dispatch(self, events):
+        handlers = self._handlers
+        for event in events:
+            if self.closed:
+                return
+            handlers.get(type(event), _ignore)(event)
+
+    def _write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+            self.sent = True
+
+    # --- events -------------------------------------------------------------------------
+    def _on_hello(self, hello: Hello):
+        self.ready = True
+        log.info("guest.connected", guest=self.guest, peer=self.peer, agent=hello.software,
+                 host=hello.extra.get("host"), wire=self.conn.version,
+                 backend=self.server.backend_name(), dialect=self.server.backend_dialect())
+        self._write(self.conn.send(Hello(
+            software=self.server.software, dialect=self.server.backend_dialect(),
+            keepalive=self.limits.keepalive_interval,
+            extra={"guest": self.guest, "backend": self.server.backend_name()})))
+        self._push_states()
+        self._unlisten = self.backend.model.listen(self._push_states)
+
+    def _on_open(self, event: Open):
+        sid = event.stream_id
+        if event.major != 4 or event.minor not in DIALECTS:
+            log.warning("stream.refused", guest=self.guest, stream=sid,
+                        dialect=f"{event.major}:{event.minor}", reason="unsupported dialect")
+            self._write(self.conn.send(Refused(
+                sid, Reason.UNSUPPORTED, f"pcsc-lite protocol {event.major}:{event.minor} "
+                "is not served (4:4 to 4:6 are)")))
+            return
+        app = AppInfo(event.pid, event.uid)
+        app.dialect = event.minor
         stream = ServerStream(sid, app)
         self.streams[sid] = stream
         stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
 
+    def _on_call(self, event: Call):
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        reader = stream.reader
+        try:
+            msgs = reader.feed(event.payload)
+            if len(msgs) != 1 or reader.buffered:
+                raise ProtocolError("a CALL must carry exactly one pcsc-lite request")
+            msg = msgs[0]
+            if type(msg) not in CARD_CALLS:
+                raise ProtocolError(f"{type(msg).__name__} is answered by the agent")
+        except ProtocolError as exc:
+            log.warning("stream.protocol_error", guest=self.guest, stream=stream.id,
+                        error=str(exc))
+            self._close_stream(stream, Reason.PCSC_ERROR, str(exc))
+            return
+        stream.busy = True
+        stream.queue.put_nowait(msg)
+
+    def _on_close(self, event: Close):
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            self._end_stream(stream)
+
+    def _on_stream_error(self, event: StreamError):
+        log.warning("stream.protocol_error", guest=self.guest, stream=event.stream_id,
+                    error=event.text)
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            self._end_stream(stream)
+        self._write(self.conn.send(Close(event.stream_id, event.code, event.text)))
+
+    def _on_ping(self, event: Ping):
+        self._write(self.conn.send(Pong(event.token)))
+
+    def _on_goaway(self, event: GoAway):
+        log.info("guest.goaway", guest=self.guest, peer=self.peer, code=event.code,
+                 reason=event.text or None)
+        if not self.ready:            # a client that gives up before HELLO
+            self.closed = True
+            self.transport.close()
+
+    # --- streams ------------------------------------------------------------------------
     def _end_stream(self, stream: ServerStream):
         self.streams.pop(stream.id, None)
         if stream.task:
             stream.task.cancel()
+
+    def _close_stream(self, stream: ServerStream, code: int, text: str):
+        self._end_stream(stream)
+        self._write(self.conn.send(Close(stream.id, code, text)))
 
     async def _serve(self, stream: ServerStream):
         try:
@@ -228,47 +303,101 @@ class GuestSession(asyncio.Protocol):
                     try:
                         if stream.backend_stream is None:
                             stream.backend_stream = await self.backend.open_stream(stream.app)
-                        reply = await stream.backend_stream.call(msg)
-                    except BackendError as exc:
+                        if self.limits.call_timeout:
+                            reply = await asyncio.wait_for(stream.backend_stream.call(msg),
+                                                           self.limits.call_timeout)
+                        else:
+                            reply = await stream.backend_stream.call(msg)
+                    except (BackendError, asyncio.TimeoutError) as exc:
+                        timeout = isinstance(exc, asyncio.TimeoutError)
+                        text = "no answer from the backend within call_timeout" if timeout \
+                            else str(exc)
                         log.warning("backend.error", guest=self.guest, stream=stream.id,
-                                    error=str(exc))
+                                    call=type(msg).__name__, error=text)
+                        if timeout or stream.backend_stream is not None:
+                            # the backend connection is gone or stuck: this stream ends
+                            self.streams.pop(stream.id, None)
+                            self._write(self.conn.send(Close(
+                                stream.id, Reason.TIMEOUT if timeout else Reason.BACKEND,
+                                text)))
+                            return
                         reply = msg.with_rv(exc.rv, **(
                             {"data": b""} if hasattr(msg, "data") else {}))
-                        if stream.backend_stream is not None:
-                            # the backend connection is gone: this stream cannot go on
-                            self.send(Frame.REPLY, stream.id, encode_reply(reply, WIRE))
-                            self.send(Frame.CLOSE, stream.id, str(exc).encode())
-                            self.streams.pop(stream.id, None)
-                            return
-                self.send(Frame.REPLY, stream.id, encode_reply(reply, WIRE))
+                self._reply(stream, encode_reply(reply, WIRE))
         finally:
+            stream.busy = False
+            if self.going_away:
+                self._drained()
             if stream.backend_stream is not None:
                 with contextlib.suppress(Exception):
                     await stream.backend_stream.close()
 
+    def _reply(self, stream: ServerStream, payload: bytes) -> None:
+        stream.busy = False
+        if self.closed:
+            return
+        conn = self.conn
+        try:
+            if stream.opened:
+                data = conn.send(Reply(stream.id, payload))
+            else:
+                stream.opened = True
+                data = conn.send(Opened(stream.id)) + conn.send(Reply(stream.id, payload))
+        except LocalProtocolError:
+            return   # the stream was closed meanwhile (a race the wire allows)
+        self.transport.write(data)
+        self.sent = True
+        if self.going_away:
+            self._drained()
+
+    # --- shutting down ------------------------------------------------------------------
+    def go_away(self, code: int = Reason.SHUTDOWN, text: str = "server shutting down"):
+        """GOAWAY: streams opened so far are finished, later ones are not served."""
+        if self.closed or self.conn is None or self.going_away:
+            return
+        self.going_away = True
+        self._write(self.conn.send(GoAway(self.conn.last_stream_id, code, text)))
+        self._drained()
+
+    @property
+    def busy(self) -> bool:
+        return any(s.busy for s in self.streams.values())
+
+    def _drained(self):
+        """After our GOAWAY: close once no call is under way."""
+        if self.going_away and not self.busy and not self.closed:
+            self.closed = True
+            self.transport.close()
+
     # --- state and keepalive ------------------------------------------------------------
     def _push_states(self):
+        if not self.ready or self.closed:
+            return
         states = self.policy.filter(self.backend.model.states)
         if states != self._sent_states:
             self._sent_states = states
-            self.send(Frame.STATE, 0, ReaderStates(states).pack(WIRE))
-
-    def _schedule_keepalive(self):
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.limits.keepalive_interval, self._keepalive)
+            self._write(self.conn.send(StateUpdate(self.backend.model.reader_events,
+                                                   ReaderStates(states).pack(WIRE))))
 
     def _keepalive(self):
+        """Each tick: drop a peer silent past keepalive_timeout; PING when we sent nothing
+        for a whole interval (the peer's PONG then proves the link both ways)."""
         if self.closed:
             return
         silent = time.monotonic() - self.last_rx
         if silent > self.limits.keepalive_timeout:
             log.warning("guest.timeout", guest=self.guest, peer=self.peer,
                         silent=f"{silent:.1f}s")
+            self.closed = True
             self.transport.abort()
             return
-        if self.ready:
-            self.transport.write(ping(int(time.monotonic() * 1000)))
-        self._schedule_keepalive()
+        if self.ready and not self.sent:
+            self._write(self.conn.send(Ping(int(time.monotonic() * 1000))))
+        self.sent = False
+        self._timer = asyncio.get_running_loop().call_later(
+            min(self.limits.keepalive_interval, self.limits.keepalive_timeout / 2),
+            self._keepalive)
 
 
-
+def _ignore(_event) -> None:
+    pass

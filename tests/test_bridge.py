@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import socket
 import ssl
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -20,9 +23,17 @@ from conftest import (
     write_client_config,
     write_server_config,
 )
-from smartcard import scard as s
-
+from pcsc_bridge import wire
 from pcsc_bridge.certs.main import CA
+from pcsc_bridge.pcsc import (
+    WIRE,
+    EstablishContext,
+    ReaderStates,
+    ReleaseContext,
+    Version,
+    encode_request,
+)
+from smartcard import scard as s
 
 R0 = "Virtual PCD 00 00"
 ANY = s.SCARD_PROTOCOL_T0 | s.SCARD_PROTOCOL_T1
@@ -96,7 +107,7 @@ def test_three_guests_and_the_host_share_one_card(bridge):
     cards = []
     for a in apps:
         ctx = establish(a)
-        hr, card, proto = a.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
+        hr, card, _ = a.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
         assert hr == 0
         cards.append(card)
     # each takes the transaction in turn; the others wait until it ends
@@ -185,8 +196,9 @@ def test_refused_peers_are_logged_and_others_keep_working(bridge, tmp_path):
     sock = bridge.start_agent("guest2", extra="")
     wrong = write_client_config(bridge.dir, bridge.ca, bridge.port, "guest3",
                                 os.path.join(bridge.dir, "wrong.sock"), name="wrong.yaml")
-    text = open(wrong).read().replace("server_name: localhost", "server_name: not-this-host")
-    open(wrong, "w").write(text)
+    path = Path(wrong)
+    path.write_text(path.read_text().replace("server_name: localhost",
+                                             "server_name: not-this-host"))
     wrong_agent = Process(["client", "-c", wrong], os.path.join(bridge.dir, "wrong.log"))
     try:
         wait_path(os.path.join(bridge.dir, "wrong.sock"))
@@ -198,7 +210,7 @@ def test_refused_peers_are_logged_and_others_keep_working(bridge, tmp_path):
     finally:
         wrong_agent.stop()
     # the good guest never noticed
-    hr, card, proto = good.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
+    hr, _, _ = good.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
     assert hr == 0
     assert bridge.app(sock).SCardEstablishContext(s.SCARD_SCOPE_USER)[0] == 0
     log = bridge.server.output()
@@ -269,5 +281,199 @@ def test_policy_hides_readers_and_withholds_exclusive(pcscd, tmp_path):
         hr, _, _ = app.SCardConnect(ctx, R0, s.SCARD_SHARE_EXCLUSIVE, ANY)
         assert hr & 0xFFFFFFFF == s.SCARD_W_SECURITY_VIOLATION & 0xFFFFFFFF
         assert "policy.denied" in b.server.output()
+    finally:
+        b.stop()
+
+
+def test_sighup_reloads_certificates_and_crl_without_dropping_sessions(bridge):
+    bridge.start_server()
+    app = bridge.app(bridge.start_agent("guest1"))
+    ctx = establish(app)
+    hr, card, proto = app.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
+    assert hr == 0
+    assert app.SCardBeginTransaction(card) == [0]
+    ca = CA(bridge.ca)
+    ca.revoke("guest2")                                   # revoked before the reload
+    cli("certs", "server", "--dir", bridge.ca, "host", "--dns", "localhost",
+        "--ip", "127.0.0.1", "--force")                   # and a new server certificate
+    bridge.server.proc.send_signal(1)                     # SIGHUP
+    deadline = time.monotonic() + 5
+    while "server.reloaded" not in bridge.server.output():
+        assert time.monotonic() < deadline, bridge.server.output()
+        time.sleep(0.05)
+    # the session, its context, its card handle and its transaction are all still there
+    hr, resp = app.SCardTransmit(card, proto, [0x80, 0xEE, 0, 0, 1, 7])
+    assert (hr, resp) == (0, [7, 0x90, 0])
+    assert app.SCardEndTransaction(card, s.SCARD_LEAVE_CARD) == [0]
+    agent_log = bridge.agents["guest1"].output()
+    assert agent_log.count("server.connected") == 1, agent_log
+    assert "server.disconnected" not in agent_log, agent_log
+    # a new connection with the new server certificate works; the revoked guest is refused
+    establish(bridge.app(bridge.start_agent("guest3")))
+    refused = bridge.app(bridge.start_agent("guest2"))
+    hr, _ = refused.SCardEstablishContext(s.SCARD_SCOPE_USER)
+    assert hr & 0xFFFFFFFF == NO_SERVICE
+    deadline = time.monotonic() + 5
+    while not any("guest.refused" in line and "revoked" in line
+                  for line in bridge.server.output().splitlines()):
+        assert time.monotonic() < deadline, bridge.server.output()
+        time.sleep(0.05)
+    assert app.SCardTransmit(card, proto, [0x80, 0xEE, 0, 0, 1, 8]) == [0, [8, 0x90, 0]]
+
+
+def _opensc_tool(sock):
+    out = subprocess.run(["opensc-tool", "-l", "-a"], check=False, capture_output=True,
+                         text=True,
+                         timeout=30, env={**os.environ, "PCSCLITE_CSOCK_NAME": sock})
+    return out.returncode, out.stdout
+
+
+@pytest.mark.skipif(not shutil.which("opensc-tool"), reason="opensc-tool (Debian: opensc) "
+                    "is not installed: run scripts/setup")
+def test_opensc_tool_lists_reader_and_atr_as_pcscd_does(bridge):
+    bridge.start_server()
+    sock = bridge.start_agent("guest1")
+    establish(bridge.app(sock))
+    direct = _opensc_tool("/run/pcscd/pcscd.comm")
+    through = _opensc_tool(sock)
+    assert direct[0] == 0 and through == direct, (direct, through)
+    lines = through[1].splitlines()
+    assert any(R0 in line and "Yes" in line for line in lines), through[1]
+    atr = [line for line in lines if line.count(":") >= 4]
+    assert atr and atr[0].startswith("3b:"), through[1]
+
+
+def test_dialects_are_logged_and_doctor_prints_them(bridge):
+    bridge.start_server()
+    sock = bridge.start_agent("guest1")
+    establish(bridge.app(sock))
+    agent_log = bridge.agents["guest1"].output()
+    # Debian 12: libpcsclite and pcscd 1.9.9 both speak 4:4
+    assert any("app.version" in line and "dialect=4:4" in line
+               for line in agent_log.splitlines()), agent_log
+    assert any("app.stream" in line and "dialect=4:4" in line and "backend_dialect=4:4" in line
+               for line in agent_log.splitlines()), agent_log
+    assert any("server.connected" in line and "backend_dialect=4:4" in line
+               for line in agent_log.splitlines()), agent_log
+    out = cli("doctor", "-c", os.path.join(bridge.dir, "client-guest1.yaml"), check=False,
+              timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "backend dialect 4:4" in out.stdout, out.stdout
+    assert "speak dialect 4:4" in out.stdout, out.stdout
+
+
+# --- the wire protocol as a guest sees it (docs/wire-protocol.md) ----------------------------
+class WireClient:
+    """A bare pcsc-bridge/1 client over mutual TLS, driven step by step."""
+
+    def __init__(self, bridge, guest="guest1"):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(f"{bridge.ca}/ca.pem")
+        ctx.load_cert_chain(f"{bridge.ca}/{guest}.pem", f"{bridge.ca}/{guest}-key.pem")
+        ctx.set_alpn_protocols([wire.ALPN])
+        raw = socket.create_connection(("127.0.0.1", bridge.port), 5)
+        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+        self.sock.settimeout(5)
+        self.conn = wire.Connection("client")
+        self.events = []
+
+    def send(self, *events):
+        self.sock.sendall(b"".join(self.conn.send(e) for e in events))
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def next(self, kind=None):
+        """The next event (of ``kind``; STATE and PING skipped unless asked for)."""
+        while True:
+            while not self.events:
+                data = self.sock.recv(65536)
+                if not data:
+                    return None
+                self.events += self.conn.receive_data(data)
+            event = self.events.pop(0)
+            if isinstance(event, wire.Ping) and kind is not wire.Ping:
+                self.send(wire.Pong(event.token))       # keepalive, answered as it comes
+                continue
+            if kind is not None and kind is not wire.StateUpdate \
+                    and isinstance(event, wire.StateUpdate):
+                continue
+            assert kind is None or isinstance(event, kind), event
+            return event
+
+    def close(self):
+        self.sock.close()
+
+
+def test_wire_protocol_as_documented(bridge):
+    bridge.start_server()
+    g = WireClient(bridge)
+    try:
+        g.send(wire.Hello(software="test"))
+        hello = g.next(wire.Hello)
+        assert (hello.role, hello.dialect, hello.max_frame, hello.extra["guest"],
+                hello.extra["backend"]) == ("server", "4:4", 131072, "guest1", "pcscd")
+        assert hello.max_streams == 64 and 0 < hello.keepalive <= 15
+        state = g.next(wire.StateUpdate)                 # right after the server's HELLO
+        names = ReaderStates.unpack(state.states, WIRE).states
+        assert [n.readerName for n in names][:1] == [R0]
+        # OPEN pipelined with the first CALL: one write, answered OPENED then REPLY
+        g.send(wire.Open(1, 4, 4, os.getpid(), os.getuid()),
+               wire.Call(1, encode_request(EstablishContext(2), WIRE)))
+        assert g.next(wire.Opened) == wire.Opened(1)
+        reply = EstablishContext.unpack(g.next(wire.Reply).payload, WIRE)
+        assert reply.rv == 0 and reply.hContext
+        # a stream that sends garbage is closed alone
+        g.send(wire.Open(3, 4, 4), wire.Call(3, b"\x01\x02\x03 garbage"))
+        close = g.next(wire.Close)
+        assert (close.stream_id, close.code) == (3, wire.Reason.PCSC_ERROR)
+        g.send(wire.Open(5, 4, 4), wire.Call(5, encode_request(Version(4, 4), WIRE)))
+        close = g.next(wire.Close)                       # the agent answers VERSION itself
+        assert (close.stream_id, close.code) == (5, wire.Reason.PCSC_ERROR)
+        g.send(wire.Open(7, 4, 9))                       # a dialect the server cannot serve
+        refused = g.next(wire.Refused)
+        assert (refused.stream_id, refused.code) == (7, wire.Reason.UNSUPPORTED)
+        g.send_raw(wire.encode_frame(wire.FrameType.CALL, 99, b"x"))   # never opened:
+        g.send(wire.Ping(42))                            # answered with a CLOSE, which
+        assert g.next(wire.Pong) == wire.Pong(42)        # a receiver drops unanswered
+        assert g.conn.ignored == 1
+        g.send(wire.Call(1, encode_request(ReleaseContext(reply.hContext), WIRE)))
+        assert ReleaseContext.unpack(g.next(wire.Reply).payload, WIRE).rv == 0
+        # SIGTERM: GOAWAY naming the last stream served, then the connection closes
+        g.send(wire.Call(1, encode_request(EstablishContext(2), WIRE)))
+        bridge.server.proc.terminate()
+        events, deadline = [], time.monotonic() + 10
+        while (event := g.next()) is not None:
+            events.append(event)
+            assert time.monotonic() < deadline, f"still open after GOAWAY: {events}"
+        goaways = [e for e in events if isinstance(e, wire.GoAway)]
+        assert goaways and goaways[0].last_stream_id == 7, events
+        assert goaways[0].code == wire.Reason.SHUTDOWN
+        # the call under way was finished, not dropped
+        assert any(isinstance(e, wire.Reply) and e.stream_id == 1 for e in events), events
+        assert bridge.server.proc.wait(10) == 0
+    finally:
+        g.close()
+
+
+def test_server_refuses_a_guest_its_policy_does_not_allow(pcscd, tmp_path):
+    if pcscd[0].sock is None:
+        pcscd[0].insert()
+    b = Bridge(str(tmp_path), guests=("guest1", "banned"),
+               extra="  guests:\n    banned: {allow: false}\n")
+    try:
+        b.start_server()
+        g = WireClient(b, "banned")
+        try:
+            g.send(wire.Hello())
+            goaway = g.next()
+            assert isinstance(goaway, wire.GoAway) and goaway.code == wire.Reason.POLICY
+            assert g.next() is None
+        finally:
+            g.close()
+        app = b.app(b.start_agent("banned"))
+        assert app.SCardEstablishContext(s.SCARD_SCOPE_USER)[0] & 0xFFFFFFFF == NO_SERVICE
+        time.sleep(0.5)
+        assert "POLICY" in b.agents["banned"].output(), b.agents["banned"].output()
     finally:
         b.stop()

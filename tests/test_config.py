@@ -18,7 +18,6 @@ from pcsc_bridge.config import (
     HostPort,
     apply_overrides,
     config_keys,
-    load,
     load_client_config,
     load_server_config,
     parse_duration,
@@ -289,8 +288,6 @@ def test_example_loads_and_shows_every_key():
     missing = [k for k in config_keys() if k not in shown]
     assert not missing, f"config.example.yaml lacks {missing}"
     assert len(config_keys()) >= 40
-    both = load(EXAMPLE, "server")          # the form that returns log + section
-    assert both.server == s and both.log == s.log and both.client is None
 
 
 def test_server_refuses_a_key_others_can_read(tmp_path):
