@@ -262,11 +262,11 @@ class RemoteBackend(Backend):
 
     async def close(self) -> None:
         """Agent shutdown: GOAWAY to the server, then close."""
+        link = self.link
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        link = self.link
         if link and not link.dead:
             with contextlib.suppress(LocalProtocolError):
                 link.write(link.conn.send(GoAway(link.conn.last_stream_id, Reason.NORMAL,

@@ -274,8 +274,8 @@ class GuestSession(asyncio.Protocol):
         self._write(self.conn.send(Pong(event.token)))
 
     def _on_goaway(self, event: GoAway):
-        log.info("guest.goaway", guest=self.guest, peer=self.peer, code=event.code,
-                 reason=event.text or None)
+        log.info("guest.goaway", guest=self.guest, peer=self.peer,
+                 code=getattr(event.code, "name", event.code), reason=event.text or None)
         if not self.ready:            # a client that gives up before HELLO
             self.closed = True
             self.transport.close()

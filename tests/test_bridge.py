@@ -360,6 +360,12 @@ def test_dialects_are_logged_and_doctor_prints_them(bridge):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "backend dialect 4:4" in out.stdout, out.stdout
     assert "speak dialect 4:4" in out.stdout, out.stdout
+    bridge.agents["guest1"].stop()                   # a stopping agent says GOAWAY
+    deadline = time.monotonic() + 5
+    while not any("guest.goaway" in line and "agent shutting down" in line
+                  for line in bridge.server.output().splitlines()):
+        assert time.monotonic() < deadline, bridge.server.output()
+        time.sleep(0.05)
 
 
 # --- the wire protocol as a guest sees it (docs/wire-protocol.md) ----------------------------
