@@ -184,8 +184,7 @@ class VirtualBridge:
         from pcsc_bridge.server.main import build
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        load = getattr(config, "load_server_config", None)
-        self.server = build(load(conf) if load else config.load(conf, "server", {}))
+        self.server = build(config.load_server_config(conf))
         self.backend = self.server.backend
         await self.server.start()
         self._ready.set()
