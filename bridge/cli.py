@@ -20,6 +20,7 @@ SUBCOMMANDS = (
     "pcsc_bridge.certs.main",
     "pcsc_bridge.doctor",
     "pcsc_bridge.server.emulate",
+    "pcsc_bridge.server.virtual",
 )
 
 

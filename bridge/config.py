@@ -183,14 +183,16 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return parse
 
 
-def _atr(v: Any) -> bytes:
+def parse_atr(v: Any) -> bytes:
+    """An ATR in hex: 2 to 33 bytes, the first 3B or 3F."""
     raw = parse_hex(v, 2, 33)
     if raw[0] not in (0x3B, 0x3F):
         raise BadValue(f"expected an ATR starting with 3B or 3F, got {_show(v)}")
     return raw
 
 
-def _reader_name(v: Any) -> str:
+def parse_reader_name(v: Any) -> str:
+    """A reader name as pcsc-lite can carry it: at most 127 bytes, no NUL."""
     name = _string(v)
     if len(name.encode()) > MAX_READER_NAME or "\0" in name:
         raise BadValue(f"expected a reader name of at most {MAX_READER_NAME} bytes, "
@@ -279,13 +281,13 @@ class BackendConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CardConfig:
-    atr: bytes = _f(_Leaf(_atr), DEFAULT_ATR)
+    atr: bytes = _f(_Leaf(parse_atr), DEFAULT_ATR)
     aids: tuple[bytes, ...] = _f(_ListOf(_Leaf(lambda v: parse_hex(v, 5, 16))), DEFAULT_AIDS)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ReaderConfig:
-    name: str = _f(_Leaf(_reader_name))
+    name: str = _f(_Leaf(parse_reader_name))
     card: CardConfig | None = field(default_factory=CardConfig,  # None: empty reader
                                    metadata=_m(CardConfig, nullable=True))
 
@@ -294,6 +296,7 @@ class ReaderConfig:
 class VirtualConfig:
     readers: tuple[ReaderConfig, ...] = _f(_ListOf(ReaderConfig), (
         ReaderConfig(name="Virtual PCD 00 00"), ReaderConfig(name="Virtual PCD 00 01")))
+    control: str | None = _f(PATH, None, nullable=True)   # None: no control socket
 
     def __post_init__(self):
         names = [r.name for r in self.readers]

@@ -1,7 +1,8 @@
 """`pcsc-bridge emulate`: the virtual readers on a Unix socket, for any pcsc-lite application.
 
 Also ``Emulator``, the same thing running in a background thread, for programs and tests
-that insert and remove cards while applications use the socket.
+that insert and remove cards while applications use the socket. With a control socket
+(``--control PATH``), other processes change readers and cards: ``pcsc-bridge virtual``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pcsc_bridge import log
 from pcsc_bridge.card import DEFAULT_AIDS, Card
 from pcsc_bridge.facade import Facade
 
-from .virtual import VirtualBackend
+from .virtual import ControlServer, VirtualBackend
 
 DEFAULT_READERS = ("Virtual PCD 00 00", "Virtual PCD 00 01")
 
@@ -23,11 +24,13 @@ class Emulator:
     """Virtual readers served on ``socket_path`` from a daemon thread.
 
     Cards are absent until ``insert``; ``cards=True`` starts with one in every reader.
+    ``control``: a control socket to create as well (see ``ControlServer``).
     """
 
     def __init__(self, socket_path: str, readers=DEFAULT_READERS, cards: bool = False,
-                 mode: int = 0o666):
+                 mode: int = 0o666, control: str | None = None):
         self.socket_path = socket_path
+        self.control_path = control
         self.reader_names = list(readers)
         self._cards = cards
         self._mode = mode
@@ -61,9 +64,13 @@ class Emulator:
             [(n, Card() if self._cards else None) for n in self.reader_names])
         self.facade = Facade(self.backend, "emulator")
         server = await self.facade.serve_unix(self.socket_path, self._mode)
+        control = await ControlServer(self.backend, self.control_path).start() \
+            if self.control_path else None
         self._ready.set()
         async with server:
             await self._stop.wait()
+            if control:
+                await control.close()
             await self.facade.close()
 
     def _call(self, fn, *args):
@@ -107,6 +114,9 @@ def register(subparsers) -> None:
                    help="a reader name (repeatable; default: two readers)")
     p.add_argument("--empty", action="store_true", help="start with no card in the readers")
     p.add_argument("--mode", default="0666", help="socket file mode (default 0666)")
+    p.add_argument("--control", metavar="PATH", help="also create this control socket "
+                   "(mode 0600), to insert and remove cards and readers with "
+                   "`pcsc-bridge virtual --control PATH ...`")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -115,22 +125,26 @@ def run(args) -> int:
     log.setup(args.log_level)
     names = args.reader or list(DEFAULT_READERS)
     try:
-        asyncio.run(_serve_forever(args.socket, names, not args.empty, int(args.mode, 8)))
+        asyncio.run(_serve_forever(args.socket, names, not args.empty, int(args.mode, 8),
+                                   args.control))
     except OSError as exc:
         log.error("emulate.failed", error=str(exc))
         return 1
     return 0
 
 
-async def _serve_forever(path, names, cards, mode):
+async def _serve_forever(path, names, cards, mode, control_path=None):
     backend = VirtualBackend([(n, Card() if cards else None) for n in names])
     facade = Facade(backend, "emulator")
     server = await facade.serve_unix(path, mode)
+    control = await ControlServer(backend, control_path).start() if control_path else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("emulate.ready", socket=path, readers=len(names))
+    log.info("emulate.ready", socket=path, readers=len(names), control=control_path)
     async with server:
         await stop.wait()
+        if control:
+            await control.close()
         await facade.close()

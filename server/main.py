@@ -13,6 +13,7 @@ from pcsc_bridge.card import DEFAULT_AIDS, Card
 from .host import Server, make_backend
 from .policy import Policy
 from .session import Limits
+from .virtual import ControlServer, VirtualBackend
 
 
 def register(subparsers) -> None:
@@ -66,10 +67,23 @@ def build(cfg: config.ServerConfig) -> Server:
                   cfg.listen, policies, limits, lim.max_guests)
 
 
-async def serve(server: Server) -> None:
+async def serve(server: Server, control_path: str | None = None) -> None:
+    """Run ``server`` until SIGTERM/SIGINT; with ``control_path`` and the virtual backend,
+    also its control socket (server.virtual.control)."""
     if hasattr(server.backend, "start"):
         await server.backend.start()
-    await server.start()
+    control = None
+    if control_path and isinstance(server.backend, VirtualBackend):
+        control = await ControlServer(server.backend, control_path).start()
+    elif control_path:
+        log.warning("control.unused", path=control_path, backend=server.backend_name(),
+                    reason="only the virtual backend has a control socket")
+    try:
+        await server.start()
+    except BaseException:
+        if control:
+            await control.close()
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -79,6 +93,8 @@ async def serve(server: Server) -> None:
     log.info("server.ready", backend=server.backend_name(), dialect=server.backend_dialect())
     await stop.wait()
     sd_notify("STOPPING=1")
+    if control:
+        await control.close()
     await server.close()
 
 
@@ -87,7 +103,7 @@ def run(args) -> int:
         cfg = config.load_server_config(args.config, overrides(args))
         log.setup(cfg.log.level)
         server = build(cfg)
-        asyncio.run(serve(server))
+        asyncio.run(serve(server, cfg.virtual.control))
     except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
         print(f"pcsc-bridge server: {exc}", flush=True)
         return 2

@@ -84,6 +84,8 @@ BAD = [
           'got "0011"')),
     ("server", SERVER + "  virtual: {readers: [{name: R}, {name: R}]}\n", 7,
      'server.virtual.readers: reader name "R" is used twice'),
+    ("server", SERVER + "  virtual:\n    control: [a, b]\n", 8,
+     "server.virtual.control: expected a non-empty string, got a list"),
     ("server", SERVER + "  backend: {type: pcsc}\n", 7,
      'server.backend.type: expected one of auto, pcscd, virtual, pyscard, got "pcsc"'),
     ("server", SERVER + "  tls_min_version: 1.1\n", 7,
@@ -131,6 +133,7 @@ def test_typed_values_and_defaults(tmp_path):
       - {name: A}
       - {name: B, card: null}
       - {name: C, card: {atr: "3B:00"}}
+    control: run/control
   guests:
     lab: {readers: "*00 00", control: [0x42000D48], max_streams: 2}
     ci: {control: all}
@@ -144,6 +147,7 @@ def test_typed_values_and_defaults(tmp_path):
     a, b, c = s.virtual.readers
     assert (a.card.atr, a.card.aids) == (DEFAULT_ATR, DEFAULT_AIDS) and b.card is None
     assert c.card.atr == b"\x3b\x00"
+    assert s.virtual.control == str(tmp_path / "run" / "control")  # beside the file
     assert s.guests["lab"].readers == ("*00 00",) and s.guests["lab"].control == (0x42000D48,)
     assert s.guests["lab"].max_streams == 2 and s.guests["ci"].max_streams == 8
     assert s.guests["ci"].control == "all" and not s.guests["ci"].direct
@@ -169,6 +173,7 @@ def test_defaults_without_optional_sections(tmp_path):
     assert s.listen == (("0.0.0.0", 8443), ("::", 8443)) and s.crl is None
     assert [r.name for r in s.virtual.readers] == ["Virtual PCD 00 00", "Virtual PCD 00 01"]
     assert all(r.card.atr == DEFAULT_ATR for r in s.virtual.readers)
+    assert s.virtual.control is None
     assert dict(s.guests) == {"default": s.guests["default"]} and s.guests["default"].allow
     assert s.log.level == "info" and s.log.apdu is False
     c = load_client_config(write(tmp_path, CLIENT + "  socket_mode: 660\n"))
@@ -284,6 +289,7 @@ def test_example_loads_and_shows_every_key():
     assert s.listen == (("0.0.0.0", 8443), ("::", 8443)) and s.limits.max_frame == 131072
     assert s.guests["lab-01"].control == (0x42000D48,) and s.crl == "/etc/pcsc-bridge/crl.pem"
     assert c.socket_mode == 0o666 and c.keepalive.timeout == 15.0
+    assert s.virtual.control is None
     shown = set(_keys_in(yaml.compose(Path(EXAMPLE).read_text())))
     missing = [k for k in config_keys() if k not in shown]
     assert not missing, f"config.example.yaml lacks {missing}"
