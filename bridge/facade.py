@@ -23,6 +23,7 @@ import os
 import socket
 import stat
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import ClassVar
 
@@ -35,6 +36,7 @@ from .pcsc import (
     SCARD_E_NO_SERVICE,
     SCARD_E_SERVICE_STOPPED,
     Cancel,
+    EstablishContext,
     GetReaderEvents,
     GetReadersState,
     GetReadersStateArray,
@@ -110,10 +112,30 @@ class BackendError(Exception):
 
 
 class Stream:
-    """One application's card calls on a backend. ``call`` returns the reply message."""
+    """One application's card calls on a backend, one at a time.
+
+    ``submit(msg, done)`` starts a call; ``done(reply, error)`` runs later, from the event
+    loop, with the reply message or a BackendError (any other exception is a bug in the
+    backend). ``submit`` may raise BackendError at once instead. A backend implements
+    ``submit`` where it can answer from its own I/O callbacks (no task per call, the
+    per-APDU path); or ``call``, a coroutine, and the default ``submit`` runs it in a task.
+    """
 
     async def call(self, msg: Message) -> Message:
-        raise NotImplementedError
+        fut = asyncio.get_running_loop().create_future()
+        self.submit(msg, lambda reply, error: fut.done() or (
+            fut.set_exception(error) if error is not None else fut.set_result(reply)))
+        return await fut
+
+    def submit(self, msg: Message, done: Callable) -> None:
+        def finished(task: asyncio.Task):
+            if task.cancelled():
+                done(None, BackendError("call cancelled"))
+            elif task.exception() is not None:
+                done(None, task.exception())
+            else:
+                done(task.result(), None)
+        asyncio.get_running_loop().create_task(self.call(msg)).add_done_callback(finished)
 
     async def close(self) -> None:
         pass
@@ -187,6 +209,13 @@ class Facade:
             s.transport.close()
 
 
+async def _close_stream(stream: Stream, info: AppInfo) -> None:
+    try:
+        await stream.close()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("stream.close_failed", app=info.id, error=repr(exc))
+
+
 def bind_unix(path: str, mode: int = 0o666, owner=None, group=None) -> socket.socket:
     """A listening Unix socket at ``path``. A stale socket file (no one listening) is
     replaced; a live socket or any other file is refused with a clear error."""
@@ -230,7 +259,8 @@ class AppSession(asyncio.Protocol):
         self.facade = facade
         self.model = facade.backend.model
         self.reader = RequestReader(NATIVE)
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: deque = deque()   # requests read, not yet started
+        self.busy = False             # a card call is with the backend (or its stream opens)
         self.transport: asyncio.Transport | None = None
         self.stream: Stream | None = None
         self.info = AppInfo()
@@ -239,7 +269,6 @@ class AppSession(asyncio.Protocol):
         self.hold_wakeup = 0     # 4:6: SIZE + ARRAY still owed after WAIT
         self.wakeup_rv: int | None = None  # a wake-up held back while hold_wakeup
         self.contexts: set[int] = set()
-        self._task: asyncio.Task | None = None
         self._unlisten = None
         self.closed = False
 
@@ -251,69 +280,98 @@ class AppSession(asyncio.Protocol):
             self.info = _peer_credentials(sock)
         self.facade.sessions.add(self)
         self._unlisten = self.model.listen(self._on_change)
-        self._task = asyncio.get_running_loop().create_task(self._run())
 
     def data_received(self, data):
         try:
-            for msg in self.reader.feed(data):
-                self.queue.put_nowait(msg)
+            self.queue.extend(self.reader.feed(data))
         except ProtocolError as exc:
             log.warning("app.protocol_error", app=self.info.id, pid=self.info.pid,
                         error=str(exc))
             self.transport.close()
+            return
+        if not self.busy:
+            self._pump()
 
     def connection_lost(self, exc):
         self.closed = True
+        self.queue.clear()
         self.facade.sessions.discard(self)
         for h in self.contexts:
             self.facade.contexts.pop(h, None)
         if self._unlisten:
             self._unlisten()
-        self.queue.put_nowait(None)
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            asyncio.get_running_loop().create_task(_close_stream(stream, self.info))
 
-    # --- processing ---------------------------------------------------------------------
-    async def _run(self):
+    # --- processing: requests in order, one card call at a time ------------------------
+    def _pump(self):
+        """Answer queued requests until one has to wait for the backend."""
         try:
-            while True:
-                msg = await self.queue.get()
-                if msg is None:
-                    break
-                reply = await self._handle(msg)
-                if reply is not None and not self.closed:
-                    self.transport.write(encode_reply(reply, NATIVE))
+            while self.queue and not self.busy and not self.closed:
+                msg = self.queue.popleft()
+                handler = self._LOCAL.get(type(msg))
+                if handler is not None:
+                    reply = handler(self, msg)
+                    if reply is not None:
+                        self.transport.write(encode_reply(reply, NATIVE))
+                    continue
+                self.hold_wakeup = 0
+                self.busy = True
+                if self.stream is None:
+                    asyncio.get_running_loop().create_task(self._open_and_submit(msg))
+                    return
+                self._submit(msg)
         except Exception as exc:  # noqa: BLE001 - one app's failure must stay with it
-            log.error("app.failed", app=self.info.id, error=repr(exc))
-            if self.transport:
-                self.transport.close()
-        finally:
-            if self.stream is not None:
-                stream, self.stream = self.stream, None
-                try:
-                    await stream.close()
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("stream.close_failed", app=self.info.id, error=repr(exc))
+            self._failed(exc)
 
-    async def _handle(self, msg):
-        handler = self._LOCAL.get(type(msg))
-        if handler is not None:
-            return handler(self, msg)
-        self.hold_wakeup = 0
+    def _submit(self, msg):
         try:
-            if self.stream is None:
-                self.stream = await self.facade.backend.open_stream(self.info)
-            reply = await self.stream.call(msg)
+            self.stream.submit(msg, lambda reply, error: self._answered(msg, reply, error))
         except BackendError as exc:
+            self._answered(msg, None, exc)
+
+    async def _open_and_submit(self, msg):
+        try:
+            self.stream = await self.facade.backend.open_stream(self.info)
+        except BackendError as exc:
+            self._answered(msg, None, exc)
+            return
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+            return
+        if self.closed:
+            stream, self.stream = self.stream, None
+            await _close_stream(stream, self.info)
+            return
+        self._submit(msg)
+
+    def _answered(self, msg, reply, error):
+        self.busy = False
+        if self.closed:
+            return
+        if error is not None:
+            if not isinstance(error, BackendError):
+                self._failed(error)
+                return
             log.info("app.call_failed", app=self.info.id, call=type(msg).__name__,
-                     error=str(exc))
-            return msg.with_rv(exc.rv, **({"data": b""} if hasattr(msg, "data") else {}))
-        name = type(msg).__name__
-        if name == "EstablishContext" and reply.rv == 0:
-            self.contexts.add(reply.hContext)
-            self.facade.contexts[reply.hContext] = self
-        elif isinstance(msg, ReleaseContext) and reply.rv == 0:
-            self.contexts.discard(msg.hContext)
-            self.facade.contexts.pop(msg.hContext, None)
-        return reply
+                     error=str(error))
+            reply = msg.with_rv(error.rv, **({"data": b""} if hasattr(msg, "data") else {}))
+        elif reply.rv == 0:
+            if isinstance(msg, EstablishContext):
+                self.contexts.add(reply.hContext)
+                self.facade.contexts[reply.hContext] = self
+            elif isinstance(msg, ReleaseContext):
+                self.contexts.discard(msg.hContext)
+                self.facade.contexts.pop(msg.hContext, None)
+        self.transport.write(encode_reply(reply, NATIVE))
+        if self.queue:
+            self._pump()
+
+    def _failed(self, exc):
+        log.error("app.failed", app=self.info.id, error=repr(exc))
+        if self.transport:
+            self.transport.close()
 
     def _version(self, msg: Version):
         reply, dialect = negotiate(msg.major, msg.minor)
@@ -373,7 +431,7 @@ class AppSession(asyncio.Protocol):
         if self.hold_wakeup:
             self.hold_wakeup -= 1
             if not self.hold_wakeup and self.wakeup_rv is not None:
-                # sent after this reply: the queue runner writes the reply first
+                # sent after this reply, which _pump writes when this returns
                 asyncio.get_running_loop().call_soon(self.wake, self.wakeup_rv)
 
     # --- events -------------------------------------------------------------------------

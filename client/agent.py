@@ -60,7 +60,8 @@ class Link(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future = loop.create_future()   # the server's Hello
         self.closed: asyncio.Future = loop.create_future()
-        self.pending: dict[int, tuple[asyncio.Future, RemoteStream]] = {}
+        # stream id -> (done callback, stream, call-timeout timer or None)
+        self.pending: dict[int, tuple] = {}
         self.last_rx = time.monotonic()
         self.sent = False             # wrote something since the last keepalive tick
         self.dead = False             # no more calls: lost, dropped or closing
@@ -113,7 +114,9 @@ class Link(asyncio.Protocol):
         entry = self.pending.pop(event.stream_id, None)
         if entry is None:
             return                    # its call timed out: the stream is closed already
-        fut, stream = entry
+        done, stream, timer = entry
+        if timer is not None:
+            timer.cancel()
         reader = stream.reader
         try:
             msgs = reader.feed(event.payload)
@@ -122,11 +125,9 @@ class Link(asyncio.Protocol):
         except ProtocolError as exc:
             log.error("stream.protocol_error", stream=event.stream_id, error=str(exc))
             self.write(self.conn.send(Close(event.stream_id, Reason.PCSC_ERROR, str(exc))))
-            if not fut.done():
-                fut.set_exception(BackendError(f"bad reply from the server: {exc}"))
+            done(None, BackendError(f"bad reply from the server: {exc}"))
             return
-        if not fut.done():
-            fut.set_result(msgs[0])
+        done(msgs[0], None)
 
     def _on_state(self, event: StateUpdate):
         self.agent.model.update(ReaderStates.unpack(event.states, WIRE).states)
@@ -143,8 +144,8 @@ class Link(asyncio.Protocol):
     def _fail(self, sid: int, reason: str, rv: int = SCARD_E_NO_SERVICE):
         entry = self.pending.pop(sid, None)
         log.info("stream.closed_by_server", stream=sid, reason=reason)
-        if entry and not entry[0].done():
-            entry[0].set_exception(BackendError(reason, rv))
+        if entry:
+            _finish(entry, BackendError(reason, rv))
 
     def _on_ping(self, event: Ping):
         self.write(self.conn.send(Pong(event.token)))
@@ -172,9 +173,8 @@ class Link(asyncio.Protocol):
     def _lost(self, error: BackendError) -> None:
         self.dead = True
         pending, self.pending = self.pending, {}
-        for fut, _ in pending.values():
-            if not fut.done():
-                fut.set_exception(error)
+        for entry in pending.values():
+            _finish(entry, error)
 
     def connection_lost(self, exc):
         self._lost(BackendError("connection to the server lost", SCARD_E_NO_SERVICE))
@@ -195,7 +195,7 @@ class RemoteStream(Stream):
         self.id = 0                             # given with the first call
         self.reader = ReplyReader(6, WIRE)      # card replies: the same in every dialect
 
-    async def call(self, msg: Message) -> Message:
+    def submit(self, msg: Message, done) -> None:
         link = self.link
         if link.dead:
             raise BackendError("the session this application's context lived on is gone")
@@ -215,25 +215,28 @@ class RemoteStream(Stream):
         except LocalProtocolError:
             raise BackendError("the server closed this application's stream") from None
         self.reader.expect(msg)
-        fut = asyncio.get_running_loop().create_future()
-        link.pending[self.id] = (fut, self)
-        link.write(data)
         timeout = self.agent.call_timeout
-        if not timeout:
-            return await fut
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            link.pending.pop(self.id, None)
-            if not link.dead:
-                with contextlib.suppress(LocalProtocolError):
-                    link.write(conn.send(Close(self.id, Reason.TIMEOUT, "call timeout")))
-            raise BackendError("no reply from the server within call_timeout") from None
+        timer = asyncio.get_running_loop().call_later(timeout, self._timed_out) \
+            if timeout else None
+        link.pending[self.id] = (done, self, timer)
+        link.write(data)
+
+    def _timed_out(self) -> None:
+        link = self.link
+        entry = link.pending.pop(self.id, None)
+        if entry is None:
+            return
+        if not link.dead:
+            with contextlib.suppress(LocalProtocolError):
+                link.write(link.conn.send(Close(self.id, Reason.TIMEOUT, "call timeout")))
+        _finish(entry, BackendError("no reply from the server within call_timeout"))
 
     async def close(self) -> None:
         link = self.link
         if self.id and not link.dead and link.conn.stream_state(self.id) is not None:
-            link.pending.pop(self.id, None)
+            entry = link.pending.pop(self.id, None)
+            if entry is not None and entry[2] is not None:
+                entry[2].cancel()
             with contextlib.suppress(LocalProtocolError):
                 link.write(link.conn.send(Close(self.id)))
 
@@ -367,3 +370,11 @@ class RemoteBackend(Backend):
 
 def _ignore(_event) -> None:
     pass
+
+
+def _finish(entry: tuple, error: BackendError) -> None:
+    """A call that will get no reply: stop its timer and tell its caller."""
+    done, _stream, timer = entry
+    if timer is not None:
+        timer.cancel()
+    done(None, error)
