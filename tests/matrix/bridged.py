@@ -3,16 +3,16 @@
   ChrootPcscdTarget  a chroot's pcscd (2.3.3 or 2.5.x) with vpcd and the project's test cards
   ClientView         another target seen through one client library (1.9.9, 2.3.3, 2.5.x):
                      its ``app()`` starts tests/scard_worker.py in that client's environment
-  VirtualBridge      a pcsc-bridge server with the virtual backend, run in this process so
-                     that a test can add and remove readers while it serves, and an agent
-                     process in front of it (``socket``)
+  VirtualBridge      a pcsc-bridge server process with the virtual backend and its control
+                     socket, through which a test adds and removes readers and cards while
+                     it serves, and an agent process in front of it (``socket``)
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
-import threading
+import shlex
 
 from targets import (
     SCARD_STATE_PRESENT,
@@ -131,25 +131,22 @@ def bridge_to(inner: Target, directory: str, pcscd_name: str) -> BridgeTarget:
 
 
 class VirtualBridge:
-    """A server with the virtual backend in a thread of this process, and an agent process.
+    """A server process with the virtual backend and its control socket, and an agent process.
 
     ``add_reader(name)`` / ``remove_reader(name)`` / ``insert(i)`` / ``remove(i)`` change the
-    backend while it serves (on its event loop); applications use ``socket`` (the agent's).
+    backend while it serves, through the control socket (``control``); applications use
+    ``socket`` (the agent's).
     """
 
     def __init__(self, directory: str, readers: list[str], cards: list[int] = ()):
         self.dir = directory
         self.socket = os.path.join(directory, "agent.sock")
+        self.control = os.path.join(directory, "control.sock")
         self.reader_names, self.cards = list(readers), set(cards)
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.backend = self.server = self.agent = None
-        self._stop: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self.server = self.agent = None
 
     def _config(self, ca: str, port: int) -> str:
-        lines = ["  virtual:", "    readers:"]
+        lines = ["  virtual:", f"    control: {self.control}", "    readers:"]
         for i, name in enumerate(self.reader_names):
             lines.append(f'      - {{name: "{name}"' + ("}" if i in self.cards else
                                                        ", card: null}"))
@@ -160,60 +157,39 @@ class VirtualBridge:
         ca = make_pki(self.dir)
         port = free_port()
         conf = self._config(ca, port)
-        self._thread = threading.Thread(target=self._main, args=(conf,), daemon=True,
-                                        name="virtual-server")
-        self._thread.start()
-        self._ready.wait(15)
-        if self._error is not None:
-            raise self._error
-        wait_port(port)
-        self.agent = Process(["client", "-c", write_client_config(
-            self.dir, ca, port, "guest1", self.socket)], os.path.join(self.dir, "agent.log"))
-        wait_path(self.socket)
+        try:
+            self.server = Process(["server", "-c", conf], os.path.join(self.dir, "server.log"))
+            wait_port(port)
+            wait_path(self.control)
+            self.agent = Process(["client", "-c", write_client_config(
+                self.dir, ca, port, "guest1", self.socket)], os.path.join(self.dir, "agent.log"))
+            wait_path(self.socket)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
-    def _main(self, conf: str) -> None:
-        try:
-            asyncio.run(self._serve(conf))
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._error = exc
-            self._ready.set()
-
-    async def _serve(self, conf: str) -> None:
-        from pcsc_bridge import config
-        from pcsc_bridge.server.main import build
-        self.loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self.server = build(config.load_server_config(conf))
-        self.backend = self.server.backend
-        await self.server.start()
-        self._ready.set()
-        await self._stop.wait()
-        await self.server.close()
-
-    def call(self, fn, *args):
-        """Run ``fn(*args)`` on the server's event loop and return its result."""
-        async def run():
-            return fn(*args)
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+    def command(self, *words: str) -> object:
+        """One control command (``"insert", "0"``); its answer's JSON. Refused: an error."""
+        from pcsc_bridge.server.virtual import send_command
+        answer = send_command(self.control, shlex.join(words))
+        if not answer.startswith("ok "):
+            raise AssertionError(f"control {' '.join(words)}: {answer}")
+        return json.loads(answer[3:])
 
     def add_reader(self, name: str) -> None:
-        self.call(self.backend.add_reader, name)
+        self.command("add-reader", name)
 
     def remove_reader(self, name: str) -> None:
-        self.call(self.backend.remove_reader, name)
+        self.command("remove-reader", name)
 
     def insert(self, i: int) -> None:
-        from pcsc_bridge.card import Card
-        self.call(self.backend.insert, i, Card())
+        self.command("insert", str(i))
 
     def remove(self, i: int) -> None:
-        self.call(self.backend.remove, i)
+        self.command("remove", str(i))
 
     def stop(self) -> None:
-        if self.agent is not None:
-            self.agent.stop()
-        if self.loop is not None and self._stop is not None:
-            self.loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(5)
+        for p in (self.agent, self.server):
+            if p is not None:
+                p.stop()
