@@ -540,7 +540,7 @@ class VirtualStream(Stream):
 
 # --- the control socket -------------------------------------------------------------------
 
-MAX_CONTROL_LINE = 1024     # bytes in one command line, newline included
+MAX_CONTROL_LINE = 1024     # bytes in one command line (a longer one closes the connection)
 MAX_READERS = 256           # readers add-reader lets the backend grow to
 CONTROL_TIMEOUT = 10.0      # seconds `pcsc-bridge virtual` waits for the answer
 COMMANDS = {
@@ -629,7 +629,8 @@ class ControlServer:
             return "error: empty line; commands: " + ", ".join(COMMANDS)
         name, args = words[0], words[1:]
         if name not in COMMANDS:
-            return f'error: unknown command "{name}"; commands: ' + ", ".join(COMMANDS)
+            shown = name if len(name) <= 40 else name[:40] + "..."
+            return f'error: unknown command "{shown}"; commands: ' + ", ".join(COMMANDS)
         try:
             answer = getattr(self, "_" + name.replace("-", "_"))(args)
         except Refused as exc:
@@ -648,14 +649,15 @@ class ControlServer:
             raise Refused(f"missing reader; usage: {usage}")
         readers = self.backend.readers
         text = " ".join(words)
-        if text.isdigit() and len(words) == 1:
-            if int(text) < len(readers):
-                return int(text)
-            raise Refused(f"no reader {text}: " + (
-                f"readers are 0 to {len(readers) - 1}" if readers else "there are no readers"))
+        number = text.isdecimal() and len(words) == 1
+        if number and int(text) < len(readers):
+            return int(text)
         for i, r in enumerate(readers):
             if r.name == text:
                 return i
+        if number:
+            raise Refused(f"no reader {text}: " + (
+                f"readers are 0 to {len(readers) - 1}" if readers else "there are no readers"))
         raise Refused(f'no reader named "{text}"; "list" shows the readers')
 
     def _insert(self, args: list[str]) -> dict:
@@ -689,7 +691,7 @@ class ControlServer:
             name = parse_reader_name(" ".join(args))
         except BadValue as exc:
             raise Refused(f"reader name: {exc}") from None
-        if name.isdigit():
+        if name.isdecimal():
             raise Refused(f'a reader name cannot be a number ("{name}" reads as an index)')
         if any(r.name == name for r in self.backend.readers):
             raise Refused(f'a reader named "{name}" is already there')
