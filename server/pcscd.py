@@ -20,12 +20,18 @@ from pcsc_bridge.facade import AppInfo, Backend, BackendError, ReaderModel, Stre
 from pcsc_bridge.pcsc import (
     NATIVE,
     SCARD_E_NO_SERVICE,
+    BeginTransaction,
+    Connect,
+    Disconnect,
+    EndTransaction,
     GetReadersState,
     GetReadersStateArray,
     GetReadersStateSize,
     Message,
     ProtocolError,
+    Reconnect,
     ReplyReader,
+    Status,
     Transmit,
     Version,
     WaitReaderStateChange,
@@ -36,8 +42,8 @@ from pcsc_bridge.pcsc import (
 DEFAULT_SOCKET = "/run/pcscd/pcscd.comm"
 NEWEST = 6
 # Calls after which the reader-state array may have changed.
-REFRESH_AFTER = {"Connect", "Reconnect", "Disconnect", "BeginTransaction", "EndTransaction",
-                 "Status"}
+REFRESH_AFTER = frozenset({Connect, Reconnect, Disconnect, BeginTransaction, EndTransaction,
+                           Status})
 RETRY_INTERVAL = 1.0
 
 
@@ -49,22 +55,41 @@ class PcscdConnection(asyncio.Protocol):
         self.transport = None
         self.replies: asyncio.Queue = asyncio.Queue()
         self.lost = asyncio.get_running_loop().create_future()
+        self.done = None   # submit()'s callback for the reply under way
 
     def connection_made(self, transport):
         self.transport = transport
 
     def data_received(self, data):
         try:
-            for msg in self.reader.feed(data):
-                self.replies.put_nowait(msg)
+            msgs = self.reader.feed(data)
         except ProtocolError as exc:
             log.error("pcscd.protocol_error", error=str(exc))
             self.transport.close()
+            return
+        for msg in msgs:
+            done = self.done
+            if done is not None:
+                self.done = None
+                done(msg, None)
+            else:
+                self.replies.put_nowait(msg)
 
     def connection_lost(self, exc):
         if not self.lost.done():
             self.lost.set_result(exc)
         self.replies.put_nowait(None)
+        done, self.done = self.done, None
+        if done is not None:
+            done(None, BackendError("pcscd closed the connection"))
+
+    def submit(self, msg: Message, done) -> None:
+        """Send ``msg``; ``done(reply, error)`` runs from data_received."""
+        if self.lost.done():
+            raise BackendError("pcscd connection closed")
+        self.reader.expect(msg)
+        self.done = done
+        self.transport.write(encode_request(msg, NATIVE))
 
     async def call(self, msg: Message, expect=None):
         if self.lost.done():
@@ -126,12 +151,23 @@ class PcscdStream(Stream):
         self.backend = backend
         self.conn = conn
 
-    async def call(self, msg):
-        reply = await self.conn.call(msg)
-        if type(msg).__name__ in REFRESH_AFTER or (
-                isinstance(msg, Transmit) and reply.rv != 0):
-            await self.backend.refresh()
-        return reply
+    def submit(self, msg, done):
+        if type(msg) not in REFRESH_AFTER and type(msg) is not Transmit:
+            self.conn.submit(msg, done)
+            return
+
+        def answered(reply, error):
+            # the model is current before a call that may have changed it is answered
+            if error is not None or (type(msg) is Transmit and reply.rv == 0):
+                done(reply, error)
+                return
+            def refreshed(task: asyncio.Task):
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning("pcscd.refresh_failed", error=str(task.exception()))
+                done(reply, None)
+            asyncio.get_running_loop().create_task(self.backend.refresh()) \
+                .add_done_callback(refreshed)
+        self.conn.submit(msg, answered)
 
     async def close(self):
         self.conn.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 
 from pcsc_bridge import log
 from pcsc_bridge.facade import AppInfo, Backend, BackendError
@@ -82,17 +83,23 @@ class Limits:
 
 
 class ServerStream:
-    __slots__ = ("app", "backend_stream", "busy", "id", "opened", "queue", "reader", "task")
+    __slots__ = ("app", "backend_stream", "calls", "ended", "id", "opened", "reader",
+                 "running", "timer")
 
     def __init__(self, sid: int, app: AppInfo):
         self.id = sid
         self.app = app
         self.reader = RequestReader(WIRE)
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.calls: deque = deque()   # checked requests not yet with the backend
         self.backend_stream = None
-        self.task: asyncio.Task | None = None
         self.opened = False   # OPENED goes out in the same write as the first REPLY
-        self.busy = False     # a call is with the backend
+        self.running = False  # a call is with the backend (or the backend stream opens)
+        self.ended = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.running or bool(self.calls)
 
 
 class GuestSession(asyncio.Protocol):
@@ -233,9 +240,7 @@ class GuestSession(asyncio.Protocol):
             return
         app = AppInfo(event.pid, event.uid)
         app.dialect = event.minor
-        stream = ServerStream(sid, app)
-        self.streams[sid] = stream
-        stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
+        self.streams[sid] = ServerStream(sid, app)
 
     def _on_call(self, event: Call):
         stream = self.streams.get(event.stream_id)
@@ -254,8 +259,9 @@ class GuestSession(asyncio.Protocol):
                         error=str(exc))
             self._close_stream(stream, Reason.PCSC_ERROR, str(exc))
             return
-        stream.busy = True
-        stream.queue.put_nowait(msg)
+        stream.calls.append(msg)
+        if not stream.running:
+            self._next(stream)
 
     def _on_close(self, event: Close):
         stream = self.streams.get(event.stream_id)
@@ -282,58 +288,99 @@ class GuestSession(asyncio.Protocol):
 
     # --- streams ------------------------------------------------------------------------
     def _end_stream(self, stream: ServerStream):
+        """Forget the stream and close its backend stream (a call under way is dropped:
+        the backend sees its socket close, as when an application dies)."""
         self.streams.pop(stream.id, None)
-        if stream.task:
-            stream.task.cancel()
+        stream.ended = True
+        stream.calls.clear()
+        if stream.timer:
+            stream.timer.cancel()
+        backend_stream, stream.backend_stream = stream.backend_stream, None
+        if backend_stream is not None:
+            asyncio.get_running_loop().create_task(_close_quietly(backend_stream))
 
     def _close_stream(self, stream: ServerStream, code: int, text: str):
         self._end_stream(stream)
         self._write(self.conn.send(Close(stream.id, code, text)))
 
-    async def _serve(self, stream: ServerStream):
+    def _next(self, stream: ServerStream):
+        """Start the stream's next call: checked against the policy, then to the backend."""
+        while stream.calls and not stream.running and not stream.ended:
+            msg = stream.calls.popleft()
+            rv = self.policy.check(msg)
+            if rv:
+                log.info("policy.denied", guest=self.guest, stream=stream.id,
+                         call=type(msg).__name__, rv=rv_name(rv))
+                self._reply(stream, encode_reply(_failed(msg, rv), WIRE))
+                continue
+            stream.running = True
+            if stream.backend_stream is None:
+                asyncio.get_running_loop().create_task(self._open_and_submit(stream, msg))
+                return
+            self._submit(stream, msg)
+        if self.going_away:
+            self._drained()
+
+    async def _open_and_submit(self, stream: ServerStream, msg: Message):
         try:
-            while True:
-                msg: Message = await stream.queue.get()
-                rv = self.policy.check(msg)
-                if rv:
-                    log.info("policy.denied", guest=self.guest, stream=stream.id,
-                             call=type(msg).__name__, rv=rv_name(rv))
-                    reply = msg.with_rv(rv, **({"data": b""} if hasattr(msg, "data") else {}))
-                else:
-                    try:
-                        if stream.backend_stream is None:
-                            stream.backend_stream = await self.backend.open_stream(stream.app)
-                        if self.limits.call_timeout:
-                            reply = await asyncio.wait_for(stream.backend_stream.call(msg),
-                                                           self.limits.call_timeout)
-                        else:
-                            reply = await stream.backend_stream.call(msg)
-                    except (BackendError, asyncio.TimeoutError) as exc:
-                        timeout = isinstance(exc, asyncio.TimeoutError)
-                        text = "no answer from the backend within call_timeout" if timeout \
-                            else str(exc)
-                        log.warning("backend.error", guest=self.guest, stream=stream.id,
-                                    call=type(msg).__name__, error=text)
-                        if timeout or stream.backend_stream is not None:
-                            # the backend connection is gone or stuck: this stream ends
-                            self.streams.pop(stream.id, None)
-                            self._write(self.conn.send(Close(
-                                stream.id, Reason.TIMEOUT if timeout else Reason.BACKEND,
-                                text)))
-                            return
-                        reply = msg.with_rv(exc.rv, **(
-                            {"data": b""} if hasattr(msg, "data") else {}))
-                self._reply(stream, encode_reply(reply, WIRE))
-        finally:
-            stream.busy = False
+            backend_stream = await self.backend.open_stream(stream.app)
+        except BackendError as exc:
+            # no backend connection: this call fails (NO_SERVICE), the stream lives on
+            log.warning("backend.error", guest=self.guest, stream=stream.id,
+                        call=type(msg).__name__, error=str(exc))
+            stream.running = False
+            if not stream.ended:
+                self._reply(stream, encode_reply(_failed(msg, exc.rv), WIRE))
+                self._next(stream)
+            return
+        if stream.ended:
+            await _close_quietly(backend_stream)
+            return
+        stream.backend_stream = backend_stream
+        self._submit(stream, msg)
+
+    def _submit(self, stream: ServerStream, msg: Message):
+        if self.limits.call_timeout:
+            stream.timer = asyncio.get_running_loop().call_later(
+                self.limits.call_timeout, self._timed_out, stream, msg)
+        try:
+            stream.backend_stream.submit(
+                msg, lambda reply, error: self._answered(stream, msg, reply, error))
+        except BackendError as exc:
+            self._answered(stream, msg, None, exc)
+
+    def _answered(self, stream: ServerStream, msg: Message, reply, error):
+        stream.running = False
+        if stream.timer:
+            stream.timer.cancel()
+            stream.timer = None
+        if stream.ended:
+            return
+        if error is not None:
+            # the backend connection is gone or broken: this stream ends
+            text = str(error) if isinstance(error, BackendError) else repr(error)
+            log.warning("backend.error", guest=self.guest, stream=stream.id,
+                        call=type(msg).__name__, error=text)
+            self._close_stream(stream, Reason.BACKEND, text)
             if self.going_away:
                 self._drained()
-            if stream.backend_stream is not None:
-                with contextlib.suppress(Exception):
-                    await stream.backend_stream.close()
+            return
+        self._reply(stream, encode_reply(reply, WIRE))
+        if stream.calls:
+            self._next(stream)
+
+    def _timed_out(self, stream: ServerStream, msg: Message):
+        stream.timer = None
+        if stream.ended:
+            return
+        text = "no answer from the backend within call_timeout"
+        log.warning("backend.error", guest=self.guest, stream=stream.id,
+                    call=type(msg).__name__, error=text)
+        self._close_stream(stream, Reason.TIMEOUT, text)
+        if self.going_away:
+            self._drained()
 
     def _reply(self, stream: ServerStream, payload: bytes) -> None:
-        stream.busy = False
         if self.closed:
             return
         conn = self.conn
@@ -401,3 +448,12 @@ class GuestSession(asyncio.Protocol):
 
 def _ignore(_event) -> None:
     pass
+
+
+def _failed(msg: Message, rv: int) -> Message:
+    return msg.with_rv(rv, **({"data": b""} if hasattr(msg, "data") else {}))
+
+
+async def _close_quietly(backend_stream) -> None:
+    with contextlib.suppress(Exception):
+        await backend_stream.close()
