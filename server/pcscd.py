@@ -182,6 +182,7 @@ class PcscdBackend(Backend):
         self._poller: PcscdConnection | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self._spare: asyncio.Task | None = None   # a PcscdConnection being made ready
         self.up = asyncio.Event()
 
     async def start(self, wait: bool = True) -> None:
@@ -197,6 +198,7 @@ class PcscdBackend(Backend):
                 await self._task
         if self._poller:
             self._poller.close()
+        self._drop_spare()
 
     async def discover(self) -> int:
         """pcscd's dialect: offer our newest; an older pcscd answers with its own."""
@@ -231,7 +233,37 @@ class PcscdBackend(Backend):
     async def open_stream(self, app: AppInfo) -> Stream:
         if self.dialect is None:
             raise BackendError(f"pcscd is not available at {self.path}")
-        return PcscdStream(self, await self._open())
+        conn = self._take_spare() or await self._open()
+        self._refill()
+        return PcscdStream(self, conn)
+
+    # A new application context needs a pcscd socket that has done its CMD_VERSION: one is
+    # kept ready, so SCardEstablishContext costs one pcscd round trip, not three.
+    def _take_spare(self) -> PcscdConnection | None:
+        task = self._spare
+        if task is None or not task.done():
+            return None
+        self._spare = None
+        if task.cancelled() or task.exception() is not None:
+            return None
+        conn = task.result()
+        if conn.lost.done() or conn.reader.dialect != self.dialect:
+            conn.close()      # pcscd went away or came back as another release
+            return None
+        return conn
+
+    def _refill(self) -> None:
+        if self._spare is None and self.dialect is not None:
+            self._spare = asyncio.get_running_loop().create_task(self._open())
+
+    def _drop_spare(self) -> None:
+        task, self._spare = self._spare, None
+        if task is None:
+            return
+        if not task.done():
+            task.cancel()
+        elif not task.cancelled() and task.exception() is None:
+            task.result().close()
 
     async def refresh(self) -> None:
         async with self._lock:
@@ -257,6 +289,7 @@ class PcscdBackend(Backend):
                 announced_down = False
                 await self.refresh()
                 self.up.set()
+                self._refill()
                 while True:
                     watcher.send(WaitReaderStateChange())
                     if watcher.reader.dialect < 6:
@@ -266,6 +299,7 @@ class PcscdBackend(Backend):
                     log.debug("pcscd.event", rv=rv_name(wake.rv))
             except (BackendError, ProtocolError, OSError) as exc:
                 self.up.clear()
+                self._drop_spare()
                 if not announced_down:
                     log.warning("pcscd.down", socket=self.path, error=str(exc))
                     announced_down = True

@@ -118,6 +118,7 @@ class GuestSession(asyncio.Protocol):
         self.last_rx = time.monotonic()
         self.sent = False             # wrote something since the last keepalive tick
         self._sent_states = None
+        self._states_due = False      # the model changed; STATE not yet written
         self._unlisten = None
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
@@ -226,7 +227,7 @@ class GuestSession(asyncio.Protocol):
             software=self.server.software, dialect=self.server.backend_dialect(),
             keepalive=self.limits.keepalive_interval,
             extra={"guest": self.guest, "backend": self.server.backend_name()})))
-        self._push_states()
+        self._write(self._states_frame())
         self._unlisten = self.backend.model.listen(self._push_states)
 
     def _on_open(self, event: Open):
@@ -388,10 +389,12 @@ class GuestSession(asyncio.Protocol):
             if stream.opened:
                 data = conn.send(Reply(stream.id, payload))
             else:
-                stream.opened = True
                 data = conn.send(Opened(stream.id)) + conn.send(Reply(stream.id, payload))
+                stream.opened = True
         except LocalProtocolError:
             return   # the stream was closed meanwhile (a race the wire allows)
+        if self._states_due:      # the state this reply may depend on goes first
+            data = self._states_frame() + data
         self.transport.write(data)
         self.sent = True
         if self.going_away:
@@ -418,13 +421,29 @@ class GuestSession(asyncio.Protocol):
 
     # --- state and keepalive ------------------------------------------------------------
     def _push_states(self):
+        """The model changed: STATE goes out with the next REPLY (one write, one TLS
+        record), or on its own on the next loop pass if no reply is due by then."""
+        if self.ready and not self.closed and not self._states_due:
+            self._states_due = True
+            asyncio.get_running_loop().call_soon(self._flush_states)
+
+    def _flush_states(self):
+        if self._states_due:
+            data = self._states_frame()
+            if data:
+                self._write(data)
+
+    def _states_frame(self) -> bytes:
+        """The STATE frame if the guest's view changed since the last one, else b""."""
+        self._states_due = False
         if not self.ready or self.closed:
-            return
+            return b""
         states = self.policy.filter(self.backend.model.states)
-        if states != self._sent_states:
-            self._sent_states = states
-            self._write(self.conn.send(StateUpdate(self.backend.model.reader_events,
-                                                   ReaderStates(states).pack(WIRE))))
+        if states == self._sent_states:
+            return b""
+        self._sent_states = states
+        return self.conn.send(StateUpdate(self.backend.model.reader_events,
+                                          ReaderStates(states).pack(WIRE)))
 
     def _keepalive(self):
         """Each tick: drop a peer silent past keepalive_timeout; PING when we sent nothing
