@@ -36,6 +36,8 @@ from .pcsc import (
     SCARD_E_NO_SERVICE,
     SCARD_E_SERVICE_STOPPED,
     Cancel,
+    Connect,
+    Disconnect,
     EstablishContext,
     GetReaderEvents,
     GetReadersState,
@@ -55,6 +57,7 @@ from .pcsc import (
     WaitReaderStateChangeReply,
     encode_reply,
     pad_states,
+    rv_name,
 )
 
 NEWEST_MINOR = 6
@@ -269,6 +272,7 @@ class AppSession(asyncio.Protocol):
         self.hold_wakeup = 0     # 4:6: SIZE + ARRAY still owed after WAIT
         self.wakeup_rv: int | None = None  # a wake-up held back while hold_wakeup
         self.contexts: set[int] = set()
+        self.cards: dict[int, int] = {}   # hCard -> hContext, for connected card handles
         self._unlisten = None
         self.closed = False
 
@@ -318,6 +322,8 @@ class AppSession(asyncio.Protocol):
                     continue
                 self.hold_wakeup = 0
                 self.busy = True
+                if type(msg) is ReleaseContext and self._release_early(msg):
+                    continue
                 if self.stream is None:
                     asyncio.get_running_loop().create_task(self._open_and_submit(msg))
                     return
@@ -330,6 +336,32 @@ class AppSession(asyncio.Protocol):
             self.stream.submit(msg, lambda reply, error: self._answered(msg, reply, error))
         except BackendError as exc:
             self._answered(msg, None, exc)
+
+    def _release_early(self, msg: ReleaseContext) -> bool:
+        """Answer SCardReleaseContext at once when nothing else can notice when it takes
+        effect: the context is ours and holds no card handle, so releasing it changes no
+        reader, card or sharing state. The request still goes to the backend, in order;
+        the next request waits for it as usual, so the application saves one round trip
+        and sees no difference."""
+        h = msg.hContext
+        if h not in self.contexts or h in self.cards.values() or self.stream is None:
+            return False
+        self.contexts.discard(h)
+        self.facade.contexts.pop(h, None)
+        self.transport.write(encode_reply(msg.with_rv(0), NATIVE))
+
+        def released(reply, error):
+            self.busy = False
+            if error is not None or reply.rv:
+                log.info("app.release_failed", app=self.info.id, context=h,
+                         error=str(error) if error else rv_name(reply.rv))
+            if self.queue and not self.closed:
+                self._pump()
+        try:
+            self.stream.submit(msg, released)
+        except BackendError as exc:
+            released(None, exc)
+        return True
 
     async def _open_and_submit(self, msg):
         try:
@@ -364,6 +396,11 @@ class AppSession(asyncio.Protocol):
             elif isinstance(msg, ReleaseContext):
                 self.contexts.discard(msg.hContext)
                 self.facade.contexts.pop(msg.hContext, None)
+                self.cards = {c: x for c, x in self.cards.items() if x != msg.hContext}
+            elif isinstance(msg, Connect):
+                self.cards[reply.hCard] = msg.hContext
+            elif isinstance(msg, Disconnect):
+                self.cards.pop(msg.hCard, None)
         self.transport.write(encode_reply(reply, NATIVE))
         if self.queue:
             self._pump()
