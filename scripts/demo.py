@@ -35,7 +35,7 @@ def application():
         if hr:
             print(f"  {r}: {s.SCardGetErrorMessage(hr).strip()}")
             continue
-        hr, name, state, protocol, atr = s.SCardStatus(card)
+        hr, _name, _state, _protocol, atr = s.SCardStatus(card)
         print(f"  {r}: card ATR {bytes(atr).hex(' ').upper()}")
         hr, resp = s.SCardTransmit(card, proto, [0x00, 0xA4, 0x04, 0x00, 0x08,
                                                  0xA0, 0x00, 0x00, 0x05, 0x27, 0x21, 0x01, 0x01])
