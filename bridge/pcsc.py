@@ -118,6 +118,10 @@ def _structs(fmt: str) -> dict[str, struct.Struct]:
     return {order: struct.Struct(order + fmt) for order in ORDERS}
 
 
+_HEADER = _structs("II")  # request header: {uint32 size; uint32 command}
+HEADER_SIZE = 8
+
+
 def _text(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
@@ -127,7 +131,13 @@ def _raw(text: str) -> bytes:
 
 
 class Message:
-    """Base of every message: ``CMD``, the body struct per byte order, the field list."""
+    """Base of every message: ``CMD``, the body struct per byte order, the field list.
+
+    ``_setup`` also precomputes what the readers, the encoders and ``with_rv`` need per
+    class, so the per-message path builds no dicts and looks up no names: the positions
+    of ``rv`` and of the length fields, the request header, an attrgetter of every field
+    (``data`` included). Readers build a message once, from the unpacked values and its
+    data together."""
 
     CMD: ClassVar[Cmd]
     FMT: ClassVar[str] = ""
@@ -135,6 +145,21 @@ class Message:
     FIELDS: ClassVar[tuple[str, ...]] = ()
     _get: ClassVar[attrgetter]
     SIZE: ClassVar[int] = 0
+    # every dataclass field in constructor order (FIELDS, then ``data`` if present)
+    _NAMES: ClassVar[tuple[str, ...]] = ()
+    _all: ClassVar[attrgetter]
+    _INDEX: ClassVar[dict[str, int]] = {}
+    _RV: ClassVar[int | None] = None  # position of rv in FIELDS
+    _HAS_DATA: ClassVar[bool] = False
+    _SEND: ClassVar[int | None] = None  # position of cbSendLength when data follows
+    # (position, name, maximum) of the length field pcscd bounds in a request
+    _LIMIT: ClassVar[tuple[int, str, int] | None] = None
+    # (position of the returned length in the reply, the request's field bounding it)
+    _RECV: ClassVar[tuple[int, str] | None] = None
+    _HEAD: ClassVar[dict[str, bytes]]  # the request header per byte order
+    _pack_values: ClassVar  # message -> the struct's values (_get, or _values to convert)
+    # the fields go to and from the struct unchanged (no _values/_decode conversion)
+    _PLAIN: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -143,33 +168,72 @@ class Message:
     def _setup(cls):
         cls.STRUCTS = _structs(cls.FMT)
         cls.SIZE = cls.STRUCTS[NATIVE].size
+        cls._HEAD = {order: _HEADER[order].pack(cls.SIZE, cls.CMD) for order in ORDERS}
         cls.FIELDS = tuple(f.name for f in fields(cls) if f.name != "data")
-        if len(cls.FIELDS) > 1:
-            cls._get = staticmethod(attrgetter(*cls.FIELDS))
-        else:
-            names = cls.FIELDS
-            cls._get = staticmethod(lambda m: tuple(getattr(m, n) for n in names))
+        cls._get = staticmethod(_getter(cls.FIELDS))
+        cls._HAS_DATA = len(cls.FIELDS) != len(fields(cls))
+        cls._NAMES = cls.FIELDS + ("data",) * cls._HAS_DATA
+        cls._all = staticmethod(_getter(cls._NAMES))
+        cls._INDEX = {name: i for i, name in enumerate(cls._NAMES)}
+        cls._RV = cls._INDEX.get("rv")
+        cls._SEND = cls._INDEX["cbSendLength"] if cls._HAS_DATA else None
+        if cls._SEND is not None:
+            cls._LIMIT = (cls._SEND, "cbSendLength", MAX_BUFFER_SIZE_EXTENDED)
+        elif "cbAttrLen" in cls._INDEX:
+            cls._LIMIT = (cls._INDEX["cbAttrLen"], "cbAttrLen", MAX_BUFFER_SIZE)
+        if cls.__dict__.get("_RECV_FIELDS"):
+            returned, bound = cls._RECV_FIELDS
+            cls._RECV = (cls._INDEX[returned], bound)
+        cls._PLAIN = (cls._decode.__func__ is Message._decode.__func__
+                      and cls._values is Message._values)
+        cls._pack_values = staticmethod(cls._get if cls._PLAIN else cls._values)
         return cls
 
     # --- generic body codec; string and byte-array fields are converted by subclasses
+    # in _values (to the struct) and _decode (from it)
+    def _values(self) -> tuple:
+        return self._get(self)
+
+    @classmethod
+    def _decode(cls, values):
+        return cls(*values)
+
     def pack(self, order: str = NATIVE) -> bytes:
-        return self.STRUCTS[order].pack(*self._get(self))
+        return self.STRUCTS[order].pack(*self._pack_values(self))
 
     @classmethod
     def unpack(cls, body, order: str = NATIVE):
-        return cls(*cls.STRUCTS[order].unpack(body))
+        return cls._decode(cls.STRUCTS[order].unpack(body))
 
     def trailing(self, reply: bool) -> bytes:
         return b""
 
     def with_rv(self, rv: int, **changes):
-        return _replace(self, rv=rv, **changes)
+        i = self._RV
+        if i is None:
+            return _replace(self, rv=rv, **changes)  # raises as the constructor does
+        values = list(self._all(self))
+        values[i] = rv
+        if changes:
+            index = self._INDEX
+            for name, value in changes.items():
+                i = index.get(name)
+                if i is None:  # not a field: the constructor's TypeError
+                    return _replace(self, rv=rv, **changes)
+                values[i] = value
+        return type(self)(*values)
+
+
+def _getter(names):
+    """A function of a message giving the tuple of ``names`` (attrgetter gives a bare
+    value for one name)."""
+    if len(names) > 1:
+        return attrgetter(*names)
+    return lambda m: tuple(getattr(m, n) for n in names)
 
 
 def _replace(obj, **changes):
-    values = {name: getattr(obj, name) for name in obj.FIELDS}
-    if hasattr(obj, "data"):
-        values["data"] = obj.data
+    values = dict(zip(obj._NAMES, obj._all(obj)))
     values.update(changes)
     return type(obj)(**values)
 
@@ -206,14 +270,13 @@ class Connect(Message):
     dwActiveProtocol: int = 0
     rv: int = 0
 
-    def pack(self, order=NATIVE):
-        return self.STRUCTS[order].pack(self.hContext, _raw(self.szReader), self.dwShareMode,
-                                        self.dwPreferredProtocols, self.hCard,
-                                        self.dwActiveProtocol, self.rv)
+    def _values(self):
+        return (self.hContext, _raw(self.szReader), self.dwShareMode,
+                self.dwPreferredProtocols, self.hCard, self.dwActiveProtocol, self.rv)
 
     @classmethod
-    def unpack(cls, body, order=NATIVE):
-        c, name, *rest = cls.STRUCTS[order].unpack(body)
+    def _decode(cls, values):
+        c, name, *rest = values
         return cls(c, _text(name), *rest)
 
 
@@ -258,6 +321,8 @@ class Transmit(Message):
     pcbRecvLength: int = 0
     rv: int = 0
     data: bytes = field(default=b"", repr=False)  # APDU sent, or response received
+    # the reply's returned length, and the request's field that bounds it
+    _RECV_FIELDS: ClassVar = ("pcbRecvLength", "pcbRecvLength")
 
     def trailing(self, reply):
         return self.data if (not reply or self.rv == 0) else b""
@@ -272,6 +337,7 @@ class Control(Message):
     dwBytesReturned: int = 0
     rv: int = 0
     data: bytes = field(default=b"", repr=False)
+    _RECV_FIELDS: ClassVar = ("dwBytesReturned", "cbRecvLength")
 
     def trailing(self, reply):
         return self.data if (not reply or self.rv == 0) else b""
@@ -298,8 +364,8 @@ class GetAttrib(Message):
     rv: int = 0
 
     @classmethod
-    def unpack(cls, body, order=NATIVE):
-        h, a, buf, n, rv = cls.STRUCTS[order].unpack(body)
+    def _decode(cls, values):
+        h, a, buf, n, rv = values
         return cls(h, a, buf[:min(n, MAX_BUFFER_SIZE)], n, rv)
 
 
@@ -422,14 +488,14 @@ def pad_states(states, count: int) -> tuple[ReaderState, ...]:
 
 # --- encoding ---------------------------------------------------------------------------
 
-_HEADER = _structs("II")
-HEADER_SIZE = 8
-
-
 def encode_request(msg: Message, order: str = NATIVE) -> bytes:
     """Header + body (+ data) as an application writes it."""
-    body = msg.pack(order)
-    return _HEADER[order].pack(len(body), msg.CMD) + body + msg.trailing(False)
+    try:
+        head = msg._HEAD[order]  # a Message's body is always its SIZE
+    except AttributeError:
+        body = msg.pack(order)
+        return _HEADER[order].pack(len(body), msg.CMD) + body + msg.trailing(False)
+    return head + msg.pack(order) + msg.trailing(False)
 
 
 def encode_reply(msg, order: str = NATIVE) -> bytes:
@@ -446,6 +512,11 @@ REQUESTS: dict[int, type[Message]] = {
 }
 # Commands pcscd refuses by closing the socket.
 REFUSED = {Cmd.SCARD_LIST_READERS, Cmd.SCARD_GET_STATUS_CHANGE, Cmd.SCARD_CANCEL_TRANSACTION}
+# Requests whose reply is their own struct written back (the rest: see ReplyReader.expect).
+_OWN_STRUCT_REPLY = frozenset(REQUESTS) - {
+    Cmd.CMD_WAIT_READER_STATE_CHANGE, Cmd.CMD_STOP_WAITING_READER_STATE_CHANGE,
+    Cmd.CMD_GET_READERS_STATE, Cmd.CMD_GET_READERS_STATE_ARRAY, Cmd.CMD_GET_READER_EVENTS,
+    Cmd.CMD_GET_READERS_STATE_SIZE}
 
 
 def decode_request(cmd: int, body, order: str = NATIVE) -> Message:
@@ -455,13 +526,17 @@ def decode_request(cmd: int, body, order: str = NATIVE) -> Message:
         raise ProtocolError(f"unsupported command 0x{cmd:02X}")
     if len(body) != cls.SIZE:
         raise ProtocolError(f"{cls.__name__}: body of {len(body)} bytes, expected {cls.SIZE}")
-    msg = cls.unpack(body, order) if cls.SIZE else cls()
-    if cls in (Transmit, Control) and msg.cbSendLength > MAX_BUFFER_SIZE_EXTENDED:
-        raise ProtocolError(f"{cls.__name__}: cbSendLength {msg.cbSendLength} > "
-                            f"{MAX_BUFFER_SIZE_EXTENDED}")
-    if cls in (GetAttrib, SetAttrib) and msg.cbAttrLen > MAX_BUFFER_SIZE:
-        raise ProtocolError(f"{cls.__name__}: cbAttrLen {msg.cbAttrLen} > {MAX_BUFFER_SIZE}")
-    return msg
+    values = cls.STRUCTS[order].unpack(body)
+    _check_limit(cls, values)
+    return cls._decode(values)
+
+
+def _check_limit(cls, values) -> None:
+    """The length pcscd bounds in a request (cbSendLength, cbAttrLen) within its limit."""
+    if cls._LIMIT is not None:
+        i, name, limit = cls._LIMIT
+        if values[i] > limit:
+            raise ProtocolError(f"{cls.__name__}: {name} {values[i]} > {limit}")
 
 
 class RequestReader:
@@ -473,29 +548,43 @@ class RequestReader:
         self._header = _HEADER[order]
 
     def feed(self, data: bytes) -> list[Message]:
-        self._buf += data
-        out = []
         buf = self._buf
-        while len(buf) >= HEADER_SIZE:
-            size, cmd = self._header.unpack_from(buf)
-            if cmd in REFUSED or cmd not in REQUESTS:
-                raise ProtocolError(f"unsupported command 0x{cmd:02X}")
-            if size != REQUESTS[cmd].SIZE:
-                raise ProtocolError(f"{REQUESTS[cmd].__name__}: body of {size} bytes, "
-                                    f"expected {REQUESTS[cmd].SIZE}")
-            end = HEADER_SIZE + size
-            if len(buf) < end:
-                break
-            msg = decode_request(cmd, memoryview(buf)[HEADER_SIZE:end], self.order)
-            extra = getattr(msg, "cbSendLength", 0) if cmd in (Cmd.SCARD_TRANSMIT,
-                                                             Cmd.SCARD_CONTROL) else 0
-            if extra:
-                if len(buf) < end + extra:
+        buf += data
+        out = []
+        order = self.order
+        unpack_header = self._header.unpack_from
+        pos = 0
+        try:
+            while len(buf) - pos >= HEADER_SIZE:
+                size, cmd = unpack_header(buf, pos)
+                cls = REQUESTS.get(cmd)
+                if cls is None or cmd in REFUSED:
+                    raise ProtocolError(f"unsupported command 0x{cmd:02X}")
+                if size != cls.SIZE:
+                    raise ProtocolError(f"{cls.__name__}: body of {size} bytes, "
+                                        f"expected {cls.SIZE}")
+                start = pos + HEADER_SIZE
+                end = start + size
+                if len(buf) < end:
                     break
-                msg = _replace(msg, data=bytes(buf[end:end + extra]))
-                end += extra
-            del buf[:end]
-            out.append(msg)
+                values = cls.STRUCTS[order].unpack_from(buf, start)
+                if cls._LIMIT is not None:
+                    _check_limit(cls, values)
+                if cls._SEND is not None:  # Transmit, Control: the data follows the body
+                    extra = values[cls._SEND]
+                    if len(buf) < end + extra:
+                        break
+                    msg = cls(*values, bytes(buf[end:end + extra]))
+                    end += extra
+                elif cls._PLAIN:
+                    msg = cls(*values)
+                else:
+                    msg = cls._decode(values)
+                pos = end
+                out.append(msg)
+        finally:
+            if pos:
+                del buf[:pos]  # only whole messages leave the buffer
         return out
 
     @property
@@ -521,7 +610,9 @@ class ReplyReader:
 
     def expect(self, request: Message) -> None:
         cmd = request.CMD
-        if cmd == Cmd.CMD_WAIT_READER_STATE_CHANGE:
+        if cmd in _OWN_STRUCT_REPLY:
+            self._expected.append((type(request), request))
+        elif cmd == Cmd.CMD_WAIT_READER_STATE_CHANGE:
             if self.dialect < 6:
                 self._expected.append((ReaderStates, PCSCLITE_MAX_READERS_CONTEXTS))
             self.waiting = True
@@ -544,13 +635,18 @@ class ReplyReader:
             raise ProtocolError(f"cannot expect a reply to 0x{cmd:02X}")
 
     def feed(self, data: bytes) -> list:
-        self._buf += data
+        buf = self._buf
+        buf += data
         out = []
-        while True:
+        expected = self._expected
+        # With nothing buffered only an empty reader-state array (ARRAY after a SIZE of 0)
+        # can still be complete; every other reply has at least one byte.
+        while buf or (expected and expected[0][0] is ReaderStates):
             msg = self._next()
             if msg is None:
-                return out
+                break
             out.append(msg)
+        return out
 
     def _next(self):
         buf = self._buf
@@ -562,8 +658,9 @@ class ReplyReader:
             if len(buf) < WaitReaderStateChangeReply.SIZE:
                 return None
             self.waiting = False
-            msg = WaitReaderStateChangeReply.unpack(buf[:8], self.order)
-            del buf[:8]
+            msg = WaitReaderStateChangeReply(
+                *WaitReaderStateChangeReply.STRUCTS[self.order].unpack_from(buf))
+            del buf[:WaitReaderStateChangeReply.SIZE]
             return msg
         cls, arg = self._expected[0]
         if cls is ReaderStates:
@@ -577,24 +674,27 @@ class ReplyReader:
             size = cls.SIZE
             if len(buf) < size:
                 return None
-            msg = cls.unpack(memoryview(buf)[:size], self.order)
+            values = cls.STRUCTS[self.order].unpack_from(buf)
             end = size
-            if cls is ReadersStateSize:
-                if not 0 <= msg.size <= MAX_READERS_STATE_ARRAY:
-                    raise ProtocolError(f"reader-state array size {msg.size}")
-                self._array_size = msg.size
-            elif cls in (Transmit, Control) and msg.rv == 0:
-                n = msg.pcbRecvLength if cls is Transmit else msg.dwBytesReturned
-                limit = arg.pcbRecvLength if cls is Transmit else arg.cbRecvLength
+            if cls._RECV is not None and values[cls._RV] == 0:  # Transmit, Control
+                i, bound = cls._RECV
+                n = values[i]
+                limit = getattr(arg, bound)
                 if n > max(limit, 0) or n > MAX_BUFFER_SIZE_EXTENDED:
                     raise ProtocolError(f"{cls.__name__}: {n} bytes returned, {limit} allowed")
-                if len(buf) < size + n:
-                    return None
-                msg = _replace(msg, data=bytes(buf[size:size + n]))
                 end = size + n
-            elif cls in (GetAttrib, SetAttrib) and msg.cbAttrLen > MAX_BUFFER_SIZE \
-                    and msg.rv == 0:
-                raise ProtocolError(f"{cls.__name__}: cbAttrLen {msg.cbAttrLen}")
+                if len(buf) < end:
+                    return None
+                msg = cls(*values, bytes(buf[size:end]))
+            else:
+                msg = cls(*values) if cls._PLAIN else cls._decode(values)
+                if cls is ReadersStateSize:
+                    if not 0 <= msg.size <= MAX_READERS_STATE_ARRAY:
+                        raise ProtocolError(f"reader-state array size {msg.size}")
+                    self._array_size = msg.size
+                elif cls in (GetAttrib, SetAttrib) and msg.cbAttrLen > MAX_BUFFER_SIZE \
+                        and msg.rv == 0:
+                    raise ProtocolError(f"{cls.__name__}: cbAttrLen {msg.cbAttrLen}")
         self._expected.pop(0)
         del buf[:end]
         return msg

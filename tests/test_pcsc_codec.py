@@ -745,3 +745,29 @@ def test_random_reply_bytes_give_only_protocol_error(dialect, reqs, raw, order, 
         feed_in_pieces(reader, raw, data.draw(cuts_for(len(raw))), MAX_REPLY)
     except p.ProtocolError:
         pass
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_empty_array_comes_with_its_size_of_zero(order):
+    # Nothing follows a SIZE of 0: the empty ARRAY is complete in the same feed, and a
+    # later empty feed yields nothing more.
+    reader = p.ReplyReader(6, order)
+    reader.expect(p.GetReadersStateSize())
+    reader.expect(p.GetReadersStateArray())
+    assert reader.feed(struct.pack(order + "i", 0)) == [p.ReadersStateSize(0),
+                                                         p.ReaderStates(())]
+    assert reader.feed(b"") == [] and reader.pending == 0
+
+
+def test_with_rv_changes_only_what_it_names():
+    msg = p.Transmit(7, 2, 8, 3, 2, 8, 258, 0, b"\x00\xa4\x04")
+    assert msg.with_rv(p.SCARD_W_REMOVED_CARD) == p.Transmit(
+        7, 2, 8, 3, 2, 8, 258, p.SCARD_W_REMOVED_CARD, b"\x00\xa4\x04")
+    assert msg.with_rv(0, pcbRecvLength=2, data=b"\x90\x00") == p.Transmit(
+        7, 2, 8, 3, 2, 8, 2, 0, b"\x90\x00")
+    conn = p.Connect(1, "Reader 0", 2, 3)
+    assert conn.with_rv(0, hCard=5) == p.Connect(1, "Reader 0", 2, 3, 5, 0, 0)
+    with pytest.raises(TypeError):
+        p.Status(1).with_rv(0, data=b"")  # only Transmit and Control carry data
+    with pytest.raises(TypeError):
+        p.ReadersStateSize(3).with_rv(0)  # no rv field
