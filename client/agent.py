@@ -18,7 +18,7 @@ import socket
 import ssl
 import time
 
-from pcsc_bridge import __version__, log
+from pcsc_bridge import __version__, log, tlsio
 from pcsc_bridge.facade import AppInfo, Backend, BackendError, ReaderModel, Stream
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
@@ -300,16 +300,37 @@ class RemoteBackend(Backend):
 
     async def _connect(self) -> Link:
         loop = asyncio.get_running_loop()
-        transport, link = await asyncio.wait_for(loop.create_connection(
-            lambda: Link(self), self.host, self.port, ssl=self.ssl_context,
-            server_hostname=self.server_name, ssl_handshake_timeout=self.connect_timeout),
-            self.connect_timeout)
+        deadline = loop.time() + self.connect_timeout
+        sock = await asyncio.wait_for(self._tcp(), self.connect_timeout)
+        tls_sock = await tlsio.handshake(sock, self.ssl_context, server_side=False,
+                                         server_hostname=self.server_name,
+                                         timeout=max(deadline - loop.time(), 0.1))
+        link = Link(self)
+        transport = tlsio.TLSTransport(tls_sock, link)
         try:
-            await asyncio.wait_for(link.hello, self.connect_timeout)
+            await asyncio.wait_for(link.hello, max(deadline - loop.time(), 0.1))
         except BaseException:
             transport.abort()
             raise
         return link
+
+    async def _tcp(self) -> socket.socket:
+        """A TCP connection to the server: each address it resolves to, in turn."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        error: OSError = OSError(f"{self.server} resolves to no address")
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        raise error
 
     async def _run(self) -> None:
         delay = self.reconnect_initial

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 
-from pcsc_bridge import __version__, log, tls
+from pcsc_bridge import __version__, log, tls, tlsio
 from pcsc_bridge.facade import Backend
 
 from .pcscd import DEFAULT_SOCKET, PcscdBackend
@@ -25,7 +26,8 @@ class Server:
         self.limits = limits or Limits()
         self.max_guests = max_guests
         self.sessions: set[GuestSession] = set()
-        self.servers: list[asyncio.AbstractServer] = []
+        self.listeners: list[socket.socket] = []
+        self.accepting: list[asyncio.Task] = []
         self.software = f"pcsc-bridge {__version__}"
 
     # --- hooks used by sessions -----------------------------------------------------------
@@ -53,33 +55,40 @@ class Server:
 
     # --- listeners ------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for host, port in self.listen:
-            server = await loop.create_server(lambda: _Accept(self), host, port,
-                                              reuse_address=True)
-            self.servers.append(server)
+            socks = _listening_sockets(host, port)
+            for sock in socks:
+                self.listeners.append(sock)
+                self.accepting.append(asyncio.get_running_loop().create_task(
+                    self._accept(sock)))
             log.info("server.listen", address=f"{host}:{port}")
 
-    async def handshake(self, transport) -> None:
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except OSError as exc:   # e.g. out of file descriptors: keep serving the others
+                log.error("server.accept_failed", error=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            loop.create_task(self.handshake(sock, peer))
+
+    async def handshake(self, sock: socket.socket, peer) -> None:
         """TLS on an accepted connection, with the current context (so SIGHUP's new
         certificates and CRL apply to every later connection); refusals are logged."""
-        peer = transport.get_extra_info("peername") or ("?", 0)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = GuestSession(self)
+        peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            tls_transport = await asyncio.get_running_loop().start_tls(
-                transport, session, self.tls.context, server_side=True,
-                ssl_handshake_timeout=self.limits.handshake_timeout)
-        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            tls_sock = await tlsio.handshake(sock, self.tls.context, server_side=True,
+                                             timeout=self.limits.handshake_timeout)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
             reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
                 or str(exc) or type(exc).__name__
-            log.warning("guest.refused", peer=f"{peer[0]}:{peer[1]}", stage="tls",
-                        reason=reason)
-            transport.abort()
+            log.warning("guest.refused", peer=peer, stage="tls", reason=reason)
+            sock.close()
             return
-        session.connection_made(tls_transport)
+        tlsio.TLSTransport(tls_sock, GuestSession(self))
 
     async def reload(self) -> None:
         """Re-read certificates, key, CA and CRL (SIGHUP) for new connections; live
@@ -94,8 +103,10 @@ class Server:
     async def close(self) -> None:
         """Graceful stop (SIGTERM): no new connections; every guest gets a GOAWAY, calls
         under way finish (up to limits.drain_timeout), then the connections close."""
-        for server in self.servers:
-            server.close()
+        for task in self.accepting:
+            task.cancel()
+        for sock in self.listeners:
+            sock.close()
         sessions = list(self.sessions)
         for s in sessions:
             s.go_away()
@@ -111,15 +122,26 @@ class Server:
         await asyncio.sleep(0.05)   # let the TLS close_notify go out
 
 
-class _Accept(asyncio.Protocol):
-    """A fresh TCP connection, until its TLS handshake is done."""
-
-    def __init__(self, server: Server):
-        self.server = server
-
-    def connection_made(self, transport):
-        transport.pause_reading()  # the ClientHello waits for start_tls
-        asyncio.get_running_loop().create_task(self.server.handshake(transport))
+def _listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """One listening TCP socket per address HOST resolves to (IPv4 and IPv6)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    socks = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def make_backend(kind: str, socket_path: str = DEFAULT_SOCKET, readers=None) -> Backend:

@@ -1,0 +1,77 @@
+"""The TLS transport under the server and the agent: nothing lost or reordered when the peer
+reads slowly (writes that block are retried as TLS requires), and close() delivers what was
+written before it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import threading
+
+import pytest
+from conftest import make_pki
+from pcsc_bridge import tlsio
+
+CHUNK = 65536
+CHUNKS = 96  # 6 MiB: far more than the socket buffers hold
+
+
+class Sender(asyncio.Protocol):
+    """Writes CHUNKS numbered chunks at once, then closes."""
+
+    def __init__(self):
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        for i in range(CHUNKS):
+            transport.write(bytes([i]) * CHUNK)
+        transport.close()
+
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(str(tmp_path_factory.mktemp("pki")))
+
+
+def test_slow_reader_gets_every_byte_in_order_then_the_close(pki):
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(f"{pki}/host.pem", f"{pki}/host-key.pem")
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(f"{pki}/ca.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    received = bytearray()
+
+    def slow_client():
+        with socket.create_connection(("127.0.0.1", port)) as raw, \
+                client_ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.settimeout(30)
+            threading.Event().wait(0.5)   # let the server's writes pile up first
+            while True:
+                data = tls.recv(CHUNK)
+                if not data:
+                    return
+                received.extend(data)
+
+    async def serve():
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        sock, _ = await loop.sock_accept(listener)
+        tls = await tlsio.handshake(sock, server_ctx, server_side=True, timeout=10)
+        sender = Sender()
+        transport = tlsio.TLSTransport(tls, sender)
+        assert transport.get_write_buffer_size() > 0  # the writes did block
+        assert await asyncio.wait_for(sender.lost, 30) is None
+
+    client = threading.Thread(target=slow_client)
+    client.start()
+    asyncio.run(serve())
+    client.join(30)
+    listener.close()
+    assert len(received) == CHUNKS * CHUNK
+    assert all(received[i * CHUNK] == i % 256 and received[(i + 1) * CHUNK - 1] == i % 256
+               for i in range(CHUNKS))
