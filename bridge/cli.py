@@ -13,18 +13,20 @@ import sys
 
 from . import __version__
 
-# (module, attribute) of each subcommand's register function, in the order --help lists them.
-SUBCOMMANDS = (
-    "pcsc_bridge.server.main",
-    "pcsc_bridge.client.main",
-    "pcsc_bridge.certs.main",
-    "pcsc_bridge.doctor",
-    "pcsc_bridge.server.emulate",
-    "pcsc_bridge.server.virtual",
-)
+# Each subcommand's module, in the order --help lists them.
+SUBCOMMANDS = {
+    "server": "pcsc_bridge.server.main",
+    "client": "pcsc_bridge.client.main",
+    "certs": "pcsc_bridge.certs.main",
+    "doctor": "pcsc_bridge.doctor",
+    "emulate": "pcsc_bridge.server.emulate",
+    "virtual": "pcsc_bridge.server.virtual",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; when ARGV names a subcommand only its module is imported, so a
+    long-running agent or server does not carry every other subcommand's imports."""
     parser = argparse.ArgumentParser(
         prog="pcsc-bridge",
         description="Use the smart card readers of another machine from unmodified "
@@ -32,13 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pcsc-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        importlib.import_module(name).register(sub)
+    first = next((a for a in argv or () if not a.startswith("-")), None)
+    for name, module in SUBCOMMANDS.items():
+        if first not in SUBCOMMANDS or first == name:
+            importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 
 logger = logging.getLogger("pcsc_bridge")
@@ -43,3 +45,17 @@ def setup(level: str = "info") -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) how we are; nothing when not run by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), address)
+        except OSError as exc:
+            warning("sd_notify.failed", error=str(exc))

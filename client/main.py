@@ -8,7 +8,6 @@ import signal
 
 from pcsc_bridge import config, log, tls
 from pcsc_bridge.facade import Facade
-from pcsc_bridge.server.main import sd_notify
 
 from .agent import RemoteBackend
 
@@ -40,12 +39,12 @@ async def serve(cfg: config.ClientConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    sd_notify("READY=1")
+    log.sd_notify("READY=1")
     log.info("agent.ready", socket=cfg.socket, server=str(cfg.server))
     try:
         await stop.wait()
     finally:
-        sd_notify("STOPPING=1")
+        log.sd_notify("STOPPING=1")
         await facade.close()
         await backend.close()
         try:

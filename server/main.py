@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 
 from pcsc_bridge import config, log, tls
 from pcsc_bridge.card import DEFAULT_AIDS, Card
@@ -32,20 +30,6 @@ def overrides(args) -> dict:
     out = {"server.listen": args.listen, "server.backend.type": args.backend,
            "server.backend.socket": args.pcscd_socket, "log.level": args.log_level}
     return {k: v for k, v in out.items() if v}
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) how we are; nothing when not run by systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(message.encode(), address)
-        except OSError as exc:
-            log.warning("sd_notify.failed", error=str(exc))
 
 
 def build(cfg: config.ServerConfig) -> Server:
@@ -89,10 +73,10 @@ async def serve(server: Server, control_path: str | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
-    sd_notify("READY=1")
+    log.sd_notify("READY=1")
     log.info("server.ready", backend=server.backend_name(), dialect=server.backend_dialect())
     await stop.wait()
-    sd_notify("STOPPING=1")
+    log.sd_notify("STOPPING=1")
     if control:
         await control.close()
     await server.close()
