@@ -483,3 +483,25 @@ def test_server_refuses_a_guest_its_policy_does_not_allow(pcscd, tmp_path):
         assert "POLICY" in b.agents["banned"].output(), b.agents["banned"].output()
     finally:
         b.stop()
+
+
+def test_systemd_is_told_ready_and_stopping(bridge, monkeypatch, tmp_path):
+    # Type=notify units: READY=1 once the service listens, STOPPING=1 on SIGTERM
+    def notify_socket(name):
+        path = str(tmp_path / name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(10)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        return sock
+    server_notify = notify_socket("server.notify")
+    bridge.start_server()
+    assert server_notify.recv(100) == b"READY=1"
+    agent_notify = notify_socket("agent.notify")
+    sock = bridge.start_agent("guest1")
+    assert agent_notify.recv(100) == b"READY=1"
+    assert os.path.exists(sock)   # ready means its socket is there
+    bridge.agents["guest1"].stop()
+    assert agent_notify.recv(100) == b"STOPPING=1"
+    bridge.server.stop()
+    assert server_notify.recv(100) == b"STOPPING=1"
