@@ -2,6 +2,8 @@
 
     benchmarks/run            # full run (N = 1000 / 1000 / 200, 5 s of load, 10 sessions)
     benchmarks/run --quick    # smoke check, under a minute
+    benchmarks/run --dialects # client libraries 1.9.9 / 2.3.3 / 2.5.x through the bridge
+                              # against pcscd 1.9.9 / 2.3.3 / 2.5.x (about 40 s)
 
 Paths, every one ending at the same pcscd, vpcd reader and test card on 127.0.0.1:
   direct   the application talks to /run/pcscd/pcscd.comm
@@ -17,6 +19,15 @@ sessions) against one shared host side (one server, one socat / stunnel listener
 sshd).  Guest 1 serves the latency figures; all 16 serve the load (4 contexts each).
 The application is benchmarks/client.c, compiled here against libpcsclite; it times each
 library call and prints JSON, so the driver's own cost is not in the figures.
+
+--dialects: the same client binary with each pcsc-lite client library (the host's 1.9.9;
+2.3.3 from the trixie chroot with LD_LIBRARY_PATH; 2.5.x run inside the sid chroot, under
+its glibc), against three pcscd (the host's 1.9.9; 2.3.3 and 2.5.x in their chroots, each
+with its own vpcd port and test card), one pcsc-bridge server + agent per pcscd.  Every
+pair runs SCardTransmit once per repetition, all pairs interleaved; a translated pair is
+compared with the same-version pair on the same pcscd and bridge.  Each run checks the
+libpcsclite objects the client loaded (device and inode) and the dialect the agent saw.
+Chroots come from tests/matrix/pcsclite.py (built there if missing).
 """
 
 from __future__ import annotations
@@ -65,9 +76,12 @@ class Settings:
     delay_ms: float = 10.0
     start_timeout: float = 20.0   # a process must be ready within this
     tests_wait: float = 1800.0    # wait this long at most for running pytest to finish
+    dialect_n: int = 500          # --dialects: SCardTransmit calls per run of a pair
+    dialect_reps: int = 15        # --dialects: repetitions of every pair
 
 
-QUICK = Settings(n_transmit=100, n_status=100, n_estrel=20, load_seconds=1.0, sessions=2)
+QUICK = Settings(n_transmit=100, n_status=100, n_estrel=20, load_seconds=1.0, sessions=2,
+                 dialect_n=100, dialect_reps=3)
 
 
 class Unavailable(Exception):
@@ -357,6 +371,12 @@ class Direct(Route):
 class Bridge(Route):
     name = "bridge"
 
+    def __init__(self, run: Run, backend: str = PCSCD_SOCKET, name: str | None = None):
+        if name:
+            self.name = name
+        super().__init__(run)
+        self.backend = backend
+
     def start_shared(self) -> None:
         check = subprocess.run([PYTHON, "-m", "pcsc_bridge", "server", "--help"],
                                check=False, capture_output=True, text=True, cwd=ROOT)
@@ -372,10 +392,10 @@ server:
   cert: {cert}
   key: {key}
   ca: {self.run.pki.ca}
-  backend: {{type: pcscd, socket: {PCSCD_SOCKET}}}
+  backend: {{type: pcscd, socket: {self.backend}}}
 """)
-        proc = self.procs.start("bridge-server", [PYTHON, "-m", "pcsc_bridge", "server", "-c",
-                                                  str(config)])
+        proc = self.procs.start(f"{self.name}-server", [PYTHON, "-m", "pcsc_bridge", "server",
+                                                      "-c", str(config)])
         self.host.append(proc.pid)
         self._wait_port(proc, "pcsc-bridge server")
 
@@ -391,8 +411,8 @@ client:
   ca: {self.run.pki.ca}
   socket: {sock}
 """)
-        proc = self.procs.start(f"bridge-agent-{tag}", [PYTHON, "-m", "pcsc_bridge", "client",
-                                                         "-c", str(config)])
+        proc = self.procs.start(f"{self.name}-agent-{tag}", [PYTHON, "-m", "pcsc_bridge",
+                                                              "client", "-c", str(config)])
         self.guest.append(proc.pid)
         return self._wait_socket(str(sock), proc, f"pcsc-bridge client {tag}")
 
@@ -595,12 +615,15 @@ class Run:
 
     # the application
 
-    def client(self, sock: str, *args, timeout: float = 600) -> dict:
+    def client(self, sock: str, *args, timeout: float = 600, lib: Lib | None = None) -> dict:
+        """Run the client once; with ``lib``, with that client library (its argv prefix
+        and environment)."""
+        prefix, env = (lib.prefix, lib.env) if lib else ([], {})
         try:
-            done = subprocess.run([self.client_bin, *map(str, args)], check=False,
+            done = subprocess.run([*prefix, self.client_bin, *map(str, args)], check=False,
                                   capture_output=True,
                                   text=True, timeout=timeout,
-                                  env={**os.environ, "PCSCLITE_CSOCK_NAME": sock})
+                                  env={**os.environ, **env, "PCSCLITE_CSOCK_NAME": sock})
         except subprocess.TimeoutExpired:
             raise MeasureError(f"client {args[0]}: no answer within {timeout:.0f} s") from None
         lines = done.stdout.strip().splitlines()
@@ -737,6 +760,226 @@ class Run:
                 "min_ms": min(totals), "max_ms": max(totals),
                 "steps_ms": {name: statistics.median(x[i] for x in sessions) / 1e6
                              for i, name in enumerate(SESSION_STEPS)}}
+
+
+# --- client libraries and dialects ---------------------------------------------------------------
+
+@dataclass
+class Lib:
+    """One pcsc-lite client library the client binary runs with: ``prefix`` (a chroot's
+    namespace wrapper, or nothing) and ``env`` (LD_LIBRARY_PATH, chroot binds); ``files``,
+    the (device, inode) of every libpcsclite object it must load, and nothing else."""
+
+    version: str
+    protocol: str
+    release: str
+    prefix: list[str]
+    env: dict
+    files: dict[tuple[int, int], str]
+    how: str
+
+
+@dataclass
+class Server:
+    """One pcscd: the host's, or a chroot's (with its own vpcd ports and test card)."""
+
+    version: str
+    protocol: str
+    release: str
+    socket: str
+    bridge: Bridge | None = None
+    agent_socket: str = ""
+
+
+def lib_files(paths: list[Path]) -> dict[tuple[int, int], str]:
+    out = {}
+    for path in paths:
+        st = os.stat(path)
+        out[(st.st_dev, st.st_ino)] = str(path.resolve())
+    return out
+
+
+def proto_ok(client: str, server: str) -> bool:
+    """Whether a client library of protocol ``client`` and a pcscd of protocol ``server``
+    talk to each other directly (4:4 and 4:5 refuse each other; 4:6 talks to both)."""
+    return client == server or "4:6" in (client, server)
+
+
+class Dialects:
+    """SCardTransmit through one pcsc-bridge server + agent per pcscd, with each client
+    library: same-version pairs against translated ones, interleaved."""
+
+    def __init__(self, run: Run, reps: int, n: int):
+        self.run, self.reps, self.n = run, reps, n
+        self.servers: list[Server] = []
+        self.libs: list[Lib] = []
+        self.chroot_pcscds: list = []
+
+    def setup(self) -> None:
+        if str(ROOT / "tests") not in sys.path:
+            sys.path.insert(0, str(ROOT / "tests"))
+        from matrix import pcsclite  # standard library only; builds missing chroots
+        run = self.run
+        host_lib = subprocess.run(["ldd", run.client_bin], check=True, capture_output=True,
+                                  text=True).stdout
+        host_path = next(line.split("=>")[1].split()[0] for line in host_lib.splitlines()
+                         if "libpcsclite.so" in line)
+        for c in pcsclite.client_envs(PYTHON):
+            # argv_prefix ends with the Python interpreter its scripts run with: drop it,
+            # the client binary runs in its place (inside the chroot for a chroot's library)
+            prefix = list(c.argv_prefix[:-1])
+            env = dict(c.env)
+            if prefix:  # the namespace wrapper: the client binary's folder is bound inside
+                env["PCSC_BRIDGE_CHROOT_BINDS"] = str(run.dir)
+                root = pcsclite.chroot_dir(c.release)
+                files = [p for name in ("libpcsclite.so.1", "libpcsclite_real.so.1")
+                         for p in root.glob(f"usr/lib/*/{name}")]
+                how = f"in the {c.release} chroot (its glibc and libpcsclite)"
+            elif "LD_LIBRARY_PATH" in env:
+                d = Path(env["LD_LIBRARY_PATH"])
+                files = [p for p in (d / "libpcsclite.so.1", d / "libpcsclite_real.so.1")
+                         if p.exists()]
+                how = f"on the host, LD_LIBRARY_PATH = {c.release}'s libpcsclite"
+            else:
+                files = [Path(host_path)]
+                how = "on the host (its libpcsclite)"
+            self.libs.append(Lib(c.version, c.protocol, c.release, prefix, env,
+                                 lib_files(files), how))
+        host_version = pcsclite._host_version("pcscd")
+        self.servers.append(Server(host_version, pcsclite.server_protocol(PCSCD_SOCKET),
+                                   "bookworm", PCSCD_SOCKET))
+        for release in ("trixie", "sid"):
+            pcscd = pcsclite.ChrootPcscd(release, run.dir / f"pcscd-{release}.log")
+            pcscd.start()
+            self.chroot_pcscds.append(pcscd)
+            run.procs.start(f"testcard-{release}", [
+                PYTHON, str(ROOT / "tests" / "testcard.py"), "--port", str(pcscd.vpcd_ports[0])])
+            self.servers.append(Server(pcscd.version, pcscd.protocol, release, pcscd.socket))
+        for server in self.servers:
+            lib = self.lib_for(server)
+            if not run.client(server.socket, "wait", READER, 10000, lib=lib)["present"]:
+                raise Unavailable(f"no card in {READER} of pcscd {server.version}")
+            server.bridge = Bridge(run, backend=server.socket, name=f"bridge-{server.release}")
+            server.bridge.start_shared()
+            server.agent_socket = server.bridge.start_instance("guest01", server.bridge.port)
+            if not run.client(server.agent_socket, "wait", READER, 10000, lib=lib,
+                              timeout=60)["present"]:
+                raise Unavailable(f"no card seen through the bridge to pcscd {server.version}")
+
+    def lib_for(self, server: Server) -> Lib:
+        return next(lib for lib in self.libs if lib.release == server.release)
+
+    def stop(self) -> None:
+        for pcscd in reversed(self.chroot_pcscds):
+            pcscd.stop()
+
+    def check_lib(self, lib: Lib, out: dict) -> None:
+        loaded = {(x["dev"], x["ino"]): x["path"] for x in out.get("libs", [])}
+        if set(loaded) != set(lib.files):
+            raise MeasureError(f"client {lib.version} ({lib.how}) loaded "
+                               f"{sorted(loaded.values())}, not {sorted(lib.files.values())}")
+
+    def agent_dialect(self, server: Server, pid: int) -> str | None:
+        """The dialect the agent saw this client process speak (its `app.stream` line)."""
+        log_file = self.run.dir / f"{server.bridge.name}-agent-guest01.log"
+        for line in reversed(log_file.read_text(errors="replace").splitlines()):
+            if "app.stream" in line and f"pid={pid} " in line + " ":
+                for word in line.split():
+                    if word.startswith("dialect="):
+                        return word.split("=", 1)[1].strip('"')
+        return None
+
+    def measure(self) -> dict:
+        pairs = [(server, lib, via) for via in ("bridge", "direct") for server in self.servers
+                 for lib in self.libs if via == "bridge" or proto_ok(lib.protocol,
+                                                                      server.protocol)]
+        runs: dict[tuple, list[dict]] = {}
+        libc: dict[str, str] = {}
+        for rep in range(self.reps):
+            order = pairs if rep % 2 == 0 else pairs[::-1]  # A B … B A: no side always first
+            log("dialects.rep", rep=rep + 1, of=self.reps, runs=len(order))
+            for server, lib, via in order:
+                sock = server.agent_socket if via == "bridge" else server.socket
+                out = self.run.client(sock, "transmit", READER, self.n, lib=lib)
+                self.check_lib(lib, out)
+                libc[lib.version] = out["libc"]
+                r = latency(out["ns"])
+                if via == "bridge":
+                    r["dialect"] = self.agent_dialect(server, out["pid"])
+                    if r["dialect"] != lib.protocol:
+                        raise MeasureError(f"client {lib.version} spoke {r['dialect']} to the "
+                                           f"agent, not {lib.protocol}")
+                runs.setdefault((server.release, lib.release, via), []).append(r)
+        return {"n": self.n, "reps": self.reps, "libc": libc,
+                "servers": [{"version": s.version, "protocol": s.protocol,
+                             "release": s.release} for s in self.servers],
+                "libs": [{"version": x.version, "protocol": x.protocol, "release": x.release,
+                          "how": x.how, "files": sorted(x.files.values())} for x in self.libs],
+                "runs": [{"server": k[0], "client": k[1], "via": k[2], "reps": v}
+                         for k, v in runs.items()]}
+
+
+def dialect_report(d: dict) -> str:
+    servers = {s["release"]: s for s in d["servers"]}
+    libs = {x["release"]: x for x in d["libs"]}
+    runs = {(r["server"], r["client"], r["via"]): r["reps"] for r in d["runs"]}
+
+    def med(key, k):
+        return statistics.median(r[k] for r in runs[key]) if key in runs else None
+
+    def ratios(key, base):
+        if key not in runs or base not in runs:
+            return None
+        return [a["p50_us"] / b["p50_us"] for a, b in zip(runs[key], runs[base])]
+
+    def cell(rs):
+        if rs is None:
+            return "–"
+        q = statistics.quantiles(rs, n=4) if len(rs) > 1 else [rs[0]] * 3
+        return f"{statistics.median(rs):.3f} ({q[0]:.2f}–{q[2]:.2f})"
+
+    out = [(f"## Client libraries and dialects ({time.strftime('%Y-%m-%d %H:%M')}, "
+            f"{platform.node()}, {os.cpu_count()} CPUs)"), "",
+           (f"SCardTransmit (ECHO, 4 + 2 bytes), {d['n']} calls per run, {d['reps']} "
+            "repetitions, every pair once per repetition (order reversed every other "
+            "repetition); figures are medians over the repetitions.  Ratio: p50 ÷ the "
+            "same-version pair on the same pcscd in the same repetition: median (interquartile "
+            "range) of those per-repetition ratios."),
+           "", "Client libraries (one client binary, compiled on the host):", ""]
+    for x in d["libs"]:
+        out.append(f"- {x['version']} ({x['protocol']}): {x['how']}, glibc "
+                   f"{d['libc'].get(x['version'], '?')}; loaded {', '.join(x['files'])} "
+                   "(checked on every run, by device and inode)")
+    out += ["", ("What differs within a pcscd's group: the client library (its code, and for "
+                 "the chroot's library its glibc) and the dialect the agent answers in; the "
+                 "pcscd, reader, card, server, agent and client binary are the same.  The "
+                 "direct columns (no bridge; a 2.5.x library or pcscd negotiates down to the "
+                 "other side's protocol) show what the library alone changes."), "",
+            ("| pcscd | client | dialect client → pcscd | bridge p50 µs | "
+                 "bridge p99 µs | bridge ÷ same-version | direct p50 µs | direct ÷ "
+                 "same-version |"), "|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for srel, server in servers.items():
+        same_b, same_d = (srel, srel, "bridge"), (srel, srel, "direct")
+        for crel, lib in sorted(libs.items(), key=lambda kv: kv[0] != srel):
+            b, dr = (srel, crel, "bridge"), (srel, crel, "direct")
+            translated = lib["protocol"] != server["protocol"]
+            rb, rd = ratios(b, same_b), ratios(dr, same_d)
+            out.append(
+                f"| {server['version']} ({server['protocol']}) | {lib['version']} | "
+                f"{lib['protocol']} → {server['protocol']}"
+                f"{' (translated)' if translated else ' (same version)'} | "
+                f"{fmt(med(b, 'p50_us'))} | {fmt(med(b, 'p99_us'))} | "
+                f"{'1 (baseline)' if crel == srel else cell(rb)} | "
+                f"{fmt(med(dr, 'p50_us')) if dr in runs else 'refused (4:4 ↔ 4:5)'} | "
+                f"{'1 (baseline)' if crel == srel else cell(rd)} |")
+            if translated and rb:
+                verdicts.append((f"{lib['version']} → pcscd {server['version']}",
+                                 statistics.median(rb)))
+    out += ["", ("Target: per-APDU latency of a translated pair within 5 % of the same-version "
+                 "pair (median ratio ≤ 1.05):"), ""]
+    out += [f"- {name}: {r:.3f}× — {'met' if r <= 1.05 else 'MISSED'}" for name, r in verdicts]
+    return "\n".join(out)
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -893,8 +1136,14 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--quick", action="store_true", help="small N: a smoke check under a minute")
-    p.add_argument("--paths", default=",".join(PATHS), help=f"subset of {','.join(PATHS)}")
-    p.add_argument("-n", "--transmit", type=int, help="SCardTransmit and SCardStatus calls")
+    p.add_argument("--paths", help=f"subset of {','.join(PATHS)} (default: all, or none "
+                   "with --dialects)")
+    p.add_argument("--dialects", action="store_true",
+                   help="SCardTransmit through the bridge with each client library (1.9.9, "
+                   "2.3.3, 2.5.x) against each pcscd: translated vs same-version pairs")
+    p.add_argument("--reps", type=int, help="--dialects: repetitions of every pair")
+    p.add_argument("-n", "--transmit", type=int, help="SCardTransmit and SCardStatus calls "
+                   "(--dialects: SCardTransmit calls per run of a pair)")
     p.add_argument("--estrel", type=int, help="Establish+Release pairs")
     p.add_argument("--load-seconds", type=float)
     p.add_argument("--sessions", type=int, help="slow-link sessions per path")
@@ -906,8 +1155,11 @@ def main(argv: list[str] | None = None) -> int:
     s = QUICK if args.quick else Settings()
     over = {"n_transmit": args.transmit, "n_status": args.transmit, "n_estrel": args.estrel,
             "load_seconds": args.load_seconds, "sessions": args.sessions,
-            "delay_ms": args.delay_ms, "guests": args.guests}
+            "delay_ms": args.delay_ms, "guests": args.guests, "dialect_reps": args.reps,
+            "dialect_n": args.transmit}
     s = replace(s, **{k: v for k, v in over.items() if v is not None})
+    if args.paths is None:
+        args.paths = "" if args.dialects else ",".join(PATHS)
     paths = [x for x in args.paths.split(",") if x]
     unknown = set(paths) - set(PATHS)
     if unknown:
@@ -923,6 +1175,7 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="pcsc-bench-"))
     run = Run(s, directory)
     results: list[dict] = []
+    dialects, dialect_result = None, None
     status = 0
     try:
         run.compile_client()
@@ -932,19 +1185,40 @@ def main(argv: list[str] | None = None) -> int:
         run.pki = Pki(directory / "pki")
         for name in paths:
             results.append(run.measure(name))
+        if args.dialects:
+            dialects = Dialects(run, s.dialect_reps, s.dialect_n)
+            log("dialects.start")
+            dialects.setup()
+            dialect_result = dialects.measure()
+            if run.tests_running():
+                dialect_result["disturbed"] = "pytest was running at the end of the measurement"
+            log("dialects.done")
     except KeyboardInterrupt:
         run.notes.append("INTERRUPTED: only the paths above were measured")
         status = 130
+    except (Unavailable, MeasureError) as exc:
+        log("dialects.error", error=json.dumps(str(exc)))
+        run.notes.append(f"client libraries and dialects: not measured: {exc}")
+        results.append({"path": "dialects", "error": str(exc)})
+        status = 1
     finally:
         run.procs.stop_all()
+        if dialects is not None:
+            dialects.stop()
         if args.keep or any(k in r for r in results for k in ("error", "slow_error")):
             log("kept", dir=directory, why="--keep or an error: logs and configs are there")
         else:
             shutil.rmtree(directory, ignore_errors=True)
-    print(report(results, s, run.notes))
+    if paths or not dialect_result:
+        print(report(results, s, run.notes))
+    if dialect_result:
+        print(("\n\n" if paths else "") + dialect_report(dialect_result))
+        if "disturbed" in dialect_result:
+            print(f"\nDISTURBED: {dialect_result['disturbed']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": s.__dict__, "notes": run.notes,
-                                               "results": results}, indent=1))
+                                               "results": results,
+                                               "dialects": dialect_result}, indent=1))
     return status
 
 

@@ -15,17 +15,27 @@
  *   client wait READER TIMEOUT_MS
  *                                waits until READER shows a card; prints whether it did
  *
+ * The timed subcommands' JSON also says which client library answered: "pid", "libc" (the C
+ * library's version) and "libs", every loaded object whose name contains "pcsclite", with
+ * its path and device:inode as this process sees them (so a run inside a chroot or with
+ * LD_LIBRARY_PATH can be checked against the files it was meant to load).
+ *
  * Timing uses CLOCK_MONOTONIC around each library call only, so this program's own work
  * (allocation, JSON) is outside the figures.  Exit status 0 on success, 1 on a PC/SC error
  * (the JSON line then carries "error" and the call's return code).
  */
+#define _GNU_SOURCE
 #include <errno.h>
+#include <gnu/libc-version.h>
+#include <link.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 #include <winscard.h>
 
 #define WARMUP 20
@@ -58,10 +68,27 @@ static void check(const char *call, LONG rv) {
         fail(call, rv);
 }
 
+static int print_lib(struct dl_phdr_info *info, size_t size, void *arg) {
+    int *count = arg;
+    struct stat st;
+    (void)size;
+    if (!info->dlpi_name || !strstr(info->dlpi_name, "pcsclite"))
+        return 0;
+    if (stat(info->dlpi_name, &st) != 0)
+        memset(&st, 0, sizeof st);
+    printf("%s{\"path\": \"%s\", \"dev\": %llu, \"ino\": %llu}", (*count)++ ? ", " : "",
+           info->dlpi_name, (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
+    return 0;
+}
+
 static void print_ns(const char *key, const int64_t *v, long n) {
+    int count = 0;
     printf("{\"%s\": [", key);
     for (long i = 0; i < n; i++)
         printf(i ? ",%lld" : "%lld", (long long)v[i]);
+    printf("], \"pid\": %ld, \"libc\": \"%s\", \"libs\": [", (long)getpid(),
+           gnu_get_libc_version());
+    dl_iterate_phdr(print_lib, &count);
     printf("]}\n");
 }
 
