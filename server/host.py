@@ -79,6 +79,7 @@ class Server:
         certificates and CRL apply to every later connection); refusals are logged."""
         peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = GuestSession(self)   # handshake_timeout runs from here to its HELLO
         try:
             tls_sock = await tlsio.handshake(sock, self.tls.context, server_side=True,
                                              timeout=self.limits.handshake_timeout)
@@ -88,7 +89,7 @@ class Server:
             log.warning("guest.refused", peer=peer, stage="tls", reason=reason)
             sock.close()
             return
-        tlsio.TLSTransport(tls_sock, GuestSession(self))
+        tlsio.TLSTransport(tls_sock, session)
 
     async def reload(self) -> None:
         """Re-read certificates, key, CA and CRL (SIGHUP) for new connections; live

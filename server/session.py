@@ -116,13 +116,14 @@ class GuestSession(asyncio.Protocol):
         self.ready = False            # both HELLOs exchanged
         self.going_away = False       # GOAWAY sent: no new streams, finishing the others
         self.last_rx = time.monotonic()
+        # accept time: TLS handshake and HELLO must be done by accepted + handshake_timeout
+        self.accepted = asyncio.get_running_loop().time()
         self.sent = False             # wrote something since the last keepalive tick
         self._sent_states = None
         self._states_due = False      # the model changed; STATE not yet written
         self._unlisten = None
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
-        self._early = b""  # bytes that arrived before connection_made (after start_tls)
         self._handlers = {
             Call: self._on_call, Open: self._on_open, Close: self._on_close,
             StreamError: self._on_stream_error, Ping: self._on_ping, Pong: _ignore,
@@ -147,11 +148,8 @@ class GuestSession(asyncio.Protocol):
             return self.fail("too many guests connected", Reason.LIMIT)
         self._timer = asyncio.get_running_loop().call_later(
             self.limits.keepalive_interval, self._keepalive)
-        asyncio.get_running_loop().call_later(self.limits.handshake_timeout,
-                                              self._handshake_deadline)
-        if self._early:
-            early, self._early = self._early, b""
-            self.data_received(early)
+        asyncio.get_running_loop().call_at(self.accepted + self.limits.handshake_timeout,
+                                           self._handshake_deadline)
 
     def _handshake_deadline(self):
         if not self.ready and not self.closed:
@@ -191,10 +189,7 @@ class GuestSession(asyncio.Protocol):
                      error=str(exc) if exc else None)
 
     def data_received(self, data):
-        if self.transport is None:
-            self._early += data
-            return
-        if self.closed:
+        if self.closed or self.conn is None:
             return
         self.last_rx = time.monotonic()
         try:

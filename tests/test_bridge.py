@@ -505,3 +505,39 @@ def test_systemd_is_told_ready_and_stopping(bridge, monkeypatch, tmp_path):
     assert agent_notify.recv(100) == b"STOPPING=1"
     bridge.server.stop()
     assert server_notify.recv(100) == b"STOPPING=1"
+
+
+def test_a_silent_peer_is_cut_off_at_the_handshake_timeout(bridge):
+    # limits.handshake_timeout bounds the time from the TCP accept until TLS and HELLO are
+    # both done: a peer that stalls before or after TLS holds no slot longer than that
+    bridge.start_server()
+    bridge.server.stop()
+    conf = Path(bridge.dir) / "server.yaml"
+    conf.write_text(conf.read_text().replace("keepalive_timeout: 3s}",
+                                             "keepalive_timeout: 3s, handshake_timeout: 1s}"))
+    bridge.server = Process(["server", "-c", str(conf)],
+                            os.path.join(bridge.dir, "server.log"))
+    wait_port(bridge.port)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(f"{bridge.ca}/ca.pem")
+    ctx.set_alpn_protocols(["pcsc-bridge/1"])
+    ctx.load_cert_chain(f"{bridge.ca}/guest1.pem", f"{bridge.ca}/guest1-key.pem")
+    for tls_first in (False, True):
+        raw = socket.create_connection(("127.0.0.1", bridge.port), 5)
+        t0 = time.monotonic()
+        try:
+            try:
+                if tls_first:
+                    time.sleep(0.8)   # most of the budget goes before the TLS handshake
+                    peer = ctx.wrap_socket(raw, server_hostname="localhost")
+                else:
+                    peer = raw
+                peer.settimeout(5)
+                while peer.recv(4096):   # a GOAWAY may come first, then the close
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+        finally:
+            raw.close()
+        assert time.monotonic() - t0 < 1.6, f"held {time.monotonic() - t0:.1f} s"
+    assert "no HELLO within the handshake timeout" in bridge.server.output()
