@@ -161,13 +161,17 @@ class PcscdStream(Stream):
             if error is not None or (type(msg) is Transmit and reply.rv == 0):
                 done(reply, error)
                 return
-            def refreshed(task: asyncio.Task):
-                if not task.cancelled() and task.exception() is not None:
-                    log.warning("pcscd.refresh_failed", error=str(task.exception()))
-                done(reply, None)
-            asyncio.get_running_loop().create_task(self.backend.refresh()) \
-                .add_done_callback(refreshed)
+            asyncio.get_running_loop().create_task(self._refresh_then(done, reply))
         self.conn.submit(msg, answered)
+
+    async def _refresh_then(self, done, reply) -> None:
+        # done() runs in the same step as the model update, so the session writes the
+        # new STATE and this REPLY together
+        try:
+            await self.backend.refresh()
+        except (BackendError, ProtocolError, OSError) as exc:
+            log.warning("pcscd.refresh_failed", error=str(exc))
+        done(reply, None)
 
     async def close(self):
         self.conn.close()
