@@ -270,7 +270,6 @@ TLS_VERSION = _Leaf(_choice("1.2", "1.3"))
 @dataclass(frozen=True, kw_only=True)
 class LogConfig:
     level: str = _f(_Leaf(_choice("debug", "info", "warning", "error")), "info")
-    apdu: bool = _f(BOOL, False)     # log APDU bytes (PINs travel in APDUs)
 
 
 @dataclass(frozen=True, kw_only=True)

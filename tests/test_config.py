@@ -175,7 +175,7 @@ def test_defaults_without_optional_sections(tmp_path):
     assert all(r.card.atr == DEFAULT_ATR for r in s.virtual.readers)
     assert s.virtual.control is None
     assert dict(s.guests) == {"default": s.guests["default"]} and s.guests["default"].allow
-    assert s.log.level == "info" and s.log.apdu is False
+    assert s.log.level == "info"
     c = load_client_config(write(tmp_path, CLIENT + "  socket_mode: 660\n"))
     assert c.server_name == "127.0.0.1" and c.socket_mode == 0o660  # octal, though YAML reads 660
     assert (c.connect_timeout, c.reconnect.initial, c.reconnect.max) == (5.0, 0.5, 30.0)
@@ -218,9 +218,9 @@ def test_flags_override_the_file(tmp_path, monkeypatch):
 def test_apply_overrides_to_a_loaded_config(tmp_path):
     c = load_client_config(write(tmp_path, CLIENT))
     d = apply_overrides(c, {"client.socket": "/x", "client.server": "other:1",
-                            "client.reconnect.max": "1m", "log.apdu": "true"})
-    assert (d.socket, d.server, d.server_name, d.reconnect.max, d.log.apdu) == \
-        ("/x", ("other", 1), "other", 60.0, True)
+                            "client.reconnect.max": "1m", "log.level": "debug"})
+    assert (d.socket, d.server, d.server_name, d.reconnect.max, d.log.level) == \
+        ("/x", ("other", 1), "other", 60.0, "debug")
     assert c.socket == "/run/pcscd/pcscd.comm"      # the original is untouched
     named = load_client_config(write(tmp_path, CLIENT + "  server_name: cert.name\n"))
     assert apply_overrides(named, {"client.server": "other:1"}).server_name == "cert.name"
