@@ -35,6 +35,10 @@ from .pcsc import (
     SCARD_E_INVALID_HANDLE,
     SCARD_E_NO_SERVICE,
     SCARD_E_SERVICE_STOPPED,
+    SCARD_SCOPE_GLOBAL,
+    SCARD_SCOPE_SYSTEM,
+    SCARD_SCOPE_TERMINAL,
+    SCARD_SCOPE_USER,
     Cancel,
     Connect,
     Disconnect,
@@ -61,6 +65,8 @@ from .pcsc import (
 )
 
 NEWEST_MINOR = 6
+ESTABLISH_SCOPES = frozenset({SCARD_SCOPE_USER, SCARD_SCOPE_TERMINAL, SCARD_SCOPE_SYSTEM,
+                              SCARD_SCOPE_GLOBAL})   # what pcscd accepts
 
 
 class ReaderModel:
@@ -140,6 +146,10 @@ class Stream:
                 done(task.result(), None)
         asyncio.get_running_loop().create_task(self.call(msg)).add_done_callback(finished)
 
+    def watch(self, lost: Callable[[], None]) -> None:
+        """Have ``lost()`` called if the backend connection ends between calls (a backend
+        whose connections cannot end without a call ignores this)."""
+
     async def close(self) -> None:
         pass
 
@@ -151,6 +161,12 @@ class Backend:
 
     async def open_stream(self, app: AppInfo) -> Stream:
         raise NotImplementedError
+
+    def take_context(self, app: AppInfo) -> tuple[Stream, int] | None:
+        """A stream whose backend already holds an established context, and its handle,
+        if the backend keeps one ready; the application gets both for its
+        SCardEstablishContext with no round trip. None: open a stream as usual."""
+        return None
 
 
 class AppInfo:
@@ -324,6 +340,8 @@ class AppSession(asyncio.Protocol):
                 self.busy = True
                 if type(msg) is ReleaseContext and self._release_early(msg):
                     continue
+                if type(msg) is EstablishContext and self._establish_early(msg):
+                    continue
                 if self.stream is None:
                     asyncio.get_running_loop().create_task(self._open_and_submit(msg))
                     return
@@ -361,6 +379,21 @@ class AppSession(asyncio.Protocol):
             self.stream.submit(msg, released)
         except BackendError as exc:
             released(None, exc)
+        return True
+
+    def _establish_early(self, msg: EstablishContext) -> bool:
+        """The application's first SCardEstablishContext, answered from a context the
+        backend established ahead (pcscd gives nothing else with it: the handle is all)."""
+        if self.stream is not None or msg.dwScope not in ESTABLISH_SCOPES:
+            return False
+        ready = self.facade.backend.take_context(self.info)
+        if ready is None:
+            return False
+        self.stream, h = ready
+        self.busy = False
+        self.contexts.add(h)
+        self.facade.contexts[h] = self
+        self.transport.write(encode_reply(EstablishContext(msg.dwScope, h, 0), NATIVE))
         return True
 
     async def _open_and_submit(self, msg):

@@ -67,6 +67,8 @@ class Cmd(IntEnum):
 
 
 # Return codes (pcsclite.h); the ones the bridge itself produces or inspects.
+# SCardEstablishContext scopes; pcscd accepts these four and no other
+SCARD_SCOPE_USER, SCARD_SCOPE_TERMINAL, SCARD_SCOPE_SYSTEM, SCARD_SCOPE_GLOBAL = 0, 1, 2, 3
 SCARD_S_SUCCESS = 0x00000000
 SCARD_F_INTERNAL_ERROR = 0x80100001
 SCARD_E_CANCELLED = 0x80100002

@@ -22,7 +22,9 @@ from pcsc_bridge import __version__, log, tlsio
 from pcsc_bridge.facade import AppInfo, Backend, BackendError, ReaderModel, Stream
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
+    SCARD_SCOPE_SYSTEM,
     WIRE,
+    EstablishContext,
     Message,
     ProtocolError,
     ReaderStates,
@@ -256,6 +258,8 @@ class RemoteBackend(Backend):
         self.max_frame = max_frame
         self.model = ReaderModel()
         self.link: Link | None = None         # the link new streams go to
+        self._ready: tuple[RemoteStream, int] | None = None  # a stream with a context
+        self._preparing = False
         self.connecting = asyncio.Event()
         self.connected = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -287,6 +291,46 @@ class RemoteBackend(Backend):
                  dialect=f"4:{app.dialect}" if app.dialect else None,
                  backend_dialect=link.server_hello.dialect)
         return RemoteStream(self, link, app)
+
+    # --- a context established ahead, for the next application ----------------------------
+    def take_context(self, app: AppInfo) -> tuple[Stream, int] | None:
+        ready, self._ready = self._ready, None
+        link = self.link
+        if ready is not None and (link is None or ready[0].link is not link or link.dead
+                                  or link.goaway is not None
+                                  or link.conn.stream_state(ready[0].id) is None):
+            asyncio.get_running_loop().create_task(ready[0].close())
+            ready = None
+        self._prepare()
+        if ready is None:
+            return None
+        stream, h = ready
+        stream.app = app
+        log.info("app.stream", app=app.id, pid=app.pid,
+                 dialect=f"4:{app.dialect}" if app.dialect else None,
+                 backend_dialect=link.server_hello.dialect, context="ready")
+        return stream, h
+
+    def _prepare(self) -> None:
+        """Open a stream and establish a context on it now, so that the next application's
+        SCardEstablishContext is answered without a round trip to the server."""
+        link = self.link
+        if self._preparing or self._ready is not None or link is None or link.dead \
+                or link.goaway is not None:
+            return
+        stream = RemoteStream(self, link, AppInfo())
+
+        def established(reply, error):
+            self._preparing = False
+            if error is None and reply.rv == 0 and not link.dead and self.link is link:
+                self._ready = (stream, reply.hContext)
+            else:
+                asyncio.get_running_loop().create_task(stream.close())
+        self._preparing = True
+        try:
+            stream.submit(EstablishContext(SCARD_SCOPE_SYSTEM), established)
+        except BackendError:
+            self._preparing = False
 
     @property
     def server(self) -> str:
@@ -355,6 +399,7 @@ class RemoteBackend(Backend):
             delay = self.reconnect_initial
             self.link = link
             self.connected.set()
+            self._prepare()
             hello = link.server_hello
             log.info("server.connected", server=self.server, guest=hello.extra.get("guest"),
                      backend=hello.extra.get("backend"), backend_dialect=hello.dialect,

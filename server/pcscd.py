@@ -56,6 +56,7 @@ class PcscdConnection(asyncio.Protocol):
         self.replies: asyncio.Queue = asyncio.Queue()
         self.lost = asyncio.get_running_loop().create_future()
         self.done = None   # submit()'s callback for the reply under way
+        self.on_lost = None   # called when pcscd closes the socket between calls
 
     def connection_made(self, transport):
         self.transport = transport
@@ -82,6 +83,8 @@ class PcscdConnection(asyncio.Protocol):
         done, self.done = self.done, None
         if done is not None:
             done(None, BackendError("pcscd closed the connection"))
+        elif self.on_lost is not None:
+            self.on_lost()
 
     def submit(self, msg: Message, done) -> None:
         """Send ``msg``; ``done(reply, error)`` runs from data_received."""
@@ -150,6 +153,10 @@ class PcscdStream(Stream):
     def __init__(self, backend: PcscdBackend, conn: PcscdConnection):
         self.backend = backend
         self.conn = conn
+
+    def watch(self, lost) -> None:
+        """pcscd went away (restarted) while this stream was idle: ``lost()`` runs."""
+        self.conn.on_lost = lost
 
     def submit(self, msg, done):
         if type(msg) not in REFRESH_AFTER and type(msg) is not Transmit:

@@ -333,6 +333,7 @@ class GuestSession(asyncio.Protocol):
             await _close_quietly(backend_stream)
             return
         stream.backend_stream = backend_stream
+        backend_stream.watch(lambda: self._backend_lost(stream))
         self._submit(stream, msg)
 
     def _submit(self, stream: ServerStream, msg: Message):
@@ -364,6 +365,13 @@ class GuestSession(asyncio.Protocol):
         self._reply(stream, encode_reply(reply, WIRE))
         if stream.calls:
             self._next(stream)
+
+    def _backend_lost(self, stream: ServerStream):
+        """The backend ended an idle stream's connection (pcscd restarted): its contexts
+        are gone, so the stream ends now rather than at the application's next call."""
+        if not stream.ended and not self.closed:
+            log.info("stream.backend_lost", guest=self.guest, stream=stream.id)
+            self._close_stream(stream, Reason.BACKEND, "the backend closed the connection")
 
     def _timed_out(self, stream: ServerStream, msg: Message):
         stream.timer = None

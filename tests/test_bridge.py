@@ -541,3 +541,30 @@ def test_a_silent_peer_is_cut_off_at_the_handshake_timeout(bridge):
             raw.close()
         assert time.monotonic() - t0 < 1.6, f"held {time.monotonic() - t0:.1f} s"
     assert "no HELLO within the handshake timeout" in bridge.server.output()
+
+
+def test_contexts_are_established_ahead_and_work(bridge):
+    # the agent keeps one context established on the server, so an application's
+    # SCardEstablishContext needs no round trip; each one handed out is replaced
+    bridge.start_server()
+    sock = bridge.start_agent("guest1")
+    for _ in range(3):
+        app = bridge.app(sock)
+        ctx = establish(app)
+        hr, card, proto = app.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
+        assert hr == 0
+        assert app.SCardTransmit(card, proto, [0x80, 0xEE, 0, 0, 1, 7]) == [0, [7, 0x90, 0]]
+        assert app.SCardDisconnect(card, s.SCARD_LEAVE_CARD) == [0]
+        assert app.SCardReleaseContext(ctx) == [0]
+        pid = app.proc.pid
+        deadline = time.monotonic() + 2
+        while f"pid={pid} " not in bridge.agents["guest1"].output():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        line = next(x for x in bridge.agents["guest1"].output().splitlines()
+                    if "app.stream" in x and f"pid={pid} " in x)
+        assert "context=ready" in line, line
+    # an invalid scope is not answered ahead: pcscd's own refusal reaches the application
+    app = bridge.app(sock)
+    hr, _ = app.SCardEstablishContext(7)
+    assert hr & 0xFFFFFFFF == 0x80100011  # SCARD_E_INVALID_VALUE
