@@ -81,8 +81,15 @@ class Server:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = GuestSession(self)   # handshake_timeout runs from here to its HELLO
         try:
-            tls_sock = await tlsio.handshake(sock, self.tls.context, server_side=True,
-                                             timeout=self.limits.handshake_timeout)
+            if not await _first_byte(sock, self.limits.handshake_timeout):
+                # closed without a byte: a port probe or health check, not a guest
+                log.debug("tcp.probe", peer=peer)
+                sock.close()
+                return
+            tls_sock = await tlsio.handshake(
+                sock, self.tls.context, server_side=True,
+                timeout=max(session.accepted + self.limits.handshake_timeout
+                            - asyncio.get_running_loop().time(), 0.001))
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
                 or str(exc) or type(exc).__name__
@@ -121,6 +128,25 @@ class Server:
                 s.closed = True
                 s.transport.close()
         await asyncio.sleep(0.05)   # let the TLS close_notify go out
+
+
+async def _first_byte(sock: socket.socket, timeout: float) -> bool:
+    """Wait until the peer sends something (True) or closes without a byte (False)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"nothing received within {timeout:g} s") from None
+    finally:
+        loop.remove_reader(sock.fileno())
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def _listening_sockets(host: str, port: int) -> list[socket.socket]:

@@ -568,3 +568,13 @@ def test_contexts_are_established_ahead_and_work(bridge):
     app = bridge.app(sock)
     hr, _ = app.SCardEstablishContext(7)
     assert hr & 0xFFFFFFFF == 0x80100011  # SCARD_E_INVALID_VALUE
+
+
+def test_a_port_probe_is_not_a_refused_guest(bridge):
+    # health checks and port scanners connect and close without a byte: no warning each time
+    bridge.start_server()
+    for _ in range(3):
+        socket.create_connection(("127.0.0.1", bridge.port), 5).close()
+    sock = bridge.start_agent("guest1")
+    establish(bridge.app(sock))
+    assert "guest.refused" not in bridge.server.output()
