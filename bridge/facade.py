@@ -162,6 +162,16 @@ class Backend:
     async def open_stream(self, app: AppInfo) -> Stream:
         raise NotImplementedError
 
+    # A backend that keeps contexts may take back an application's last context instead of
+    # releasing it, and hand stream and context to the next application (take_context).
+    keeps_contexts = False
+
+    def give_back(self, stream: Stream, h_context: int) -> bool:
+        """An application is gone; its stream holds one established context, ``h_context``,
+        and nothing else (no card handle, no call under way). True: the backend keeps
+        both for the next application; False: the caller closes the stream."""
+        return False
+
     def take_context(self, app: AppInfo) -> tuple[Stream, int] | None:
         """A stream whose backend already holds an established context, and its handle,
         if the backend keeps one ready; the application gets both for its
@@ -289,6 +299,7 @@ class AppSession(asyncio.Protocol):
         self.wakeup_rv: int | None = None  # a wake-up held back while hold_wakeup
         self.contexts: set[int] = set()
         self.cards: dict[int, int] = {}   # hCard -> hContext, for connected card handles
+        self.kept: int | None = None       # a context released to the app, kept on the backend
         self._unlisten = None
         self.closed = False
 
@@ -322,6 +333,9 @@ class AppSession(asyncio.Protocol):
             self._unlisten()
         if self.stream is not None:
             stream, self.stream = self.stream, None
+            if self.kept is not None and not self.contexts and not self.cards \
+                    and not self.busy and self.facade.backend.give_back(stream, self.kept):
+                return
             asyncio.get_running_loop().create_task(_close_stream(stream, self.info))
 
     # --- processing: requests in order, one card call at a time ------------------------
@@ -367,6 +381,12 @@ class AppSession(asyncio.Protocol):
         self.contexts.discard(h)
         self.facade.contexts.pop(h, None)
         self.transport.write(encode_reply(msg.with_rv(0), NATIVE))
+        if self.kept is None and self.facade.backend.keeps_contexts:
+            # not released: if the application closes its socket now, as pcsc-lite's
+            # client does after SCardReleaseContext, the next application gets it
+            self.kept = h
+            self.busy = False
+            return True
 
         def released(reply, error):
             self.busy = False

@@ -51,6 +51,11 @@ from pcsc_bridge.wire import (
     WireError,
 )
 
+# After a ready context is handed out, wait this long for the application to give it back
+# (pcsc-lite's client closes its socket after SCardReleaseContext) before establishing a
+# new one on the server.
+PREPARE_AFTER = 0.05
+
 
 class Link(asyncio.Protocol):
     """One TLS connection to the server."""
@@ -293,6 +298,16 @@ class RemoteBackend(Backend):
         return RemoteStream(self, link, app)
 
     # --- a context established ahead, for the next application ----------------------------
+    keeps_contexts = True
+
+    def give_back(self, stream: Stream, h_context: int) -> bool:
+        link = self.link
+        if self._ready is not None or link is None or stream.link is not link or link.dead \
+                or link.goaway is not None or link.conn.stream_state(stream.id) is None:
+            return False
+        self._ready = (stream, h_context)
+        return True
+
     def take_context(self, app: AppInfo) -> tuple[Stream, int] | None:
         ready, self._ready = self._ready, None
         link = self.link
@@ -301,9 +316,11 @@ class RemoteBackend(Backend):
                                   or link.conn.stream_state(ready[0].id) is None):
             asyncio.get_running_loop().create_task(ready[0].close())
             ready = None
-        self._prepare()
         if ready is None:
+            self._prepare()
             return None
+        # the next one, unless this application gives its context back first (give_back)
+        asyncio.get_running_loop().call_later(PREPARE_AFTER, self._prepare)
         stream, h = ready
         stream.app = app
         log.info("app.stream", app=app.id, pid=app.pid,
@@ -322,7 +339,8 @@ class RemoteBackend(Backend):
 
         def established(reply, error):
             self._preparing = False
-            if error is None and reply.rv == 0 and not link.dead and self.link is link:
+            if error is None and reply.rv == 0 and not link.dead and self.link is link \
+                    and self._ready is None:
                 self._ready = (stream, reply.hContext)
             else:
                 asyncio.get_running_loop().create_task(stream.close())

@@ -564,6 +564,19 @@ def test_contexts_are_established_ahead_and_work(bridge):
         line = next(x for x in bridge.agents["guest1"].output().splitlines()
                     if "app.stream" in x and f"pid={pid} " in x)
         assert "context=ready" in line, line
+    # an application that releases its context and closes its socket (pcsc-lite's client
+    # does both in SCardReleaseContext) gives it back for the next one: no round trip at all
+    app = bridge.app(sock)
+    handles = []
+    for _ in range(5):
+        hr, ctx = app.SCardEstablishContext(s.SCARD_SCOPE_USER)
+        assert hr == 0
+        handles.append(ctx)
+        assert app.SCardReleaseContext(ctx) == [0]
+    assert len(set(handles)) < len(handles), handles
+    ctx = establish(app)
+    hr, card, proto = app.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
+    assert hr == 0 and app.SCardTransmit(card, proto, [0x80, 0xEE, 0, 0, 1, 9])[0] == 0
     # an invalid scope is not answered ahead: pcscd's own refusal reaches the application
     app = bridge.app(sock)
     hr, _ = app.SCardEstablishContext(7)
