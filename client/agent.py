@@ -195,12 +195,13 @@ class Link(asyncio.Protocol):
 class RemoteStream(Stream):
     """One application's card calls; its OPEN goes out with its first CALL."""
 
-    __slots__ = ("agent", "app", "id", "link", "reader")
+    __slots__ = ("agent", "app", "id", "link", "reader", "refill")
 
     def __init__(self, agent: RemoteBackend, link: Link, app: AppInfo):
         self.agent, self.link, self.app = agent, link, app
         self.id = 0                             # given with the first call
         self.reader = ReplyReader(6, WIRE)      # card replies: the same in every dialect
+        self.refill: asyncio.TimerHandle | None = None  # a replacement due if not given back
 
     def submit(self, msg: Message, done) -> None:
         link = self.link
@@ -305,6 +306,9 @@ class RemoteBackend(Backend):
         if self._ready is not None or link is None or stream.link is not link or link.dead \
                 or link.goaway is not None or link.conn.stream_state(stream.id) is None:
             return False
+        if stream.refill is not None:
+            stream.refill.cancel()
+            stream.refill = None
         self._ready = (stream, h_context)
         return True
 
@@ -319,9 +323,9 @@ class RemoteBackend(Backend):
         if ready is None:
             self._prepare()
             return None
-        # the next one, unless this application gives its context back first (give_back)
-        asyncio.get_running_loop().call_later(PREPARE_AFTER, self._prepare)
         stream, h = ready
+        # the next one, unless this application gives its context back first (give_back)
+        stream.refill = asyncio.get_running_loop().call_later(PREPARE_AFTER, self._prepare)
         stream.app = app
         log.info("app.stream", app=app.id, pid=app.pid,
                  dialect=f"4:{app.dialect}" if app.dialect else None,
