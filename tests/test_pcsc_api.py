@@ -16,13 +16,14 @@ import pytest
 from pcsc_bridge.card import DEFAULT_ATR
 
 SHARED, EXCLUSIVE, DIRECT = 2, 1, 3  # SCARD_SHARE_*
-T0, T1, ANY = 1, 2, 3  # SCARD_PROTOCOL_*
+T0, T1, ANY, RAW = 1, 2, 3, 0x10000  # SCARD_PROTOCOL_*
 LEAVE, RESET, UNPOWER, EJECT = 0, 1, 2, 3  # SCARD_*_CARD dispositions
 INFINITE = 0xFFFFFFFF
 
 OK = 0
 E_CANCELLED = 0x80100002
 E_INVALID_HANDLE = 0x80100003
+E_INVALID_PARAMETER = 0x80100004
 E_INSUFFICIENT_BUFFER = 0x80100008
 E_UNKNOWN_READER = 0x80100009
 E_TIMEOUT = 0x8010000A
@@ -122,6 +123,8 @@ def test_direct_connection_needs_no_card_and_negotiates_nothing(target):
     assert app.transmit(r.card, "80ee000001aa").rv == E_PROTO_MISMATCH
     empty = app.connect(ctx, target.readers[1], DIRECT, 0)
     assert (empty.rv, empty.protocol) == (OK, 0)
+    # a raw transmit on a direct connection to an empty reader is refused, not carried
+    assert app.transmit(empty.card, "80ee000001aa", protocol=RAW).rv == E_INVALID_PARAMETER
     assert app.disconnect(empty.card, LEAVE).rv == OK
 
 
