@@ -376,6 +376,11 @@ class AppSession(asyncio.Protocol):
         the next request waits for it as usual, so the application saves one round trip
         and sees no difference."""
         h = msg.hContext
+        if h is not None and h == self.kept:
+            # released already (as far as the application knows): pcscd's answer then
+            self.busy = False
+            self.transport.write(encode_reply(msg.with_rv(SCARD_E_INVALID_HANDLE), NATIVE))
+            return True
         if h not in self.contexts or h in self.cards.values() or self.stream is None:
             return False
         self.contexts.discard(h)

@@ -293,6 +293,11 @@ class RemoteBackend(Backend):
         link = self.link
         if link is None:
             raise BackendError(f"no session to the server {self.server}")
+        if self._ready is not None and self._free_streams(link) < 1:
+            # the context kept ready holds the guest's last stream: the application's own
+            # stream needs it (the CLOSE goes out before this stream's OPEN)
+            ready, self._ready = self._ready, None
+            await ready[0].close()
         log.info("app.stream", app=app.id, pid=app.pid,
                  dialect=f"4:{app.dialect}" if app.dialect else None,
                  backend_dialect=link.server_hello.dialect)
@@ -304,7 +309,8 @@ class RemoteBackend(Backend):
     def give_back(self, stream: Stream, h_context: int) -> bool:
         link = self.link
         if self._ready is not None or link is None or stream.link is not link or link.dead \
-                or link.goaway is not None or link.conn.stream_state(stream.id) is None:
+                or link.goaway is not None or link.conn.stream_state(stream.id) is None \
+                or self._free_streams(link) < 1:
             return False
         if stream.refill is not None:
             stream.refill.cancel()
@@ -332,12 +338,18 @@ class RemoteBackend(Backend):
                  backend_dialect=link.server_hello.dialect, context="ready")
         return stream, h
 
+    @staticmethod
+    def _free_streams(link: Link) -> int:
+        """Streams the guest may still open under the server's limit (its max_streams)."""
+        limit = link.server_hello.max_streams
+        return (limit - link.conn.open_streams) if limit else 1 << 30
+
     def _prepare(self) -> None:
         """Open a stream and establish a context on it now, so that the next application's
         SCardEstablishContext is answered without a round trip to the server."""
         link = self.link
         if self._preparing or self._ready is not None or link is None or link.dead \
-                or link.goaway is not None:
+                or link.goaway is not None or self._free_streams(link) < 2:
             return
         stream = RemoteStream(self, link, AppInfo())
 
@@ -434,6 +446,7 @@ class RemoteBackend(Backend):
                 if self.link is link:
                     self.link = None
                     self.connected.clear()
+                self._ready = None        # its stream went with the link
                 self.model.update(())
             log.warning("server.disconnected", server=self.server)
 

@@ -591,3 +591,27 @@ def test_a_port_probe_is_not_a_refused_guest(bridge):
     sock = bridge.start_agent("guest1")
     establish(bridge.app(sock))
     assert "guest.refused" not in bridge.server.output()
+
+
+def test_a_context_kept_ready_never_costs_an_application_its_stream(pcscd, tmp_path):
+    # a guest allowed 2 streams runs 2 applications, whatever the agent keeps ready
+    if pcscd[0].sock is None:
+        pcscd[0].insert()
+    b = Bridge(str(tmp_path), guests=("lab",), extra="""  guests:
+    lab: {max_streams: 2}
+""")
+    try:
+        b.start_server()
+        sock = b.start_agent("lab")
+        for _ in range(3):
+            apps = [b.app(sock) for _ in range(2)]
+            contexts = [establish(a) for a in apps]
+            for a, ctx in zip(apps, contexts):
+                hr, card, proto = a.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
+                assert hr == 0
+                assert a.SCardTransmit(card, proto, [0x80, 0xEE, 0, 0, 1, 5])[0] == 0
+            for a in apps:
+                a.close()
+        assert "LIMIT" not in b.agents["lab"].output()
+    finally:
+        b.stop()
