@@ -30,6 +30,7 @@ from pcsc_bridge.pcsc import (
     Message,
     ProtocolError,
     Reconnect,
+    ReleaseContext,
     ReplyReader,
     Status,
     Transmit,
@@ -43,7 +44,7 @@ DEFAULT_SOCKET = "/run/pcscd/pcscd.comm"
 NEWEST = 6
 # Calls after which the reader-state array may have changed.
 REFRESH_AFTER = frozenset({Connect, Reconnect, Disconnect, BeginTransaction, EndTransaction,
-                           Status})
+                           Status, ReleaseContext})
 RETRY_INTERVAL = 1.0
 
 
@@ -173,11 +174,11 @@ class PcscdStream(Stream):
 
     async def _refresh_then(self, done, reply) -> None:
         # done() runs in the same step as the model update, so the session writes the
-        # new STATE and this REPLY together
+        # new STATE and this REPLY together; the reply goes back whatever the refresh did
         try:
             await self.backend.refresh()
-        except (BackendError, ProtocolError, OSError) as exc:
-            log.warning("pcscd.refresh_failed", error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a failed refresh must not lose the reply
+            log.warning("pcscd.refresh_failed", error=str(exc) or type(exc).__name__)
         done(reply, None)
 
     async def close(self):
@@ -228,7 +229,11 @@ class PcscdBackend(Backend):
     async def _open(self, again: bool = True) -> PcscdConnection:
         dialect = self.dialect
         conn = await connect(self.path, dialect)
-        reply = await conn.call(Version(4, dialect))
+        try:
+            reply = await conn.call(Version(4, dialect))
+        except BaseException:   # cancelled (a spare no longer wanted) or pcscd went away
+            conn.close()
+            raise
         if reply.rv != 0:
             conn.close()
             if again and reply.major == 4 and reply.minor != dialect:
@@ -278,13 +283,14 @@ class PcscdBackend(Backend):
 
     async def refresh(self) -> None:
         async with self._lock:
-            if self._poller is None:
+            poller = self._poller   # the watcher may drop it while we wait on pcscd
+            if poller is None:
                 return
-            if self._poller.reader.dialect >= 6:  # the dialect this socket was opened in
-                await self._poller.call(GetReadersStateSize())
-                states = await self._poller.call(GetReadersStateArray())
+            if poller.reader.dialect >= 6:  # the dialect this socket was opened in
+                await poller.call(GetReadersStateSize())
+                states = await poller.call(GetReadersStateArray())
             else:
-                states = await self._poller.call(GetReadersState())
+                states = await poller.call(GetReadersState())
             self.model.update(states.states)
 
     async def _watch(self) -> None:

@@ -263,6 +263,8 @@ class GuestSession(asyncio.Protocol):
         stream = self.streams.get(event.stream_id)
         if stream is not None:
             self._end_stream(stream)
+            if self.going_away:
+                self._drained()
 
     def _on_stream_error(self, event: StreamError):
         log.warning("stream.protocol_error", guest=self.guest, stream=event.stream_id,
@@ -271,6 +273,8 @@ class GuestSession(asyncio.Protocol):
         if stream is not None:
             self._end_stream(stream)
         self._write(self.conn.send(Close(event.stream_id, event.code, event.text)))
+        if self.going_away:
+            self._drained()
 
     def _on_ping(self, event: Ping):
         self._write(self.conn.send(Pong(event.token)))
@@ -298,6 +302,8 @@ class GuestSession(asyncio.Protocol):
     def _close_stream(self, stream: ServerStream, code: int, text: str):
         self._end_stream(stream)
         self._write(self.conn.send(Close(stream.id, code, text)))
+        if self.going_away:
+            self._drained()
 
     def _next(self, stream: ServerStream):
         """Start the stream's next call: checked against the policy, then to the backend."""
@@ -330,7 +336,10 @@ class GuestSession(asyncio.Protocol):
                 self._next(stream)
             return
         if stream.ended:
+            stream.running = False
             await _close_quietly(backend_stream)
+            if self.going_away:
+                self._drained()
             return
         stream.backend_stream = backend_stream
         backend_stream.watch(lambda: self._backend_lost(stream))
@@ -352,6 +361,8 @@ class GuestSession(asyncio.Protocol):
             stream.timer.cancel()
             stream.timer = None
         if stream.ended:
+            if self.going_away:
+                self._drained()
             return
         if error is not None:
             # the backend connection is gone or broken: this stream ends
