@@ -74,8 +74,9 @@ class ReaderModel:
 
     ``reader_events`` changes exactly when a reader arrives or leaves (the names in the
     slots change), never for a card event: what pcscd 2.3+ reports through
-    CMD_GET_READER_EVENTS, 1 to 32767 and never 0 (pcsc-lite's client ignores a 0). ``capacity`` is what a 4:6 application
-    gets from CMD_GET_READERS_STATE_SIZE: it only grows, as pcsc-lite 2.5's client requires.
+    CMD_GET_READER_EVENTS, 1 to 32767 and never 0 (pcsc-lite's client ignores a 0).
+    ``capacity`` is what a 4:6 application gets from CMD_GET_READERS_STATE_SIZE: it only
+    grows, as pcsc-lite 2.5's client requires.
     """
 
     def __init__(self, states: Iterable[ReaderState] = ()):
@@ -372,9 +373,9 @@ class AppSession(asyncio.Protocol):
     def _release_early(self, msg: ReleaseContext) -> bool:
         """Answer SCardReleaseContext at once when nothing else can notice when it takes
         effect: the context is ours and holds no card handle, so releasing it changes no
-        reader, card or sharing state. The request still goes to the backend, in order;
-        the next request waits for it as usual, so the application saves one round trip
-        and sees no difference."""
+        reader, card or sharing state. A backend that keeps contexts keeps the first such
+        one for the next application (see connection_lost); otherwise the request still
+        goes to the backend, in order, and the next request waits for it as usual."""
         h = msg.hContext
         if h is not None and h == self.kept:
             # released already (as far as the application knows): pcscd's answer then
@@ -446,7 +447,7 @@ class AppSession(asyncio.Protocol):
                 return
             log.info("app.call_failed", app=self.info.id, call=type(msg).__name__,
                      error=str(error))
-            reply = msg.with_rv(error.rv, **({"data": b""} if hasattr(msg, "data") else {}))
+            reply = msg.failed(error.rv)
         elif reply.rv == 0:
             if isinstance(msg, EstablishContext):
                 self.contexts.add(reply.hContext)

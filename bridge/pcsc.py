@@ -210,6 +210,10 @@ class Message:
     def trailing(self, reply: bool) -> bytes:
         return b""
 
+    def failed(self, rv: int):
+        """This request's reply carrying error ``rv`` and no data, as pcscd answers."""
+        return self.with_rv(rv, data=b"") if self._HAS_DATA else self.with_rv(rv)
+
     def with_rv(self, rv: int, **changes):
         i = self._RV
         if i is None:

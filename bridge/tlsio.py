@@ -86,7 +86,7 @@ class TLSTransport(asyncio.Transport):
                 return
             except ssl.SSLZeroReturnError:
                 data = b""
-            except (OSError, ssl.SSLError) as exc:
+            except OSError as exc:            # ssl.SSLError included
                 self._finish(exc)
                 return
             if not data:
@@ -114,7 +114,7 @@ class TLSTransport(asyncio.Transport):
         except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
             self._retry = data
             self._loop.add_writer(self._fd, self._write_ready)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:            # ssl.SSLError included
             self._finish(exc)
 
     def _write_ready(self) -> None:

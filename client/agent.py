@@ -298,19 +298,25 @@ class RemoteBackend(Backend):
             # stream needs it (the CLOSE goes out before this stream's OPEN)
             ready, self._ready = self._ready, None
             await ready[0].close()
-        log.info("app.stream", app=app.id, pid=app.pid,
-                 dialect=f"4:{app.dialect}" if app.dialect else None,
-                 backend_dialect=link.server_hello.dialect)
+        _log_stream(app, link)
         return RemoteStream(self, link, app)
 
     # --- a context established ahead, for the next application ----------------------------
     keeps_contexts = True
 
-    def give_back(self, stream: Stream, h_context: int) -> bool:
+    def _open_link(self, stream: RemoteStream | None = None) -> Link | None:
+        """The link if it takes new streams (and, given STREAM, that stream is open on it)."""
         link = self.link
-        if self._ready is not None or link is None or stream.link is not link or link.dead \
-                or link.goaway is not None or link.conn.stream_state(stream.id) is None \
-                or self._free_streams(link) < 1:
+        if link is None or link.dead or link.goaway is not None:
+            return None
+        if stream is not None and (stream.link is not link
+                                   or link.conn.stream_state(stream.id) is None):
+            return None
+        return link
+
+    def give_back(self, stream: Stream, h_context: int) -> bool:
+        link = self._open_link(stream)
+        if self._ready is not None or link is None or self._free_streams(link) < 1:
             return False
         if stream.refill is not None:
             stream.refill.cancel()
@@ -320,22 +326,17 @@ class RemoteBackend(Backend):
 
     def take_context(self, app: AppInfo) -> tuple[Stream, int] | None:
         ready, self._ready = self._ready, None
-        link = self.link
-        if ready is not None and (link is None or ready[0].link is not link or link.dead
-                                  or link.goaway is not None
-                                  or link.conn.stream_state(ready[0].id) is None):
-            asyncio.get_running_loop().create_task(ready[0].close())
-            ready = None
-        if ready is None:
+        link = self._open_link(ready[0]) if ready is not None else None
+        if link is None:
+            if ready is not None:
+                asyncio.get_running_loop().create_task(ready[0].close())
             self._prepare()
             return None
         stream, h = ready
         # the next one, unless this application gives its context back first (give_back)
         stream.refill = asyncio.get_running_loop().call_later(PREPARE_AFTER, self._prepare)
         stream.app = app
-        log.info("app.stream", app=app.id, pid=app.pid,
-                 dialect=f"4:{app.dialect}" if app.dialect else None,
-                 backend_dialect=link.server_hello.dialect, context="ready")
+        _log_stream(app, link, context="ready")
         return stream, h
 
     @staticmethod
@@ -347,9 +348,9 @@ class RemoteBackend(Backend):
     def _prepare(self) -> None:
         """Open a stream and establish a context on it now, so that the next application's
         SCardEstablishContext is answered without a round trip to the server."""
-        link = self.link
-        if self._preparing or self._ready is not None or link is None or link.dead \
-                or link.goaway is not None or self._free_streams(link) < 2:
+        link = self._open_link()
+        if self._preparing or self._ready is not None or link is None \
+                or self._free_streams(link) < 2:
             return
         stream = RemoteStream(self, link, AppInfo())
 
@@ -471,6 +472,12 @@ class RemoteBackend(Backend):
 
 def _ignore(_event) -> None:
     pass
+
+
+def _log_stream(app: AppInfo, link: Link, **extra) -> None:
+    log.info("app.stream", app=app.id, pid=app.pid,
+             dialect=f"4:{app.dialect}" if app.dialect else None,
+             backend_dialect=link.server_hello.dialect, **extra)
 
 
 def _finish(entry: tuple, error: BackendError) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import ssl
 
 from pcsc_bridge import __version__, log, tls, tlsio
 from pcsc_bridge.facade import Backend
@@ -90,7 +89,7 @@ class Server:
                 sock, self.tls.context, server_side=True,
                 timeout=max(session.accepted + self.limits.handshake_timeout
                             - asyncio.get_running_loop().time(), 0.001))
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
+        except OSError as exc:   # ssl.SSLError and TimeoutError are OSErrors too
             reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
                 or str(exc) or type(exc).__name__
             log.warning("guest.refused", peer=peer, stage="tls", reason=reason)

@@ -95,10 +95,10 @@ class PcscdConnection(asyncio.Protocol):
         self.done = done
         self.transport.write(encode_request(msg, NATIVE))
 
-    async def call(self, msg: Message, expect=None):
+    async def call(self, msg: Message):
         if self.lost.done():
             raise BackendError("pcscd connection closed")
-        self.reader.expect(expect or msg)
+        self.reader.expect(msg)
         self.transport.write(encode_request(msg, NATIVE))
         reply = await self.replies.get()
         if reply is None:

@@ -263,18 +263,14 @@ class GuestSession(asyncio.Protocol):
         stream = self.streams.get(event.stream_id)
         if stream is not None:
             self._end_stream(stream)
-            if self.going_away:
-                self._drained()
 
     def _on_stream_error(self, event: StreamError):
         log.warning("stream.protocol_error", guest=self.guest, stream=event.stream_id,
                     error=event.text)
+        self._write(self.conn.send(Close(event.stream_id, event.code, event.text)))
         stream = self.streams.get(event.stream_id)
         if stream is not None:
             self._end_stream(stream)
-        self._write(self.conn.send(Close(event.stream_id, event.code, event.text)))
-        if self.going_away:
-            self._drained()
 
     def _on_ping(self, event: Ping):
         self._write(self.conn.send(Pong(event.token)))
@@ -298,12 +294,12 @@ class GuestSession(asyncio.Protocol):
         backend_stream, stream.backend_stream = stream.backend_stream, None
         if backend_stream is not None:
             asyncio.get_running_loop().create_task(_close_quietly(backend_stream))
-
-    def _close_stream(self, stream: ServerStream, code: int, text: str):
-        self._end_stream(stream)
-        self._write(self.conn.send(Close(stream.id, code, text)))
         if self.going_away:
             self._drained()
+
+    def _close_stream(self, stream: ServerStream, code: int, text: str):
+        self._write(self.conn.send(Close(stream.id, code, text)))
+        self._end_stream(stream)
 
     def _next(self, stream: ServerStream):
         """Start the stream's next call: checked against the policy, then to the backend."""
@@ -313,7 +309,7 @@ class GuestSession(asyncio.Protocol):
             if rv:
                 log.info("policy.denied", guest=self.guest, stream=stream.id,
                          call=type(msg).__name__, rv=rv_name(rv))
-                self._reply(stream, encode_reply(_failed(msg, rv), WIRE))
+                self._reply(stream, encode_reply(msg.failed(rv), WIRE))
                 continue
             stream.running = True
             if stream.backend_stream is None:
@@ -332,14 +328,11 @@ class GuestSession(asyncio.Protocol):
                         call=type(msg).__name__, error=str(exc))
             stream.running = False
             if not stream.ended:
-                self._reply(stream, encode_reply(_failed(msg, exc.rv), WIRE))
+                self._reply(stream, encode_reply(msg.failed(exc.rv), WIRE))
                 self._next(stream)
             return
         if stream.ended:
-            stream.running = False
             await _close_quietly(backend_stream)
-            if self.going_away:
-                self._drained()
             return
         stream.backend_stream = backend_stream
         backend_stream.watch(lambda: self._backend_lost(stream))
@@ -361,8 +354,6 @@ class GuestSession(asyncio.Protocol):
             stream.timer.cancel()
             stream.timer = None
         if stream.ended:
-            if self.going_away:
-                self._drained()
             return
         if error is not None:
             # the backend connection is gone or broken: this stream ends
@@ -370,8 +361,6 @@ class GuestSession(asyncio.Protocol):
             log.warning("backend.error", guest=self.guest, stream=stream.id,
                         call=type(msg).__name__, error=text)
             self._close_stream(stream, Reason.BACKEND, text)
-            if self.going_away:
-                self._drained()
             return
         self._reply(stream, encode_reply(reply, WIRE))
         if stream.calls:
@@ -392,8 +381,6 @@ class GuestSession(asyncio.Protocol):
         log.warning("backend.error", guest=self.guest, stream=stream.id,
                     call=type(msg).__name__, error=text)
         self._close_stream(stream, Reason.TIMEOUT, text)
-        if self.going_away:
-            self._drained()
 
     def _reply(self, stream: ServerStream, payload: bytes) -> None:
         if self.closed:
@@ -482,9 +469,6 @@ class GuestSession(asyncio.Protocol):
 def _ignore(_event) -> None:
     pass
 
-
-def _failed(msg: Message, rv: int) -> Message:
-    return msg.with_rv(rv, **({"data": b""} if hasattr(msg, "data") else {}))
 
 
 async def _close_quietly(backend_stream) -> None:
