@@ -27,10 +27,12 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import ClassVar
 
-from . import log
+from . import log, netio
 from .pcsc import (
+    HEADER_SIZE,
     NATIVE,
     PCSCLITE_MAX_READERS_CONTEXTS,
+    RELAY_TRANSMIT,
     SCARD_E_CANCELLED,
     SCARD_E_INVALID_HANDLE,
     SCARD_E_NO_SERVICE,
@@ -56,9 +58,11 @@ from .pcsc import (
     ReleaseContext,
     RequestReader,
     StopWaitingReaderStateChange,
+    Transmit,
     Version,
     WaitReaderStateChange,
     WaitReaderStateChangeReply,
+    decode_request,
     encode_reply,
     pad_states,
     rv_name,
@@ -151,6 +155,12 @@ class Stream:
         """Have ``lost()`` called if the backend connection ends between calls (a backend
         whose connections cannot end without a call ignores this)."""
 
+    # relay(request, done) -> bool: a backend that can carry an SCardTransmit request's
+    # bytes as they are (pcsc.RELAY_TRANSMIT) takes ``request`` when it is exactly one
+    # well-formed Transmit (pcsc.transmit_request) and returns True; ``done(reply, error)``
+    # then gets the reply's bytes, checked, or a BackendError. False: use ``submit``.
+    relay = None
+
     async def close(self) -> None:
         pass
 
@@ -220,15 +230,14 @@ class Facade:
         self.name = name
         self.contexts: dict[int, AppSession] = {}
         self.sessions: set[AppSession] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: netio.UnixServer | None = None
 
     def protocol_factory(self):
         return AppSession(self)
 
     async def serve_unix(self, path: str, mode: int = 0o666, owner=None, group=None):
         sock = bind_unix(path, mode, owner, group)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(self.protocol_factory, sock=sock)
+        self._server = netio.UnixServer(sock, self.protocol_factory)
         log.info("socket.listen", path=path, mode=f"{mode:04o}")
         return self._server
 
@@ -293,6 +302,7 @@ class AppSession(asyncio.Protocol):
         self.busy = False             # a card call is with the backend (or its stream opens)
         self.transport: asyncio.Transport | None = None
         self.stream: Stream | None = None
+        self.relay = None             # the stream's relay for SCardTransmit, if any
         self.info = AppInfo()
         self.dialect = 4  # until CMD_VERSION says otherwise
         self.waiting = False     # registered for a wake-up (WAIT sent, not yet answered)
@@ -314,6 +324,11 @@ class AppSession(asyncio.Protocol):
         self._unlisten = self.model.listen(self._on_change)
 
     def data_received(self, data):
+        relay = self.relay
+        if relay is not None and not self.busy and not self.reader.buffered \
+                and relay(data, lambda reply, error: self._relayed(data, reply, error)):
+            self.busy = True
+            return
         try:
             self.queue.extend(self.reader.feed(data))
         except ProtocolError as exc:
@@ -333,7 +348,7 @@ class AppSession(asyncio.Protocol):
         if self._unlisten:
             self._unlisten()
         if self.stream is not None:
-            stream, self.stream = self.stream, None
+            stream, self.stream, self.relay = self.stream, None, None
             if self.kept is not None and not self.contexts and not self.cards \
                     and not self.busy and self.facade.backend.give_back(stream, self.kept):
                 return
@@ -415,7 +430,8 @@ class AppSession(asyncio.Protocol):
         ready = self.facade.backend.take_context(self.info)
         if ready is None:
             return False
-        self.stream, h = ready
+        stream, h = ready
+        self._use(stream)
         self.busy = False
         self.contexts.add(h)
         self.facade.contexts[h] = self
@@ -424,7 +440,7 @@ class AppSession(asyncio.Protocol):
 
     async def _open_and_submit(self, msg):
         try:
-            self.stream = await self.facade.backend.open_stream(self.info)
+            self._use(await self.facade.backend.open_stream(self.info))
         except BackendError as exc:
             self._answered(msg, None, exc)
             return
@@ -432,10 +448,29 @@ class AppSession(asyncio.Protocol):
             self._failed(exc)
             return
         if self.closed:
-            stream, self.stream = self.stream, None
+            stream, self.stream, self.relay = self.stream, None, None
             await _close_stream(stream, self.info)
             return
         self._submit(msg)
+
+    def _use(self, stream: Stream) -> None:
+        self.stream = stream
+        self.relay = stream.relay if RELAY_TRANSMIT else None
+
+    def _relayed(self, request: bytes, reply: bytes | None, error) -> None:
+        """A relayed SCardTransmit is answered: its reply's bytes go back as they are;
+        a failure is answered as ``_answered`` answers it."""
+        if error is not None:
+            self._answered(decode_request(Transmit.CMD, request[HEADER_SIZE:
+                                                                HEADER_SIZE + Transmit.SIZE]),
+                           None, error)
+            return
+        self.busy = False
+        if self.closed:
+            return
+        self.transport.write(reply)
+        if self.queue:
+            self._pump()
 
     def _answered(self, msg, reply, error):
         self.busy = False

@@ -19,6 +19,7 @@ little-endian ("<"). Every struct is precompiled once per order.
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from operator import attrgetter
@@ -507,6 +508,43 @@ def encode_request(msg: Message, order: str = NATIVE) -> bytes:
 def encode_reply(msg, order: str = NATIVE) -> bytes:
     """The server's answer: the body (+ data on success), no header."""
     return msg.pack(order) + msg.trailing(True)
+
+
+# --- SCardTransmit relayed as is ------------------------------------------------------
+# On a little-endian host an application's Transmit request (header, struct, APDU) is
+# byte for byte the CALL payload on the wire and the request pcscd reads, and pcscd's
+# reply (struct, response) is the REPLY payload and what the application reads. The agent
+# and the server relay these bytes after the checks RequestReader and ReplyReader make.
+RELAY_TRANSMIT = sys.byteorder == "little"
+_TRANSMIT_REQUEST = struct.Struct("<II" + Transmit.FMT)
+_TRANSMIT_REPLY = struct.Struct("<" + Transmit.FMT)
+TRANSMIT_REPLY_SIZE = _TRANSMIT_REPLY.size
+
+
+def transmit_request(data) -> int | None:
+    """If ``data`` is exactly one SCardTransmit request that RequestReader accepts: the
+    response length it allows (pcbRecvLength, the bound on the reply). Else None."""
+    if len(data) < HEADER_SIZE + TRANSMIT_REPLY_SIZE:
+        return None
+    size, cmd, _, _, _, send, _, _, recv, _ = _TRANSMIT_REQUEST.unpack_from(data)
+    if cmd != Cmd.SCARD_TRANSMIT or size != TRANSMIT_REPLY_SIZE \
+            or send > MAX_BUFFER_SIZE_EXTENDED or len(data) != HEADER_SIZE + size + send:
+        return None
+    return recv
+
+
+def transmit_reply_size(data, bound: int) -> int | None:
+    """The size of the SCardTransmit reply starting ``data`` (struct, plus the response
+    on success), checked as ReplyReader checks it against the request's ``bound``; None
+    while the struct is incomplete."""
+    if len(data) < TRANSMIT_REPLY_SIZE:
+        return None
+    *_, n, rv = _TRANSMIT_REPLY.unpack_from(data)
+    if rv:
+        return TRANSMIT_REPLY_SIZE
+    if n > bound or n > MAX_BUFFER_SIZE_EXTENDED:
+        raise ProtocolError(f"Transmit: {n} bytes returned, {bound} allowed")
+    return TRANSMIT_REPLY_SIZE + n
 
 
 REQUESTS: dict[int, type[Message]] = {

@@ -409,6 +409,31 @@ class Connection:
             raise
         return events
 
+    def receive_one(self, data: bytes) -> tuple[int, bytes] | None:
+        """The per-call shortcut: when ``data`` is exactly one complete CALL (server) or
+        REPLY (client) frame that ``receive_data`` would accept as is, account for it
+        and return (stream id, payload); otherwise None, and nothing has changed (give
+        ``data`` to ``receive_data``)."""
+        n = len(data)
+        if n < HEAD_SIZE or self._buf or self.error is not None or self.peer_hello is None:
+            return None
+        length, kind, sid = HEAD.unpack_from(data)
+        if length + 4 != n or length > self._limit:
+            return None
+        stream = self._streams.get(sid)
+        if stream is None:
+            return None
+        if self.role is Role.SERVER:
+            if kind != FrameType.CALL or stream.pending:
+                return None
+            stream.pending = True
+        else:
+            if kind != FrameType.REPLY or not stream.pending \
+                    or stream.state is not StreamState.OPEN:
+                return None
+            stream.pending = False
+        return sid, data[HEAD_SIZE:]
+
     def _fill(self, view) -> int:
         """Move bytes from ``view`` into the buffer, never past the current frame's end."""
         buf, n, pos = self._buf, len(view), 0

@@ -18,7 +18,7 @@ import socket
 import ssl
 import time
 
-from pcsc_bridge import __version__, log, tlsio
+from pcsc_bridge import __version__, log, netio
 from pcsc_bridge.facade import AppInfo, Backend, BackendError, ReaderModel, Stream
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
@@ -30,6 +30,8 @@ from pcsc_bridge.pcsc import (
     ReaderStates,
     ReplyReader,
     encode_request,
+    transmit_reply_size,
+    transmit_request,
 )
 from pcsc_bridge.wire import (
     DEFAULT_MAX_FRAME,
@@ -67,7 +69,8 @@ class Link(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future = loop.create_future()   # the server's Hello
         self.closed: asyncio.Future = loop.create_future()
-        # stream id -> (done callback, stream, call-timeout timer or None)
+        # stream id -> (done callback, stream, call-timeout timer or None, and for a
+        # relayed SCardTransmit the response length it allows, else None)
         self.pending: dict[int, tuple] = {}
         self.last_rx = time.monotonic()
         self.sent = False             # wrote something since the last keepalive tick
@@ -101,6 +104,10 @@ class Link(asyncio.Protocol):
         if self.dead:
             return
         self.last_rx = time.monotonic()
+        one = self.conn.receive_one(data)   # a chunk that is one REPLY: the usual case
+        if one is not None:
+            self._reply(*one)
+            return
         try:
             events = self.conn.receive_data(data)
         except WireError as exc:
@@ -118,23 +125,32 @@ class Link(asyncio.Protocol):
             handlers[type(event)](event)
 
     def _on_reply(self, event: Reply):
-        entry = self.pending.pop(event.stream_id, None)
+        self._reply(event.stream_id, event.payload)
+
+    def _reply(self, sid: int, payload: bytes) -> None:
+        entry = self.pending.pop(sid, None)
         if entry is None:
             return                    # its call timed out: the stream is closed already
-        done, stream, timer = entry
+        done, stream, timer, bound = entry
         if timer is not None:
             timer.cancel()
-        reader = stream.reader
         try:
-            msgs = reader.feed(event.payload)
-            if len(msgs) != 1 or reader.buffered:
-                raise ProtocolError("a REPLY must carry exactly one pcsc-lite reply")
+            if bound is not None:     # a relayed SCardTransmit: the bytes go back as they are
+                if transmit_reply_size(payload, bound) != len(payload):
+                    raise ProtocolError("a REPLY must carry exactly one pcsc-lite reply")
+                reply = payload
+            else:
+                reader = stream.reader
+                msgs = reader.feed(payload)
+                if len(msgs) != 1 or reader.buffered:
+                    raise ProtocolError("a REPLY must carry exactly one pcsc-lite reply")
+                reply = msgs[0]
         except ProtocolError as exc:
-            log.error("stream.protocol_error", stream=event.stream_id, error=str(exc))
-            self.write(self.conn.send(Close(event.stream_id, Reason.PCSC_ERROR, str(exc))))
+            log.error("stream.protocol_error", stream=sid, error=str(exc))
+            self.write(self.conn.send(Close(sid, Reason.PCSC_ERROR, str(exc))))
             done(None, BackendError(f"bad reply from the server: {exc}"))
             return
-        done(msgs[0], None)
+        done(reply, None)
 
     def _on_state(self, event: StateUpdate):
         self.agent.model.update(ReaderStates.unpack(event.states, WIRE).states)
@@ -223,10 +239,28 @@ class RemoteStream(Stream):
         except LocalProtocolError:
             raise BackendError("the server closed this application's stream") from None
         self.reader.expect(msg)
+        self._send(data, done, None)
+
+    def relay(self, request: bytes, done) -> bool:
+        """An SCardTransmit request's bytes become the CALL's payload as they are
+        (see Stream.relay); the reply's bytes are checked and handed back as they are."""
+        link = self.link
+        bound = transmit_request(request)
+        if bound is None or not self.id or link.dead:
+            return False
+        try:
+            data = link.conn.send(Call(self.id, request))
+        except LocalProtocolError:
+            return False              # submit() tells the application why
+        self._send(data, done, bound)
+        return True
+
+    def _send(self, data: bytes, done, bound) -> None:
         timeout = self.agent.call_timeout
         timer = asyncio.get_running_loop().call_later(timeout, self._timed_out) \
             if timeout else None
-        link.pending[self.id] = (done, self, timer)
+        link = self.link
+        link.pending[self.id] = (done, self, timer, bound)
         link.write(data)
 
     def _timed_out(self) -> None:
@@ -381,11 +415,11 @@ class RemoteBackend(Backend):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
         sock = await asyncio.wait_for(self._tcp(), self.connect_timeout)
-        tls_sock = await tlsio.handshake(sock, self.ssl_context, server_side=False,
+        tls_sock = await netio.handshake(sock, self.ssl_context, server_side=False,
                                          server_hostname=self.server_name,
                                          timeout=max(deadline - loop.time(), 0.1))
         link = Link(self)
-        transport = tlsio.TLSTransport(tls_sock, link)
+        transport = netio.Transport(tls_sock, link)
         try:
             await asyncio.wait_for(link.hello, max(deadline - loop.time(), 0.1))
         except BaseException:
@@ -482,7 +516,7 @@ def _log_stream(app: AppInfo, link: Link, **extra) -> None:
 
 def _finish(entry: tuple, error: BackendError) -> None:
     """A call that will get no reply: stop its timer and tell its caller."""
-    done, _stream, timer = entry
+    done, _stream, timer, _bound = entry
     if timer is not None:
         timer.cancel()
     done(None, error)

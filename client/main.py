@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 
-from pcsc_bridge import config, log, tls
+from pcsc_bridge import config, log, netio, tls
 from pcsc_bridge.facade import Facade
 
 from .agent import RemoteBackend
@@ -59,7 +59,7 @@ def run(args) -> int:
     try:
         cfg = config.load_client_config(args.config, over)
         log.setup(cfg.log.level)
-        asyncio.run(serve(cfg))
+        netio.run(serve(cfg))
     except (config.ConfigError, tls.TLSConfigError) as exc:
         print(f"pcsc-bridge client: {exc}", flush=True)
         return 2

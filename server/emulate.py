@@ -11,7 +11,7 @@ import asyncio
 import signal
 import threading
 
-from pcsc_bridge import log
+from pcsc_bridge import log, netio
 from pcsc_bridge.card import DEFAULT_AIDS, Card
 from pcsc_bridge.facade import Facade
 
@@ -63,15 +63,14 @@ class Emulator:
         self.backend = VirtualBackend(
             [(n, Card() if self._cards else None) for n in self.reader_names])
         self.facade = Facade(self.backend, "emulator")
-        server = await self.facade.serve_unix(self.socket_path, self._mode)
+        await self.facade.serve_unix(self.socket_path, self._mode)
         control = await ControlServer(self.backend, self.control_path).start() \
             if self.control_path else None
         self._ready.set()
-        async with server:
-            await self._stop.wait()
-            if control:
-                await control.close()
-            await self.facade.close()
+        await self._stop.wait()
+        if control:
+            await control.close()
+        await self.facade.close()
 
     def _call(self, fn, *args):
         async def run():
@@ -125,8 +124,8 @@ def run(args) -> int:
     log.setup(args.log_level)
     names = args.reader or list(DEFAULT_READERS)
     try:
-        asyncio.run(_serve_forever(args.socket, names, not args.empty, int(args.mode, 8),
-                                   args.control))
+        netio.run(_serve_forever(args.socket, names, not args.empty, int(args.mode, 8),
+                                 args.control))
     except OSError as exc:
         log.error("emulate.failed", error=str(exc))
         return 1
@@ -136,15 +135,14 @@ def run(args) -> int:
 async def _serve_forever(path, names, cards, mode, control_path=None):
     backend = VirtualBackend([(n, Card() if cards else None) for n in names])
     facade = Facade(backend, "emulator")
-    server = await facade.serve_unix(path, mode)
+    await facade.serve_unix(path, mode)
     control = await ControlServer(backend, control_path).start() if control_path else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("emulate.ready", socket=path, readers=len(names), control=control_path)
-    async with server:
-        await stop.wait()
-        if control:
-            await control.close()
-        await facade.close()
+    await stop.wait()
+    if control:
+        await control.close()
+    await facade.close()

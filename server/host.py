@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 
-from pcsc_bridge import __version__, log, tls, tlsio
+from pcsc_bridge import __version__, log, netio, tls
 from pcsc_bridge.facade import Backend
 
 from .pcscd import DEFAULT_SOCKET, PcscdBackend
@@ -85,7 +85,7 @@ class Server:
                 log.debug("tcp.probe", peer=peer)
                 sock.close()
                 return
-            tls_sock = await tlsio.handshake(
+            tls_sock = await netio.handshake(
                 sock, self.tls.context, server_side=True,
                 timeout=max(session.accepted + self.limits.handshake_timeout
                             - asyncio.get_running_loop().time(), 0.001))
@@ -95,7 +95,7 @@ class Server:
             log.warning("guest.refused", peer=peer, stage="tls", reason=reason)
             sock.close()
             return
-        tlsio.TLSTransport(tls_sock, session)
+        netio.Transport(tls_sock, session)
 
     async def reload(self) -> None:
         """Re-read certificates, key, CA and CRL (SIGHUP) for new connections; live

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from pcsc_bridge import config, log, tls
+from pcsc_bridge import config, log, netio, tls
 from pcsc_bridge.card import DEFAULT_AIDS, Card
 
 from .host import Server, make_backend
@@ -87,7 +87,7 @@ def run(args) -> int:
         cfg = config.load_server_config(args.config, overrides(args))
         log.setup(cfg.log.level)
         server = build(cfg)
-        asyncio.run(serve(server, cfg.virtual.control))
+        netio.run(serve(server, cfg.virtual.control))
     except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
         print(f"pcsc-bridge server: {exc}", flush=True)
         return 2

@@ -15,11 +15,12 @@ import asyncio
 import contextlib
 import socket
 
-from pcsc_bridge import log
+from pcsc_bridge import log, netio
 from pcsc_bridge.facade import AppInfo, Backend, BackendError, ReaderModel, Stream
 from pcsc_bridge.pcsc import (
     NATIVE,
     SCARD_E_NO_SERVICE,
+    TRANSMIT_REPLY_SIZE,
     BeginTransaction,
     Connect,
     Disconnect,
@@ -38,6 +39,7 @@ from pcsc_bridge.pcsc import (
     WaitReaderStateChange,
     encode_request,
     rv_name,
+    transmit_reply_size,
 )
 
 DEFAULT_SOCKET = "/run/pcscd/pcscd.comm"
@@ -46,6 +48,8 @@ NEWEST = 6
 REFRESH_AFTER = frozenset({Connect, Reconnect, Disconnect, BeginTransaction, EndTransaction,
                            Status, ReleaseContext})
 RETRY_INTERVAL = 1.0
+_RV = slice(TRANSMIT_REPLY_SIZE - 4, TRANSMIT_REPLY_SIZE)   # rv in a Transmit reply struct
+_OK = bytes(4)
 
 
 class PcscdConnection(asyncio.Protocol):
@@ -58,11 +62,16 @@ class PcscdConnection(asyncio.Protocol):
         self.lost = asyncio.get_running_loop().create_future()
         self.done = None   # submit()'s callback for the reply under way
         self.on_lost = None   # called when pcscd closes the socket between calls
+        self.bound: int | None = None   # a relayed SCardTransmit's allowed response length
+        self.partial = b""    # its reply so far (pcscd writes struct and response apart)
 
     def connection_made(self, transport):
         self.transport = transport
 
     def data_received(self, data):
+        if self.bound is not None:
+            self._relayed(data)
+            return
         try:
             msgs = self.reader.feed(data)
         except ProtocolError as exc:
@@ -94,6 +103,34 @@ class PcscdConnection(asyncio.Protocol):
         self.reader.expect(msg)
         self.done = done
         self.transport.write(encode_request(msg, NATIVE))
+
+    def relay(self, request: bytes, bound: int, done) -> None:
+        """Write an SCardTransmit request's bytes as they are; ``done(reply, error)``
+        gets the reply's bytes once complete and checked (pcsc.transmit_reply_size)."""
+        if self.lost.done():
+            raise BackendError("pcscd connection closed")
+        self.bound = bound
+        self.done = done
+        self.transport.write(request)
+
+    def _relayed(self, data: bytes) -> None:
+        if self.partial:
+            data = self.partial + data
+        try:
+            size = transmit_reply_size(data, self.bound)
+            if size is not None and len(data) > size:
+                raise ProtocolError(f"{len(data) - size} unexpected bytes from pcscd")
+        except ProtocolError as exc:
+            log.error("pcscd.protocol_error", error=str(exc))
+            self.transport.close()
+            return
+        if size is None or len(data) < size:
+            self.partial = data
+            return
+        self.partial = b""
+        self.bound = None
+        done, self.done = self.done, None
+        done(data, None)
 
     async def call(self, msg: Message):
         if self.lost.done():
@@ -146,7 +183,8 @@ async def connect(path: str, dialect: int, timeout: float = 5.0) -> PcscdConnect
         except OSError as exc:
             sock.close()
             raise BackendError(f"cannot reach pcscd at {path}: {exc}") from exc
-    _, conn = await loop.create_unix_connection(lambda: PcscdConnection(dialect), sock=sock)
+    conn = PcscdConnection(dialect)
+    netio.Transport(sock, conn)
     return conn
 
 
@@ -158,6 +196,16 @@ class PcscdStream(Stream):
     def watch(self, lost) -> None:
         """pcscd went away (restarted) while this stream was idle: ``lost()`` runs."""
         self.conn.on_lost = lost
+
+    def relay(self, request: bytes, bound: int, done) -> None:
+        """SCardTransmit as bytes (see Stream.relay); a failed one refreshes reader
+        states before its reply, as in ``submit``."""
+        def answered(reply, error):
+            if error is None and reply[_RV] != _OK:
+                asyncio.get_running_loop().create_task(self._refresh_then(done, reply))
+                return
+            done(reply, error)
+        self.conn.relay(request, bound, answered)
 
     def submit(self, msg, done):
         if type(msg) not in REFRESH_AFTER and type(msg) is not Transmit:

@@ -19,6 +19,8 @@ from collections import deque
 from pcsc_bridge import log
 from pcsc_bridge.facade import AppInfo, Backend, BackendError
 from pcsc_bridge.pcsc import (
+    HEADER_SIZE,
+    RELAY_TRANSMIT,
     WIRE,
     BeginTransaction,
     Connect,
@@ -36,8 +38,10 @@ from pcsc_bridge.pcsc import (
     SetAttrib,
     Status,
     Transmit,
+    decode_request,
     encode_reply,
     rv_name,
+    transmit_request,
 )
 from pcsc_bridge.wire import (
     ALPN,
@@ -84,7 +88,7 @@ class Limits:
 
 class ServerStream:
     __slots__ = ("app", "backend_stream", "calls", "ended", "id", "opened", "reader",
-                 "running", "timer")
+                 "relay", "running", "timer")
 
     def __init__(self, sid: int, app: AppInfo):
         self.id = sid
@@ -92,6 +96,7 @@ class ServerStream:
         self.reader = RequestReader(WIRE)
         self.calls: deque = deque()   # checked requests not yet with the backend
         self.backend_stream = None
+        self.relay = None     # the backend stream's relay for SCardTransmit, if any
         self.opened = False   # OPENED goes out in the same write as the first REPLY
         self.running = False  # a call is with the backend (or the backend stream opens)
         self.ended = False
@@ -192,6 +197,18 @@ class GuestSession(asyncio.Protocol):
         if self.closed or self.conn is None:
             return
         self.last_rx = time.monotonic()
+        one = self.conn.receive_one(data)   # a chunk that is one CALL: the usual case
+        if one is not None:
+            sid, payload = one
+            stream = self.streams.get(sid)
+            if stream is not None and stream.relay is not None and not stream.running \
+                    and not stream.calls:
+                bound = transmit_request(payload)
+                if bound is not None:
+                    self._relay(stream, payload, bound)
+                    return
+            self._on_call(Call(sid, payload))
+            return
         try:
             events = self.conn.receive_data(data)
         except WireError as exc:
@@ -292,6 +309,7 @@ class GuestSession(asyncio.Protocol):
         if stream.timer:
             stream.timer.cancel()
         backend_stream, stream.backend_stream = stream.backend_stream, None
+        stream.relay = None
         if backend_stream is not None:
             asyncio.get_running_loop().create_task(_close_quietly(backend_stream))
         if self.going_away:
@@ -335,13 +353,31 @@ class GuestSession(asyncio.Protocol):
             await _close_quietly(backend_stream)
             return
         stream.backend_stream = backend_stream
+        stream.relay = backend_stream.relay if RELAY_TRANSMIT else None
         backend_stream.watch(lambda: self._backend_lost(stream))
         self._submit(stream, msg)
+
+    def _relay(self, stream: ServerStream, request: bytes, bound: int):
+        """An SCardTransmit whose bytes go to the backend as they are (the policy has no
+        rule for SCardTransmit; RequestReader's checks were made by transmit_request)."""
+        stream.running = True
+        if self.limits.call_timeout:
+            stream.timer = asyncio.get_running_loop().call_later(
+                self.limits.call_timeout, self._timed_out, stream, Transmit)
+
+        def done(reply, error):
+            msg = None if error is None else decode_request(
+                Transmit.CMD, request[HEADER_SIZE:HEADER_SIZE + Transmit.SIZE], WIRE)
+            self._answered(stream, msg, reply, error)
+        try:
+            stream.relay(request, bound, done)
+        except BackendError as exc:
+            done(None, exc)
 
     def _submit(self, stream: ServerStream, msg: Message):
         if self.limits.call_timeout:
             stream.timer = asyncio.get_running_loop().call_later(
-                self.limits.call_timeout, self._timed_out, stream, msg)
+                self.limits.call_timeout, self._timed_out, stream, type(msg))
         try:
             stream.backend_stream.submit(
                 msg, lambda reply, error: self._answered(stream, msg, reply, error))
@@ -362,7 +398,7 @@ class GuestSession(asyncio.Protocol):
                         call=type(msg).__name__, error=text)
             self._close_stream(stream, Reason.BACKEND, text)
             return
-        self._reply(stream, encode_reply(reply, WIRE))
+        self._reply(stream, reply if type(reply) is bytes else encode_reply(reply, WIRE))
         if stream.calls:
             self._next(stream)
 
@@ -373,13 +409,13 @@ class GuestSession(asyncio.Protocol):
             log.info("stream.backend_lost", guest=self.guest, stream=stream.id)
             self._close_stream(stream, Reason.BACKEND, "the backend closed the connection")
 
-    def _timed_out(self, stream: ServerStream, msg: Message):
+    def _timed_out(self, stream: ServerStream, call: type):
         stream.timer = None
         if stream.ended:
             return
         text = "no answer from the backend within call_timeout"
         log.warning("backend.error", guest=self.guest, stream=stream.id,
-                    call=type(msg).__name__, error=text)
+                    call=call.__name__, error=text)
         self._close_stream(stream, Reason.TIMEOUT, text)
 
     def _reply(self, stream: ServerStream, payload: bytes) -> None:

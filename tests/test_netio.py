@@ -1,4 +1,4 @@
-"""The TLS transport under the server and the agent: nothing lost or reordered when the peer
+"""The transport under the server and the agent: nothing lost or reordered when the peer
 reads slowly (writes that block are retried as TLS requires), and close() delivers what was
 written before it."""
 
@@ -11,7 +11,7 @@ import threading
 
 import pytest
 from conftest import make_pki
-from pcsc_bridge import tlsio
+from pcsc_bridge import netio
 
 CHUNK = 65536
 CHUNKS = 96  # 6 MiB: far more than the socket buffers hold
@@ -37,7 +37,10 @@ def pki(tmp_path_factory):
     return make_pki(str(tmp_path_factory.mktemp("pki")))
 
 
-def test_slow_reader_gets_every_byte_in_order_then_the_close(pki):
+@pytest.mark.parametrize("loop", ["netio", "asyncio"])
+def test_slow_reader_gets_every_byte_in_order_then_the_close(pki, loop):
+    """On the server's and agent's own loop (sockets run as polled) and on a plain
+    asyncio loop (the fallback through add_reader/add_writer)."""
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(f"{pki}/host.pem", f"{pki}/host-key.pem")
     client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -61,15 +64,17 @@ def test_slow_reader_gets_every_byte_in_order_then_the_close(pki):
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
         sock, _ = await loop.sock_accept(listener)
-        tls = await tlsio.handshake(sock, server_ctx, server_side=True, timeout=10)
+        tls = await netio.handshake(sock, server_ctx, server_side=True, timeout=10)
         sender = Sender()
-        transport = tlsio.TLSTransport(tls, sender)
+        transport = netio.Transport(tls, sender)
         assert transport.get_write_buffer_size() > 0  # the writes did block
         assert await asyncio.wait_for(sender.lost, 30) is None
 
     client = threading.Thread(target=slow_client)
     client.start()
-    asyncio.run(serve())
+    new_loop = netio.new_event_loop if loop == "netio" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(serve())
     client.join(30)
     listener.close()
     assert len(received) == CHUNKS * CHUNK

@@ -1,0 +1,358 @@
+"""Sockets on the per-APDU path, driven straight from the event loop's readiness events.
+
+Every card call crosses two sockets in the agent (application, TLS) and two in the server
+(TLS, pcscd), once each way. asyncio's own transports spend tens of Python function calls
+per message on top of the system calls: a ``Handle`` per ready socket, its context, a
+256 KiB receive buffer per read (a fresh mmap with glibc), and for TLS, sslproto's
+Python-level record buffers and state machines. Here:
+
+- ``new_event_loop`` is a standard asyncio loop whose epoll selector runs the callbacks of
+  the sockets registered through ``watch`` as it polls them (no Handle, no ready-queue
+  pass); every other asyncio facility works as usual. On another loop (a test's, or a
+  platform without epoll) ``watch`` falls back to ``loop.add_reader``/``add_writer``.
+- ``Transport`` is one socket, plain or TLS: one ``recv`` hands the protocol a chunk (a
+  non-blocking ``ssl.SSLSocket`` does the TLS record work in C), one ``send`` writes a
+  message. It offers the parts of asyncio.Transport the protocols use (write, close,
+  abort, is_closing, get_extra_info) and calls their ``connection_made``,
+  ``data_received`` and ``connection_lost`` as asyncio would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import select
+import selectors
+import socket
+import ssl
+import weakref
+
+from . import log
+
+READ_SIZE = 65536   # under glibc's mmap threshold: a read's buffer comes from the heap
+_IN = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "EPOLLIN") else 0
+_OUT = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP if hasattr(select, "EPOLLIN") else 0
+
+
+class FastSelector(selectors.EpollSelector):
+    """asyncio's epoll selector, plus sockets whose callbacks run as they are polled."""
+
+    def __init__(self):
+        super().__init__()
+        self._fast: dict[int, list] = {}   # fd -> [reader, writer]
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self, fd: int, reader, writer) -> None:
+        entry = self._fast.get(fd)
+        if reader is None and writer is None:
+            if entry is not None:
+                del self._fast[fd]
+                self._selector.unregister(fd)
+            return
+        mask = (select.EPOLLIN if reader else 0) | (select.EPOLLOUT if writer else 0)
+        if entry is None:
+            self._selector.register(fd, mask)
+            self._fast[fd] = [reader, writer]
+        elif bool(entry[0]) != bool(reader) or bool(entry[1]) != bool(writer):
+            self._selector.modify(fd, mask)
+            entry[:] = reader, writer
+        else:
+            entry[:] = reader, writer
+
+    def select(self, timeout=None):
+        # selectors.EpollSelector.select, with the fast sockets' callbacks run in place
+        if timeout is None:
+            timeout = -1
+        elif timeout <= 0:
+            timeout = 0
+        else:
+            timeout = math.ceil(timeout * 1e3) * 1e-3
+        fast = self._fast
+        max_ev = max(len(self._fd_to_key) + len(fast), 1)
+        ready = []
+        try:
+            events = self._selector.poll(timeout, max_ev)
+        except InterruptedError:
+            return ready
+        for fd, event in events:
+            entry = fast.get(fd)
+            if entry is not None:
+                if event & _IN and entry[0] is not None:
+                    self._run(entry[0])
+                    entry = fast.get(fd)   # the reader may have closed the socket
+                if event & _OUT and entry is not None and entry[1] is not None:
+                    self._run(entry[1])
+                continue
+            key = self._key_from_fd(fd)
+            if key:
+                mask = 0
+                if event & ~select.EPOLLIN:
+                    mask |= selectors.EVENT_WRITE
+                if event & ~select.EPOLLOUT:
+                    mask |= selectors.EVENT_READ
+                ready.append((key, mask & key.events))
+        return ready
+
+    def _run(self, callback) -> None:
+        try:
+            callback()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            if self.loop is not None:
+                self.loop.call_exception_handler({
+                    "message": f"Exception in callback {callback!r}", "exception": exc})
+            else:
+                raise
+
+    def close(self):
+        self._fast.clear()
+        super().close()
+
+
+_selectors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    if not hasattr(selectors, "EpollSelector"):
+        return asyncio.new_event_loop()
+    selector = FastSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+    selector.loop = loop
+    _selectors[loop] = selector
+    return loop
+
+
+class _Policy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self):
+        return new_event_loop()
+
+
+def run(main):
+    """asyncio.run(main) on a loop from ``new_event_loop``."""
+    asyncio.set_event_loop_policy(_Policy())
+    try:
+        return asyncio.run(main)
+    finally:
+        asyncio.set_event_loop_policy(None)
+
+
+def watch(loop, fd: int, reader=None, writer=None) -> None:
+    """Call ``reader()`` / ``writer()`` whenever ``fd`` is readable / writable; None
+    stops that direction. Replaces what was set for ``fd`` before."""
+    selector = _selectors.get(loop)
+    if selector is not None:
+        selector.watch(fd, reader, writer)
+        return
+    for callback, add, remove in ((reader, loop.add_reader, loop.remove_reader),
+                                  (writer, loop.add_writer, loop.remove_writer)):
+        if callback is None:
+            remove(fd)
+        else:
+            add(fd, callback)
+
+
+async def handshake(sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
+                    server_hostname: str | None = None, timeout: float = 10.0
+                    ) -> ssl.SSLSocket:
+    """TLS handshake on a connected non-blocking TCP socket; the socket is consumed.
+    Raises ssl.SSLError / OSError, or TimeoutError after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    tls = context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
+                              do_handshake_on_connect=False)
+    fd = tls.fileno()
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                return tls
+            except ssl.SSLWantReadError:
+                want = "reader"
+            except ssl.SSLWantWriteError:
+                want = "writer"
+            ready = loop.create_future()
+            watch(loop, fd, **{want: lambda f=ready: f.done() or f.set_result(None)})
+            try:
+                await asyncio.wait_for(ready, max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no TLS handshake within {timeout:g} s") from None
+            finally:
+                watch(loop, fd)
+    except BaseException:
+        tls.close()
+        raise
+
+
+class Transport(asyncio.Transport):
+    """One connected non-blocking socket (plain, or an ``ssl.SSLSocket`` after its
+    handshake) and its protocol."""
+
+    def __init__(self, sock: socket.socket, protocol: asyncio.BaseProtocol,
+                 extra: dict | None = None):
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._protocol = protocol
+        self._retry: bytes | None = None   # bytes a send must be given again (as is, TLS)
+        self._backlog: list[bytes] = []    # written after them
+        self._closing = False
+        self._closed = False
+        self._extra = {"socket": sock, "peername": _name(sock.getpeername),
+                       "sockname": _name(sock.getsockname), **(extra or {})}
+        if self._tls:
+            self._extra["ssl_object"] = sock
+        watch(self._loop, self._fd, self._read_ready)
+        protocol.connection_made(self)
+        if self._tls and not self._closed and sock.pending():
+            self._loop.call_soon(self._read_ready)   # records that came with the handshake
+
+    # --- reading ------------------------------------------------------------------------
+    def _read_ready(self) -> None:
+        sock = self._sock
+        while not self._closed:
+            try:
+                data = sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                return
+            except ssl.SSLWantWriteError:   # the TLS layer must write first (key update)
+                watch(self._loop, self._fd, self._read_ready, self._write_ready)
+                return
+            except ssl.SSLZeroReturnError:
+                data = b""
+            except OSError as exc:            # ssl.SSLError included
+                self._finish(exc)
+                return
+            if not data:
+                self._finish(None)
+                return
+            self._protocol.data_received(data)
+            if not self._tls or not sock.pending():
+                return
+
+    # --- writing ------------------------------------------------------------------------
+    def write(self, data) -> None:
+        if self._closed or not data:
+            return
+        if self._retry is not None:
+            self._backlog.append(bytes(data))
+            return
+        self._send(bytes(data))
+
+    def _send(self, data: bytes) -> None:
+        try:
+            n = self._sock.send(data)
+            if n < len(data):             # plain sockets; TLS only with partial writes
+                self._retry = data[n:]
+                watch(self._loop, self._fd, self._read_ready, self._write_ready)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError,
+                ssl.SSLWantReadError):
+            self._retry = data
+            watch(self._loop, self._fd, self._read_ready, self._write_ready)
+        except OSError as exc:            # ssl.SSLError included
+            self._finish(exc)
+
+    def _write_ready(self) -> None:
+        if self._closed:
+            return
+        watch(self._loop, self._fd, self._read_ready)
+        while self._retry is not None and not self._closed:
+            data, self._retry = self._retry, None
+            self._send(data)
+            if self._retry is not None:
+                return                    # still blocked: _send watches again
+            if self._backlog:
+                self._retry = b"".join(self._backlog)
+                self._backlog.clear()
+        if not self._closed:
+            if self._closing:
+                self._finish(None)
+            elif self._tls:
+                self._read_ready()        # a TLS read that waited for this write
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._retry or b"") + sum(map(len, self._backlog))
+
+    # --- closing ------------------------------------------------------------------------
+    def is_closing(self) -> bool:
+        return self._closing or self._closed
+
+    def close(self) -> None:
+        """Close once what was written has gone out (with TLS, close_notify)."""
+        if self._closing or self._closed:
+            return
+        self._closing = True
+        if self._retry is None:
+            self._finish(None)
+
+    def abort(self) -> None:
+        self._finish(None, notify=False)
+
+    def _finish(self, exc: BaseException | None, notify: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        watch(self._loop, self._fd)
+        if self._tls and notify and self._retry is None:
+            with contextlib.suppress(OSError, ssl.SSLError, ValueError):
+                self._sock.unwrap()       # close_notify; the peer's answer is not awaited
+        self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    def get_extra_info(self, name, default=None):
+        return self._extra.get(name, default)
+
+    def set_protocol(self, protocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self):
+        return self._protocol
+
+
+class UnixServer:
+    """Accepts connections on a listening non-blocking socket: a ``Transport`` and a
+    protocol from ``factory`` each."""
+
+    RETRY = 0.1   # after an accept error (out of file descriptors): pause, keep serving
+
+    def __init__(self, listener: socket.socket, factory):
+        self._loop = asyncio.get_running_loop()
+        self._sock = listener
+        self._factory = factory
+        self._closed = False
+        watch(self._loop, listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("socket.accept_failed", error=str(exc))
+                watch(self._loop, self._sock.fileno())
+                self._loop.call_later(self.RETRY, self._resume)
+                return
+            sock.setblocking(False)
+            Transport(sock, self._factory())
+
+    def _resume(self) -> None:
+        if not self._closed:
+            watch(self._loop, self._sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            watch(self._loop, self._sock.fileno())
+            self._sock.close()
+
+
+def _name(get):
+    try:
+        return get()
+    except OSError:
+        return None
