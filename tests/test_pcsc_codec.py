@@ -771,3 +771,82 @@ def test_with_rv_changes_only_what_it_names():
         p.Status(1).with_rv(0, data=b"")  # only Transmit and Control carry data
     with pytest.raises(TypeError):
         p.ReadersStateSize(3).with_rv(0)  # no rv field
+
+
+# --- SCardTransmit relayed as bytes: the same checks as the readers ----------------------------
+def _transmit_bytes(data, order="<"):
+    """Random bytes that are often, but not always, a well-formed Transmit request."""
+    apdu = data.draw(st.binary(max_size=300))
+    send = data.draw(st.sampled_from([len(apdu), len(apdu) + 1, max(len(apdu) - 1, 0),
+                                      p.MAX_BUFFER_SIZE_EXTENDED + 1]))
+    msg = p.Transmit(data.draw(st.integers(-2**31, 2**31 - 1)), 2, 8, send, 2, 8,
+                     data.draw(st.integers(0, 2**32 - 1)), 0, apdu)
+    raw = p.encode_request(msg, order)
+    cut = data.draw(st.sampled_from([None, 0, 1, 8]))
+    if cut is not None:
+        raw = raw[:-cut] if cut else raw + b"\0"
+    if data.draw(st.booleans()):   # another command or size in the header
+        raw = struct.pack("<II", data.draw(st.sampled_from([32, 31, 33])),
+                          data.draw(st.sampled_from([p.Cmd.SCARD_TRANSMIT,
+                                                     p.Cmd.SCARD_CONTROL]))) + raw[8:]
+    return raw
+
+
+@SETTINGS
+@given(data=st.data())
+def test_transmit_request_accepts_exactly_one_request_the_reader_accepts(data):
+    raw = _transmit_bytes(data)
+    reader = p.RequestReader("<")
+    try:
+        msgs = reader.feed(raw)
+    except p.ProtocolError:
+        msgs = None
+    one = msgs is not None and len(msgs) == 1 and type(msgs[0]) is p.Transmit \
+        and reader.buffered == 0
+    bound = p.transmit_request(raw)
+    assert (bound is not None) == one
+    if one:
+        assert bound == msgs[0].pcbRecvLength
+
+
+@SETTINGS
+@given(data=st.data())
+def test_transmit_reply_size_checks_as_the_reply_reader_does(data):
+    bound = data.draw(st.integers(0, 300))
+    rv = data.draw(st.sampled_from([0, 0, p.SCARD_E_INSUFFICIENT_BUFFER,
+                                    p.SCARD_W_REMOVED_CARD]))
+    n = max(bound + data.draw(st.integers(-2, 2)), 0)   # around the bound, either side
+    response = data.draw(st.binary(min_size=n, max_size=n))
+    raw = p.Transmit(1, 2, 8, 0, 2, 8, n, rv, response).pack("<") + response
+    raw = raw[:data.draw(st.sampled_from([len(raw), len(raw), 0, 31, 32, len(raw) - 1]))] \
+        + data.draw(st.sampled_from([b"", b"", b"\0"]))
+    request = p.Transmit(1, 2, 8, 0, 2, 8, bound)
+    reader = p.ReplyReader(4, "<")
+    reader.expect(request)
+    try:
+        msgs = reader.feed(raw)
+        error = False
+    except p.ProtocolError:
+        msgs, error = [], True
+    complete = not error and len(msgs) == 1 and reader.buffered == 0
+    waiting = not error and not msgs       # the reader waits for more bytes
+    try:
+        size = p.transmit_reply_size(raw, bound)
+    except p.ProtocolError:
+        assert error
+        return
+    # the relay takes a chunk when it is exactly one reply, waits while it is short
+    assert (size == len(raw)) == complete
+    assert (size is None or size > len(raw)) == waiting
+    if complete:
+        assert p.encode_reply(msgs[0], "<") == raw
+
+
+@pytest.mark.parametrize("size, send", [(33, 4), (31, 4), (32, p.MAX_BUFFER_SIZE_EXTENDED + 1)])
+def test_transmit_request_refuses_what_the_reader_refuses(size, send):
+    # a header naming another struct size (the bytes still add up), an APDU over the limit
+    raw = struct.pack("<II", size, p.Cmd.SCARD_TRANSMIT) + p.Transmit(
+        1, 2, 8, send, 2, 8, 258).pack("<") + bytes(send + size - 32)
+    with pytest.raises(p.ProtocolError):
+        p.RequestReader("<").feed(raw)
+    assert p.transmit_request(raw) is None

@@ -4,6 +4,7 @@ delivery in pieces changes nothing, and the connection and stream rules hold."""
 
 from __future__ import annotations
 
+import copy
 import struct
 
 import pytest
@@ -493,3 +494,48 @@ def test_hello_comes_first_and_limits_are_checked():
         Connection("client", max_frame=MIN_MAX_FRAME - 1)
     with pytest.raises(ValueError):
         Connection("agent")
+
+
+STEPS = st.lists(st.tuples(st.sampled_from(["call", "reply", "reply", "state", "ping"]),
+                           st.integers(0, 2), PAYLOAD, st.integers(0, 3)), max_size=30)
+
+
+@SETTINGS
+@given(steps=STEPS)
+def test_receive_one_is_receive_data_for_one_call_or_reply(steps):
+    """The per-call shortcut: a chunk that is exactly one CALL (server) or REPLY (client)
+    is taken and gives what receive_data gives, with the same stream states after; any
+    other chunk is left for receive_data, with nothing changed."""
+    c, s = pair()
+    sids = [opened_stream(c, s) for _ in range(3)]
+    taken = whole = 0
+    for name, pick, payload, split in steps:
+        sid = sids[pick]
+        if name == "call" and not c.call_pending(sid):
+            sender, receiver, kind, event = c, s, Call, Call(sid, payload)
+        elif name == "reply" and s.call_pending(sid):
+            sender, receiver, kind, event = s, c, Reply, Reply(sid, payload)
+        elif name == "state":
+            sender, receiver, kind, event = s, c, Reply, StateUpdate(7, b"")
+        elif name == "ping":
+            sender, receiver, kind, event = c, s, Call, Ping(pick)
+        else:
+            continue
+        raw = sender.send(event)
+        whole += type(event) is kind and split != 0
+        half = len(raw) // 2
+        for chunk in ([raw[:half], raw[half:]] if split == 0 else [raw]):
+            twin = copy.deepcopy(receiver)
+            one = receiver.receive_one(chunk)
+            expected = twin.receive_data(chunk)
+            if one is None:
+                assert not ([type(e) for e in expected] == [kind] and len(chunk) == len(raw))
+                assert receiver.receive_data(chunk) == expected
+            else:
+                taken += 1
+                assert expected == [kind(*one)] and len(chunk) == len(raw)
+            for x in sids:
+                assert receiver.stream_state(x) == twin.stream_state(x)
+                assert receiver.call_pending(x) == twin.call_pending(x)
+            assert receiver.buffered == twin.buffered
+    assert taken == whole
