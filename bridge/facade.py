@@ -507,10 +507,11 @@ class AppSession(asyncio.Protocol):
     def _version(self, msg: Version):
         reply, dialect = negotiate(msg.major, msg.minor)
         if dialect is not None:
+            # logged with the application's first card call (the backend's app.stream)
             self.dialect = self.info.dialect = dialect
-        log.info("app.version", app=self.info.id, pid=self.info.pid,
-                 client=f"{msg.major}:{msg.minor}", dialect=f"4:{dialect}" if dialect else None,
-                 refused=None if dialect else "unsupported protocol version")
+        else:
+            log.info("app.version", app=self.info.id, pid=self.info.pid,
+                     client=f"{msg.major}:{msg.minor}", refused="unsupported protocol version")
         return reply
 
     def _states16(self, _msg=None):

@@ -327,18 +327,18 @@ class UnixServer:
         watch(self._loop, listener.fileno(), self._accept)
 
     def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                sock, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.error("socket.accept_failed", error=str(exc))
-                watch(self._loop, self._sock.fileno())
-                self._loop.call_later(self.RETRY, self._resume)
-                return
-            sock.setblocking(False)
-            Transport(sock, self._factory())
+        # one per readiness event: epoll reports the listener again while more wait
+        try:
+            sock, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.error("socket.accept_failed", error=str(exc))
+            watch(self._loop, self._sock.fileno())
+            self._loop.call_later(self.RETRY, self._resume)
+            return
+        sock.setblocking(False)
+        Transport(sock, self._factory())
 
     def _resume(self) -> None:
         if not self._closed:

@@ -116,7 +116,7 @@ def register(subparsers) -> None:
     p.add_argument("--control", metavar="PATH", help="also create this control socket "
                    "(mode 0600), to insert and remove cards and readers with "
                    "`pcsc-bridge virtual --control PATH ...`")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run)
 
 
