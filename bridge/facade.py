@@ -66,6 +66,7 @@ from .pcsc import (
     encode_reply,
     pad_states,
     rv_name,
+    transmit_request,
 )
 
 NEWEST_MINOR = 6
@@ -155,10 +156,12 @@ class Stream:
         """Have ``lost()`` called if the backend connection ends between calls (a backend
         whose connections cannot end without a call ignores this)."""
 
-    # relay(request, done) -> bool: a backend that can carry an SCardTransmit request's
-    # bytes as they are (pcsc.RELAY_TRANSMIT) takes ``request`` when it is exactly one
-    # well-formed Transmit (pcsc.transmit_request) and returns True; ``done(reply, error)``
-    # then gets the reply's bytes, checked, or a BackendError. False: use ``submit``.
+    # relay(request, bound, done) -> bool: a stream that can carry an SCardTransmit
+    # request's bytes as they are (pcsc.RELAY_TRANSMIT) is given ``request`` once the
+    # caller has checked it is exactly one well-formed Transmit allowing ``bound`` response
+    # bytes (pcsc.transmit_request). True: taken, and ``done(reply, error)`` gets the
+    # reply's bytes, checked, or a BackendError; False: use ``submit``. It may raise
+    # BackendError as ``submit`` does.
     relay = None
 
     async def close(self) -> None:
@@ -324,11 +327,10 @@ class AppSession(asyncio.Protocol):
         self._unlisten = self.model.listen(self._on_change)
 
     def data_received(self, data):
-        relay = self.relay
-        if relay is not None and not self.busy and not self.reader.buffered \
-                and relay(data, lambda reply, error: self._relayed(data, reply, error)):
-            self.busy = True
-            return
+        if self.relay is not None and not self.busy and not self.reader.buffered:
+            bound = transmit_request(data)
+            if bound is not None and self._relay(data, bound):
+                return
         try:
             self.queue.extend(self.reader.feed(data))
         except ProtocolError as exc:
@@ -456,6 +458,24 @@ class AppSession(asyncio.Protocol):
     def _use(self, stream: Stream) -> None:
         self.stream = stream
         self.relay = stream.relay if RELAY_TRANSMIT else None
+
+    def _relay(self, request: bytes, bound: int) -> bool:
+        """One SCardTransmit, alone in ``data_received``'s chunk, to the stream as bytes
+        (what ``_pump`` does for a card call, without the message)."""
+        self.hold_wakeup = 0
+        self.busy = True
+        try:
+            if self.relay(request, bound,
+                          lambda reply, error: self._relayed(request, reply, error)):
+                return True
+        except BackendError as exc:
+            self._relayed(request, None, exc)
+            return True
+        except Exception as exc:  # noqa: BLE001 - one app's failure must stay with it
+            self._failed(exc)
+            return True
+        self.busy = False
+        return False
 
     def _relayed(self, request: bytes, reply: bytes | None, error) -> None:
         """A relayed SCardTransmit is answered: its reply's bytes go back as they are;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -10,11 +11,17 @@ LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _level = LEVELS["warning"]   # until setup(): what Python prints with no logging set up
 
 
+# inside quotes: backslash, quote and every control character escaped, so text a peer
+# sends (a GOAWAY reason, a HELLO's host) can neither break nor fake a line
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 0x7F)} | {
+    ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
+
 def _fmt(value) -> str:
     text = str(value)
-    if not text or " " in text or '"' in text or "=" in text or "\n" in text:
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    return text
+    if text and text.isprintable() and " " not in text and '"' not in text and "=" not in text:
+        return text
+    return '"' + text.translate(_ESCAPES) + '"'
 
 
 def kv(event: str, **fields) -> str:
@@ -25,10 +32,11 @@ def _emit(level: str, event: str, fields: dict) -> None:
     # one write per line, straight to stderr: an application's connection is logged on
     # the agent's per-application path, where the logging package's records, caller
     # lookup and handler locks cost as much as answering the application
-    try:
-        sys.stderr.write(f"{level} {kv(event, **fields)}\n")
-    except (OSError, ValueError):   # stderr closed or gone: the event is lost, not the service
-        pass
+    stream = sys.stderr
+    if stream is None:            # started without a stderr
+        return
+    with contextlib.suppress(Exception):   # stderr closed or gone: the line is lost, not
+        stream.write(f"{level} {kv(event, **fields)}\n")   # the service
 
 
 def debug(event: str, **fields) -> None:

@@ -202,25 +202,30 @@ class Transport(asyncio.Transport):
         self._backlog: list[bytes] = []    # written after them
         self._closing = False
         self._closed = False
-        self._extra = {"socket": sock, "peername": _name(sock.getpeername),
-                       "sockname": _name(sock.getsockname), **(extra or {})}
+        self._extra = {"socket": sock, **(extra or {})}
         if self._tls:
             self._extra["ssl_object"] = sock
         watch(self._loop, self._fd, self._read_ready)
-        protocol.connection_made(self)
+        try:
+            protocol.connection_made(self)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - as asyncio's transports do
+            self._fatal(exc)
+            return
         if self._tls and not self._closed and sock.pending():
             self._loop.call_soon(self._read_ready)   # records that came with the handshake
 
     # --- reading ------------------------------------------------------------------------
     def _read_ready(self) -> None:
         sock = self._sock
-        while not self._closed:
+        while not self._closing and not self._closed:   # after close(): nothing more read
             try:
                 data = sock.recv(READ_SIZE)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
                 return
             except ssl.SSLWantWriteError:   # the TLS layer must write first (key update)
-                watch(self._loop, self._fd, self._read_ready, self._write_ready)
+                watch(self._loop, self._fd, self._reading(), self._write_ready)
                 return
             except ssl.SSLZeroReturnError:
                 data = b""
@@ -230,7 +235,13 @@ class Transport(asyncio.Transport):
             if not data:
                 self._finish(None)
                 return
-            self._protocol.data_received(data)
+            try:
+                self._protocol.data_received(data)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - as asyncio's transports do
+                self._fatal(exc)
+                return
             if not self._tls or not sock.pending():
                 return
 
@@ -248,18 +259,18 @@ class Transport(asyncio.Transport):
             n = self._sock.send(data)
             if n < len(data):             # plain sockets; TLS only with partial writes
                 self._retry = data[n:]
-                watch(self._loop, self._fd, self._read_ready, self._write_ready)
+                watch(self._loop, self._fd, self._reading(), self._write_ready)
         except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError,
                 ssl.SSLWantReadError):
             self._retry = data
-            watch(self._loop, self._fd, self._read_ready, self._write_ready)
+            watch(self._loop, self._fd, self._reading(), self._write_ready)
         except OSError as exc:            # ssl.SSLError included
             self._finish(exc)
 
     def _write_ready(self) -> None:
         if self._closed:
             return
-        watch(self._loop, self._fd, self._read_ready)
+        watch(self._loop, self._fd, self._reading())
         while self._retry is not None and not self._closed:
             data, self._retry = self._retry, None
             self._send(data)
@@ -273,6 +284,10 @@ class Transport(asyncio.Transport):
                 self._finish(None)
             elif self._tls:
                 self._read_ready()        # a TLS read that waited for this write
+
+    def _reading(self):
+        """The read callback while reading goes on (not after close())."""
+        return None if self._closing else self._read_ready
 
     def get_write_buffer_size(self) -> int:
         return len(self._retry or b"") + sum(map(len, self._backlog))
@@ -288,6 +303,16 @@ class Transport(asyncio.Transport):
         self._closing = True
         if self._retry is None:
             self._finish(None)
+        else:
+            watch(self._loop, self._fd, None, self._write_ready)   # only the rest goes out
+
+    def _fatal(self, exc: BaseException) -> None:
+        """The protocol raised: report it as asyncio does, and drop the connection (the
+        peer sees it close rather than wait on a protocol that broke)."""
+        self._loop.call_exception_handler({
+            "message": f"Fatal error in {type(self._protocol).__name__}",
+            "exception": exc, "transport": self, "protocol": self._protocol})
+        self._finish(exc, notify=False)
 
     def abort(self) -> None:
         self._finish(None, notify=False)
@@ -304,6 +329,9 @@ class Transport(asyncio.Transport):
         self._loop.call_soon(self._protocol.connection_lost, exc)
 
     def get_extra_info(self, name, default=None):
+        if name in ("peername", "sockname") and name not in self._extra:
+            # asked for, not made for every connection: two system calls saved per accept
+            self._extra[name] = _name(getattr(self._sock, "get" + name))
         return self._extra.get(name, default)
 
     def set_protocol(self, protocol) -> None:

@@ -31,7 +31,6 @@ from pcsc_bridge.pcsc import (
     ReplyReader,
     encode_request,
     transmit_reply_size,
-    transmit_request,
 )
 from pcsc_bridge.wire import (
     DEFAULT_MAX_FRAME,
@@ -241,12 +240,11 @@ class RemoteStream(Stream):
         self.reader.expect(msg)
         self._send(data, done, None)
 
-    def relay(self, request: bytes, done) -> bool:
+    def relay(self, request: bytes, bound: int, done) -> bool:
         """An SCardTransmit request's bytes become the CALL's payload as they are
         (see Stream.relay); the reply's bytes are checked and handed back as they are."""
         link = self.link
-        bound = transmit_request(request)
-        if bound is None or not self.id or link.dead:
+        if not self.id or link.dead:
             return False
         try:
             data = link.conn.send(Call(self.id, request))

@@ -197,7 +197,7 @@ class PcscdStream(Stream):
         """pcscd went away (restarted) while this stream was idle: ``lost()`` runs."""
         self.conn.on_lost = lost
 
-    def relay(self, request: bytes, bound: int, done) -> None:
+    def relay(self, request: bytes, bound: int, done) -> bool:
         """SCardTransmit as bytes (see Stream.relay); a failed one refreshes reader
         states before its reply, as in ``submit``."""
         def answered(reply, error):
@@ -206,6 +206,7 @@ class PcscdStream(Stream):
                 return
             done(reply, error)
         self.conn.relay(request, bound, answered)
+        return True
 
     def submit(self, msg, done):
         if type(msg) not in REFRESH_AFTER and type(msg) is not Transmit:

@@ -199,15 +199,7 @@ class GuestSession(asyncio.Protocol):
         self.last_rx = time.monotonic()
         one = self.conn.receive_one(data)   # a chunk that is one CALL: the usual case
         if one is not None:
-            sid, payload = one
-            stream = self.streams.get(sid)
-            if stream is not None and stream.relay is not None and not stream.running \
-                    and not stream.calls:
-                bound = transmit_request(payload)
-                if bound is not None:
-                    self._relay(stream, payload, bound)
-                    return
-            self._on_call(Call(sid, payload))
+            self._call(*one)
             return
         try:
             events = self.conn.receive_data(data)
@@ -256,12 +248,19 @@ class GuestSession(asyncio.Protocol):
         self.streams[sid] = ServerStream(sid, app)
 
     def _on_call(self, event: Call):
-        stream = self.streams.get(event.stream_id)
+        self._call(event.stream_id, event.payload)
+
+    def _call(self, sid: int, payload: bytes):
+        stream = self.streams.get(sid)
         if stream is None:
             return
+        if stream.relay is not None and not stream.running and not stream.calls:
+            bound = transmit_request(payload)
+            if bound is not None and self._relay(stream, payload, bound):
+                return
         reader = stream.reader
         try:
-            msgs = reader.feed(event.payload)
+            msgs = reader.feed(payload)
             if len(msgs) != 1 or reader.buffered:
                 raise ProtocolError("a CALL must carry exactly one pcsc-lite request")
             msg = msgs[0]
@@ -357,9 +356,10 @@ class GuestSession(asyncio.Protocol):
         backend_stream.watch(lambda: self._backend_lost(stream))
         self._submit(stream, msg)
 
-    def _relay(self, stream: ServerStream, request: bytes, bound: int):
+    def _relay(self, stream: ServerStream, request: bytes, bound: int) -> bool:
         """An SCardTransmit whose bytes go to the backend as they are (the policy has no
-        rule for SCardTransmit; RequestReader's checks were made by transmit_request)."""
+        rule for SCardTransmit; RequestReader's checks were made by transmit_request).
+        False: the backend stream did not take it; nothing was started."""
         stream.running = True
         if self.limits.call_timeout:
             stream.timer = asyncio.get_running_loop().call_later(
@@ -370,9 +370,16 @@ class GuestSession(asyncio.Protocol):
                 Transmit.CMD, request[HEADER_SIZE:HEADER_SIZE + Transmit.SIZE], WIRE)
             self._answered(stream, msg, reply, error)
         try:
-            stream.relay(request, bound, done)
+            if stream.relay(request, bound, done):
+                return True
         except BackendError as exc:
             done(None, exc)
+            return True
+        stream.running = False
+        if stream.timer:
+            stream.timer.cancel()
+            stream.timer = None
+        return False
 
     def _submit(self, stream: ServerStream, msg: Message):
         if self.limits.call_timeout:

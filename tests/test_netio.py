@@ -80,3 +80,80 @@ def test_slow_reader_gets_every_byte_in_order_then_the_close(pki, loop):
     assert len(received) == CHUNKS * CHUNK
     assert all(received[i * CHUNK] == i % 256 and received[(i + 1) * CHUNK - 1] == i % 256
                for i in range(CHUNKS))
+
+
+class Recorder(asyncio.Protocol):
+    def __init__(self, fail: bool = False):
+        self.chunks: list[bytes] = []
+        self.fail = fail
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.chunks.append(data)
+        if self.fail:
+            raise RuntimeError("a bug in the protocol")
+
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)
+
+
+def _run(loop: str, main):
+    new_loop = netio.new_event_loop if loop == "netio" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.get_loop().set_exception_handler(lambda _loop, _ctx: None)
+        return runner.run(main())
+
+
+@pytest.mark.parametrize("loop", ["netio", "asyncio"])
+def test_a_protocol_that_raises_loses_its_connection_not_the_peer(loop):
+    """An application whose request hits a bug is disconnected (its pcsc-lite call then
+    fails) instead of waiting forever on a socket nobody reads."""
+    async def main():
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        protocol = Recorder(fail=True)
+        netio.Transport(ours, protocol)
+        peer.sendall(b"request")
+        assert isinstance(await asyncio.wait_for(protocol.lost, 5), RuntimeError)
+        peer.settimeout(5)
+        assert peer.recv(10) == b""       # the peer sees the connection end
+        peer.close()
+    _run(loop, main)
+
+
+@pytest.mark.parametrize("loop", ["netio", "asyncio"])
+def test_nothing_is_read_after_close(loop):
+    """close() with output still queued sends that output, and reads nothing more (as
+    asyncio's transports): a closed application's further requests are not served."""
+    async def main():
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        protocol = Recorder()
+        transport = netio.Transport(ours, protocol)
+        transport.write(b"x" * 1_000_000)   # more than the socket takes at once
+        assert transport.get_write_buffer_size() > 0
+        transport.close()
+        peer.sendall(b"late request")
+        received = bytearray()
+        peer.setblocking(False)
+        while not protocol.lost.done():
+            await asyncio.sleep(0.01)
+            try:
+                received += peer.recv(1 << 20)
+            except BlockingIOError:
+                pass
+        peer.setblocking(True)
+        peer.settimeout(5)
+        try:
+            while chunk := peer.recv(1 << 20):
+                received += chunk
+        except ConnectionResetError:   # we closed with its late request unread, as intended
+            pass
+        assert len(received) == 1_000_000
+        assert protocol.chunks == []
+        peer.close()
+    _run(loop, main)
