@@ -42,6 +42,10 @@ class FastSelector(selectors.EpollSelector):
         super().__init__()
         self._fast: dict[int, list] = {}   # fd -> [reader, writer]
         self.loop: asyncio.AbstractEventLoop | None = None
+        # while the callbacks of one poll that reported several sockets run: the transports
+        # holding what those callbacks wrote, sent when the last callback is done (so
+        # replies for several streams of one guest go out in one write, one TLS record)
+        self.corked: list[Transport] | None = None
 
     def watch(self, fd: int, reader, writer) -> None:
         entry = self._fast.get(fd)
@@ -75,23 +79,31 @@ class FastSelector(selectors.EpollSelector):
             events = self._selector.poll(timeout, max_ev)
         except InterruptedError:
             return ready
-        for fd, event in events:
-            entry = fast.get(fd)
-            if entry is not None:
-                if event & _IN and entry[0] is not None:
-                    self._run(entry[0])
-                    entry = fast.get(fd)   # the reader may have closed the socket
-                if event & _OUT and entry is not None and entry[1] is not None:
-                    self._run(entry[1])
-                continue
-            key = self._key_from_fd(fd)
-            if key:
-                mask = 0
-                if event & ~select.EPOLLIN:
-                    mask |= selectors.EVENT_WRITE
-                if event & ~select.EPOLLOUT:
-                    mask |= selectors.EVENT_READ
-                ready.append((key, mask & key.events))
+        if len(events) > 1:
+            self.corked = []
+        try:
+            for fd, event in events:
+                entry = fast.get(fd)
+                if entry is not None:
+                    if event & _IN and entry[0] is not None:
+                        self._run(entry[0])
+                        entry = fast.get(fd)   # the reader may have closed the socket
+                    if event & _OUT and entry is not None and entry[1] is not None:
+                        self._run(entry[1])
+                    continue
+                key = self._key_from_fd(fd)
+                if key:
+                    mask = 0
+                    if event & ~select.EPOLLIN:
+                        mask |= selectors.EVENT_WRITE
+                    if event & ~select.EPOLLOUT:
+                        mask |= selectors.EVENT_READ
+                    ready.append((key, mask & key.events))
+        finally:
+            corked, self.corked = self.corked, None
+            if corked:
+                for transport in corked:
+                    transport._uncork()
         return ready
 
     def _run(self, callback) -> None:
@@ -200,6 +212,8 @@ class Transport(asyncio.Transport):
         self._protocol = protocol
         self._retry: bytes | None = None   # bytes a send must be given again (as is, TLS)
         self._backlog: list[bytes] = []    # written after them
+        self._selector = _selectors.get(self._loop)
+        self._cork: list[bytes] | None = None   # written in this poll's callbacks
         self._closing = False
         self._closed = False
         self._extra = {"socket": sock, **(extra or {})}
@@ -252,7 +266,24 @@ class Transport(asyncio.Transport):
         if self._retry is not None:
             self._backlog.append(bytes(data))
             return
+        if self._cork is not None:
+            self._cork.append(bytes(data))
+            return
+        selector = self._selector
+        if selector is not None and selector.corked is not None:
+            self._cork = [bytes(data)]
+            selector.corked.append(self)
+            return
         self._send(bytes(data))
+
+    def _uncork(self) -> None:
+        cork, self._cork = self._cork, None
+        if cork and not self._closed:
+            data = cork[0] if len(cork) == 1 else b"".join(cork)
+            if self._retry is not None:
+                self._backlog.append(data)
+            else:
+                self._send(data)
 
     def _send(self, data: bytes) -> None:
         try:
@@ -290,7 +321,8 @@ class Transport(asyncio.Transport):
         return None if self._closing else self._read_ready
 
     def get_write_buffer_size(self) -> int:
-        return len(self._retry or b"") + sum(map(len, self._backlog))
+        return len(self._retry or b"") + sum(map(len, self._backlog)) \
+            + sum(map(len, self._cork or ()))
 
     # --- closing ------------------------------------------------------------------------
     def is_closing(self) -> bool:
@@ -300,6 +332,7 @@ class Transport(asyncio.Transport):
         """Close once what was written has gone out (with TLS, close_notify)."""
         if self._closing or self._closed:
             return
+        self._uncork()
         self._closing = True
         if self._retry is None:
             self._finish(None)

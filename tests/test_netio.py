@@ -157,3 +157,51 @@ def test_nothing_is_read_after_close(loop):
         assert protocol.chunks == []
         peer.close()
     _run(loop, main)
+
+
+class Forward(asyncio.Protocol):
+    """Writes what it reads, tagged, to another transport; optionally closes it then."""
+
+    def __init__(self, tag: bytes, to, close: bool = False):
+        self.tag, self.to, self.close = tag, to, close
+
+    def data_received(self, data):
+        self.to.write(self.tag + data)
+        if self.close:
+            self.to.close()
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_writes_from_one_poll_all_reach_the_peer(close):
+    """Sockets ready in the same poll: what their callbacks write to one transport goes
+    out when they are done (in one write, on the server's and agent's loop), nothing
+    lost, also when the last of them closes that transport right after writing."""
+    async def main():
+        out, peer = socket.socketpair()
+        out.setblocking(False)
+        target = netio.Transport(out, Recorder())
+        pairs = []
+        for i, tag in enumerate((b"a", b"b", b"c")):
+            ours, theirs = socket.socketpair()
+            ours.setblocking(False)
+            netio.Transport(ours, Forward(tag, target, close=close and i == 2))
+            pairs.append(theirs)
+        for theirs in pairs:      # all three readable before the loop polls again
+            theirs.sendall(b"1")
+        peer.settimeout(5)
+        received = bytearray()
+        while len(received) < 6:
+            chunk = await asyncio.get_running_loop().run_in_executor(None, peer.recv, 64)
+            if not chunk:
+                break
+            received += chunk
+        assert sorted(received[i:i + 2] for i in range(0, len(received), 2)) == [
+            b"a1", b"b1", b"c1"]
+        if close:
+            assert received[4:] == b"c1"   # written just before the close, sent last
+            assert await asyncio.get_running_loop().run_in_executor(None, peer.recv, 64) \
+                == b""
+        for theirs in pairs:
+            theirs.close()
+        peer.close()
+    _run("netio", main)
