@@ -399,7 +399,9 @@ class UnixServer:
             self._loop.call_later(self.RETRY, self._resume)
             return
         sock.setblocking(False)
-        Transport(sock, self._factory())
+        # a pcsc-lite client writes its first request right after connecting: usually it
+        # is there already, and is answered without waiting for the next poll
+        Transport(sock, self._factory())._read_ready()
 
     def _resume(self) -> None:
         if not self._closed:
