@@ -6,7 +6,8 @@ discovered with CMD_VERSION when it starts and again whenever pcscd comes back a
 restart (it may have been upgraded). Reader states come from a watcher socket registered
 for events (CMD_WAIT_READER_STATE_CHANGE) and a poller socket that reads the array;
 ``refresh()`` re-reads it after calls that can change it (connect, disconnect,
-transactions, status), before their reply goes back, so no one reads a stale state.
+transactions, a failed transmit or status), before their reply goes back, so no one reads
+a stale state.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ DEFAULT_SOCKET = "/run/pcscd/pcscd.comm"
 NEWEST = 6
 # Calls after which the reader-state array may have changed.
 REFRESH_AFTER = frozenset({Connect, Reconnect, Disconnect, BeginTransaction, EndTransaction,
-                           Status, ReleaseContext})
+                           ReleaseContext})
+# Calls that change no reader state when they succeed: pcscd's SCardStatus only checks the
+# handle (pcsc-lite's client takes state and ATR from the reader-state array it read
+# before); a failure (card removed or reset) may go with a change the array shows.
+REFRESH_ON_FAILURE = frozenset({Transmit, Status})
 RETRY_INTERVAL = 1.0
 _RV = slice(TRANSMIT_REPLY_SIZE - 4, TRANSMIT_REPLY_SIZE)   # rv in a Transmit reply struct
 _OK = bytes(4)
@@ -209,13 +214,13 @@ class PcscdStream(Stream):
         return True
 
     def submit(self, msg, done):
-        if type(msg) not in REFRESH_AFTER and type(msg) is not Transmit:
+        if type(msg) not in REFRESH_AFTER and type(msg) not in REFRESH_ON_FAILURE:
             self.conn.submit(msg, done)
             return
 
         def answered(reply, error):
             # the model is current before a call that may have changed it is answered
-            if error is not None or (type(msg) is Transmit and reply.rv == 0):
+            if error is not None or (type(msg) in REFRESH_ON_FAILURE and reply.rv == 0):
                 done(reply, error)
                 return
             asyncio.get_running_loop().create_task(self._refresh_then(done, reply))
