@@ -5,26 +5,28 @@ start with a sentence that names the file and the fix (a typed ``TLSConfigError`
 than with every handshake failing later: missing or unreadable files, files that hold no
 PEM of the right kind, a key that does not belong to its certificate, an expired own
 certificate or CRL, a CRL from another CA, and a private key that group or others can read.
+These checks need the cryptography package; where the system can fork they run in a
+child process, so the long-running server and agent never load it (about 10 MB each).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import re
 import ssl
 import stat
-
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING
 
 from .wire import ALPN
 
+if TYPE_CHECKING:
+    from cryptography import x509
+
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # forward secrecy and AEAD only, when 1.2 is on
-_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 class TLSConfigError(Exception):
@@ -104,6 +106,7 @@ def _pem(data: bytes, kind: str, path: str, label: str) -> list[bytes]:
 
 
 def _certificates(path: str, label: str) -> list[x509.Certificate]:
+    from cryptography import x509
     out = []
     for block in _pem(_read(path, label), "CERTIFICATE", path, label):
         try:
@@ -116,6 +119,9 @@ def _certificates(path: str, label: str) -> list[x509.Certificate]:
 
 def _check_identity(cert: str, key: str) -> None:
     """This end's own certificate and key: readable, PEM, a pair, in date, key private."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     leaf = _certificates(cert, "certificate")[0]
     check_key_permissions(key)
     try:
@@ -125,7 +131,7 @@ def _check_identity(cert: str, key: str) -> None:
                              "needs an unencrypted key protected by mode 0600", key) from None
     except (ValueError, UnsupportedAlgorithm):
         raise BadPEMError(f"key file {key} is not a PEM private key", key) from None
-    if private.public_key().public_bytes(*_SPKI) != leaf.public_key().public_bytes(*_SPKI):
+    if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
         raise KeyMismatchError(f"key file {key} does not belong to certificate {cert} (their "
                                "public keys differ); use the -key.pem file issued with that "
                                "certificate", key)
@@ -136,6 +142,7 @@ def _check_identity(cert: str, key: str) -> None:
 
 
 def _check_crl(crl: str, cas: list[x509.Certificate], ca: str) -> None:
+    from cryptography import x509
     for block in _pem(_read(crl, "CRL"), "X509 CRL", crl, "CRL"):
         try:
             c = x509.load_pem_x509_crl(block)
@@ -153,10 +160,66 @@ def _check_crl(crl: str, cas: list[x509.Certificate], ca: str) -> None:
 
 
 def _signed(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    from cryptography.exceptions import UnsupportedAlgorithm
     try:
         return crl.is_signature_valid(ca.public_key())
     except (TypeError, ValueError, UnsupportedAlgorithm):
         return False
+
+
+def _check_files(cert: str, key: str, ca: str, crl: str | None) -> None:
+    _check_identity(cert, key)
+    cas = _certificates(ca, "CA certificate")
+    if crl:
+        _check_crl(crl, cas, ca)
+
+
+def _errors() -> dict[str, type[TLSConfigError]]:
+    found, todo = {}, [TLSConfigError]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def _in_child(check, *args) -> None:
+    """``check(*args)`` in a forked child (in this process where there is no fork); a
+    TLSConfigError it raises is raised here, of the same type, message and path."""
+    if not hasattr(os, "fork"):
+        check(*args)
+        return
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                  # the child: check, report, and leave at once
+        try:
+            os.close(r)
+            try:
+                check(*args)
+                report = b""
+            except TLSConfigError as exc:
+                report = json.dumps([type(exc).__name__, str(exc), exc.path]).encode()
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                text = f"cannot check {_names(args)}: {exc!r}"
+                report = json.dumps(["TLSConfigError", text, None]).encode()
+            while report:
+                report = report[os.write(w, report):]
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        report = f.read()
+    _, status = os.waitpid(pid, 0)
+    if report:
+        name, message, path = json.loads(report)
+        raise _errors().get(name, TLSConfigError)(message, path)
+    if status != 0:
+        raise TLSConfigError(f"checking {_names(args)} failed (the checking process ended "
+                             f"with status {status})")
+
+
+def _names(args) -> str:
+    return ", ".join(str(a) for a in args if a)
 
 
 # --- contexts --------------------------------------------------------------------------------
@@ -165,10 +228,7 @@ def _context(protocol, cert: str, key: str, ca: str, crl: str | None,
     version = MIN_VERSIONS.get(str(min_version))
     if version is None:
         raise TLSConfigError(f"tls_min_version must be \"1.2\" or \"1.3\", not {min_version!r}")
-    _check_identity(cert, key)
-    cas = _certificates(ca, "CA certificate")
-    if crl:
-        _check_crl(crl, cas, ca)
+    _in_child(_check_files, cert, key, ca, crl)
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = version
     ctx.verify_mode = ssl.CERT_REQUIRED

@@ -366,3 +366,29 @@ def test_ca_rotation_two_cas_and_their_crls_side_by_side(pki, serve, tmp_path):
     for who, issuer in (("bob", ca), ("dave", new)):
         ctx = tls.client_context(*files(issuer, who), ca.path("ca.pem"))
         assert srv.refusal(ctx) == "certificate revoked", who
+
+
+def test_the_server_and_agent_check_their_files_without_loading_cryptography(pki):
+    """The checks above run in a child process: the long-running server and agent never
+    load the cryptography package (about 10 MB each, a quarter of the agent's memory
+    target), and a refusal still comes back typed, with its words."""
+    import subprocess
+    import sys
+    ca, _ = pki
+    code = f"""
+import sys
+from pcsc_bridge import tls
+tls.client_context({ca.path('alice.pem')!r}, {ca.path('alice-key.pem')!r}, {ca.path('ca.pem')!r})
+tls.ServerTLS({ca.path('server.pem')!r}, {ca.path('server-key.pem')!r}, {ca.path('ca.pem')!r})
+try:
+    tls.client_context({ca.path('alice.pem')!r}, {ca.path('server-key.pem')!r},
+                       {ca.path('ca.pem')!r})
+except tls.KeyMismatchError as exc:
+    print("refused:", exc)
+print("loaded:", sorted(m for m in sys.modules if m.startswith("cryptography")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert f"refused: key file {ca.path('server-key.pem')} does not belong" in out.stdout
+    assert "loaded: []" in out.stdout, out.stdout
