@@ -15,6 +15,9 @@ Python-level record buffers and state machines. Here:
   message. It offers the parts of asyncio.Transport the protocols use (write, close,
   abort, is_closing, get_extra_info) and calls their ``connection_made``,
   ``data_received`` and ``connection_lost`` as asyncio would.
+- When one poll reports several sockets, what their callbacks write to a transport is sent
+  in one write once the last of them is done (under load: one TLS record for the replies
+  of several streams of one guest); with one socket ready, writes go out at once.
 """
 
 from __future__ import annotations
