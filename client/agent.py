@@ -506,10 +506,12 @@ def _ignore(_event) -> None:
     pass
 
 
-def _log_stream(app: AppInfo, link: Link, **extra) -> None:
-    log.info("app.stream", app=app.id, pid=app.pid,
-             dialect=f"4:{app.dialect}" if app.dialect else None,
-             backend_dialect=link.server_hello.dialect, **extra)
+def _log_stream(app: AppInfo, link: Link, context: str | None = None) -> None:
+    # after the loop pass that answers the application: its reply goes out first
+    asyncio.get_running_loop().call_soon(
+        lambda: log.info("app.stream", app=app.id, pid=app.pid,
+                         dialect=f"4:{app.dialect}" if app.dialect else None,
+                         backend_dialect=link.server_hello.dialect, context=context))
 
 
 def _finish(entry: tuple, error: BackendError) -> None:
