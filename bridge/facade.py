@@ -29,7 +29,6 @@ from typing import ClassVar
 
 from . import log, netio
 from .pcsc import (
-    HEADER_SIZE,
     NATIVE,
     PCSCLITE_MAX_READERS_CONTEXTS,
     RELAY_TRANSMIT,
@@ -58,14 +57,13 @@ from .pcsc import (
     ReleaseContext,
     RequestReader,
     StopWaitingReaderStateChange,
-    Transmit,
     Version,
     WaitReaderStateChange,
     WaitReaderStateChangeReply,
-    decode_request,
     encode_reply,
     pad_states,
     rv_name,
+    transmit_of,
     transmit_request,
 )
 
@@ -481,9 +479,7 @@ class AppSession(asyncio.Protocol):
         """A relayed SCardTransmit is answered: its reply's bytes go back as they are;
         a failure is answered as ``_answered`` answers it."""
         if error is not None:
-            self._answered(decode_request(Transmit.CMD, request[HEADER_SIZE:
-                                                                HEADER_SIZE + Transmit.SIZE]),
-                           None, error)
+            self._answered(transmit_of(request), None, error)
             return
         self.busy = False
         if self.closed:

@@ -533,6 +533,13 @@ def transmit_request(data) -> int | None:
     return recv
 
 
+def transmit_of(request: bytes, order: str = NATIVE) -> Transmit:
+    """The Transmit message of a request ``transmit_request`` accepted, without its APDU
+    (for answering it with an error, as ``Message.failed`` does)."""
+    return decode_request(Cmd.SCARD_TRANSMIT,
+                          request[HEADER_SIZE:HEADER_SIZE + TRANSMIT_REPLY_SIZE], order)
+
+
 def transmit_reply_size(data, bound: int) -> int | None:
     """The size of the SCardTransmit reply starting ``data`` (struct, plus the response
     on success), checked as ReplyReader checks it against the request's ``bound``; None

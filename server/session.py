@@ -19,7 +19,6 @@ from collections import deque
 from pcsc_bridge import log
 from pcsc_bridge.facade import AppInfo, Backend, BackendError
 from pcsc_bridge.pcsc import (
-    HEADER_SIZE,
     RELAY_TRANSMIT,
     WIRE,
     BeginTransaction,
@@ -38,9 +37,9 @@ from pcsc_bridge.pcsc import (
     SetAttrib,
     Status,
     Transmit,
-    decode_request,
     encode_reply,
     rv_name,
+    transmit_of,
     transmit_request,
 )
 from pcsc_bridge.wire import (
@@ -361,13 +360,10 @@ class GuestSession(asyncio.Protocol):
         rule for SCardTransmit; RequestReader's checks were made by transmit_request).
         False: the backend stream did not take it; nothing was started."""
         stream.running = True
-        if self.limits.call_timeout:
-            stream.timer = asyncio.get_running_loop().call_later(
-                self.limits.call_timeout, self._timed_out, stream, Transmit)
+        self._start_timer(stream, Transmit)
 
         def done(reply, error):
-            msg = None if error is None else decode_request(
-                Transmit.CMD, request[HEADER_SIZE:HEADER_SIZE + Transmit.SIZE], WIRE)
+            msg = None if error is None else transmit_of(request, WIRE)
             self._answered(stream, msg, reply, error)
         try:
             if stream.relay(request, bound, done):
@@ -381,10 +377,13 @@ class GuestSession(asyncio.Protocol):
             stream.timer = None
         return False
 
-    def _submit(self, stream: ServerStream, msg: Message):
+    def _start_timer(self, stream: ServerStream, call: type) -> None:
         if self.limits.call_timeout:
             stream.timer = asyncio.get_running_loop().call_later(
-                self.limits.call_timeout, self._timed_out, stream, type(msg))
+                self.limits.call_timeout, self._timed_out, stream, call)
+
+    def _submit(self, stream: ServerStream, msg: Message):
+        self._start_timer(stream, type(msg))
         try:
             stream.backend_stream.submit(
                 msg, lambda reply, error: self._answered(stream, msg, reply, error))
