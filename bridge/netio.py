@@ -76,32 +76,41 @@ class FastSelector(selectors.EpollSelector):
         else:
             timeout = math.ceil(timeout * 1e3) * 1e-3
         fast = self._fast
-        max_ev = max(len(self._fd_to_key) + len(fast), 1)
-        ready = []
         try:
-            events = self._selector.poll(timeout, max_ev)
+            events = self._selector.poll(timeout, len(self._fd_to_key) + len(fast) + 1)
         except InterruptedError:
-            return ready
+            return []
+        ready = []
         if len(events) > 1:
             self.corked = []
         try:
             for fd, event in events:
                 entry = fast.get(fd)
-                if entry is not None:
-                    if event & _IN and entry[0] is not None:
-                        self._run(entry[0])
-                        entry = fast.get(fd)   # the reader may have closed the socket
-                    if event & _OUT and entry is not None and entry[1] is not None:
-                        self._run(entry[1])
+                if entry is None:
+                    key = self._key_from_fd(fd)
+                    if key:
+                        mask = 0
+                        if event & ~select.EPOLLIN:
+                            mask |= selectors.EVENT_WRITE
+                        if event & ~select.EPOLLOUT:
+                            mask |= selectors.EVENT_READ
+                        ready.append((key, mask & key.events))
                     continue
-                key = self._key_from_fd(fd)
-                if key:
-                    mask = 0
-                    if event & ~select.EPOLLIN:
-                        mask |= selectors.EVENT_WRITE
-                    if event & ~select.EPOLLOUT:
-                        mask |= selectors.EVENT_READ
-                    ready.append((key, mask & key.events))
+                reader, writer = entry
+                try:
+                    if event & _IN and reader is not None:
+                        reader()
+                        if event & _OUT:
+                            writer = entry[1] if fast.get(fd) is entry else None
+                    if event & _OUT and writer is not None:
+                        writer()
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    if self.loop is None:
+                        raise
+                    self.loop.call_exception_handler({
+                        "message": f"Exception in a callback of fd {fd}", "exception": exc})
         finally:
             corked, self.corked = self.corked, None
             if corked:
@@ -109,21 +118,49 @@ class FastSelector(selectors.EpollSelector):
                     transport._uncork()
         return ready
 
-    def _run(self, callback) -> None:
-        try:
-            callback()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            if self.loop is not None:
-                self.loop.call_exception_handler({
-                    "message": f"Exception in callback {callback!r}", "exception": exc})
-            else:
-                raise
-
     def close(self):
         self._fast.clear()
         super().close()
+
+
+class _Loop(asyncio.SelectorEventLoop):
+    """asyncio's loop, whose pass is a bare poll when nothing else is to be done.
+
+    asyncio's ``_run_once`` prunes cancelled timers, computes the poll's timeout, moves due
+    timers to the ready queue and runs it: about a hundred bytecodes per pass, two passes
+    per relayed call in each process. With nothing ready and the first timer not due, a
+    pass is the poll (the fast sockets' callbacks run inside it) and the callbacks of the
+    other sockets it reported; any other pass is asyncio's own.
+    """
+
+    def __init__(self, selector):
+        super().__init__(selector)
+        if not all(hasattr(self, name) for name in ("_ready", "_scheduled", "_stopping")):
+            self._run_once = super()._run_once   # another asyncio: its own pass only
+
+    def _run_once(self):
+        if not self._ready and not self._stopping and not self._debug:
+            scheduled = self._scheduled
+            if not scheduled:
+                timeout = None
+            else:
+                first = scheduled[0]
+                timeout = first._when - self.time()
+                if timeout <= 0 or first._cancelled:
+                    return super()._run_once()
+                timeout = min(timeout, 86400.0)   # asyncio's bound: epoll takes no more
+            events = self._selector.select(timeout)
+            if events:
+                # other sockets' callbacks run in this pass, as in asyncio's: polled again
+                # before they ran, a socket still readable would queue its callback twice
+                self._process_events(events)
+                ready = self._ready
+                for _ in range(len(ready)):
+                    handle = ready.popleft()
+                    if not handle._cancelled:
+                        handle._run()
+            return
+        super()._run_once()
 
 
 _selectors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -133,7 +170,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     if not hasattr(selectors, "EpollSelector"):
         return asyncio.new_event_loop()
     selector = FastSelector()
-    loop = asyncio.SelectorEventLoop(selector)
+    loop = _Loop(selector)
     selector.loop = loop
     _selectors[loop] = selector
     return loop
@@ -212,6 +249,14 @@ class Transport(asyncio.Transport):
         self._sock = sock
         self._fd = sock.fileno()
         self._tls = isinstance(sock, ssl.SSLSocket)
+        # the calls per message: for TLS, the C object behind ssl.SSLSocket, whose recv,
+        # send and pending are Python wrappers around it (three calls more per message)
+        tls = getattr(sock, "_sslobj", None) if self._tls else None
+        if tls is not None:
+            self._recv, self._write, self._pending = tls.read, tls.write, tls.pending
+        else:
+            self._recv, self._write = sock.recv, sock.send
+            self._pending = sock.pending if self._tls else None
         self._protocol = protocol
         self._retry: bytes | None = None   # bytes a send must be given again (as is, TLS)
         self._backlog: list[bytes] = []    # written after them
@@ -230,22 +275,22 @@ class Transport(asyncio.Transport):
         except BaseException as exc:  # noqa: BLE001 - as asyncio's transports do
             self._fatal(exc)
             return
-        if self._tls and not self._closed and sock.pending():
+        if self._pending is not None and not self._closed and self._pending():
             self._loop.call_soon(self._read_ready)   # records that came with the handshake
 
     # --- reading ------------------------------------------------------------------------
     def _read_ready(self) -> None:
-        sock = self._sock
+        recv, pending = self._recv, self._pending
         while not self._closing and not self._closed:   # after close(): nothing more read
             try:
-                data = sock.recv(READ_SIZE)
+                data = recv(READ_SIZE)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
                 return
             except ssl.SSLWantWriteError:   # the TLS layer must write first (key update)
                 watch(self._loop, self._fd, self._reading(), self._write_ready)
                 return
-            except ssl.SSLZeroReturnError:
-                data = b""
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):   # EOF, with or without
+                data = b""                                      # close_notify, as ssl's recv
             except OSError as exc:            # ssl.SSLError included
                 self._finish(exc)
                 return
@@ -259,7 +304,7 @@ class Transport(asyncio.Transport):
             except BaseException as exc:  # noqa: BLE001 - as asyncio's transports do
                 self._fatal(exc)
                 return
-            if not self._tls or not sock.pending():
+            if pending is None or not pending():
                 return
 
     # --- writing ------------------------------------------------------------------------
@@ -290,7 +335,7 @@ class Transport(asyncio.Transport):
 
     def _send(self, data: bytes) -> None:
         try:
-            n = self._sock.send(data)
+            n = self._write(data)
             if n < len(data):             # plain sockets; TLS only with partial writes
                 self._retry = data[n:]
                 watch(self._loop, self._fd, self._reading(), self._write_ready)

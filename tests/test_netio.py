@@ -205,3 +205,52 @@ def test_writes_from_one_poll_all_reach_the_peer(close):
             theirs.close()
         peer.close()
     _run("netio", main)
+
+
+def test_asyncio_sockets_and_timers_work_as_on_asyncios_own_loop():
+    """The server accepts guests with loop.sock_accept and waits with timers and futures:
+    on the netio loop, every waiting connection is accepted exactly once (none lost, no
+    callback run twice), and timers (however far) and call_soon run in their order, while
+    a busy socket of our own keeps the loop's fast path going."""
+    errors = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        busy, feeder = socket.socketpair()
+        busy.setblocking(False)
+        netio.Transport(busy, Recorder())
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        order = []
+        loop.call_later(0.02, order.append, "timer")
+        far = loop.call_later(1e7, order.append, "never")   # beyond what epoll can wait
+        loop.call_soon(order.append, "soon")
+        for round_ in range(10):
+            waiting = loop.create_task(loop.sock_accept(listener))
+            await asyncio.sleep(0)             # sock_accept now waits for readiness
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+            feeder.send(b"x")
+            accepted = [(await asyncio.wait_for(waiting, 5))[0]]
+            for _ in clients[1:]:
+                accepted.append((await asyncio.wait_for(loop.sock_accept(listener), 5))[0])
+            assert sorted(c.getpeername() for c in accepted) \
+                == sorted(c.getsockname() for c in clients)
+            for c in accepted + clients:
+                c.close()
+        await asyncio.sleep(0.05)
+        assert order == ["soon", "timer"]
+        r, w = socket.socketpair()                 # a wait with the far timer first
+        r.setblocking(False)
+        threading.Timer(0.02, w.send, [b"y"]).start()
+        assert await loop.sock_recv(r, 1) == b"y"    # (no wait_for: its timer would be first)
+        far.cancel()
+        r.close()
+        w.close()
+        listener.close()
+        feeder.close()
+
+    with asyncio.Runner(loop_factory=netio.new_event_loop) as runner:
+        runner.run(main())
+    assert not errors, errors
