@@ -331,7 +331,7 @@ class Connection:
         self.peer_max_frame = MIN_MAX_FRAME  # what we may send until the peer's HELLO
         self._senders = {
             Hello: self._send_hello, Open: self._send_open, Opened: self._send_opened,
-            Refused: self._send_refused, Reply: self._send_reply,
+            Refused: self._send_refused,
             Close: self._send_close, StateUpdate: self._send_state, Ping: self._send_ping,
             Pong: self._send_ping, GoAway: self._send_goaway,
         }
@@ -607,23 +607,10 @@ class Connection:
     def send(self, event: Event) -> bytes:
         """Encode ``event`` as one frame after checking it is allowed now."""
         kind = type(event)
-        if kind is Call or kind is Reply:   # the hot path: one pack, one concatenation
-            stream = self._streams.get(event.stream_id)
-            if kind is Call:
-                if stream is None or stream.pending or self.role is not Role.CLIENT:
-                    raise LocalProtocolError(f"CALL on stream {event.stream_id} not allowed now")
-            elif stream is None or not stream.pending or stream.state is not StreamState.OPEN \
-                    or self.role is not Role.SERVER:
-                raise LocalProtocolError(f"REPLY on stream {event.stream_id} not allowed now "
-                                         "(no call pending, or OPENED not sent)")
-            payload = event.payload
-            if len(payload) + HEAD_SIZE > self.peer_max_frame or self.error:
-                raise LocalProtocolError(f"{kind.__name__.upper()} of {len(payload)} bytes "
-                                         f"exceeds the peer's max_frame {self.peer_max_frame}"
-                                         if not self.error else "the connection failed")
-            stream.pending = kind is Call
-            return HEAD.pack(len(payload) + 5, 3 if kind is Call else 4, event.stream_id) \
-                + payload
+        if kind is Call:
+            return self.call(event.stream_id, event.payload)
+        if kind is Reply:
+            return self.reply(event.stream_id, event.payload)
         sender = self._senders.get(kind)
         if sender is None:
             raise LocalProtocolError(f"{type(event).__name__} cannot be sent")
@@ -632,6 +619,30 @@ class Connection:
         if not self.hello_sent and type(event) is not Hello and type(event) is not GoAway:
             raise LocalProtocolError("HELLO must be the first frame")
         return sender(event)
+
+    def call(self, stream_id: int, payload: bytes) -> bytes:
+        """``send(Call(stream_id, payload))``, the per-call path, without making the event."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.pending or self.role is not Role.CLIENT:
+            raise LocalProtocolError(f"CALL on stream {stream_id} not allowed now")
+        return self._data_frame(stream, FrameType.CALL, stream_id, payload)
+
+    def reply(self, stream_id: int, payload: bytes) -> bytes:
+        """``send(Reply(stream_id, payload))``, without making the event."""
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.pending or stream.state is not StreamState.OPEN \
+                or self.role is not Role.SERVER:
+            raise LocalProtocolError(f"REPLY on stream {stream_id} not allowed now "
+                                     "(no call pending, or OPENED not sent)")
+        return self._data_frame(stream, FrameType.REPLY, stream_id, payload)
+
+    def _data_frame(self, stream: _Stream, kind: int, stream_id: int, payload: bytes) -> bytes:
+        if len(payload) + HEAD_SIZE > self.peer_max_frame or self.error:
+            raise LocalProtocolError(f"{FrameType(kind).name} of {len(payload)} bytes exceeds "
+                                     f"the peer's max_frame {self.peer_max_frame}"
+                                     if not self.error else "the connection failed")
+        stream.pending = kind == FrameType.CALL
+        return HEAD.pack(len(payload) + 5, kind, stream_id) + payload
 
     def _frame(self, kind: FrameType, sid: int, payload: bytes = b"") -> bytes:
         if _SENDER[kind] not in (None, self.role):
@@ -689,14 +700,6 @@ class Connection:
         data = self._frame(FrameType.REFUSED, event.stream_id, _coded(event.code, event.text))
         self._open_stream(event.stream_id, (StreamState.OPENING,))
         del self._streams[event.stream_id]
-        return data
-
-    def _send_reply(self, event: Reply) -> bytes:
-        data = self._frame(FrameType.REPLY, event.stream_id, event.payload)
-        stream = self._open_stream(event.stream_id, (StreamState.OPEN,))
-        if not stream.pending:
-            raise LocalProtocolError(f"REPLY on stream {event.stream_id} with no call pending")
-        stream.pending = False
         return data
 
     def _send_close(self, event: Close) -> bytes:

@@ -34,7 +34,6 @@ from pcsc_bridge.pcsc import (
 )
 from pcsc_bridge.wire import (
     DEFAULT_MAX_FRAME,
-    Call,
     Close,
     Connection,
     GoAway,
@@ -226,14 +225,14 @@ class RemoteStream(Stream):
         payload = encode_request(msg, WIRE)
         try:
             if self.id:
-                data = conn.send(Call(self.id, payload))
+                data = conn.call(self.id, payload)
             else:
                 if link.goaway is not None:
                     raise BackendError("the server is going away")
                 sid = conn.next_stream_id
                 app = self.app
                 data = conn.send(Open(sid, 4, app.dialect or 4, app.pid, app.uid)) \
-                    + conn.send(Call(sid, payload))
+                    + conn.call(sid, payload)
                 self.id = sid
         except LocalProtocolError:
             raise BackendError("the server closed this application's stream") from None
@@ -247,7 +246,7 @@ class RemoteStream(Stream):
         if not self.id or link.dead:
             return False
         try:
-            data = link.conn.send(Call(self.id, request))
+            data = link.conn.call(self.id, request)
         except LocalProtocolError:
             return False              # submit() tells the application why
         self._send(data, done, bound)

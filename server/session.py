@@ -57,7 +57,6 @@ from pcsc_bridge.wire import (
     Pong,
     Reason,
     Refused,
-    Reply,
     StateUpdate,
     StreamError,
     WireError,
@@ -430,9 +429,9 @@ class GuestSession(asyncio.Protocol):
         conn = self.conn
         try:
             if stream.opened:
-                data = conn.send(Reply(stream.id, payload))
+                data = conn.reply(stream.id, payload)
             else:
-                data = conn.send(Opened(stream.id)) + conn.send(Reply(stream.id, payload))
+                data = conn.send(Opened(stream.id)) + conn.reply(stream.id, payload)
                 stream.opened = True
         except LocalProtocolError:
             return   # the stream was closed meanwhile (a race the wire allows)
