@@ -13,10 +13,16 @@ Paths, every one ending at the same pcscd, vpcd reader and test card on 127.0.0.
   ssh      app → sshd's socket from `ssh -N -R SOCK:/run/pcscd/pcscd.comm` → pcscd
            (a private sshd on a high loopback port, throwaway keys; the system's sshd and
            its configuration are not touched)
+  pyrelay  app → benchmarks/pyrelay.py ═ mutual TLS ═ pyrelay.py → pcscd: the bridge's way
+           with no protocol at all, the least a Python relay costs here (latency only)
 
 Every path runs one instance per guest (16 agents, 16 socat / stunnel clients, 16 ssh -R
 sessions) against one shared host side (one server, one socat / stunnel listener, one
 sshd).  Guest 1 serves the latency figures; all 16 serve the load (4 contexts each).
+All paths run at once while the latencies are measured, in rounds (10 in a full run):
+each round gives every path its share of the calls, in an order that turns each round,
+so a slow spell of this machine falls on all paths alike and the ratios hold. Load,
+memory and the slow link follow, one path at a time.
 The application is benchmarks/client.c, compiled here against libpcsclite; it times each
 library call and prints JSON, so the driver's own cost is not in the figures.
 
@@ -58,7 +64,7 @@ PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 PCSCD_SOCKET = "/run/pcscd/pcscd.comm"
 READER = "Virtual PCD 00 00"
 CARD_PORT = 35963
-PATHS = ("direct", "bridge", "socat", "stunnel", "ssh")
+PATHS = ("direct", "bridge", "socat", "stunnel", "ssh", "pyrelay")
 SESSION_STEPS = ("establish", "list readers", "connect", "10 APDUs", "disconnect", "release")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -73,6 +79,7 @@ class Settings:
     contexts: int = 4
     load_seconds: float = 5.0
     sessions: int = 10
+    rounds: int = 10              # the latency calls are interleaved across paths in rounds
     delay_ms: float = 10.0
     start_timeout: float = 20.0   # a process must be ready within this
     tests_wait: float = 1800.0    # wait this long at most for running pytest to finish
@@ -81,7 +88,7 @@ class Settings:
 
 
 QUICK = Settings(n_transmit=100, n_status=100, n_estrel=20, load_seconds=1.0, sessions=2,
-                 dialect_n=100, dialect_reps=3)
+                 rounds=2, dialect_n=100, dialect_reps=3)
 
 
 class Unavailable(Exception):
@@ -216,6 +223,12 @@ def memory(pid: int) -> tuple[int, int]:
     return pss, peak
 
 
+def side_cpu(path: Route) -> dict[str, float]:
+    """CPU seconds of each side's process trees."""
+    return {side: sum(cpu_seconds(p) for p in descendants(roots))
+            for side, roots in (("host", path.host), ("guest", path.guest))}
+
+
 class Sampler(threading.Thread):
     """Memory of each side's process trees, sampled every 0.5 s: the peak of the summed
     PSS, and the largest single process's peak RSS (VmHWM)."""
@@ -236,10 +249,6 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(0.5):
             self.sample()
-
-    def cpu(self) -> dict[str, float]:
-        return {side: sum(cpu_seconds(p) for p in descendants(roots))
-                for side, roots in self.sides.items()}
 
     def finish(self) -> dict[str, int]:
         self.sample()
@@ -328,6 +337,7 @@ class Route:
 
     name = "?"
     slow_listen = "tcp"   # the delay proxy listens on TCP and the instance connects to it
+    latency_only = False  # measured in the latency rounds only (no load, memory, slow link)
 
     def __init__(self, run: Run):
         self.run, self.procs, self.dir = run, run.procs, run.dir / self.name
@@ -338,6 +348,9 @@ class Route:
 
     def start_shared(self) -> None:
         pass
+
+    def instances(self, guests: int) -> int:
+        return 1 if self.latency_only else guests
 
     def upstream(self) -> str:
         """Where the delay proxy forwards to."""
@@ -538,7 +551,34 @@ PrintMotd no
         return self._wait_socket(sock, proc, f"ssh -R {tag}")
 
 
-PATH_CLASSES = {c.name: c for c in (Direct, Bridge, Socat, Stunnel, Ssh)}
+class PyRelay(Route):
+    """benchmarks/pyrelay.py on both sides: the bridge's way without its protocol, the
+    least a Python relay costs here (latency only)."""
+
+    name = "pyrelay"
+    latency_only = True
+
+    def _tls(self, cert: str, key: str) -> list[str]:
+        return ["--cert", cert, "--key", key, "--ca", self.run.pki.ca]
+
+    def start_shared(self) -> None:
+        self.port = free_port()
+        proc = self.procs.start("pyrelay-host", [
+            PYTHON, str(HERE / "pyrelay.py"), "host", "--listen", f"127.0.0.1:{self.port}",
+            "--connect", PCSCD_SOCKET, *self._tls(*self.run.pki.server)])
+        self.host.append(proc.pid)
+        self._wait_port(proc, "pyrelay host")
+
+    def start_instance(self, tag: str, port: int) -> str:
+        sock = str(self.dir / f"{tag}.sock")
+        proc = self.procs.start(f"pyrelay-{tag}", [
+            PYTHON, str(HERE / "pyrelay.py"), "guest", "--listen", sock,
+            "--connect", f"127.0.0.1:{port}", *self._tls(*self.run.pki.client(tag))])
+        self.guest.append(proc.pid)
+        return self._wait_socket(sock, proc, f"pyrelay guest {tag}")
+
+
+PATH_CLASSES = {c.name: c for c in (Direct, Bridge, Socat, Stunnel, Ssh, PyRelay)}
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -563,6 +603,7 @@ class Run:
         self.procs = Procs(directory)
         self.notes: list[str] = []
         self.client_bin = str(directory / "client")
+        self.results: dict[str, dict] = {}   # by path, filled as the run goes
         self.pki: Pki
 
     # setup
@@ -650,45 +691,95 @@ class Run:
             outs.append(out)
         return outs
 
-    # one path
+    # the paths
 
-    def measure(self, name: str) -> dict:
+    def measure_all(self, names: list[str]) -> list[dict]:
+        """Start every path; measure their per-call latencies interleaved (round by round,
+        so a slow spell of the machine falls on all of them alike); then, one path at a
+        time, the load and the slow link, stopping each path when it is done."""
+        results = self.results = {name: {"path": name} for name in names}
+        started: dict[str, tuple[Route, list[str]]] = {}
+        for name in names:
+            path = PATH_CLASSES[name](self)
+            sockets = self.start(path, results[name])
+            if sockets:
+                started[name] = (path, sockets)
+        self.latencies(started, results)
+        for name, (path, sockets) in started.items():
+            self.measure_rest(path, sockets, results[name])
+        return [results[name] for name in names]
+
+    def start(self, path: Route, result: dict) -> list[str] | None:
         s = self.settings
-        result: dict = {"path": name}
-        path = PATH_CLASSES[name](self)
-        log("path.start", path=name)
+        log("path.start", path=path.name)
         try:
             path.start_shared()
             sockets = [path.start_instance(f"guest{i + 1:02d}", path.port)
-                       for i in range(s.guests)]
+                       for i in range(path.instances(s.guests))]
             for sock in dict.fromkeys(sockets):
                 if not self.client(sock, "wait", READER, 10000, timeout=60)["present"]:
                     raise Unavailable(f"no card seen through {sock}")
         except (Unavailable, MeasureError) as exc:
             result["unavailable"] = str(exc)
-            log("path.unavailable", path=name, reason=json.dumps(str(exc)))
+            log("path.unavailable", path=path.name, reason=json.dumps(str(exc)))
             self._stop(path)
-            return result
+            return None
+        result["instances"] = len(sockets)
+        return sockets
+
+    def latencies(self, started: dict[str, tuple[Route, list[str]]],
+                  results: dict[str, dict]) -> None:
+        """Transmit, Status and Establish+Release through each path's first guest, in
+        ``rounds`` rounds: every round gives each path its share of the calls, the paths'
+        order turning by one each round. CPU counts only the path's own turns."""
+        s = self.settings
+        calls = (("transmit", s.n_transmit), ("status", s.n_status), ("estrel", s.n_estrel))
+        samples = {name: {what: [] for what, _ in calls} for name in started}
+        cpu = {name: {"host": 0.0, "guest": 0.0} for name in started}
+        order = list(started)
+        log("latency.start", paths=",".join(order), rounds=s.rounds)
+        for r in range(s.rounds):
+            for name in order[r % len(order):] + order[:r % len(order)] if order else []:
+                if "error" in results[name]:
+                    continue
+                path, sockets = started[name]
+                cpu0 = side_cpu(path)
+                try:
+                    for what, n in calls:
+                        share = n // s.rounds + (r < n % s.rounds)
+                        if share:
+                            args = (what, share) if what == "estrel" else (what, READER, share)
+                            samples[name][what] += self.client(sockets[0], *args)["ns"]
+                except MeasureError as exc:
+                    results[name]["error"] = str(exc)
+                    log("path.error", path=name, error=json.dumps(str(exc)))
+                cpu1 = side_cpu(path)
+                for side in cpu[name]:
+                    cpu[name][side] += cpu1[side] - cpu0[side]
+        for name in started:
+            results[name].update({what: latency(ns) for what, ns in samples[name].items()
+                                  if ns})
+            results[name]["cpu_latency_s"] = cpu[name]
+
+    def measure_rest(self, path: Route, sockets: list[str], result: dict) -> None:
+        """Load (all guests at once) and memory, then the slow link; the path then stops."""
+        name = path.name
+        if path.latency_only or "error" in result:
+            result["latency_only"] = path.latency_only
+            self._stop(path)
+            return
         sampler = Sampler({"host": path.host, "guest": path.guest})
         sampler.start()
         try:
-            cpu0 = sampler.cpu()
-            result["transmit"] = latency(self.client(sockets[0], "transmit", READER,
-                                                     s.n_transmit)["ns"])
-            result["status"] = latency(self.client(sockets[0], "status", READER,
-                                                   s.n_status)["ns"])
-            result["estrel"] = latency(self.client(sockets[0], "estrel", s.n_estrel)["ns"])
-            cpu1 = sampler.cpu()
-            result["cpu_latency_s"] = {k: cpu1[k] - cpu0[k] for k in cpu1}
+            cpu1 = side_cpu(path)
             result["load"] = self.load(sockets)
-            cpu2 = sampler.cpu()
+            cpu2 = side_cpu(path)
             result["cpu_load_s"] = {k: cpu2[k] - cpu1[k] for k in cpu2}
         except MeasureError as exc:
             result["error"] = str(exc)
             log("path.error", path=name, error=json.dumps(str(exc)))
         finally:
             result["memory"] = sampler.finish()
-            result["instances"] = s.guests
         try:
             result["slow"] = self.slow(path)
         except (Unavailable, MeasureError) as exc:
@@ -698,7 +789,6 @@ class Run:
         if self.tests_running():
             result["disturbed"] = "pytest was running at the end of this path's measurements"
         log("path.done", path=name)
-        return result
 
     def _stop(self, path: Route) -> None:
         for pid in path.guest + path.host:
@@ -1045,9 +1135,9 @@ def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
     out += ["", ("Proxy processes (host side: server / listeners / ssh clients; guest side: "
                  "agents / tunnel clients / sshd).  CPU: the latency phase (all Transmit, "
                  "Status and Establish+Release calls) in seconds, and per round trip under "
-                 "load.  Memory over the latency and load phases: the peak of the side's "
-                 "summed PSS (shared pages split among the processes sharing them), and the "
-                 "peak RSS (VmHWM) of its largest single process."), "",
+                 "load.  Memory: the peak under load of the side's summed PSS (shared pages "
+                 "split among the processes sharing them), and the peak RSS (VmHWM, over "
+                 "the whole run) of its largest single process."), "",
             ("| path | host CPU s | guest CPU s | CPU µs per round trip under load | "
              "host PSS MB | host largest RSS MB | guest PSS MB per guest | "
              "guest largest RSS MB |"), "|---|---|---|---|---|---|---|---|"]
@@ -1061,7 +1151,7 @@ def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
         out.append(f"| {r['path']} | {fmt(get(r, 'cpu_latency_s', 'host'), 2)} | "
                    f"{fmt(get(r, 'cpu_latency_s', 'guest'), 2)} | {fmt(per_rt, 1)} | "
                    f"{fmt(mem.get('host_pss'), 1)} | {fmt(mem.get('host_rss_max'), 1)} | "
-                   f"{fmt(mem.get('guest_pss', 0) / r['instances'], 1)} | "
+                   f"{fmt(mem.get('guest_pss') and mem['guest_pss'] / r['instances'], 1)} | "
                    f"{fmt(mem.get('guest_rss_max'), 1)} |")
     out += ["", (f"Slow link, median ms per step of the session ({settings.delay_ms:g} ms each "
             f"way, one round trip = {2 * settings.delay_ms:g} ms):"), "",
@@ -1073,7 +1163,7 @@ def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
             out.append(f"| {r['path']} | " + " | ".join(fmt(slow["steps_ms"][s], 1)
                                                          for s in SESSION_STEPS)
                        + f" | {fmt(slow['ms'], 1)} | {fmt(slow['round_trips'], 1)} |")
-        elif "unavailable" not in r:
+        elif "unavailable" not in r and not r.get("latency_only"):
             out.append(f"| {r['path']} | error: {r.get('slow_error', '?')} |")
     errors = [f"- {r['path']}: {r[k]}" for r in results
               for k in ("error", "slow_error", "disturbed") if k in r]
@@ -1089,6 +1179,12 @@ def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
     if errors:
         out += ["", "Errors:", *errors]
     out += ["", "Targets (pcsc-bridge):", "", *targets(by.get("bridge"), direct, stunnel)]
+    floor = get(by.get("pyrelay"), "transmit", "p50_us")
+    if floor and get(stunnel, "transmit", "p50_us") and get(by.get("bridge"), "transmit", "p50_us"):
+        out += ["", (f"Reference: a relay in Python that only copies bytes (pyrelay) has a "
+                     f"Transmit p50 of {ratio(floor, stunnel['transmit']['p50_us'])} stunnel's; "
+                     f"pcsc-bridge's is {ratio(by['bridge']['transmit']['p50_us'], floor)} "
+                     "pyrelay's.")]
     return "\n".join(out)
 
 
@@ -1183,8 +1279,7 @@ def main(argv: list[str] | None = None) -> int:
         run.ensure_pcscd()
         run.ensure_card()
         run.pki = Pki(directory / "pki")
-        for name in paths:
-            results.append(run.measure(name))
+        results = run.measure_all(paths)
         if args.dialects:
             dialects = Dialects(run, s.dialect_reps, s.dialect_n)
             log("dialects.start")
@@ -1194,7 +1289,8 @@ def main(argv: list[str] | None = None) -> int:
                 dialect_result["disturbed"] = "pytest was running at the end of the measurement"
             log("dialects.done")
     except KeyboardInterrupt:
-        run.notes.append("INTERRUPTED: only the paths above were measured")
+        run.notes.append("INTERRUPTED: what is below is what was measured before")
+        results = list(run.results.values())
         status = 130
     except (Unavailable, MeasureError) as exc:
         log("dialects.error", error=json.dumps(str(exc)))
