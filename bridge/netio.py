@@ -87,7 +87,7 @@ class FastSelector(selectors.EpollSelector):
             for fd, event in events:
                 entry = fast.get(fd)
                 if entry is None:
-                    key = self._key_from_fd(fd)
+                    key = self._fd_to_key.get(fd)
                     if key:
                         mask = 0
                         if event & ~select.EPOLLIN:
