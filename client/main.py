@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import signal
 
-from pcsc_bridge import config, log, netio, tls
+from pcsc_bridge import __version__, config, log, netio, tls
 from pcsc_bridge.facade import Facade
 
 from .agent import RemoteBackend
@@ -40,7 +41,8 @@ async def serve(cfg: config.ClientConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.sd_notify("READY=1")
-    log.info("agent.ready", socket=cfg.socket, server=str(cfg.server))
+    log.info("agent.ready", socket=cfg.socket, server=str(cfg.server), version=__version__,
+             python=platform.python_version())
     try:
         await stop.wait()
     finally:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import platform
 import signal
 
-from pcsc_bridge import config, log, netio, tls
+from pcsc_bridge import __version__, config, log, netio, tls
 from pcsc_bridge.card import DEFAULT_AIDS, Card
 
 from .host import Server, make_backend
@@ -74,7 +75,8 @@ async def serve(server: Server, control_path: str | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
     log.sd_notify("READY=1")
-    log.info("server.ready", backend=server.backend_name(), dialect=server.backend_dialect())
+    log.info("server.ready", backend=server.backend_name(), dialect=server.backend_dialect(),
+             version=__version__, python=platform.python_version())
     await stop.wait()
     log.sd_notify("STOPPING=1")
     if control:

@@ -447,10 +447,11 @@ def make_pki(directory, guests=("guest1",)):
 class Process:
     """A `pcsc-bridge ...` process with its output in a log file."""
 
-    def __init__(self, args, log_path):
+    def __init__(self, args, log_path, python=(sys.executable,)):
+        """``python``: the interpreter's argv (another release's, in its chroot)."""
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen([sys.executable, "-m", "pcsc_bridge", *args],
+        self.proc = subprocess.Popen([*python, "-m", "pcsc_bridge", *args],
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def stop(self):
@@ -532,10 +533,12 @@ class BridgeTarget(Target):
 
     name = "bridge"
 
-    def __init__(self, inner: Target, directory: str, backend_socket: str | None = None):
+    def __init__(self, inner: Target, directory: str, backend_socket: str | None = None,
+                 python=(sys.executable,)):
         super().__init__(os.path.join(directory, "agent.sock"), inner.readers)
         self.inner, self.dir = inner, directory
         self.backend_socket = backend_socket  # pcscd's socket, if not the default one
+        self.python = python   # server and agent run with this interpreter
         self.server = self.agent = None
 
     def start(self) -> None:
@@ -543,10 +546,12 @@ class BridgeTarget(Target):
         port = free_port()
         conf = write_server_config(self.dir, ca, port, extra=self.POLICY,
                                    backend_socket=self.backend_socket)
-        self.server = Process(["server", "-c", conf], os.path.join(self.dir, "server.log"))
+        self.server = Process(["server", "-c", conf], os.path.join(self.dir, "server.log"),
+                              self.python)
         wait_port(port)
         self.agent = Process(["client", "-c", write_client_config(
-            self.dir, ca, port, "guest1", self.socket)], os.path.join(self.dir, "agent.log"))
+            self.dir, ca, port, "guest1", self.socket)], os.path.join(self.dir, "agent.log"),
+            self.python)
         wait_path(self.socket)
 
     def stop(self) -> None:

@@ -5,6 +5,8 @@ Clients 1.9.9 (protocol 4:4, the host's), 2.3.3 (4:5, trixie's library on the ho
 1.9.9 (the host's), 2.3.3 or 2.5.x (chroots), each with vpcd and the project's test card.
 Every pair runs the same scenarios, taken from tests/test_pcsc_api.py: a pair whose client
 and pcscd refuse each other directly (4:4 ↔ 4:5) must work through the bridge like any other.
+The bridges in front of the chroots' pcscd run under the chroots' own python3 (3.13 and the
+newest), so the same scenarios also prove pcsc-bridge on those Pythons.
 
 Reader arrival and removal (\\\\?PnP?\\Notification) and more than 16 readers need the
 virtual backend (Debian's pcscd does not add vpcd readers at run time): its server runs in
@@ -16,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import time
 
 import pytest
 import test_pcsc_api as api
 from matrix.bridged import ChrootPcscdTarget, ClientView, VirtualBridge, bridge_to
-from matrix.pcsclite import client_envs
+from matrix.pcsclite import client_envs, info
 from pcsc_bridge import pcsc
 from pcsc_bridge.facade import Backend, Facade, ReaderModel, Stream
 from targets import App, BridgeTarget
@@ -109,6 +112,17 @@ def pair(request, bridge, clients):
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_pair(pair, scenario):
     SCENARIOS[scenario](pair)
+
+
+def test_bridges_run_under_their_releases_python(bridge):
+    """A bridge in front of a chroot's pcscd is that release's install: its server and agent
+    run under the release's python3 (Debian 13: 3.13; sid: the newest) with its PyYAML and
+    cryptography, so every pair test above also ran pcsc-bridge on those Pythons."""
+    release = CHROOT.get(bridge.name.removeprefix("bridge-"))
+    version = info(release)["packages"]["python3"] if release else platform.python_version()
+    want = "python=" + ".".join(version.split(".")[:2]) + "."
+    for proc in (bridge.server, bridge.agent):
+        assert want in proc.output(), proc.output()
 
 
 def test_each_client_speaks_its_own_dialect_to_the_agent(bridge, clients):

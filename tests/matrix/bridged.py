@@ -6,6 +6,10 @@
   VirtualBridge      a pcsc-bridge server process with the virtual backend and its control
                      socket, through which a test adds and removes readers and cards while
                      it serves, and an agent process in front of it (``socket``)
+
+A bridge to a chroot's pcscd runs its server and agent under that chroot's python3 (Debian
+13's 3.13, sid's newest), as a host of that release would: the package from this checkout,
+with the release's own PyYAML and cryptography.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from pathlib import Path
 
 from targets import (
+    ROOT,
     SCARD_STATE_PRESENT,
     App,
     BridgeTarget,
@@ -28,7 +34,7 @@ from targets import (
     write_server_config,
 )
 
-from .pcsclite import ChrootPcscd, ClientEnv
+from .pcsclite import ChrootPcscd, ClientEnv, python_argv
 
 
 class ChrootPcscdTarget(Target):
@@ -118,9 +124,31 @@ class ClientView(Target):
         return self.inner.detail()
 
 
+def package_tree(directory: str) -> str:
+    """A folder holding the package ``pcsc_bridge`` as pyproject.toml lays it out (bridge/,
+    with server/, client/ and certs/ as its subpackages), made of symlinks into this
+    checkout: an import path for an interpreter that has no install of it."""
+    pkg = Path(directory) / "pcsc_bridge"
+    if not pkg.exists():
+        pkg.mkdir(parents=True)
+        for entry in (ROOT / "bridge").iterdir():
+            if entry.name != "__pycache__":
+                (pkg / entry.name).symlink_to(entry)
+        for sub in ("server", "client", "certs"):
+            (pkg / sub).symlink_to(ROOT / sub)
+    return directory
+
+
 def bridge_to(inner: Target, directory: str, pcscd_name: str) -> BridgeTarget:
-    """Server (backend pcscd on ``inner.socket``) ← TLS ← agent, started."""
-    b = BridgeTarget(inner, directory, backend_socket=inner.socket)
+    """Server (backend pcscd on ``inner.socket``) ← TLS ← agent, started; for a chroot's
+    pcscd, both under the chroot's python3, inside it."""
+    if isinstance(inner, ChrootPcscdTarget):
+        python = python_argv(inner.pcscd.release.name, package_tree(
+            os.path.join(directory, "python-path")), binds=[ROOT, directory])
+        b = BridgeTarget(inner, directory, backend_socket="/run/pcscd/pcscd.comm",
+                         python=python)
+    else:
+        b = BridgeTarget(inner, directory, backend_socket=inner.socket)
     b.name = f"bridge-{pcscd_name}"
     try:
         b.start()

@@ -32,10 +32,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 CACHE = Path(os.environ.get("PCSC_BRIDGE_CACHE", Path.home() / ".cache" / "pcsc-bridge"))
-PACKAGES = ("pcscd", "libpcsclite1", "vsmartcard-vpcd", "python3-pyscard")
+# the release's pcsc-lite, and its Python with what pcsc-bridge needs (the bridges in front
+# of a chroot's pcscd run under the chroot's python3: Debian 13's 3.13, sid's newest)
+PACKAGES = ("pcscd", "libpcsclite1", "vsmartcard-vpcd", "python3-pyscard", "python3-yaml",
+            "python3-cryptography")
 HOST_SOCKET = "/run/pcscd/pcscd.comm"
 HOST_VPCD_PORTS = (35963, 35964)
-BUILD_FORMAT = 1  # bump to make existing caches rebuild
+BUILD_FORMAT = 2  # bump to make existing caches rebuild
 LOCK_TIMEOUT_S = 1800.0  # a first build takes minutes; a second worker waits for it
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
@@ -182,7 +185,7 @@ def _build(release: Release, work: Path) -> None:
     conf = confd / "vpcd"
     conf.write_text(_vpcd_conf(conf.read_text(), release.vpcd_ports[0]))
     versions = {}
-    for pkg in PACKAGES:
+    for pkg in (*PACKAGES, "python3"):
         out = subprocess.run(["dpkg-query", f"--admindir={work}/var/lib/dpkg", "-W",
                               "-f", "${Version}", pkg], capture_output=True, text=True,
                              check=False)
@@ -498,6 +501,15 @@ def client_envs(python: str = sys.executable) -> list[ClientEnv]:
         ClientEnv(s["version"], s["version"], s["protocol"],
                   tuple(exec_argv(sid, ["python3"], binds=[TESTS])), {}, _same_path, "sid"),
     ]
+
+
+def python_argv(release: str, path: str, binds=()) -> list[str]:
+    """argv prefix that runs the release's python3 in its chroot (built if missing) with
+    ``path`` as PYTHONPATH; ``binds`` (and ``path``) are visible inside at the same paths.
+    The process gets SIGTERM if the one that started it dies."""
+    root = ensure_chroot(release)
+    return exec_argv(root, ["env", f"PYTHONPATH={path}", "PYTHONDONTWRITEBYTECODE=1",
+                            "python3"], binds=[path, *binds], pdeathsig=True)
 
 
 def main(argv: list[str]) -> int:
