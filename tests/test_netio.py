@@ -72,9 +72,7 @@ def test_slow_reader_gets_every_byte_in_order_then_the_close(pki, loop):
 
     client = threading.Thread(target=slow_client)
     client.start()
-    new_loop = netio.new_event_loop if loop == "netio" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=new_loop) as runner:
-        runner.run(serve())
+    _run(loop, serve, quiet=False)
     client.join(30)
     listener.close()
     assert len(received) == CHUNKS * CHUNK
@@ -100,11 +98,17 @@ class Recorder(asyncio.Protocol):
         self.lost.set_result(exc)
 
 
-def _run(loop: str, main):
-    new_loop = netio.new_event_loop if loop == "netio" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=new_loop) as runner:
-        runner.get_loop().set_exception_handler(lambda _loop, _ctx: None)
-        return runner.run(main())
+def _run(loop: str, main, quiet=True):
+    """``main()`` on a new loop of kind ``loop`` ("netio" or "asyncio"; asyncio.Runner is
+    3.11's, the package supports 3.10); ``quiet``: no exception reports on stderr."""
+    new_loop = (netio.new_event_loop if loop == "netio" else asyncio.new_event_loop)()
+    if quiet:
+        new_loop.set_exception_handler(lambda _loop, _ctx: None)
+    try:
+        return new_loop.run_until_complete(main())
+    finally:
+        new_loop.run_until_complete(new_loop.shutdown_asyncgens())
+        new_loop.close()
 
 
 @pytest.mark.parametrize("loop", ["netio", "asyncio"])
@@ -251,6 +255,5 @@ def test_asyncio_sockets_and_timers_work_as_on_asyncios_own_loop():
         listener.close()
         feeder.close()
 
-    with asyncio.Runner(loop_factory=netio.new_event_loop) as runner:
-        runner.run(main())
+    _run("netio", main, quiet=False)
     assert not errors, errors
