@@ -176,14 +176,18 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-class _Policy(asyncio.DefaultEventLoopPolicy):
-    def new_event_loop(self):
-        return new_event_loop()
-
-
 def run(main):
-    """asyncio.run(main) on a loop from ``new_event_loop``."""
-    asyncio.set_event_loop_policy(_Policy())
+    """asyncio.run(main) on a loop from ``new_event_loop`` (asyncio.Runner's loop factory;
+    on 3.10, which has no Runner, through an event loop policy, a mechanism 3.14
+    deprecates)."""
+    if hasattr(asyncio, "Runner"):
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(main)
+
+    class Policy(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self):
+            return new_event_loop()
+    asyncio.set_event_loop_policy(Policy())
     try:
         return asyncio.run(main)
     finally:
