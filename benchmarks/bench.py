@@ -737,9 +737,12 @@ class Run:
         samples = {name: {what: [] for what, _ in calls} for name in started}
         cpu = {name: {"host": 0.0, "guest": 0.0} for name in started}
         order = list(started)
+        if not order:
+            return
         log("latency.start", paths=",".join(order), rounds=s.rounds)
         for r in range(s.rounds):
-            for name in order[r % len(order):] + order[:r % len(order)] if order else []:
+            k = r % len(order)
+            for name in order[k:] + order[:k]:
                 if "error" in results[name]:
                     continue
                 path, sockets = started[name]
@@ -764,8 +767,8 @@ class Run:
     def measure_rest(self, path: Route, sockets: list[str], result: dict) -> None:
         """Load (all guests at once) and memory, then the slow link; the path then stops."""
         name = path.name
-        if path.latency_only or "error" in result:
-            result["latency_only"] = path.latency_only
+        if path.latency_only:
+            result["latency_only"] = True
             self._stop(path)
             return
         sampler = Sampler({"host": path.host, "guest": path.guest})

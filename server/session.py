@@ -511,7 +511,6 @@ def _ignore(_event) -> None:
     pass
 
 
-
 async def _close_quietly(backend_stream) -> None:
     with contextlib.suppress(Exception):
         await backend_stream.close()
