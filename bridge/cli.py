@@ -20,7 +20,7 @@ SUBCOMMANDS = {
     "certs": "pcsc_bridge.certs.main",
     "doctor": "pcsc_bridge.doctor",
     "emulate": "pcsc_bridge.server.emulate",
-    "virtual": "pcsc_bridge.server.virtual",
+    "virtual": "pcsc_bridge.server.control",
 }
 
 

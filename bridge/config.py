@@ -21,15 +21,25 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import yaml
 
 from .card import DEFAULT_AIDS, DEFAULT_ATR
-from .wire import MAX_MAX_FRAME, MIN_MAX_FRAME
+from .pcsc import (
+    DEFAULT_SOCKET,
+    SCARD_E_UNKNOWN_READER,
+    SCARD_SHARE_DIRECT,
+    SCARD_SHARE_EXCLUSIVE,
+    SCARD_W_SECURITY_VIOLATION,
+    Connect,
+    Control,
+    Reconnect,
+)
+from .wire import DEFAULT_MAX_FRAME, DEFAULT_MAX_STREAMS, MAX_MAX_FRAME, MIN_MAX_FRAME
 
-DEFAULT_SOCKET = "/run/pcscd/pcscd.comm"
 MAX_READER_NAME = 127          # bytes; pcsc-lite's MAX_READERNAME is 128 with the NUL
 
 
@@ -305,10 +315,13 @@ class VirtualConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LimitsConfig:
+class Limits:
+    """The server's limits, as configured and as the server applies them."""
     max_guests: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 64)
-    streams_per_guest: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 64)
-    max_frame: int = _f(_Leaf(parse_size), 131072)
+    # at least what pcscd itself takes from one client host (its --max-thread: 200)
+    streams_per_guest: int = _f(_Leaf(_integer(1, 1 << 16), typed=True),
+                                DEFAULT_MAX_STREAMS)
+    max_frame: int = _f(_Leaf(parse_size), DEFAULT_MAX_FRAME)
     handshake_timeout: float = _f(DURATION, 10.0)
     keepalive_interval: float = _f(DURATION, 5.0)
     keepalive_timeout: float = _f(DURATION, 15.0)
@@ -325,13 +338,49 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class GuestPolicy:
+class Policy:
+    """One guest's policy (``server.guests.<name>``), consulted where its calls meet the
+    backend. A guest sees only the readers its globs match (others do not exist for it:
+    connecting to one gives SCARD_E_UNKNOWN_READER, as for any unknown name). Exclusive
+    and direct share modes and SCardControl codes can be withheld; a withheld call gets
+    SCARD_W_SECURITY_VIOLATION, the code pcscd itself uses when its access policy says no.
+    """
     readers: tuple[str, ...] = _f(_ListOf(STRING, single_ok=True), ("*",))  # glob patterns
     exclusive: bool = _f(BOOL, True)       # may connect with SCARD_SHARE_EXCLUSIVE
     direct: bool = _f(BOOL, False)         # may connect with SCARD_SHARE_DIRECT
     control: str | tuple[int, ...] = _f(_Leaf(_control, typed=True), "none")
     max_streams: int | None = _f(_Leaf(_integer(1, 1 << 16), typed=True), None)
     allow: bool = _f(BOOL, True)
+
+    def sees(self, reader_name: str) -> bool:
+        return any(fnmatchcase(reader_name, pattern) for pattern in self.readers)
+
+    def filter(self, states):
+        if self.readers == ("*",):
+            return tuple(states)
+        return tuple(s for s in states if self.sees(s.readerName))
+
+    def check(self, msg) -> int:
+        """0 when the call may go to the backend, else the rv to answer with."""
+        kind = type(msg)
+        if kind is Connect:
+            if not self.sees(msg.szReader):
+                return SCARD_E_UNKNOWN_READER
+            return self._share(msg.dwShareMode)
+        if kind is Reconnect:
+            return self._share(msg.dwShareMode)
+        if kind is Control:
+            if self.control == "all" or (
+                    self.control != "none" and msg.dwControlCode in self.control):
+                return 0
+            return SCARD_W_SECURITY_VIOLATION
+        return 0
+
+    def _share(self, mode: int) -> int:
+        if (mode == SCARD_SHARE_EXCLUSIVE and not self.exclusive) or (
+                mode == SCARD_SHARE_DIRECT and not self.direct):
+            return SCARD_W_SECURITY_VIOLATION
+        return 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,19 +395,19 @@ class ServerConfig:
     tls_min_version: str = _f(TLS_VERSION, "1.3")
     backend: BackendConfig = field(default_factory=BackendConfig, metadata=_m(BackendConfig))
     virtual: VirtualConfig = field(default_factory=VirtualConfig, metadata=_m(VirtualConfig))
-    limits: LimitsConfig = field(default_factory=LimitsConfig, metadata=_m(LimitsConfig))
+    limits: Limits = field(default_factory=Limits, metadata=_m(Limits))
     # guest name (certificate CN) → policy; always holds "default", for guests not named;
     # every max_streams is resolved (limits.streams_per_guest unless set)
-    guests: Mapping[str, GuestPolicy] = field(default_factory=dict,
-                                              metadata=_m(_MapOf(GuestPolicy)))
+    guests: Mapping[str, Policy] = field(default_factory=dict,
+                                         metadata=_m(_MapOf(Policy)))
 
     def __post_init__(self):
-        guests = {"default": GuestPolicy(), **self.guests}
+        guests = {"default": Policy(), **self.guests}
         object.__setattr__(self, "guests", MappingProxyType({
             name: p if p.max_streams is not None else dataclasses.replace(
                 p, max_streams=self.limits.streams_per_guest) for name, p in guests.items()}))
 
-    def policy_for(self, guest: str) -> GuestPolicy:
+    def policy_for(self, guest: str) -> Policy:
         return self.guests.get(guest) or self.guests["default"]
 
 

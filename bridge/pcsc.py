@@ -9,25 +9,31 @@ Two readers turn bytes into messages:
   ReplyReader    the client's side (a socket to pcscd): header-less replies, whose size
                  follows from what was asked, plus the unsolicited wake-up after
                  CMD_WAIT_READER_STATE_CHANGE
-Both check sizes the way pcscd does and raise only ProtocolError; neither buffers more
-than one message.
+Both check sizes the way pcscd does and raise only ProtocolError.
 
-Byte order: pcsc-lite uses the host's native order ("="); the bridge's own wire uses
-little-endian ("<"). Every struct is precompiled once per order.
+Byte order: pcsc-lite uses the host's native order (NATIVE); the bridge's own wire uses
+little-endian (WIRE). Every struct is precompiled once per order. A message a reader
+decoded keeps the bytes it came from: encoding it again in the same order gives those
+bytes back without packing anything. On a little-endian host NATIVE is WIRE, so a card
+call and its reply cross the agent and the server as the bytes the application and pcscd
+exchanged, each hop decoding and checking them (one path for every call, SCardTransmit's
+APDUs included; docs/wire-protocol.md).
 """
 
 from __future__ import annotations
 
 import struct
 import sys
+from collections import deque
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from operator import attrgetter
 from typing import ClassVar
 
-NATIVE = "="
+DEFAULT_SOCKET = "/run/pcscd/pcscd.comm"   # where pcscd listens, and libpcsclite looks
+NATIVE = "<" if sys.byteorder == "little" else ">"   # explicit: comparable to WIRE
 WIRE = "<"
-ORDERS = (NATIVE, WIRE)
+ORDERS = ("<", ">")   # both byte orders, whichever is NATIVE
 
 MAX_READERNAME = 128
 MAX_ATR_SIZE = 33
@@ -163,9 +169,9 @@ class Message:
     _pack_values: ClassVar  # message -> the struct's values (_get, or _values to convert)
     # the fields go to and from the struct unchanged (no _values/_decode conversion)
     _PLAIN: ClassVar[bool] = True
-
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
+    # set by the readers only: (order, the bytes the message was decoded from); not a
+    # field, so equality, repr and with_rv ignore it (a changed message has none)
+    __slots__ = ("_raw",)
 
     @classmethod
     def _setup(cls):
@@ -284,7 +290,8 @@ class Connect(Message):
     @classmethod
     def _decode(cls, values):
         c, name, *rest = values
-        return cls(c, _text(name), *rest)
+        # pcscd reads at most MAX_READERNAME - 1 bytes (it sets szReader[127] = 0)
+        return cls(c, _text(name[:MAX_READERNAME - 1]), *rest)
 
 
 @message(Cmd.SCARD_RECONNECT, "iIIIII")
@@ -495,63 +502,71 @@ def pad_states(states, count: int) -> tuple[ReaderState, ...]:
 
 # --- encoding ---------------------------------------------------------------------------
 
+def _raw_in(msg, order: str) -> bytes | None:
+    """The bytes a reader decoded ``msg`` from, if they were in ``order``."""
+    try:
+        raw_order, raw = msg._raw
+    except AttributeError:        # built here, or changed since it was read
+        return None
+    return raw if raw_order == order else None
+
+
 def encode_request(msg: Message, order: str = NATIVE) -> bytes:
     """Header + body (+ data) as an application writes it."""
-    try:
-        head = msg._HEAD[order]  # a Message's body is always its SIZE
-    except AttributeError:
-        body = msg.pack(order)
-        return _HEADER[order].pack(len(body), msg.CMD) + body + msg.trailing(False)
-    return head + msg.pack(order) + msg.trailing(False)
+    raw = _raw_in(msg, order)
+    if raw is not None:
+        return raw
+    return msg._HEAD[order] + msg.pack(order) + msg.trailing(False)
 
 
 def encode_reply(msg, order: str = NATIVE) -> bytes:
     """The server's answer: the body (+ data on success), no header."""
+    raw = _raw_in(msg, order)
+    if raw is not None:
+        return raw
     return msg.pack(order) + msg.trailing(True)
 
 
-# --- SCardTransmit relayed as is ------------------------------------------------------
-# On a little-endian host an application's Transmit request (header, struct, APDU) is
-# byte for byte the CALL payload on the wire and the request pcscd reads, and pcscd's
-# reply (struct, response) is the REPLY payload and what the application reads. The agent
-# and the server relay these bytes after the checks RequestReader and ReplyReader make.
-RELAY_TRANSMIT = sys.byteorder == "little"
-_TRANSMIT_REQUEST = struct.Struct("<II" + Transmit.FMT)
-_TRANSMIT_REPLY = struct.Struct("<" + Transmit.FMT)
-TRANSMIT_REPLY_SIZE = _TRANSMIT_REPLY.size
+def _keep(msg: Message, order: str, raw: bytes) -> Message:
+    object.__setattr__(msg, "_raw", (order, raw))
+    return msg
 
 
-def transmit_request(data) -> int | None:
-    """If ``data`` is exactly one SCardTransmit request that RequestReader accepts: the
-    response length it allows (pcbRecvLength, the bound on the reply). Else None."""
-    if len(data) < HEADER_SIZE + TRANSMIT_REPLY_SIZE:
-        return None
-    size, cmd, _, _, _, send, _, _, recv, _ = _TRANSMIT_REQUEST.unpack_from(data)
-    if cmd != Cmd.SCARD_TRANSMIT or size != TRANSMIT_REPLY_SIZE \
-            or send > MAX_BUFFER_SIZE_EXTENDED or len(data) != HEADER_SIZE + size + send:
-        return None
-    return recv
+class _Buffer:
+    """Bytes received and not yet decoded. A chunk that arrives with nothing buffered is
+    kept as it is (no copy); the usual chunk is exactly one message."""
 
+    __slots__ = ("data", "pos")
 
-def transmit_of(request: bytes, order: str = NATIVE) -> Transmit:
-    """The Transmit message of a request ``transmit_request`` accepted, without its APDU
-    (for answering it with an error, as ``Message.failed`` does)."""
-    return decode_request(Cmd.SCARD_TRANSMIT,
-                          request[HEADER_SIZE:HEADER_SIZE + TRANSMIT_REPLY_SIZE], order)
+    def __init__(self):
+        self.data: bytes | bytearray = b""
+        self.pos = 0
 
+    def add(self, chunk) -> None:
+        if self.pos == len(self.data):
+            self.data = chunk if type(chunk) is bytes else bytes(chunk)
+            self.pos = 0
+            return
+        if type(self.data) is bytes:
+            self.data = bytearray(memoryview(self.data)[self.pos:])
+        elif self.pos:
+            del self.data[:self.pos]
+        self.pos = 0
+        self.data += chunk
 
-def transmit_reply_size(data, bound: int) -> int | None:
-    """The size of the SCardTransmit reply starting ``data`` (struct, plus the response
-    on success), checked as ReplyReader checks it against the request's ``bound``; None
-    while the struct is incomplete."""
-    if len(data) < TRANSMIT_REPLY_SIZE:
-        return None
-    *_, n, rv = _TRANSMIT_REPLY.unpack_from(data)
-    if rv:
-        return TRANSMIT_REPLY_SIZE
-    if n > bound or n > MAX_BUFFER_SIZE_EXTENDED:
-        raise ProtocolError(f"Transmit: {n} bytes returned, {bound} allowed")
-    return TRANSMIT_REPLY_SIZE + n
+    def take(self, start: int, end: int) -> bytes:
+        """The bytes start..end (absolute offsets), copied only if they are not all."""
+        self.pos = end
+        data = self.data
+        if start == 0 and end == len(data) and type(data) is bytes:
+            return data
+        return bytes(data[start:end])
+
+    def clear(self) -> None:
+        self.data, self.pos = b"", 0
+
+    def __len__(self) -> int:
+        return len(self.data) - self.pos
 
 
 REQUESTS: dict[int, type[Message]] = {
@@ -591,52 +606,62 @@ def _check_limit(cls, values) -> None:
 
 
 class RequestReader:
-    """Server side of one socket: bytes from an application in, requests out."""
+    """Server side of one socket: bytes from an application in, requests out.
+
+    ``feed(data)`` returns every complete request; or ``receive(data)``, then
+    ``next_request()`` one at a time (None until one is complete), so a caller that must
+    not take more (flow control) leaves the rest as bytes."""
 
     def __init__(self, order: str = NATIVE):
         self.order = order
-        self._buf = bytearray()
+        self._buf = _Buffer()
         self._header = _HEADER[order]
 
-    def feed(self, data: bytes) -> list[Message]:
-        buf = self._buf
-        buf += data
+    def receive(self, data) -> None:
+        self._buf.add(data)
+
+    def feed(self, data) -> list[Message]:
+        self._buf.add(data)
         out = []
-        order = self.order
-        unpack_header = self._header.unpack_from
-        pos = 0
-        try:
-            while len(buf) - pos >= HEADER_SIZE:
-                size, cmd = unpack_header(buf, pos)
-                cls = REQUESTS.get(cmd)
-                if cls is None or cmd in REFUSED:
-                    raise ProtocolError(f"unsupported command 0x{cmd:02X}")
-                if size != cls.SIZE:
-                    raise ProtocolError(f"{cls.__name__}: body of {size} bytes, "
-                                        f"expected {cls.SIZE}")
-                start = pos + HEADER_SIZE
-                end = start + size
-                if len(buf) < end:
-                    break
-                values = cls.STRUCTS[order].unpack_from(buf, start)
-                if cls._LIMIT is not None:
-                    _check_limit(cls, values)
-                if cls._SEND is not None:  # Transmit, Control: the data follows the body
-                    extra = values[cls._SEND]
-                    if len(buf) < end + extra:
-                        break
-                    msg = cls(*values, bytes(buf[end:end + extra]))
-                    end += extra
-                elif cls._PLAIN:
-                    msg = cls(*values)
-                else:
-                    msg = cls._decode(values)
-                pos = end
-                out.append(msg)
-        finally:
-            if pos:
-                del buf[:pos]  # only whole messages leave the buffer
+        while (msg := self.next_request()) is not None:
+            out.append(msg)
         return out
+
+    def next_request(self) -> Message | None:
+        buf = self._buf
+        data, pos = buf.data, buf.pos
+        if len(data) - pos < HEADER_SIZE:
+            return None
+        size, cmd = self._header.unpack_from(data, pos)
+        cls = REQUESTS.get(cmd)
+        if cls is None or cmd in REFUSED:
+            buf.clear()
+            raise ProtocolError(f"unsupported command 0x{cmd:02X}")
+        if size != cls.SIZE:
+            buf.clear()
+            raise ProtocolError(f"{cls.__name__}: body of {size} bytes, expected {cls.SIZE}")
+        start = pos + HEADER_SIZE
+        end = start + size
+        if len(data) < end:
+            return None
+        values = cls.STRUCTS[self.order].unpack_from(data, start)
+        if cls._LIMIT is not None:
+            try:
+                _check_limit(cls, values)
+            except ProtocolError:
+                buf.clear()
+                raise
+        if cls._SEND is not None:  # Transmit, Control: the data follows the body
+            extra = values[cls._SEND]
+            if len(data) < end + extra:
+                return None
+            msg = cls(*values, bytes(data[end:end + extra]))
+            end += extra
+        elif cls._PLAIN:
+            msg = cls(*values)
+        else:
+            msg = cls._decode(values)
+        return _keep(msg, self.order, buf.take(pos, end))
 
     @property
     def buffered(self) -> int:
@@ -654,8 +679,8 @@ class ReplyReader:
     def __init__(self, dialect: int = 4, order: str = NATIVE):
         self.order = order
         self.dialect = dialect  # minor version: 4, 5 or 6
-        self._buf = bytearray()
-        self._expected: list = []
+        self._buf = _Buffer()
+        self._expected: deque = deque()
         self.waiting = False
         self._array_size = PCSCLITE_MAX_READERS_CONTEXTS
 
@@ -685,14 +710,14 @@ class ReplyReader:
         else:
             raise ProtocolError(f"cannot expect a reply to 0x{cmd:02X}")
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data) -> list:
         buf = self._buf
-        buf += data
+        buf.add(data)
         out = []
         expected = self._expected
         # With nothing buffered only an empty reader-state array (ARRAY after a SIZE of 0)
         # can still be complete; every other reply has at least one byte.
-        while buf or (expected and expected[0][0] is ReaderStates):
+        while len(buf) or (expected and expected[0][0] is ReaderStates):
             msg = self._next()
             if msg is None:
                 break
@@ -701,54 +726,54 @@ class ReplyReader:
 
     def _next(self):
         buf = self._buf
+        data, pos = buf.data, buf.pos
+        have = len(data) - pos
+        order = self.order
         if not self._expected:
-            if not buf:
+            if not have:
                 return None
             if not self.waiting:
-                raise ProtocolError(f"{len(buf)} unexpected bytes from the server")
-            if len(buf) < WaitReaderStateChangeReply.SIZE:
+                raise ProtocolError(f"{have} unexpected bytes from the server")
+            if have < WaitReaderStateChangeReply.SIZE:
                 return None
             self.waiting = False
+            end = pos + WaitReaderStateChangeReply.SIZE
             msg = WaitReaderStateChangeReply(
-                *WaitReaderStateChangeReply.STRUCTS[self.order].unpack_from(buf))
-            del buf[:WaitReaderStateChangeReply.SIZE]
-            return msg
+                *WaitReaderStateChangeReply.STRUCTS[order].unpack_from(data, pos))
+            return _keep(msg, order, buf.take(pos, end))
         cls, arg = self._expected[0]
         if cls is ReaderStates:
             count = arg if arg is not None else self._array_size
-            need = count * READER_STATE_SIZE
-            if len(buf) < need:
+            end = pos + count * READER_STATE_SIZE
+            if len(data) < end:
                 return None
-            msg = ReaderStates.unpack(bytes(buf[:need]), self.order)
-            end = need
+            self._expected.popleft()
+            return ReaderStates.unpack(buf.take(pos, end), order)
+        end = pos + cls.SIZE
+        if len(data) < end:
+            return None
+        values = cls.STRUCTS[order].unpack_from(data, pos)
+        if cls._RECV is not None and values[cls._RV] == 0:  # Transmit, Control
+            i, bound = cls._RECV
+            n = values[i]
+            limit = getattr(arg, bound)
+            if n > max(limit, 0) or n > MAX_BUFFER_SIZE_EXTENDED:
+                raise ProtocolError(f"{cls.__name__}: {n} bytes returned, {limit} allowed")
+            if len(data) < end + n:
+                return None
+            msg = cls(*values, bytes(data[end:end + n]))
+            end += n
         else:
-            size = cls.SIZE
-            if len(buf) < size:
-                return None
-            values = cls.STRUCTS[self.order].unpack_from(buf)
-            end = size
-            if cls._RECV is not None and values[cls._RV] == 0:  # Transmit, Control
-                i, bound = cls._RECV
-                n = values[i]
-                limit = getattr(arg, bound)
-                if n > max(limit, 0) or n > MAX_BUFFER_SIZE_EXTENDED:
-                    raise ProtocolError(f"{cls.__name__}: {n} bytes returned, {limit} allowed")
-                end = size + n
-                if len(buf) < end:
-                    return None
-                msg = cls(*values, bytes(buf[size:end]))
-            else:
-                msg = cls(*values) if cls._PLAIN else cls._decode(values)
-                if cls is ReadersStateSize:
-                    if not 0 <= msg.size <= MAX_READERS_STATE_ARRAY:
-                        raise ProtocolError(f"reader-state array size {msg.size}")
-                    self._array_size = msg.size
-                elif cls in (GetAttrib, SetAttrib) and msg.cbAttrLen > MAX_BUFFER_SIZE \
-                        and msg.rv == 0:
-                    raise ProtocolError(f"{cls.__name__}: cbAttrLen {msg.cbAttrLen}")
-        self._expected.pop(0)
-        del buf[:end]
-        return msg
+            msg = cls(*values) if cls._PLAIN else cls._decode(values)
+            if cls is ReadersStateSize:
+                if not 0 <= msg.size <= MAX_READERS_STATE_ARRAY:
+                    raise ProtocolError(f"reader-state array size {msg.size}")
+                self._array_size = msg.size
+            elif cls in (GetAttrib, SetAttrib) and msg.cbAttrLen > MAX_BUFFER_SIZE \
+                    and msg.rv == 0:
+                raise ProtocolError(f"{cls.__name__}: cbAttrLen {msg.cbAttrLen}")
+        self._expected.popleft()
+        return _keep(msg, order, buf.take(pos, end))
 
     @property
     def pending(self) -> int:

@@ -5,8 +5,8 @@ start with a sentence that names the file and the fix (a typed ``TLSConfigError`
 than with every handshake failing later: missing or unreadable files, files that hold no
 PEM of the right kind, a key that does not belong to its certificate, an expired own
 certificate or CRL, a CRL from another CA, and a private key that group or others can read.
-These checks need the cryptography package; where the system can fork they run in a
-child process, so the long-running server and agent never load it (about 10 MB each).
+These checks need the cryptography package; they run in a child Python process, so the
+long-running server and agent never load it (about 10 MB each).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import os
 import re
 import ssl
 import stat
+import subprocess
+import sys
 from typing import TYPE_CHECKING
 
 from .wire import ALPN
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # forward secrecy and AEAD only, when 1.2 is on
+CHECK_TIMEOUT = 60.0   # seconds for the child process that checks the files
 
 
 class TLSConfigError(Exception):
@@ -92,7 +95,8 @@ def _read(path: str, label: str) -> bytes:
         raise MissingFileError(f"{label} file {path} does not exist", path) from None
     except OSError as exc:
         raise MissingFileError(f"cannot read {label} file {path}: {exc.strerror} "
-                               f"(running as uid {os.getuid()})", path) from None
+                               f"(running as uid {getattr(os, 'getuid', str)()})", path) \
+            from None
 
 
 def _pem(data: bytes, kind: str, path: str, label: str) -> list[bytes]:
@@ -184,38 +188,37 @@ def _errors() -> dict[str, type[TLSConfigError]]:
 
 
 def _in_child(check, *args) -> None:
-    """``check(*args)`` in a forked child (in this process where there is no fork); a
-    TLSConfigError it raises is raised here, of the same type, message and path."""
-    if not hasattr(os, "fork"):
+    """``check(*args)`` in a child Python process (``python -m pcsc_bridge.tls``), so this
+    one never loads cryptography; a TLSConfigError it raises is raised here, of the same
+    type, message and path. Where no child can be started, the check runs here."""
+    command = [sys.executable, "-m", __name__, check.__name__, json.dumps(args)]
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=CHECK_TIMEOUT,
+                              check=False)
+    except (OSError, subprocess.SubprocessError):
         check(*args)
         return
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                  # the child: check, report, and leave at once
-        try:
-            os.close(r)
-            try:
-                check(*args)
-                report = b""
-            except TLSConfigError as exc:
-                report = json.dumps([type(exc).__name__, str(exc), exc.path]).encode()
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent
-                text = f"cannot check {_names(args)}: {exc!r}"
-                report = json.dumps(["TLSConfigError", text, None]).encode()
-            while report:
-                report = report[os.write(w, report):]
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        report = f.read()
-    _, status = os.waitpid(pid, 0)
+    report = done.stdout.strip()
     if report:
         name, message, path = json.loads(report)
         raise _errors().get(name, TLSConfigError)(message, path)
-    if status != 0:
+    if done.returncode != 0:
         raise TLSConfigError(f"checking {_names(args)} failed (the checking process ended "
-                             f"with status {status})")
+                             f"with status {done.returncode}: "
+                             f"{done.stderr.decode(errors='replace').strip()[-300:]})")
+
+
+def _child_main(argv: list[str]) -> int:
+    """The child of ``_in_child``: run one check, print its refusal as JSON, if any."""
+    check = {f.__name__: f for f in (_check_files,)}[argv[0]]
+    args = json.loads(argv[1])
+    try:
+        check(*args)
+    except TLSConfigError as exc:
+        print(json.dumps([type(exc).__name__, str(exc), exc.path]))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        print(json.dumps(["TLSConfigError", f"cannot check {_names(args)}: {exc!r}", None]))
+    return 0
 
 
 def _names(args) -> str:
@@ -296,8 +299,20 @@ class ServerTLS:
         self.files = ServerFiles(cert, key, ca, crl, min_version)
         self.context = server_context(**dataclasses.asdict(self.files))
 
-    def reload(self, files: ServerFiles | None = None) -> ssl.SSLContext:
+    def load(self, files: ServerFiles | None = None) -> tuple[ServerFiles, ssl.SSLContext]:
+        """Check ``files`` (default: the current ones) and build their context, without
+        using it yet; it blocks (a child process checks the files), so an event loop runs
+        it in a thread."""
         files = files or self.files
-        context = server_context(**dataclasses.asdict(files))
+        return files, server_context(**dataclasses.asdict(files))
+
+    def use(self, files: ServerFiles, context: ssl.SSLContext) -> ssl.SSLContext:
         self.files, self.context = files, context
         return context
+
+    def reload(self, files: ServerFiles | None = None) -> ssl.SSLContext:
+        return self.use(*self.load(files))
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Any
 
+from .pcsc import READER_STATE_SIZE
+
 ALPN = "pcsc-bridge/1"
 WIRE_VERSION = 1                  # the revision inside ALPN pcsc-bridge/1 this code speaks
 DEFAULT_MAX_FRAME = 131072        # whole frame, length field included
 MIN_MAX_FRAME = 66560             # 65 KiB: every peer accepts this (largest pcsc-lite msg 65,588)
 MAX_MAX_FRAME = 1 << 24
-DEFAULT_MAX_STREAMS = 64
+DEFAULT_MAX_STREAMS = 200         # as many clients as pcscd takes (its --max-thread)
 MAX_PROPERTIES = 4096             # HELLO's JSON properties, bytes
-READER_STATE_SIZE = 184
 MAX_STREAM_ID = 0xFFFFFFFF
 UID_UNKNOWN = 0xFFFFFFFF
 
@@ -222,9 +223,12 @@ def encode_frame(frame_type: int, stream_id: int, payload: bytes = b"") -> bytes
     return HEAD.pack(len(payload) + 5, frame_type, stream_id) + payload
 
 
+_REASONS = frozenset(Reason)
+
+
 def _reason(code: int) -> int:
     """Known codes as ``Reason`` members (readable in logs), others as plain ints."""
-    return Reason(code) if code in Reason._value2member_map_ else code
+    return Reason(code) if code in _REASONS else code
 
 
 def _text(payload, start: int) -> str:

@@ -5,8 +5,9 @@ card calls become streams on this session, spoken through ``pcsc_bridge.wire.Con
 (docs/wire-protocol.md). A stream's OPEN travels in the same write as its first CALL, so
 opening costs no round trip. The agent serves its socket even while the server is
 unreachable: calls then fail fast with SCARD_E_NO_SERVICE. It reconnects with capped
-exponential backoff and jitter; keepalive notices a dead link within the configured
-timeout, and every pending call on it returns SCARD_E_NO_SERVICE then.
+exponential backoff and jitter; keepalive (bridge/keepalive.py) notices a dead link within
+the configured timeout, and every pending call on it returns SCARD_E_NO_SERVICE then.
+``ReadyContexts`` keeps one context established ahead for the next application.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import ssl
 import time
 
 from pcsc_bridge import __version__, log, netio
-from pcsc_bridge.facade import AppInfo, Backend, BackendError, ReaderModel, Stream
+from pcsc_bridge.backend import (
+    AppInfo,
+    Backend,
+    BackendError,
+    BackendStream,
+    ContextPool,
+    ReaderModel,
+)
+from pcsc_bridge.keepalive import PING, Dead, Keepalive
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
     SCARD_SCOPE_SYSTEM,
@@ -30,7 +39,6 @@ from pcsc_bridge.pcsc import (
     ReaderStates,
     ReplyReader,
     encode_request,
-    transmit_reply_size,
 )
 from pcsc_bridge.wire import (
     DEFAULT_MAX_FRAME,
@@ -55,6 +63,7 @@ from pcsc_bridge.wire import (
 # (pcsc-lite's client closes its socket after SCardReleaseContext) before establishing a
 # new one on the server.
 PREPARE_AFTER = 0.05
+STREAM_LIMIT = "streams_per_guest"   # the server's limit, as its configuration names it
 
 
 class Link(asyncio.Protocol):
@@ -67,11 +76,10 @@ class Link(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future = loop.create_future()   # the server's Hello
         self.closed: asyncio.Future = loop.create_future()
-        # stream id -> (done callback, stream, call-timeout timer or None, and for a
-        # relayed SCardTransmit the response length it allows, else None)
+        # stream id -> (done callback, stream, call-timeout timer or None)
         self.pending: dict[int, tuple] = {}
-        self.last_rx = time.monotonic()
-        self.sent = False             # wrote something since the last keepalive tick
+        self.keepalive = Keepalive(agent.keepalive_interval, agent.keepalive_timeout,
+                                   time.monotonic())
         self.dead = False             # no more calls: lost, dropped or closing
         self.goaway: GoAway | None = None
         self._handlers = {
@@ -96,12 +104,21 @@ class Link(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
-        self.sent = True
+        self.keepalive.wrote()
+
+    # flow control: the server does not read what we send; stop reading what it sends
+    def pause_writing(self):
+        self.keepalive.blocked(time.monotonic())
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.keepalive.unblocked(time.monotonic())
+        self.transport.resume_reading()
 
     def data_received(self, data):
         if self.dead:
             return
-        self.last_rx = time.monotonic()
+        self.keepalive.received(time.monotonic())
         one = self.conn.receive_one(data)   # a chunk that is one REPLY: the usual case
         if one is not None:
             self._reply(*one)
@@ -129,44 +146,39 @@ class Link(asyncio.Protocol):
         entry = self.pending.pop(sid, None)
         if entry is None:
             return                    # its call timed out: the stream is closed already
-        done, stream, timer, bound = entry
+        done, stream, timer = entry
         if timer is not None:
             timer.cancel()
+        reader = stream.reader
         try:
-            if bound is not None:     # a relayed SCardTransmit: the bytes go back as they are
-                if transmit_reply_size(payload, bound) != len(payload):
-                    raise ProtocolError("a REPLY must carry exactly one pcsc-lite reply")
-                reply = payload
-            else:
-                reader = stream.reader
-                msgs = reader.feed(payload)
-                if len(msgs) != 1 or reader.buffered:
-                    raise ProtocolError("a REPLY must carry exactly one pcsc-lite reply")
-                reply = msgs[0]
+            msgs = reader.feed(payload)
+            if len(msgs) != 1 or reader.buffered:
+                raise ProtocolError("a REPLY must carry exactly one pcsc-lite reply")
         except ProtocolError as exc:
             log.error("stream.protocol_error", stream=sid, error=str(exc))
             self.write(self.conn.send(Close(sid, Reason.PCSC_ERROR, str(exc))))
             done(None, BackendError(f"bad reply from the server: {exc}"))
             return
-        done(reply, None)
+        done(msgs[0], None)
 
     def _on_state(self, event: StateUpdate):
         self.agent.model.update(ReaderStates.unpack(event.states, WIRE).states)
 
     def _on_gone(self, event: Refused | Close):
-        self._fail(event.stream_id, f"the server closed the stream: "
-                   f"{getattr(event.code, 'name', event.code)} {event.text}".rstrip())
+        reason = f"{getattr(event.code, 'name', event.code)} {event.text}".rstrip()
+        self._fail(event.stream_id, f"the server closed the stream: {reason}",
+                   limit=STREAM_LIMIT if event.code == Reason.LIMIT else None)
 
     def _on_stream_error(self, event: StreamError):
         log.error("stream.protocol_error", stream=event.stream_id, error=event.text)
         self.write(self.conn.send(Close(event.stream_id, event.code, event.text)))
         self._fail(event.stream_id, f"protocol error from the server: {event.text}")
 
-    def _fail(self, sid: int, reason: str, rv: int = SCARD_E_NO_SERVICE):
+    def _fail(self, sid: int, reason: str, limit: str | None = None):
         entry = self.pending.pop(sid, None)
         log.info("stream.closed_by_server", stream=sid, reason=reason)
         if entry:
-            _finish(entry, BackendError(reason, rv))
+            _finish(entry, BackendError(reason, SCARD_E_NO_SERVICE, limit))
 
     def _on_ping(self, event: Ping):
         self.write(self.conn.send(Pong(event.token)))
@@ -191,6 +203,11 @@ class Link(asyncio.Protocol):
         self._lost(BackendError(reason, SCARD_E_NO_SERVICE))
         self.transport.close()
 
+    def abort(self, reason: str) -> None:
+        """As ``drop``, without waiting for what is written to go out."""
+        self._lost(BackendError(reason, SCARD_E_NO_SERVICE))
+        self.transport.abort()
+
     def _lost(self, error: BackendError) -> None:
         self.dead = True
         pending, self.pending = self.pending, {}
@@ -206,8 +223,8 @@ class Link(asyncio.Protocol):
             self.closed.set_result(exc)
 
 
-class RemoteStream(Stream):
-    """One application's card calls; its OPEN goes out with its first CALL."""
+class LinkStream(BackendStream):
+    """One application's stream on the link; its OPEN goes out with its first CALL."""
 
     __slots__ = ("agent", "app", "id", "link", "reader", "refill")
 
@@ -237,27 +254,10 @@ class RemoteStream(Stream):
         except LocalProtocolError:
             raise BackendError("the server closed this application's stream") from None
         self.reader.expect(msg)
-        self._send(data, done, None)
-
-    def relay(self, request: bytes, bound: int, done) -> bool:
-        """An SCardTransmit request's bytes become the CALL's payload as they are
-        (see Stream.relay); the reply's bytes are checked and handed back as they are."""
-        link = self.link
-        if not self.id or link.dead:
-            return False
-        try:
-            data = link.conn.call(self.id, request)
-        except LocalProtocolError:
-            return False              # submit() tells the application why
-        self._send(data, done, bound)
-        return True
-
-    def _send(self, data: bytes, done, bound) -> None:
         timeout = self.agent.call_timeout
         timer = asyncio.get_running_loop().call_later(timeout, self._timed_out) \
             if timeout else None
-        link = self.link
-        link.pending[self.id] = (done, self, timer, bound)
+        link.pending[self.id] = (done, self, timer)
         link.write(data)
 
     def _timed_out(self) -> None:
@@ -270,17 +270,108 @@ class RemoteStream(Stream):
                 link.write(link.conn.send(Close(self.id, Reason.TIMEOUT, "call timeout")))
         _finish(entry, BackendError("no reply from the server within call_timeout"))
 
+    @property
+    def is_open(self) -> bool:
+        """Opened on the link and still open there."""
+        return bool(self.id) and self.link.conn.stream_state(self.id) is not None
+
     async def close(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
         link = self.link
-        if self.id and not link.dead and link.conn.stream_state(self.id) is not None:
-            entry = link.pending.pop(self.id, None)
-            if entry is not None and entry[2] is not None:
-                entry[2].cancel()
+        if self.refill is not None:
+            self.refill.cancel()
+            self.refill = None
+        entry = link.pending.pop(self.id, None) if self.id else None
+        if entry is not None and entry[2] is not None:
+            entry[2].cancel()
+        if self.is_open and not link.dead:
             with contextlib.suppress(LocalProtocolError):
                 link.write(link.conn.send(Close(self.id)))
 
 
+class ReadyContexts(ContextPool):
+    """One context established ahead on its own stream, so that the next application's
+    SCardEstablishContext is answered without a round trip to the server; a released one
+    is taken back (docs/wire-protocol.md, "Shortcuts"). It never costs an application
+    its stream: at the guest's stream limit it gives its own up first (``make_room``)."""
+
+    def __init__(self, agent: RemoteBackend):
+        self.agent = agent
+        self.ready: tuple[LinkStream, int] | None = None
+        self.preparing: LinkStream | None = None   # its EstablishContext is under way
+
+    def take(self, app: AppInfo) -> tuple[BackendStream, int] | None:
+        ready, self.ready = self.ready, None
+        link = self.agent.open_link()
+        if ready is None or link is None or ready[0].link is not link or not ready[0].is_open:
+            if ready is not None:
+                ready[0].close_now()
+            self.prepare()
+            return None
+        stream, h = ready
+        # the next one, unless this application gives its context back first (give_back)
+        stream.refill = asyncio.get_running_loop().call_later(PREPARE_AFTER, self.prepare)
+        stream.app = app
+        _log_stream(app, link, context="ready")
+        return stream, h
+
+    def give_back(self, stream: BackendStream, h_context: int) -> bool:
+        link = self.agent.open_link()
+        if self.ready is not None or link is None or stream.link is not link \
+                or not stream.is_open or self.agent.free_streams(link) < 1:
+            return False
+        if stream.refill is not None:
+            stream.refill.cancel()
+            stream.refill = None
+        self.ready = (stream, h_context)
+        return True
+
+    def prepare(self) -> None:
+        """Open a stream and establish a context on it now, unless one is ready or under
+        way, or the guest has fewer than two streams to spare."""
+        link = self.agent.open_link()
+        if self.preparing is not None or self.ready is not None or link is None \
+                or self.agent.free_streams(link) < 2:
+            return
+        stream = LinkStream(self.agent, link, AppInfo())
+
+        def established(reply, error):
+            if self.preparing is not stream:
+                stream.close_now()    # given up meanwhile (make_room, or the link went)
+                return
+            self.preparing = None
+            if error is None and reply.rv == 0 and self.agent.open_link() is link \
+                    and self.ready is None:
+                self.ready = (stream, reply.hContext)
+            else:
+                stream.close_now()
+        self.preparing = stream
+        try:
+            stream.submit(EstablishContext(SCARD_SCOPE_SYSTEM), established)
+        except BackendError:
+            self.preparing = None
+
+    def make_room(self) -> None:
+        """An application needs a stream and the guest has none to spare: the pool's own
+        stream (ready, or still establishing) is closed first; its CLOSE goes out before
+        the application's OPEN."""
+        ready, self.ready = self.ready, None
+        if ready is not None:
+            ready[0].close_now()
+        preparing, self.preparing = self.preparing, None
+        if preparing is not None:
+            preparing.close_now()
+
+    def drop(self) -> None:
+        """The link is gone: so are the streams."""
+        self.ready = self.preparing = None
+
+
 class RemoteBackend(Backend):
+    name = "remote"
+
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext, server_name: str,
                  connect_timeout=5.0, reconnect_initial=0.5, reconnect_max=30.0,
                  keepalive_interval=5.0, keepalive_timeout=15.0, call_timeout=None,
@@ -294,14 +385,16 @@ class RemoteBackend(Backend):
         self.call_timeout = call_timeout
         self.max_frame = max_frame
         self.model = ReaderModel()
+        self.pool = ReadyContexts(self)
         self.link: Link | None = None         # the link new streams go to
-        self._ready: tuple[RemoteStream, int] | None = None  # a stream with a context
-        self._preparing = False
         self.connecting = asyncio.Event()
         self.connected = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    def start(self) -> None:
+    def describe(self) -> str:
+        return f"pcsc-bridge server {self.server}"
+
+    async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
@@ -317,86 +410,34 @@ class RemoteBackend(Backend):
                                                  "agent shutting down")))
             link.drop("agent shutting down")
 
-    async def open_stream(self, app: AppInfo) -> Stream:
+    async def open_stream(self, app: AppInfo) -> BackendStream:
         if self.link is None and self.connecting.is_set():
             with contextlib.suppress(asyncio.TimeoutError):  # a connection is under way
                 await asyncio.wait_for(self.connected.wait(), min(self.connect_timeout, 2.0))
         link = self.link
         if link is None:
             raise BackendError(f"no session to the server {self.server}")
-        if self._ready is not None and self._free_streams(link) < 1:
-            # the context kept ready holds the guest's last stream: the application's own
-            # stream needs it (the CLOSE goes out before this stream's OPEN)
-            ready, self._ready = self._ready, None
-            await ready[0].close()
+        if self.free_streams(link) < 1:
+            self.pool.make_room()
+        if self.free_streams(link) < 1:
+            limit = link.server_hello.max_streams
+            raise BackendError(f"the guest has all its {limit} streams open",
+                               limit=f"{STREAM_LIMIT}={limit}")
         _log_stream(app, link)
-        return RemoteStream(self, link, app)
+        return LinkStream(self, link, app)
 
-    # --- a context established ahead, for the next application ----------------------------
-    keeps_contexts = True
-
-    def _open_link(self, stream: RemoteStream | None = None) -> Link | None:
-        """The link if it takes new streams (and, given STREAM, that stream is open on it)."""
+    def open_link(self) -> Link | None:
+        """The link, if it takes new streams."""
         link = self.link
         if link is None or link.dead or link.goaway is not None:
             return None
-        if stream is not None and (stream.link is not link
-                                   or link.conn.stream_state(stream.id) is None):
-            return None
         return link
 
-    def give_back(self, stream: Stream, h_context: int) -> bool:
-        link = self._open_link(stream)
-        if self._ready is not None or link is None or self._free_streams(link) < 1:
-            return False
-        if stream.refill is not None:
-            stream.refill.cancel()
-            stream.refill = None
-        self._ready = (stream, h_context)
-        return True
-
-    def take_context(self, app: AppInfo) -> tuple[Stream, int] | None:
-        ready, self._ready = self._ready, None
-        link = self._open_link(ready[0]) if ready is not None else None
-        if link is None:
-            if ready is not None:
-                asyncio.get_running_loop().create_task(ready[0].close())
-            self._prepare()
-            return None
-        stream, h = ready
-        # the next one, unless this application gives its context back first (give_back)
-        stream.refill = asyncio.get_running_loop().call_later(PREPARE_AFTER, self._prepare)
-        stream.app = app
-        _log_stream(app, link, context="ready")
-        return stream, h
-
     @staticmethod
-    def _free_streams(link: Link) -> int:
+    def free_streams(link: Link) -> int:
         """Streams the guest may still open under the server's limit (its max_streams)."""
         limit = link.server_hello.max_streams
         return (limit - link.conn.open_streams) if limit else 1 << 30
-
-    def _prepare(self) -> None:
-        """Open a stream and establish a context on it now, so that the next application's
-        SCardEstablishContext is answered without a round trip to the server."""
-        link = self._open_link()
-        if self._preparing or self._ready is not None or link is None \
-                or self._free_streams(link) < 2:
-            return
-        stream = RemoteStream(self, link, AppInfo())
-
-        def established(reply, error):
-            self._preparing = False
-            if error is None and reply.rv == 0 and not link.dead and self.link is link \
-                    and self._ready is None:
-                self._ready = (stream, reply.hContext)
-            else:
-                asyncio.get_running_loop().create_task(stream.close())
-        self._preparing = True
-        try:
-            stream.submit(EstablishContext(SCARD_SCOPE_SYSTEM), established)
-        except BackendError:
-            self._preparing = False
 
     @property
     def server(self) -> str:
@@ -465,7 +506,7 @@ class RemoteBackend(Backend):
             delay = self.reconnect_initial
             self.link = link
             self.connected.set()
-            self._prepare()
+            self.pool.prepare()
             hello = link.server_hello
             log.info("server.connected", server=self.server, guest=hello.extra.get("guest"),
                      backend=hello.extra.get("backend"), backend_dialect=hello.dialect,
@@ -478,27 +519,23 @@ class RemoteBackend(Backend):
                 if self.link is link:
                     self.link = None
                     self.connected.clear()
-                self._ready = None        # its stream went with the link
+                self.pool.drop()          # its streams went with the link
                 self.model.update(())
             log.warning("server.disconnected", server=self.server)
 
     async def _keepalive(self, link: Link) -> None:
-        """Drop a link silent past the timeout; PING after an interval of sending nothing
-        (the server's PONG then proves the link both ways)."""
+        keepalive = link.keepalive
         n = 0
-        tick = min(self.keepalive_interval, self.keepalive_timeout / 2)
         while True:
-            await asyncio.sleep(tick)
-            silent = time.monotonic() - link.last_rx
-            if silent > self.keepalive_timeout:
-                log.warning("server.timeout", server=self.server, silent=f"{silent:.1f}s")
-                link._lost(BackendError("the server stopped answering", SCARD_E_NO_SERVICE))
-                link.transport.abort()
+            await asyncio.sleep(keepalive.period)
+            verdict = keepalive.tick(time.monotonic())
+            if isinstance(verdict, Dead):
+                log.warning("server.timeout", server=self.server, reason=verdict.reason)
+                link.abort(f"the server stopped answering ({verdict.reason})")
                 return
-            if not link.sent:
+            if verdict is PING:
                 n += 1
                 link.write(link.conn.send(Ping(n)))
-            link.sent = False
 
 
 def _ignore(_event) -> None:
@@ -515,7 +552,7 @@ def _log_stream(app: AppInfo, link: Link, context: str | None = None) -> None:
 
 def _finish(entry: tuple, error: BackendError) -> None:
     """A call that will get no reply: stop its timer and tell its caller."""
-    done, _stream, timer, _bound = entry
+    done, _stream, timer = entry
     if timer is not None:
         timer.cancel()
     done(None, error)

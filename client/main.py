@@ -29,12 +29,12 @@ def build(cfg: config.ClientConfig) -> tuple[RemoteBackend, Facade]:
     backend = RemoteBackend(cfg.server.host, cfg.server.port, ctx, cfg.server_name,
                             cfg.connect_timeout, cfg.reconnect.initial, cfg.reconnect.max,
                             cfg.keepalive.interval, cfg.keepalive.timeout, cfg.call_timeout)
-    return backend, Facade(backend, "agent")
+    return backend, Facade(backend, pool=backend.pool)
 
 
 async def serve(cfg: config.ClientConfig) -> None:
     backend, facade = build(cfg)
-    backend.start()
+    await backend.start()
     await facade.serve_unix(cfg.socket, cfg.socket_mode, cfg.socket_owner, cfg.socket_group)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -42,7 +42,7 @@ async def serve(cfg: config.ClientConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.sd_notify("READY=1")
     log.info("agent.ready", socket=cfg.socket, server=str(cfg.server), version=__version__,
-             python=platform.python_version())
+             python=platform.python_version(), selector=netio.selector_class().__name__)
     try:
         await stop.wait()
     finally:
@@ -62,7 +62,7 @@ def run(args) -> int:
         cfg = config.load_client_config(args.config, over)
         log.setup(cfg.log.level)
         netio.run(serve(cfg))
-    except (config.ConfigError, tls.TLSConfigError) as exc:
+    except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
         print(f"pcsc-bridge client: {exc}", flush=True)
         return 2
     except OSError as exc:

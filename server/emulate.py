@@ -15,7 +15,8 @@ from pcsc_bridge import log, netio
 from pcsc_bridge.card import DEFAULT_AIDS, Card
 from pcsc_bridge.facade import Facade
 
-from .virtual import ControlServer, VirtualBackend
+from .control import ControlServer
+from .virtual import VirtualBackend
 
 DEFAULT_READERS = ("Virtual PCD 00 00", "Virtual PCD 00 01")
 
@@ -62,7 +63,7 @@ class Emulator:
         self._stop = asyncio.Event()
         self.backend = VirtualBackend(
             [(n, Card() if self._cards else None) for n in self.reader_names])
-        self.facade = Facade(self.backend, "emulator")
+        self.facade = Facade(self.backend)
         await self.facade.serve_unix(self.socket_path, self._mode)
         control = await ControlServer(self.backend, self.control_path).start() \
             if self.control_path else None
@@ -134,7 +135,7 @@ def run(args) -> int:
 
 async def _serve_forever(path, names, cards, mode, control_path=None):
     backend = VirtualBackend([(n, Card() if cards else None) for n in names])
-    facade = Facade(backend, "emulator")
+    facade = Facade(backend)
     await facade.serve_unix(path, mode)
     control = await ControlServer(backend, control_path).start() if control_path else None
     stop = asyncio.Event()

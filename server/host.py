@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 
-from pcsc_bridge import __version__, log, netio, tls
-from pcsc_bridge.facade import Backend
+from pcsc_bridge import __version__, config, log, netio, tls
+from pcsc_bridge.backend import Backend
 
-from .pcscd import DEFAULT_SOCKET, PcscdBackend
-from .policy import Policy
-from .session import GuestSession, Limits
+from .session import GuestSession
 
 
 class Server:
-    def __init__(self, backend: Backend, tls_config: tls.ServerTLS, listen: list[tuple],
-                 policies: dict[str, Policy] | None = None, limits: Limits | None = None,
-                 max_guests: int = 64):
+    """Listens, admits guests (``config``: listen addresses, limits, guests' policies)
+    and gives each a GuestSession on ``backend``."""
+
+    def __init__(self, backend: Backend, tls_config: tls.ServerTLS,
+                 cfg: config.ServerConfig):
         self.backend = backend
         self.tls = tls_config
-        self.listen = listen
-        self.policies = policies or {}
-        self.limits = limits or Limits()
-        self.max_guests = max_guests
+        self.config = cfg
+        self.limits = cfg.limits
         self.sessions: set[GuestSession] = set()
         self.listeners: list[socket.socket] = []
         self.accepting: list[asyncio.Task] = []
@@ -33,11 +30,8 @@ class Server:
     def identity(self, ssl_object) -> str:
         return tls.peer_identity(ssl_object)
 
-    def policy_for(self, guest: str) -> Policy:
-        return self.policies.get(guest) or self.policies.get("default") or Policy()
-
     def admit(self, session: GuestSession) -> bool:
-        if len(self.sessions) >= self.max_guests:
+        if len(self.sessions) >= self.limits.max_guests:
             return False
         self.sessions.add(session)
         return True
@@ -45,16 +39,13 @@ class Server:
     def release(self, session: GuestSession) -> None:
         self.sessions.discard(session)
 
-    def backend_name(self) -> str:
-        return type(self.backend).__name__.replace("Backend", "").lower()
-
-    def backend_dialect(self):
-        dialect = getattr(self.backend, "dialect", None)
+    def backend_dialect(self) -> str | None:
+        dialect = self.backend.dialect
         return f"4:{dialect}" if dialect else None
 
     # --- listeners ------------------------------------------------------------------------
     async def start(self) -> None:
-        for host, port in self.listen:
+        for host, port in self.config.listen:
             socks = _listening_sockets(host, port)
             for sock in socks:
                 self.listeners.append(sock)
@@ -100,8 +91,8 @@ class Server:
     async def reload(self) -> None:
         """Re-read certificates, key, CA and CRL (SIGHUP) for new connections; live
         sessions are not touched. A failed reload keeps the previous files in use."""
-        try:
-            self.tls.reload()
+        try:   # the files are checked in a child process: not on the loop's time
+            self.tls.use(*await asyncio.to_thread(self.tls.load))
         except tls.TLSConfigError as exc:
             log.error("server.reload_failed", error=str(exc), kept="previous certificates")
             return
@@ -168,20 +159,3 @@ def _listening_sockets(host: str, port: int) -> list[socket.socket]:
             sock.close()
         raise
     return socks
-
-
-def make_backend(kind: str, socket_path: str = DEFAULT_SOCKET, readers=None) -> Backend:
-    if kind == "auto":
-        kind = "pcscd" if os.path.exists(socket_path) else "virtual"
-    if kind == "pcscd":
-        return PcscdBackend(socket_path)
-    if kind == "virtual":
-        from pcsc_bridge.card import Card
-
-        from .virtual import VirtualBackend
-        return VirtualBackend(readers or [("Virtual PCD 00 00", Card()),
-                                          ("Virtual PCD 00 01", None)])
-    if kind == "pyscard":
-        raise ValueError("backend type pyscard is not available in this release; "
-                         "use pcscd or virtual")
-    raise ValueError(f"unknown backend type {kind}")

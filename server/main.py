@@ -7,12 +7,9 @@ import platform
 import signal
 
 from pcsc_bridge import __version__, config, log, netio, tls
-from pcsc_bridge.card import DEFAULT_AIDS, Card
 
-from .host import Server, make_backend
-from .policy import Policy
-from .session import Limits
-from .virtual import ControlServer, VirtualBackend
+from .backends import make_backend
+from .host import Server
 
 
 def register(subparsers) -> None:
@@ -34,40 +31,29 @@ def overrides(args) -> dict:
 
 
 def build(cfg: config.ServerConfig) -> Server:
-    readers = None
-    if cfg.virtual.readers:
-        readers = [(r.name, None if r.card is None else Card(
-            **({"atr": r.card.atr} if r.card.atr else {}),
-            aids=tuple(r.card.aids or DEFAULT_AIDS))) for r in cfg.virtual.readers]
-    backend = make_backend(cfg.backend.type, cfg.backend.socket, readers)
-    lim = cfg.limits
-    limits = Limits(lim.max_frame, lim.handshake_timeout, lim.keepalive_interval,
-                    lim.keepalive_timeout, lim.call_timeout, lim.drain_timeout)
-    policies = {name: Policy(tuple(p.readers), p.exclusive, p.direct,
-                             p.control if isinstance(p.control, str) else tuple(p.control),
-                             p.max_streams or lim.streams_per_guest, p.allow)
-                for name, p in cfg.guests.items()}
-    return Server(backend, tls.ServerTLS(cfg.cert, cfg.key, cfg.ca, cfg.crl,
-                                         cfg.tls_min_version),
-                  cfg.listen, policies, limits, lim.max_guests)
+    return Server(make_backend(cfg), tls.ServerTLS(cfg.cert, cfg.key, cfg.ca, cfg.crl,
+                                                   cfg.tls_min_version), cfg)
 
 
-async def serve(server: Server, control_path: str | None = None) -> None:
-    """Run ``server`` until SIGTERM/SIGINT; with ``control_path`` and the virtual backend,
-    also its control socket (server.virtual.control)."""
-    if hasattr(server.backend, "start"):
-        await server.backend.start()
+async def serve(server: Server) -> None:
+    """Run ``server`` until SIGTERM/SIGINT; with the virtual backend and
+    server.virtual.control, also its control socket."""
+    backend = server.backend
+    await backend.start()
     control = None
-    if control_path and isinstance(server.backend, VirtualBackend):
-        control = await ControlServer(server.backend, control_path).start()
+    control_path = server.config.virtual.control
+    if control_path and backend.name == "virtual":
+        from .control import ControlServer
+        control = await ControlServer(backend, control_path).start()
     elif control_path:
-        log.warning("control.unused", path=control_path, backend=server.backend_name(),
+        log.warning("control.unused", path=control_path, backend=backend.name,
                     reason="only the virtual backend has a control socket")
     try:
         await server.start()
     except BaseException:
         if control:
             await control.close()
+        await backend.close()
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -75,13 +61,15 @@ async def serve(server: Server, control_path: str | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
     log.sd_notify("READY=1")
-    log.info("server.ready", backend=server.backend_name(), dialect=server.backend_dialect(),
-             version=__version__, python=platform.python_version())
+    log.info("server.ready", backend=backend.name, pcsc=backend.describe(),
+             dialect=server.backend_dialect(), version=__version__,
+             python=platform.python_version(), selector=netio.selector_class().__name__)
     await stop.wait()
     log.sd_notify("STOPPING=1")
     if control:
         await control.close()
     await server.close()
+    await backend.close()
 
 
 def run(args) -> int:
@@ -89,7 +77,7 @@ def run(args) -> int:
         cfg = config.load_server_config(args.config, overrides(args))
         log.setup(cfg.log.level)
         server = build(cfg)
-        netio.run(serve(server, cfg.virtual.control))
+        netio.run(serve(server))
     except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
         print(f"pcsc-bridge server: {exc}", flush=True)
         return 2

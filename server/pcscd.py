@@ -17,11 +17,11 @@ import contextlib
 import socket
 
 from pcsc_bridge import log, netio
-from pcsc_bridge.facade import AppInfo, Backend, BackendError, ReaderModel, Stream
+from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream, ReaderModel
 from pcsc_bridge.pcsc import (
+    DEFAULT_SOCKET,
     NATIVE,
     SCARD_E_NO_SERVICE,
-    TRANSMIT_REPLY_SIZE,
     BeginTransaction,
     Connect,
     Disconnect,
@@ -40,10 +40,8 @@ from pcsc_bridge.pcsc import (
     WaitReaderStateChange,
     encode_request,
     rv_name,
-    transmit_reply_size,
 )
 
-DEFAULT_SOCKET = "/run/pcscd/pcscd.comm"
 NEWEST = 6
 # Calls after which the reader-state array may have changed.
 REFRESH_AFTER = frozenset({Connect, Reconnect, Disconnect, BeginTransaction, EndTransaction,
@@ -53,8 +51,6 @@ REFRESH_AFTER = frozenset({Connect, Reconnect, Disconnect, BeginTransaction, End
 # before); a failure (card removed or reset) may go with a change the array shows.
 REFRESH_ON_FAILURE = frozenset({Transmit, Status})
 RETRY_INTERVAL = 1.0
-_RV = slice(TRANSMIT_REPLY_SIZE - 4, TRANSMIT_REPLY_SIZE)   # rv in a Transmit reply struct
-_OK = bytes(4)
 
 
 class PcscdConnection(asyncio.Protocol):
@@ -67,16 +63,11 @@ class PcscdConnection(asyncio.Protocol):
         self.lost = asyncio.get_running_loop().create_future()
         self.done = None   # submit()'s callback for the reply under way
         self.on_lost = None   # called when pcscd closes the socket between calls
-        self.bound: int | None = None   # a relayed SCardTransmit's allowed response length
-        self.partial = b""    # its reply so far (pcscd writes struct and response apart)
 
     def connection_made(self, transport):
         self.transport = transport
 
     def data_received(self, data):
-        if self.bound is not None:
-            self._relayed(data)
-            return
         try:
             msgs = self.reader.feed(data)
         except ProtocolError as exc:
@@ -108,34 +99,6 @@ class PcscdConnection(asyncio.Protocol):
         self.reader.expect(msg)
         self.done = done
         self.transport.write(encode_request(msg, NATIVE))
-
-    def relay(self, request: bytes, bound: int, done) -> None:
-        """Write an SCardTransmit request's bytes as they are; ``done(reply, error)``
-        gets the reply's bytes once complete and checked (pcsc.transmit_reply_size)."""
-        if self.lost.done():
-            raise BackendError("pcscd connection closed")
-        self.bound = bound
-        self.done = done
-        self.transport.write(request)
-
-    def _relayed(self, data: bytes) -> None:
-        if self.partial:
-            data = self.partial + data
-        try:
-            size = transmit_reply_size(data, self.bound)
-            if size is not None and len(data) > size:
-                raise ProtocolError(f"{len(data) - size} unexpected bytes from pcscd")
-        except ProtocolError as exc:
-            log.error("pcscd.protocol_error", error=str(exc))
-            self.transport.close()
-            return
-        if size is None or len(data) < size:
-            self.partial = data
-            return
-        self.partial = b""
-        self.bound = None
-        done, self.done = self.done, None
-        done(data, None)
 
     async def call(self, msg: Message):
         if self.lost.done():
@@ -193,7 +156,9 @@ async def connect(path: str, dialect: int, timeout: float = 5.0) -> PcscdConnect
     return conn
 
 
-class PcscdStream(Stream):
+class PcscdStream(BackendStream):
+    """One application's own pcscd socket."""
+
     def __init__(self, backend: PcscdBackend, conn: PcscdConnection):
         self.backend = backend
         self.conn = conn
@@ -202,25 +167,21 @@ class PcscdStream(Stream):
         """pcscd went away (restarted) while this stream was idle: ``lost()`` runs."""
         self.conn.on_lost = lost
 
-    def relay(self, request: bytes, bound: int, done) -> bool:
-        """SCardTransmit as bytes (see Stream.relay); a failed one refreshes reader
-        states before its reply, as in ``submit``."""
-        def answered(reply, error):
-            if error is None and reply[_RV] != _OK:
-                asyncio.get_running_loop().create_task(self._refresh_then(done, reply))
-                return
-            done(reply, error)
-        self.conn.relay(request, bound, answered)
-        return True
+    def pause_reading(self) -> None:
+        self.conn.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.conn.transport.resume_reading()
 
     def submit(self, msg, done):
-        if type(msg) not in REFRESH_AFTER and type(msg) not in REFRESH_ON_FAILURE:
+        kind = type(msg)
+        if kind not in REFRESH_AFTER and kind not in REFRESH_ON_FAILURE:
             self.conn.submit(msg, done)
             return
 
         def answered(reply, error):
             # the model is current before a call that may have changed it is answered
-            if error is not None or (type(msg) in REFRESH_ON_FAILURE and reply.rv == 0):
+            if error is not None or (kind in REFRESH_ON_FAILURE and reply.rv == 0):
                 done(reply, error)
                 return
             asyncio.get_running_loop().create_task(self._refresh_then(done, reply))
@@ -240,6 +201,8 @@ class PcscdStream(Stream):
 
 
 class PcscdBackend(Backend):
+    name = "pcscd"
+
     def __init__(self, path: str = DEFAULT_SOCKET):
         self.path = path
         self.model = ReaderModel()
@@ -250,6 +213,10 @@ class PcscdBackend(Backend):
         self._task: asyncio.Task | None = None
         self._spare: asyncio.Task | None = None   # a PcscdConnection being made ready
         self.up = asyncio.Event()
+
+    def describe(self) -> str:
+        dialect = f"protocol 4:{self.dialect}" if self.dialect else "not reachable yet"
+        return f"pcsc-lite pcscd at {self.path} ({dialect})"
 
     async def start(self, wait: bool = True) -> None:
         self._task = asyncio.get_running_loop().create_task(self._watch())
@@ -300,7 +267,7 @@ class PcscdBackend(Backend):
                                SCARD_E_NO_SERVICE)
         return conn
 
-    async def open_stream(self, app: AppInfo) -> Stream:
+    async def open_stream(self, app: AppInfo) -> BackendStream:
         if self.dialect is None:
             raise BackendError(f"pcscd is not available at {self.path}")
         conn = self._take_spare() or await self._open()

@@ -1,12 +1,17 @@
 """One guest's mutual-TLS session on the host: many streams, one backend stream each.
 
 The connection speaks pcsc-bridge/1 through ``pcsc_bridge.wire.Connection``
-(docs/wire-protocol.md). Every CALL is parsed as a pcsc-lite request (little-endian on the
-wire) and checked like pcscd checks it, then against the guest's policy; only then does
-the backend see it. A stream that sends garbage is closed alone (CLOSE with a reason); a
-connection that breaks the wire rules gets a GOAWAY and is closed alone. The guest's
-reader-state array is pushed (STATE) whenever it changes — before the reply of the call
-that changed it, on the same ordered connection.
+(docs/wire-protocol.md). Every CALL is decoded as a pcsc-lite request (little-endian on
+the wire) and checked like pcscd checks it, then against the guest's policy; only then
+does the backend see it. A stream that sends garbage is closed alone (CLOSE with a
+reason); a connection that breaks the wire rules gets a GOAWAY and is closed alone. The
+guest's reader-state array is pushed (STATE) whenever it changes — before the reply of
+the call that changed it, on the same ordered connection.
+
+Flow control: while the guest does not read what it is sent (the TLS transport's write
+buffer is above its high-water mark), its connection and its backend streams are not
+read and STATE waits (only the newest is sent), so a guest that never reads costs
+bounded memory: the write buffer, and at most one reply per stream.
 """
 
 from __future__ import annotations
@@ -14,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 
 from pcsc_bridge import log
-from pcsc_bridge.facade import AppInfo, Backend, BackendError
+from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream
+from pcsc_bridge.config import Limits, Policy
+from pcsc_bridge.keepalive import PING, Dead, Keepalive
 from pcsc_bridge.pcsc import (
-    RELAY_TRANSMIT,
     WIRE,
     BeginTransaction,
     Connect,
@@ -39,12 +44,9 @@ from pcsc_bridge.pcsc import (
     Transmit,
     encode_reply,
     rv_name,
-    transmit_of,
-    transmit_request,
 )
 from pcsc_bridge.wire import (
     ALPN,
-    DEFAULT_MAX_FRAME,
     Call,
     Close,
     Connection,
@@ -62,8 +64,6 @@ from pcsc_bridge.wire import (
     WireError,
 )
 
-from .policy import Policy
-
 # The calls that travel; the agent answers the others (version, reader states, waits,
 # SCARD_CANCEL) from the STATE it holds.
 CARD_CALLS = frozenset({EstablishContext, ReleaseContext, Connect, Reconnect, Disconnect,
@@ -72,56 +72,42 @@ CARD_CALLS = frozenset({EstablishContext, ReleaseContext, Connect, Reconnect, Di
 DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 .. 4:6; card calls are the same in all of them
 
 
-class Limits:
-    def __init__(self, max_frame=DEFAULT_MAX_FRAME, handshake_timeout=10.0,
-                 keepalive_interval=5.0, keepalive_timeout=15.0, call_timeout=None,
-                 drain_timeout=5.0):
-        self.max_frame = max_frame
-        self.handshake_timeout = handshake_timeout
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_timeout = keepalive_timeout
-        self.call_timeout = call_timeout
-        self.drain_timeout = drain_timeout
+class GuestStream:
+    """One of the guest's streams (one application socket on the guest): at most one
+    call at a time, as the wire allows."""
 
-
-class ServerStream:
-    __slots__ = ("app", "backend_stream", "calls", "ended", "id", "opened", "reader",
-                 "relay", "running", "timer")
+    __slots__ = ("app", "backend", "ended", "id", "opened", "reader", "running", "timer")
 
     def __init__(self, sid: int, app: AppInfo):
         self.id = sid
         self.app = app
         self.reader = RequestReader(WIRE)
-        self.calls: deque = deque()   # checked requests not yet with the backend
-        self.backend_stream = None
-        self.relay = None     # the backend stream's relay for SCardTransmit, if any
+        self.backend: BackendStream | None = None
         self.opened = False   # OPENED goes out in the same write as the first REPLY
         self.running = False  # a call is with the backend (or the backend stream opens)
         self.ended = False
         self.timer: asyncio.TimerHandle | None = None
-
-    @property
-    def busy(self) -> bool:
-        return self.running or bool(self.calls)
 
 
 class GuestSession(asyncio.Protocol):
     def __init__(self, server):
         self.server = server
         self.backend: Backend = server.backend
-        self.limits: Limits = server.limits
+        self.limits: Limits = server.config.limits
         self.conn: Connection | None = None
         self.transport = None
         self.guest = "?"
         self.peer = "?"
         self.policy: Policy | None = None
-        self.streams: dict[int, ServerStream] = {}
+        self.streams: dict[int, GuestStream] = {}
         self.ready = False            # both HELLOs exchanged
         self.going_away = False       # GOAWAY sent: no new streams, finishing the others
-        self.last_rx = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self.keepalive = Keepalive(self.limits.keepalive_interval,
+                                   self.limits.keepalive_timeout, time.monotonic())
         # accept time: TLS handshake and HELLO must be done by accepted + handshake_timeout
-        self.accepted = asyncio.get_running_loop().time()
-        self.sent = False             # wrote something since the last keepalive tick
+        self.accepted = loop.time()
+        self.write_paused = False     # the guest does not read what we send
         self._sent_states = None
         self._states_due = False      # the model changed; STATE not yet written
         self._unlisten = None
@@ -143,16 +129,16 @@ class GuestSession(asyncio.Protocol):
         self.guest = self.server.identity(ssl_object)
         if alpn != ALPN:
             return self.fail(f"peer did not negotiate ALPN {ALPN} (got {alpn})")
-        self.policy = self.server.policy_for(self.guest)
+        self.policy = self.server.config.policy_for(self.guest)
         self.conn = Connection("server", self.limits.max_frame, self.policy.max_streams)
         if not self.policy.allow:
             return self.fail("guest not allowed by policy", Reason.POLICY)
         if not self.server.admit(self):
-            return self.fail("too many guests connected", Reason.LIMIT)
-        self._timer = asyncio.get_running_loop().call_later(
-            self.limits.keepalive_interval, self._keepalive)
-        asyncio.get_running_loop().call_at(self.accepted + self.limits.handshake_timeout,
-                                           self._handshake_deadline)
+            return self.fail(f"too many guests connected (max_guests={self.limits.max_guests})",
+                             Reason.LIMIT)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.keepalive.period, self._keepalive)
+        loop.call_at(self.accepted + self.limits.handshake_timeout, self._handshake_deadline)
 
     def _handshake_deadline(self):
         if not self.ready and not self.closed:
@@ -194,7 +180,7 @@ class GuestSession(asyncio.Protocol):
     def data_received(self, data):
         if self.closed or self.conn is None:
             return
-        self.last_rx = time.monotonic()
+        self.keepalive.received(time.monotonic())
         one = self.conn.receive_one(data)   # a chunk that is one CALL: the usual case
         if one is not None:
             self._call(*one)
@@ -217,18 +203,38 @@ class GuestSession(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if not self.closed:
             self.transport.write(data)
-            self.sent = True
+            self.keepalive.wrote()
+
+    # --- flow control -------------------------------------------------------------------
+    def pause_writing(self):
+        self.write_paused = True
+        self.keepalive.blocked(time.monotonic())
+        self.transport.pause_reading()
+        for stream in self.streams.values():
+            if stream.backend is not None:
+                stream.backend.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        self.keepalive.unblocked(time.monotonic())
+        for stream in self.streams.values():
+            if stream.backend is not None:
+                stream.backend.resume_reading()
+        if self._states_due:
+            self._flush_states()
+        if not self.closed:
+            self.transport.resume_reading()
 
     # --- events -------------------------------------------------------------------------
     def _on_hello(self, hello: Hello):
         self.ready = True
         log.info("guest.connected", guest=self.guest, peer=self.peer, agent=hello.software,
                  host=hello.extra.get("host"), wire=self.conn.version,
-                 backend=self.server.backend_name(), dialect=self.server.backend_dialect())
+                 backend=self.backend.name, dialect=self.server.backend_dialect())
         self._write(self.conn.send(Hello(
             software=self.server.software, dialect=self.server.backend_dialect(),
             keepalive=self.limits.keepalive_interval,
-            extra={"guest": self.guest, "backend": self.server.backend_name()})))
+            extra={"guest": self.guest, "backend": self.backend.name})))
         self._write(self._states_frame())
         self._unlisten = self.backend.model.listen(self._push_states)
 
@@ -243,19 +249,17 @@ class GuestSession(asyncio.Protocol):
             return
         app = AppInfo(event.pid, event.uid)
         app.dialect = event.minor
-        self.streams[sid] = ServerStream(sid, app)
+        self.streams[sid] = GuestStream(sid, app)
 
     def _on_call(self, event: Call):
         self._call(event.stream_id, event.payload)
 
     def _call(self, sid: int, payload: bytes):
+        """One CALL: decoded and checked like pcscd, then the policy, then the backend
+        (the wire allows one call at a time per stream)."""
         stream = self.streams.get(sid)
         if stream is None:
             return
-        if stream.relay is not None and not stream.running and not stream.calls:
-            bound = transmit_request(payload)
-            if bound is not None and self._relay(stream, payload, bound):
-                return
         reader = stream.reader
         try:
             msgs = reader.feed(payload)
@@ -269,9 +273,20 @@ class GuestSession(asyncio.Protocol):
                         error=str(exc))
             self._close_stream(stream, Reason.PCSC_ERROR, str(exc))
             return
-        stream.calls.append(msg)
-        if not stream.running:
-            self._next(stream)
+        rv = self.policy.check(msg)
+        if rv:
+            log.info("policy.denied", guest=self.guest, stream=stream.id,
+                     call=type(msg).__name__, rv=rv_name(rv))
+            self._reply(stream, encode_reply(msg.failed(rv), WIRE))
+            return
+        stream.running = True
+        if self.limits.call_timeout:
+            stream.timer = asyncio.get_running_loop().call_later(
+                self.limits.call_timeout, self._timed_out, stream, type(msg))
+        if stream.backend is None:
+            asyncio.get_running_loop().create_task(self._open_and_submit(stream, msg))
+            return
+        self._submit(stream, msg)
 
     def _on_close(self, event: Close):
         stream = self.streams.get(event.stream_id)
@@ -279,8 +294,10 @@ class GuestSession(asyncio.Protocol):
             self._end_stream(stream)
 
     def _on_stream_error(self, event: StreamError):
-        log.warning("stream.protocol_error", guest=self.guest, stream=event.stream_id,
-                    error=event.text)
+        limit = event.code == Reason.LIMIT
+        log.warning("stream.refused" if limit else "stream.protocol_error", guest=self.guest,
+                    stream=event.stream_id, error=event.text,
+                    limit=f"streams_per_guest={self.policy.max_streams}" if limit else None)
         self._write(self.conn.send(Close(event.stream_id, event.code, event.text)))
         stream = self.streams.get(event.stream_id)
         if stream is not None:
@@ -297,99 +314,46 @@ class GuestSession(asyncio.Protocol):
             self.transport.close()
 
     # --- streams ------------------------------------------------------------------------
-    def _end_stream(self, stream: ServerStream):
+    def _end_stream(self, stream: GuestStream):
         """Forget the stream and close its backend stream (a call under way is dropped:
         the backend sees its socket close, as when an application dies)."""
         self.streams.pop(stream.id, None)
         stream.ended = True
-        stream.calls.clear()
         if stream.timer:
             stream.timer.cancel()
-        backend_stream, stream.backend_stream = stream.backend_stream, None
-        stream.relay = None
-        if backend_stream is not None:
-            asyncio.get_running_loop().create_task(_close_quietly(backend_stream))
+        backend, stream.backend = stream.backend, None
+        if backend is not None:
+            asyncio.get_running_loop().create_task(_close_quietly(backend))
         if self.going_away:
             self._drained()
 
-    def _close_stream(self, stream: ServerStream, code: int, text: str):
+    def _close_stream(self, stream: GuestStream, code: int, text: str):
         self._write(self.conn.send(Close(stream.id, code, text)))
         self._end_stream(stream)
 
-    def _next(self, stream: ServerStream):
-        """Start the stream's next call: checked against the policy, then to the backend."""
-        while stream.calls and not stream.running and not stream.ended:
-            msg = stream.calls.popleft()
-            rv = self.policy.check(msg)
-            if rv:
-                log.info("policy.denied", guest=self.guest, stream=stream.id,
-                         call=type(msg).__name__, rv=rv_name(rv))
-                self._reply(stream, encode_reply(msg.failed(rv), WIRE))
-                continue
-            stream.running = True
-            if stream.backend_stream is None:
-                asyncio.get_running_loop().create_task(self._open_and_submit(stream, msg))
-                return
-            self._submit(stream, msg)
-        if self.going_away:
-            self._drained()
-
-    async def _open_and_submit(self, stream: ServerStream, msg: Message):
+    async def _open_and_submit(self, stream: GuestStream, msg: Message):
         try:
-            backend_stream = await self.backend.open_stream(stream.app)
+            backend = await self.backend.open_stream(stream.app)
         except BackendError as exc:
-            # no backend connection: this call fails (NO_SERVICE), the stream lives on
-            log.warning("backend.error", guest=self.guest, stream=stream.id,
-                        call=type(msg).__name__, error=str(exc))
-            stream.running = False
-            if not stream.ended:
-                self._reply(stream, encode_reply(msg.failed(exc.rv), WIRE))
-                self._next(stream)
+            self._answered(stream, msg, None, exc)
             return
         if stream.ended:
-            await _close_quietly(backend_stream)
+            await _close_quietly(backend)
             return
-        stream.backend_stream = backend_stream
-        stream.relay = backend_stream.relay if RELAY_TRANSMIT else None
-        backend_stream.watch(lambda: self._backend_lost(stream))
+        stream.backend = backend
+        backend.watch(lambda: self._backend_lost(stream))
+        if self.write_paused:
+            backend.pause_reading()
         self._submit(stream, msg)
 
-    def _relay(self, stream: ServerStream, request: bytes, bound: int) -> bool:
-        """An SCardTransmit whose bytes go to the backend as they are (the policy has no
-        rule for SCardTransmit; RequestReader's checks were made by transmit_request).
-        False: the backend stream did not take it; nothing was started."""
-        stream.running = True
-        self._start_timer(stream, Transmit)
-
-        def done(reply, error):
-            msg = None if error is None else transmit_of(request, WIRE)
-            self._answered(stream, msg, reply, error)
+    def _submit(self, stream: GuestStream, msg: Message):
         try:
-            if stream.relay(request, bound, done):
-                return True
-        except BackendError as exc:
-            done(None, exc)
-            return True
-        stream.running = False
-        if stream.timer:
-            stream.timer.cancel()
-            stream.timer = None
-        return False
-
-    def _start_timer(self, stream: ServerStream, call: type) -> None:
-        if self.limits.call_timeout:
-            stream.timer = asyncio.get_running_loop().call_later(
-                self.limits.call_timeout, self._timed_out, stream, call)
-
-    def _submit(self, stream: ServerStream, msg: Message):
-        self._start_timer(stream, type(msg))
-        try:
-            stream.backend_stream.submit(
+            stream.backend.submit(
                 msg, lambda reply, error: self._answered(stream, msg, reply, error))
         except BackendError as exc:
             self._answered(stream, msg, None, exc)
 
-    def _answered(self, stream: ServerStream, msg: Message, reply, error):
+    def _answered(self, stream: GuestStream, msg: Message, reply, error):
         stream.running = False
         if stream.timer:
             stream.timer.cancel()
@@ -397,24 +361,29 @@ class GuestSession(asyncio.Protocol):
         if stream.ended:
             return
         if error is not None:
-            # the backend connection is gone or broken: this stream ends
             text = str(error) if isinstance(error, BackendError) else repr(error)
             log.warning("backend.error", guest=self.guest, stream=stream.id,
-                        call=type(msg).__name__, error=text)
-            self._close_stream(stream, Reason.BACKEND, text)
+                        call=type(msg).__name__, error=text,
+                        limit=getattr(error, "limit", None))
+            if stream.backend is None and isinstance(error, BackendError) \
+                    and error.limit is None:
+                # no backend stream (pcscd down): this call fails, the stream lives on
+                self._reply(stream, encode_reply(msg.failed(error.rv), WIRE))
+                return
+            # at a limit, or the backend stream broke: this stream ends
+            self._close_stream(stream, Reason.LIMIT if getattr(error, "limit", None)
+                               else Reason.BACKEND, text)
             return
-        self._reply(stream, reply if type(reply) is bytes else encode_reply(reply, WIRE))
-        if stream.calls:
-            self._next(stream)
+        self._reply(stream, encode_reply(reply, WIRE))
 
-    def _backend_lost(self, stream: ServerStream):
+    def _backend_lost(self, stream: GuestStream):
         """The backend ended an idle stream's connection (pcscd restarted): its contexts
         are gone, so the stream ends now rather than at the application's next call."""
         if not stream.ended and not self.closed:
             log.info("stream.backend_lost", guest=self.guest, stream=stream.id)
             self._close_stream(stream, Reason.BACKEND, "the backend closed the connection")
 
-    def _timed_out(self, stream: ServerStream, call: type):
+    def _timed_out(self, stream: GuestStream, call: type):
         stream.timer = None
         if stream.ended:
             return
@@ -423,7 +392,7 @@ class GuestSession(asyncio.Protocol):
                     call=call.__name__, error=text)
         self._close_stream(stream, Reason.TIMEOUT, text)
 
-    def _reply(self, stream: ServerStream, payload: bytes) -> None:
+    def _reply(self, stream: GuestStream, payload: bytes) -> None:
         if self.closed:
             return
         conn = self.conn
@@ -437,8 +406,7 @@ class GuestSession(asyncio.Protocol):
             return   # the stream was closed meanwhile (a race the wire allows)
         if self._states_due:      # the state this reply may depend on goes first
             data = self._states_frame() + data
-        self.transport.write(data)
-        self.sent = True
+        self._write(data)
         if self.going_away:
             self._drained()
 
@@ -453,7 +421,7 @@ class GuestSession(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return any(s.busy for s in self.streams.values())
+        return any(s.running for s in self.streams.values())
 
     def _drained(self):
         """After our GOAWAY: close once no call is under way."""
@@ -464,13 +432,14 @@ class GuestSession(asyncio.Protocol):
     # --- state and keepalive ------------------------------------------------------------
     def _push_states(self):
         """The model changed: STATE goes out with the next REPLY (one write, one TLS
-        record), or on its own on the next loop pass if no reply is due by then."""
+        record), or on its own on the next loop pass if no reply is due by then (or once
+        the guest reads again)."""
         if self.ready and not self.closed and not self._states_due:
             self._states_due = True
             asyncio.get_running_loop().call_soon(self._flush_states)
 
     def _flush_states(self):
-        if self._states_due:
+        if self._states_due and not self.write_paused:
             data = self._states_frame()
             if data:
                 self._write(data)
@@ -488,29 +457,25 @@ class GuestSession(asyncio.Protocol):
                                           ReaderStates(states).pack(WIRE)))
 
     def _keepalive(self):
-        """Each tick: drop a peer silent past keepalive_timeout; PING when we sent nothing
-        for a whole interval (the peer's PONG then proves the link both ways)."""
         if self.closed:
             return
-        silent = time.monotonic() - self.last_rx
-        if silent > self.limits.keepalive_timeout:
+        verdict = self.keepalive.tick(time.monotonic())
+        if isinstance(verdict, Dead):
             log.warning("guest.timeout", guest=self.guest, peer=self.peer,
-                        silent=f"{silent:.1f}s")
+                        reason=verdict.reason)
             self.closed = True
             self.transport.abort()
             return
-        if self.ready and not self.sent:
+        if verdict is PING and self.ready:
             self._write(self.conn.send(Ping(int(time.monotonic() * 1000))))
-        self.sent = False
-        self._timer = asyncio.get_running_loop().call_later(
-            min(self.limits.keepalive_interval, self.limits.keepalive_timeout / 2),
-            self._keepalive)
+        self._timer = asyncio.get_running_loop().call_later(self.keepalive.period,
+                                                            self._keepalive)
 
 
 def _ignore(_event) -> None:
     pass
 
 
-async def _close_quietly(backend_stream) -> None:
+async def _close_quietly(backend: BackendStream) -> None:
     with contextlib.suppress(Exception):
-        await backend_stream.close()
+        await backend.close()

@@ -9,6 +9,7 @@ Registered here:
   pcscd     the host's real pcscd (Debian 12: 1.9.9) + vpcd + tests/testcard.py
   emulator  pcsc_bridge.server.emulate.Emulator, in this process
   bridge    pcscd ← pcsc-bridge server ← mutual TLS ← pcsc-bridge client (processes)
+  bridge-select  the same, server and agent on selectors.SelectSelector (Windows' selector)
 
 More targets: ``register(name, factory)`` where ``factory(targets: Targets) -> Target``; a
 factory may wrap another target's socket with ``targets.get("pcscd")`` and take a private
@@ -534,11 +535,15 @@ class BridgeTarget(Target):
     name = "bridge"
 
     def __init__(self, inner: Target, directory: str, backend_socket: str | None = None,
-                 python=(sys.executable,)):
+                 python=(sys.executable,), selector: str | None = None):
         super().__init__(os.path.join(directory, "agent.sock"), inner.readers)
         self.inner, self.dir = inner, directory
         self.backend_socket = backend_socket  # pcscd's socket, if not the default one
         self.python = python   # server and agent run with this interpreter
+        self.selector = selector   # PCSC_BRIDGE_SELECTOR for both, e.g. "select"
+        if selector:
+            self.name = f"bridge-{selector}"
+            self.python = ("env", f"PCSC_BRIDGE_SELECTOR={selector}", *python)
         self.server = self.agent = None
 
     def start(self) -> None:
@@ -553,6 +558,14 @@ class BridgeTarget(Target):
             self.dir, ca, port, "guest1", self.socket)], os.path.join(self.dir, "agent.log"),
             self.python)
         wait_path(self.socket)
+        if self.selector:   # they run on it, as their ready lines say
+            want = f"selector={self.selector.capitalize()}Selector"
+            for p in (self.server, self.agent):
+                deadline = time.monotonic() + 10
+                while want not in p.output():
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{self.name}: no '{want}' in {p.log_path}")
+                    time.sleep(0.05)
 
     def stop(self) -> None:
         super().stop()
@@ -611,3 +624,6 @@ def register(name: str, factory: Callable[[Targets], Target]) -> None:
 register("pcscd", lambda ts: PcscdTarget(ts.workdir("pcscd")))
 register("emulator", lambda ts: EmulatorTarget(ts.workdir("emulator")))
 register("bridge", lambda ts: BridgeTarget(ts.get("pcscd"), ts.workdir("bridge")))
+# the same, with server and agent on select(), the selector Windows has
+register("bridge-select", lambda ts: BridgeTarget(ts.get("pcscd"), ts.workdir("bridge-select"),
+                                                  selector="select"))

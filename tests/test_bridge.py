@@ -417,7 +417,7 @@ def test_wire_protocol_as_documented(bridge):
         hello = g.next(wire.Hello)
         assert (hello.role, hello.dialect, hello.max_frame, hello.extra["guest"],
                 hello.extra["backend"]) == ("server", "4:4", 131072, "guest1", "pcscd")
-        assert hello.max_streams == 64 and 0 < hello.keepalive <= 15
+        assert hello.max_streams == 200 and 0 < hello.keepalive <= 15
         state = g.next(wire.StateUpdate)                 # right after the server's HELLO
         names = ReaderStates.unpack(state.states, WIRE).states
         assert [n.readerName for n in names][:1] == [R0]

@@ -26,7 +26,8 @@ import test_pcsc_api as api
 from matrix.bridged import ChrootPcscdTarget, ClientView, VirtualBridge, bridge_to
 from matrix.pcsclite import client_envs, info
 from pcsc_bridge import pcsc
-from pcsc_bridge.facade import Backend, Facade, ReaderModel, Stream
+from pcsc_bridge.backend import Backend, ReaderModel, TaskStream
+from pcsc_bridge.facade import Facade
 from targets import App, BridgeTarget
 
 pytestmark = pytest.mark.matrix
@@ -300,7 +301,7 @@ def test_readers_move_between_pcscd_versions(pcscds, clients, targets):
 
 # --- the translation itself, without processes --------------------------------------------
 
-class _Stream(Stream):
+class _Stream(TaskStream):
     async def call(self, msg):
         return msg.with_rv(0, hContext=0x1234) if isinstance(msg, pcsc.EstablishContext) \
             else msg.with_rv(0)

@@ -5,6 +5,7 @@ written before it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import threading
@@ -15,6 +16,7 @@ from pcsc_bridge import netio
 
 CHUNK = 65536
 CHUNKS = 96  # 6 MiB: far more than the socket buffers hold
+LOOPS = ["default", "select"]
 
 
 class Sender(asyncio.Protocol):
@@ -37,10 +39,9 @@ def pki(tmp_path_factory):
     return make_pki(str(tmp_path_factory.mktemp("pki")))
 
 
-@pytest.mark.parametrize("loop", ["netio", "asyncio"])
+@pytest.mark.parametrize("loop", LOOPS)
 def test_slow_reader_gets_every_byte_in_order_then_the_close(pki, loop):
-    """On the server's and agent's own loop (sockets run as polled) and on a plain
-    asyncio loop (the fallback through add_reader/add_writer)."""
+    """On the platform's default selector and on select() (what Windows has)."""
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(f"{pki}/host.pem", f"{pki}/host-key.pem")
     client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -99,9 +100,10 @@ class Recorder(asyncio.Protocol):
 
 
 def _run(loop: str, main, quiet=True):
-    """``main()`` on a new loop of kind ``loop`` ("netio" or "asyncio"; asyncio.Runner is
-    3.11's, the package supports 3.10); ``quiet``: no exception reports on stderr."""
-    new_loop = (netio.new_event_loop if loop == "netio" else asyncio.new_event_loop)()
+    """``main()`` on a new SelectorEventLoop over the selector ``loop`` names (as
+    PCSC_BRIDGE_SELECTOR does; asyncio.Runner is 3.11's, the package supports 3.10);
+    ``quiet``: no exception reports on stderr."""
+    new_loop = asyncio.SelectorEventLoop(netio.selector_class(loop)())
     if quiet:
         new_loop.set_exception_handler(lambda _loop, _ctx: None)
     try:
@@ -111,7 +113,7 @@ def _run(loop: str, main, quiet=True):
         new_loop.close()
 
 
-@pytest.mark.parametrize("loop", ["netio", "asyncio"])
+@pytest.mark.parametrize("loop", LOOPS)
 def test_a_protocol_that_raises_loses_its_connection_not_the_peer(loop):
     """An application whose request hits a bug is disconnected (its pcsc-lite call then
     fails) instead of waiting forever on a socket nobody reads."""
@@ -128,7 +130,7 @@ def test_a_protocol_that_raises_loses_its_connection_not_the_peer(loop):
     _run(loop, main)
 
 
-@pytest.mark.parametrize("loop", ["netio", "asyncio"])
+@pytest.mark.parametrize("loop", LOOPS)
 def test_nothing_is_read_after_close(loop):
     """close() with output still queued sends that output, and reads nothing more (as
     asyncio's transports): a closed application's further requests are not served."""
@@ -163,97 +165,85 @@ def test_nothing_is_read_after_close(loop):
     _run(loop, main)
 
 
-class Forward(asyncio.Protocol):
-    """Writes what it reads, tagged, to another transport; optionally closes it then."""
-
-    def __init__(self, tag: bytes, to, close: bool = False):
-        self.tag, self.to, self.close = tag, to, close
-
-    def data_received(self, data):
-        self.to.write(self.tag + data)
-        if self.close:
-            self.to.close()
 
 
-@pytest.mark.parametrize("close", [False, True])
-def test_writes_from_one_poll_all_reach_the_peer(close):
-    """Sockets ready in the same poll: what their callbacks write to one transport goes
-    out when they are done (in one write, on the server's and agent's loop), nothing
-    lost, also when the last of them closes that transport right after writing."""
+class Throttled(Recorder):
+    """Records the flow-control calls its transport makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def pause_writing(self):
+        self.calls.append("pause")
+
+    def resume_writing(self):
+        self.calls.append("resume")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_peer_that_does_not_read_pauses_the_writer_until_it_drains(loop):
+    """Above the high-water mark the protocol is told to pause (once), and to resume once
+    the peer has read enough; nothing written is lost meanwhile."""
     async def main():
-        out, peer = socket.socketpair()
-        out.setblocking(False)
-        target = netio.Transport(out, Recorder())
-        pairs = []
-        for i, tag in enumerate((b"a", b"b", b"c")):
-            ours, theirs = socket.socketpair()
-            ours.setblocking(False)
-            netio.Transport(ours, Forward(tag, target, close=close and i == 2))
-            pairs.append(theirs)
-        for theirs in pairs:      # all three readable before the loop polls again
-            theirs.sendall(b"1")
-        peer.settimeout(5)
-        received = bytearray()
-        while len(received) < 6:
-            chunk = await asyncio.get_running_loop().run_in_executor(None, peer.recv, 64)
-            if not chunk:
-                break
-            received += chunk
-        assert sorted(received[i:i + 2] for i in range(0, len(received), 2)) == [
-            b"a1", b"b1", b"c1"]
-        if close:
-            assert received[4:] == b"c1"   # written just before the close, sent last
-            assert await asyncio.get_running_loop().run_in_executor(None, peer.recv, 64) \
-                == b""
-        for theirs in pairs:
-            theirs.close()
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        protocol = Throttled()
+        transport = netio.Transport(ours, protocol)
+        transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
+        sent = 0
+        while "pause" not in protocol.calls:
+            transport.write(b"z" * 4096)
+            sent += 4096
+            assert sent < 64 * 1024 * 1024, "never paused"
+        assert protocol.calls == ["pause"]
+        assert transport.get_write_buffer_size() > 64 * 1024
+        received = 0
+        peer.setblocking(False)
+        while received < sent:
+            await asyncio.sleep(0.001)
+            with contextlib.suppress(BlockingIOError):
+                received += len(peer.recv(1 << 20))
+        assert received == sent
+        assert protocol.calls == ["pause", "resume"]
+        assert transport.get_write_buffer_size() == 0
+        transport.close()
         peer.close()
-    _run("netio", main)
+    _run(loop, main)
 
 
-def test_asyncio_sockets_and_timers_work_as_on_asyncios_own_loop():
-    """The server accepts guests with loop.sock_accept and waits with timers and futures:
-    on the netio loop, every waiting connection is accepted exactly once (none lost, no
-    callback run twice), and timers (however far) and call_soon run in their order, while
-    a busy socket of our own keeps the loop's fast path going."""
-    errors = []
+@pytest.mark.parametrize("loop", LOOPS)
+def test_paused_reading_leaves_the_bytes_with_the_peer_until_resumed(loop, pki):
+    """pause_reading(): nothing is delivered (the bytes wait in the kernel, or for TLS in
+    the TLS layer); resume_reading(): all of it, in order, also what TLS had buffered."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(f"{pki}/host.pem", f"{pki}/host-key.pem")
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(f"{pki}/ca.pem")
 
     async def main():
-        loop = asyncio.get_running_loop()
-        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-        busy, feeder = socket.socketpair()
-        busy.setblocking(False)
-        netio.Transport(busy, Recorder())
+        loop_ = asyncio.get_running_loop()
         listener = socket.create_server(("127.0.0.1", 0))
         listener.setblocking(False)
         port = listener.getsockname()[1]
-        order = []
-        loop.call_later(0.02, order.append, "timer")
-        far = loop.call_later(1e7, order.append, "never")   # beyond what epoll can wait
-        loop.call_soon(order.append, "soon")
-        for round_ in range(10):
-            waiting = loop.create_task(loop.sock_accept(listener))
-            await asyncio.sleep(0)             # sock_accept now waits for readiness
-            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-            feeder.send(b"x")
-            accepted = [(await asyncio.wait_for(waiting, 5))[0]]
-            for _ in clients[1:]:
-                accepted.append((await asyncio.wait_for(loop.sock_accept(listener), 5))[0])
-            assert sorted(c.getpeername() for c in accepted) \
-                == sorted(c.getsockname() for c in clients)
-            for c in accepted + clients:
-                c.close()
-        await asyncio.sleep(0.05)
-        assert order == ["soon", "timer"]
-        r, w = socket.socketpair()                 # a wait with the far timer first
-        r.setblocking(False)
-        threading.Timer(0.02, w.send, [b"y"]).start()
-        assert await loop.sock_recv(r, 1) == b"y"    # (no wait_for: its timer would be first)
-        far.cancel()
-        r.close()
-        w.close()
+        client = socket.create_connection(("127.0.0.1", port))
+        sock, _ = await loop_.sock_accept(listener)
+        tls_client = loop_.run_in_executor(
+            None, lambda: client_ctx.wrap_socket(client, server_hostname="localhost"))
+        tls = await netio.handshake(sock, server_ctx, server_side=True, timeout=10)
+        peer = await tls_client
+        protocol = Recorder()
+        transport = netio.Transport(tls, protocol)
+        transport.pause_reading()
+        payload = bytes(range(256)) * 64
+        await loop_.run_in_executor(None, peer.sendall, payload * 4)
+        await asyncio.sleep(0.1)
+        assert protocol.chunks == []
+        transport.resume_reading()
+        while sum(map(len, protocol.chunks)) < len(payload) * 4:
+            await asyncio.sleep(0.01)
+        assert b"".join(protocol.chunks) == payload * 4
+        transport.close()
+        peer.close()
         listener.close()
-        feeder.close()
-
-    _run("netio", main, quiet=False)
-    assert not errors, errors
+    _run(loop, main)

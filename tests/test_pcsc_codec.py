@@ -22,7 +22,7 @@ from pcsc_bridge import pcsc as p
 SETTINGS = settings(max_examples=80, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PER_CLASS = settings(SETTINGS, max_examples=30)  # for tests run once per message class
-ORDERS = (p.NATIVE, p.WIRE)
+ORDERS = p.ORDERS   # little- and big-endian: NATIVE is one of them, WIRE little
 DIALECTS = (4, 5, 6)
 MAX_EXT = p.MAX_BUFFER_SIZE_EXTENDED  # 65548
 # Declared limit of one request: header + largest body (getset_struct) + Transmit/Control data.
@@ -773,80 +773,59 @@ def test_with_rv_changes_only_what_it_names():
         p.ReadersStateSize(3).with_rv(0)  # no rv field
 
 
-# --- SCardTransmit relayed as bytes: the same checks as the readers ----------------------------
-def _transmit_bytes(data, order="<"):
-    """Random bytes that are often, but not always, a well-formed Transmit request."""
-    apdu = data.draw(st.binary(max_size=300))
-    send = data.draw(st.sampled_from([len(apdu), len(apdu) + 1, max(len(apdu) - 1, 0),
-                                      p.MAX_BUFFER_SIZE_EXTENDED + 1]))
-    msg = p.Transmit(data.draw(st.integers(-2**31, 2**31 - 1)), 2, 8, send, 2, 8,
-                     data.draw(st.integers(0, 2**32 - 1)), 0, apdu)
+# --- one path for every call: a decoded message re-encodes to the bytes it came from ------
+# The agent and the server decode and check every card call and reply, then encode it for
+# the next hop. A message read in one byte order encodes in that order to the very bytes it
+# was read from ("bytes": on a little-endian host every hop, SCardTransmit's APDUs
+# included), and in the other order exactly as a message built anew does ("messages").
+
+@pytest.mark.parametrize("cls", list(p.REQUESTS.values()), ids=lambda c: c.__name__)
+@PER_CLASS
+@given(data=st.data(), order=st.sampled_from(ORDERS))
+def test_a_decoded_request_encodes_to_its_own_bytes(cls, data, order):
+    msg = data.draw(request(cls))
     raw = p.encode_request(msg, order)
-    cut = data.draw(st.sampled_from([None, 0, 1, 8]))
-    if cut is not None:
-        raw = raw[:-cut] if cut else raw + b"\0"
-    if data.draw(st.booleans()):   # another command or size in the header
-        raw = struct.pack("<II", data.draw(st.sampled_from([32, 31, 33])),
-                          data.draw(st.sampled_from([p.Cmd.SCARD_TRANSMIT,
-                                                     p.Cmd.SCARD_CONTROL]))) + raw[8:]
-    return raw
+    reader = p.RequestReader(order)
+    got = feed_in_pieces(reader, raw, data.draw(cuts_for(len(raw))))
+    assert got == [msg]
+    assert p.encode_request(got[0], order) == raw
+    for other in ORDERS:
+        assert p.encode_request(got[0], other) == p.encode_request(msg, other)
+    if cls._RV is not None:    # a changed message is encoded from its fields
+        changed = got[0].with_rv(got[0].rv ^ 1)
+        assert p.encode_request(changed, order) == p.encode_request(
+            msg.with_rv(msg.rv ^ 1), order)
 
 
-@SETTINGS
-@given(data=st.data())
-def test_transmit_request_accepts_exactly_one_request_the_reader_accepts(data):
-    raw = _transmit_bytes(data)
-    reader = p.RequestReader("<")
-    try:
-        msgs = reader.feed(raw)
-    except p.ProtocolError:
-        msgs = None
-    one = msgs is not None and len(msgs) == 1 and type(msgs[0]) is p.Transmit \
-        and reader.buffered == 0
-    bound = p.transmit_request(raw)
-    assert (bound is not None) == one
-    if one:
-        assert bound == msgs[0].pcbRecvLength
+@pytest.mark.parametrize("cls", [p.Transmit, p.Control, p.GetAttrib, p.Connect, p.Status],
+                         ids=lambda c: c.__name__)
+@PER_CLASS
+@given(data=st.data(), order=st.sampled_from(ORDERS), rv=RVS)
+def test_a_decoded_reply_encodes_to_its_own_bytes(cls, data, order, rv):
+    asked = data.draw(request(cls))
+    if cls is p.Transmit:
+        out = data.draw(blob(st.integers(0, 300)))
+        reply = asked.with_rv(rv, pcbRecvLength=len(out), data=out if rv == 0 else b"")
+        asked = p._replace(asked, pcbRecvLength=len(out) + data.draw(st.integers(0, 9)))
+    elif cls is p.Control:
+        out = data.draw(blob(st.integers(0, 300)))
+        reply = asked.with_rv(rv, dwBytesReturned=len(out), data=out if rv == 0 else b"")
+        asked = p._replace(asked, cbRecvLength=len(out))
+    else:
+        reply = asked.with_rv(rv)
+    raw = p.encode_reply(reply, order)
+    reader = p.ReplyReader(4, order)
+    reader.expect(asked)
+    got = feed_in_pieces(reader, raw, data.draw(cuts_for(len(raw))), MAX_REPLY)
+    assert len(got) == 1 and p.encode_reply(got[0], order) == raw
+    for other in ORDERS:
+        assert p.encode_reply(got[0], other) == p.encode_reply(reply, other)
 
 
-@SETTINGS
-@given(data=st.data())
-def test_transmit_reply_size_checks_as_the_reply_reader_does(data):
-    bound = data.draw(st.integers(0, 300))
-    rv = data.draw(st.sampled_from([0, 0, p.SCARD_E_INSUFFICIENT_BUFFER,
-                                    p.SCARD_W_REMOVED_CARD]))
-    n = max(bound + data.draw(st.integers(-2, 2)), 0)   # around the bound, either side
-    response = data.draw(st.binary(min_size=n, max_size=n))
-    raw = p.Transmit(1, 2, 8, 0, 2, 8, n, rv, response).pack("<") + response
-    raw = raw[:data.draw(st.sampled_from([len(raw), len(raw), 0, 31, 32, len(raw) - 1]))] \
-        + data.draw(st.sampled_from([b"", b"", b"\0"]))
-    request = p.Transmit(1, 2, 8, 0, 2, 8, bound)
-    reader = p.ReplyReader(4, "<")
-    reader.expect(request)
-    try:
-        msgs = reader.feed(raw)
-        error = False
-    except p.ProtocolError:
-        msgs, error = [], True
-    complete = not error and len(msgs) == 1 and reader.buffered == 0
-    waiting = not error and not msgs       # the reader waits for more bytes
-    try:
-        size = p.transmit_reply_size(raw, bound)
-    except p.ProtocolError:
-        assert error
-        return
-    # the relay takes a chunk when it is exactly one reply, waits while it is short
-    assert (size == len(raw)) == complete
-    assert (size is None or size > len(raw)) == waiting
-    if complete:
-        assert p.encode_reply(msgs[0], "<") == raw
-
-
-@pytest.mark.parametrize("size, send", [(33, 4), (31, 4), (32, p.MAX_BUFFER_SIZE_EXTENDED + 1)])
-def test_transmit_request_refuses_what_the_reader_refuses(size, send):
-    # a header naming another struct size (the bytes still add up), an APDU over the limit
-    raw = struct.pack("<II", size, p.Cmd.SCARD_TRANSMIT) + p.Transmit(
-        1, 2, 8, send, 2, 8, 258).pack("<") + bytes(send + size - 32)
-    with pytest.raises(p.ProtocolError):
-        p.RequestReader("<").feed(raw)
-    assert p.transmit_request(raw) is None
+def test_a_connect_names_the_reader_pcscd_names():
+    # pcscd ends szReader at its 128th byte (szReader[127] = 0): a name without a NUL is
+    # the first 127 bytes, for the policy as for pcscd
+    raw = bytearray(p.encode_request(p.Connect(1, "x", 2, 3), p.WIRE))
+    raw[12:12 + 128] = b"R" * 127 + b"X"
+    (msg,) = p.RequestReader(p.WIRE).feed(bytes(raw))
+    assert msg.szReader == "R" * 127

@@ -301,7 +301,7 @@ def test_frame_layout_is_as_documented():
         "0d000000 09 00000000 07000000 07000000")
     raw = Connection("client").send(Hello(software="x"))
     assert raw[4:9] == bytes([FrameType.HELLO, 0, 0, 0, 0]) and raw[9:13] == b"\1\0\0\0"
-    assert raw[13:] == b'{"role":"client","software":"x","max_frame":131072,"max_streams":64}'
+    assert raw[13:] == b'{"role":"client","software":"x","max_frame":131072,"max_streams":200}'
 
 
 # --- connection rules: fatal -----------------------------------------------------------------

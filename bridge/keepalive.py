@@ -1,0 +1,72 @@
+"""Keepalive, sans-IO: when to PING a peer, and when to give up on it.
+
+One policy for both ends of the guest's TLS session (server/session.py, client/agent.py).
+Each side sends a PING when it has sent nothing else for its interval, so a live peer
+always has something to say within one interval plus a round trip: a frame of its own,
+or the PONG to our PING. A peer is dropped when
+
+- nothing at all arrived from it for ``timeout`` seconds, or
+- it read nothing of what we sent for ``timeout`` seconds: our writes wait in the
+  transport above its high-water mark (``blocked``), and we stop reading it meanwhile, so
+  its silence then is our own doing and only the stall counts.
+
+The shell calls ``tick(now)`` every ``period`` seconds and acts on the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PING = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """The peer is gone: ``reason`` for the log."""
+    reason: str
+
+
+class Keepalive:
+    def __init__(self, interval: float, timeout: float, now: float):
+        if not 0 < interval < timeout:
+            raise ValueError(f"keepalive: need 0 < interval ({interval}) < timeout ({timeout})")
+        self.interval = interval
+        self.timeout = timeout
+        self.last_rx = now
+        self.sent = False                  # wrote something since the last tick
+        self.blocked_since: float | None = None
+
+    @property
+    def period(self) -> float:
+        """How often ``tick`` must run: often enough to notice a timeout in time."""
+        return min(self.interval, self.timeout / 2)
+
+    def received(self, now: float) -> None:
+        self.last_rx = now
+
+    def wrote(self) -> None:
+        self.sent = True
+
+    def blocked(self, now: float) -> None:
+        """Our writes wait for the peer to read (and we stopped reading it)."""
+        if self.blocked_since is None:
+            self.blocked_since = now
+
+    def unblocked(self, now: float) -> None:
+        """The peer read enough; we read it again. Its silence counts from now."""
+        self.blocked_since = None
+        self.last_rx = max(self.last_rx, now)
+
+    def tick(self, now: float) -> str | Dead | None:
+        """None: nothing to do; PING: send a PING; Dead: drop the peer."""
+        if self.blocked_since is not None:
+            stalled = now - self.blocked_since
+            if stalled > self.timeout:
+                return Dead(f"read nothing of what was sent for {stalled:.1f}s")
+            self.sent = False
+            return None
+        silent = now - self.last_rx
+        if silent > self.timeout:
+            return Dead(f"silent for {silent:.1f}s")
+        ping, self.sent = not self.sent, False
+        return PING if ping else None

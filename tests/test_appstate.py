@@ -1,0 +1,503 @@
+"""The per-application state machine (bridge/appstate.py) against a model of pcscd.
+
+A hypothesis stateful test plays one pcsc-lite application of each dialect (4:4, 4:5,
+4:6) against an ``AppState``, with a second application that sends SCARD_CANCEL, a
+backend that answers card calls when the test decides (or fails them), reader changes at
+any moment, requests pipelined and split anywhere, and the application leaving. After
+every step:
+
+- what the application read is, byte for byte, what pcscd would have written on its
+  socket: ``PcscdModel`` below, written from pcscd's rules (winscard_svc.c,
+  eventhandler.c) and the bridge's documented shortcuts (docs/wire-protocol.md), applied
+  to the same requests in the same order (the reply sizes of its dialect; after
+  CMD_WAIT_READER_STATE_CHANGE exactly one 8-byte message, never two);
+- card calls reach the backend one at a time, in the order sent;
+- a waiting application is woken by the next reader change or cancel, and a 4:6
+  application only after its SIZE and ARRAY replies;
+- the contexts SCARD_CANCEL can reach are exactly the application's live ones, and a
+  context is handed on when it leaves only if it holds nothing else.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+from pcsc_bridge import pcsc as p
+from pcsc_bridge.appstate import (
+    AppState,
+    Close,
+    Finish,
+    Note,
+    Send,
+    Submit,
+    WakeOther,
+    negotiate,
+)
+from pcsc_bridge.backend import ReaderModel
+
+OK = p.SCARD_S_SUCCESS
+
+
+def _reader(name: str, card: bool, counter: int = 1) -> p.ReaderState:
+    return p.ReaderState(name, counter, p.SCARD_PRESENT if card else p.SCARD_ABSENT, 0,
+                         b"\x3b\x00" if card else b"", 2 if card else 0)
+
+
+READER_SETS = st.lists(st.tuples(st.sampled_from(["A", "B", "C", ""]), st.booleans(),
+                                 st.integers(1, 5)), max_size=20).map(
+    lambda rs: [_reader(n, c, k) if n else p.EMPTY_READER_STATE for n, c, k in rs])
+
+
+class Backend:
+    """Card calls as a backend answers them: contexts and card handles of its own."""
+
+    def __init__(self):
+        self.contexts: set[int] = set()
+        self.cards: dict[int, int] = {}
+        self.next = 0x100
+
+    def answer(self, msg: p.Message) -> p.Message:
+        self.next += 1
+        kind = type(msg)
+        if kind is p.EstablishContext:
+            self.contexts.add(self.next)
+            return msg.with_rv(OK, hContext=self.next)
+        if kind is p.ReleaseContext:
+            if msg.hContext not in self.contexts:
+                return msg.with_rv(p.SCARD_E_INVALID_HANDLE)
+            self.contexts.discard(msg.hContext)
+            self.cards = {c: x for c, x in self.cards.items() if x != msg.hContext}
+            return msg.with_rv(OK)
+        if kind is p.Connect:
+            if msg.hContext not in self.contexts:
+                return msg.with_rv(p.SCARD_E_INVALID_HANDLE)
+            self.cards[self.next] = msg.hContext
+            return msg.with_rv(OK, hCard=self.next, dwActiveProtocol=2)
+        if kind is p.Disconnect:
+            return msg.with_rv(OK if self.cards.pop(msg.hCard, None) else
+                               p.SCARD_E_INVALID_HANDLE)
+        if kind is p.Transmit:
+            if msg.hCard not in self.cards:
+                return msg.failed(p.SCARD_E_INVALID_HANDLE)
+            return msg.with_rv(OK, pcbRecvLength=len(msg.data) + 2, data=msg.data + b"\x90\0")
+        return msg.with_rv(OK)
+
+
+class PcscdModel:
+    """What pcscd writes on one application's socket, request by request, plus the
+    bridge's shortcuts: reader states from the pushed model, a context without cards
+    released at once (and, with a pool, the first one kept), a 4:6 wake-up held until its
+    SIZE and ARRAY are answered."""
+
+    def __init__(self, model: ReaderModel, pool: bool):
+        self.model = model
+        self.pool = pool
+        self.dialect = 4
+        self.waiting = False
+        self.hold = 0
+        self.held: int | None = None
+        self.contexts: set[int] = set()
+        self.cards: dict[int, int] = {}
+        self.kept: int | None = None
+
+    def local(self, msg) -> list | None:
+        """The replies of a request answered without the backend; None for a card call."""
+        kind, m = type(msg), self.model
+        if kind is p.Version:
+            reply, dialect = negotiate(msg.major, msg.minor)
+            if dialect:
+                self.dialect = dialect
+            return [reply]
+        if kind is p.GetReadersState:
+            return [p.ReaderStates(p.pad_states(m.states, 16))]
+        if kind is p.WaitReaderStateChange:
+            self.waiting, self.held = True, None
+            if self.dialect >= 6:
+                self.hold = 2
+                return []
+            return [p.ReaderStates(p.pad_states(m.states, 16))]
+        if kind is p.StopWaitingReaderStateChange:
+            self.hold = 0
+            if not self.waiting:
+                return []
+            self.waiting = False
+            rv, self.held = self.held or 0, None
+            return [p.WaitReaderStateChangeReply(0, rv)]
+        if kind is p.GetReaderEvents:
+            return [p.ReaderEvents(m.reader_events, 0)]
+        if kind is p.GetReadersStateSize:
+            return [p.ReadersStateSize(m.capacity)] + self._held()
+        if kind is p.GetReadersStateArray:
+            return [p.ReaderStates(p.pad_states(m.states, m.capacity))] + self._held()
+        return None
+
+    def _held(self) -> list:
+        if self.hold:
+            self.hold -= 1
+            if not self.hold and self.held is not None:
+                return self.wake(self.held)
+        return []
+
+    def wake(self, rv: int) -> list:
+        if not self.waiting:
+            return []
+        if self.hold:
+            if self.held is None or rv:
+                self.held = rv
+            return []
+        self.waiting, self.held = False, None
+        return [p.WaitReaderStateChangeReply(0, rv)]
+
+    def early_release(self, msg) -> tuple[list, bool] | None:
+        """A release answered at once: (its reply, whether it still goes to the backend)."""
+        h = msg.hContext
+        if h == self.kept:
+            return [msg.with_rv(p.SCARD_E_INVALID_HANDLE)], False
+        if h not in self.contexts or h in self.cards.values():
+            return None
+        self.contexts.discard(h)
+        if self.pool and self.kept is None:
+            self.kept = h
+            return [msg.with_rv(OK)], False
+        return [msg.with_rv(OK)], True
+
+    def account(self, msg, reply) -> None:
+        if reply.rv:
+            return
+        kind = type(msg)
+        if kind is p.EstablishContext:
+            self.contexts.add(reply.hContext)
+        elif kind is p.ReleaseContext:
+            self.contexts.discard(msg.hContext)
+            self.cards = {c: x for c, x in self.cards.items() if x != msg.hContext}
+        elif kind is p.Connect:
+            self.cards[reply.hCard] = msg.hContext
+        elif kind is p.Disconnect:
+            self.cards.pop(msg.hCard, None)
+
+
+class Canceller:
+    """Stands for the facade's session object of another application (SCARD_CANCEL)."""
+
+
+class AppMachine(RuleBasedStateMachine):
+    @initialize(dialect=st.sampled_from([4, 5, 6]), pool=st.booleans(),
+                states=READER_SETS, ready=st.booleans())
+    def start(self, dialect, pool, states, ready):
+        self.model = ReaderModel(states)
+        self.registry: dict = {}
+        self.state = AppState(self.model, self.registry, self, pool=pool)
+        self.pcscd = PcscdModel(self.model, pool)
+        self.backend = Backend()
+        self.ready_context = 0x9999 if ready and pool else None   # the pool's offer
+        self.stream = False           # the shell has the application's backend stream
+        self.dialect = dialect
+        self.unread = bytearray()     # what the application got and did not match yet
+        self.sent: deque = deque()    # requests written, not yet handled by the model
+        self.expected: deque = deque()        # replies owed, in order
+        self.pending: Submit | None = None
+        self.model_busy = False       # the model waits for the backend
+        self.finished: Finish | None = None
+        self.closed = False
+        self.rng = random.Random(0)
+        # the application negotiates first, as libpcsclite does
+        self._send([p.Version(4, dialect)], [None])
+
+    # --- the shell ----------------------------------------------------------------------
+    def _do(self, actions) -> None:
+        for a in actions:
+            kind = type(a)
+            if kind is Send:
+                self._read(a.data)
+            elif kind is Submit:
+                assert self.pending is None, "two card calls at once"
+                if a.ready and not self.stream and self.ready_context is not None:
+                    # the pool's context: answered at once, as the shell does
+                    h, self.ready_context = self.ready_context, None
+                    self.backend.contexts.add(h)
+                    self.stream = True
+                    reply = p.EstablishContext(a.msg.dwScope, h, OK)
+                    self._settle(a.msg, reply)
+                    self._do(self.state.answered(reply))
+                    continue
+                self.stream = True
+                self.pending = a
+            elif kind is WakeOther:
+                self._do(a.target.state.cancelled())
+            elif kind is Finish:
+                self.finished = a
+            elif kind is Close:
+                raise AssertionError(f"closed: {a.reason}")
+            else:
+                assert kind is Note
+
+    def _run(self) -> None:
+        self._model_run()
+        while (actions := self.state.step()) is not None:
+            self._do(actions)
+
+    def _read(self, data: bytes) -> None:
+        """The application reads ``data``: byte for byte the replies the model owes, in
+        order (their sizes are its dialect's)."""
+        self.unread += data
+        while self.expected:
+            want = p.encode_reply(self.expected[0])
+            if len(self.unread) < len(want):
+                break
+            got = bytes(self.unread[:len(want)])
+            assert got == want, f"got {got.hex()}, pcscd would give {self.expected[0]}"
+            del self.unread[:len(want)]
+            self.expected.popleft()
+        assert len(self.unread) < 8 or self.expected, f"unexpected bytes {self.unread.hex()}"
+
+    # --- the model, in step with the requests -------------------------------------------
+    def _model_run(self) -> None:
+        """Handle sent requests in the model as far as the state machine can have."""
+        while self.sent and not self.model_busy:
+            msg = self.sent.popleft()
+            local = self.pcscd.local(msg)
+            if local is not None:
+                self.expected.extend(local)
+                continue
+            self.pcscd.hold = 0
+            if type(msg) is p.ReleaseContext:
+                early = self.pcscd.early_release(msg)
+                if early is not None:
+                    replies, behind = early
+                    self.expected.extend(replies)
+                    if behind:
+                        self.model_busy = "behind"
+                    continue
+            self.model_busy = msg
+
+    def _settle(self, msg, reply) -> None:
+        """The model's card call ``msg`` is answered with ``reply``; it goes on."""
+        busy, self.model_busy = self.model_busy, False
+        assert busy == msg, "the backend got another call than the model"
+        self.expected.append(reply)
+        self.pcscd.account(msg, reply)
+        self._model_run()
+
+    def _send(self, msgs, cuts) -> None:
+        self.sent.extend(msgs)
+        raw = b"".join(p.encode_request(m) for m in msgs)
+        points = sorted({c for c in cuts if c and 0 < c < len(raw)})
+        for a, b in zip([0, *points], [*points, len(raw)]):
+            self.state.receive(raw[a:b])
+            self._run()
+
+    # --- rules --------------------------------------------------------------------------
+    def _handles(self, kind):
+        """Mostly a handle the application holds, sometimes one it does not."""
+        known = sorted(self.pcscd.contexts if kind == "context" else self.pcscd.cards)
+        if kind == "context" and self.pcscd.kept is not None:
+            known.append(self.pcscd.kept)
+        if not known:
+            return st.just(0x7777)
+        return st.one_of(st.sampled_from(known), st.sampled_from(known), st.just(0x7777))
+
+    def _request(self, data, kind: str) -> list:
+        """What a pcsc-lite client sends for one of its operations."""
+        if kind == "version":          # its own, or one the bridge refuses
+            return [p.Version(4, data.draw(st.sampled_from([self.dialect, 2, 3, 7])))]
+        if kind == "status_change":    # SCardGetStatusChange registers, then (4:6) reads
+            return [p.WaitReaderStateChange()]   # the array: "list_readers"
+        if kind == "stop":             # its timeout expired
+            return [p.StopWaitingReaderStateChange()]
+        if kind == "list_readers":
+            return ([p.GetReaderEvents()] if self.dialect >= 5 else []) + (
+                [p.GetReadersStateSize(), p.GetReadersStateArray()] if self.dialect >= 6
+                else [p.GetReadersState()])
+        if kind == "establish":
+            return [p.EstablishContext(data.draw(st.sampled_from([0, 2, 3, 7])))]
+        if kind == "release":
+            return [p.ReleaseContext(data.draw(self._handles("context")))]
+        if kind == "connect":
+            return [p.Connect(data.draw(self._handles("context")), "A", 2, 3)]
+        if kind == "disconnect":
+            return [p.Disconnect(data.draw(self._handles("card")), 0)]
+        if kind == "transmit":
+            apdu = data.draw(st.binary(max_size=12))
+            return [p.Transmit(data.draw(self._handles("card")), 2, 8, len(apdu), 2, 8, 258,
+                               0, apdu)]
+        return [p.Status(data.draw(self._handles("card")))]
+
+    KINDS = ("version", "status_change", "stop", "list_readers", "establish", "release",
+             "connect", "disconnect", "transmit", "status")
+
+    @precondition(lambda self: not self.closed)
+    @rule(data=st.data(), kind=st.sampled_from(KINDS))
+    def application_calls(self, data, kind):
+        """One operation's requests, written as a client writes them."""
+        self._send(self._request(data, kind), [])
+
+    @precondition(lambda self: not self.closed)
+    @rule(data=st.data(), kinds=st.lists(st.sampled_from(KINDS), min_size=2, max_size=4),
+          cuts=st.lists(st.integers(0, 400), max_size=4))
+    def application_pipelines(self, data, kinds, cuts):
+        """Several operations' requests in one write, split anywhere: no client does this,
+        but the socket must not care."""
+        self._send([m for k in kinds for m in self._request(data, k)], cuts)
+
+    @precondition(lambda self: self.pending is not None)
+    @rule(fail=st.sampled_from([None, None, None, p.SCARD_E_NO_SERVICE]))
+    def backend_answers(self, fail):
+        submit, self.pending = self.pending, None
+        reply = None if fail else self.backend.answer(submit.msg)
+        if self.model_busy == "behind":
+            assert type(submit.msg) is p.ReleaseContext and not submit.reply
+            self.model_busy = False
+            self._model_run()
+        else:
+            self._settle(submit.msg, reply if reply is not None else submit.msg.failed(fail))
+        self._do(self.state.answered(reply, fail))
+        self._run()
+
+    @rule(states=READER_SETS)
+    def readers_change(self, states):
+        if self.model.update(states) and not self.closed:
+            self.expected.extend(self.pcscd.wake(0))
+            self._do(self.state.changed())
+        self._run()
+
+    @precondition(lambda self: not self.closed)
+    @rule(data=st.data())
+    def another_application_cancels(self, data):
+        h = data.draw(self._handles("context"))
+        other = AppState(self.model, self.registry, Canceller())
+        other.receive(p.encode_request(p.Cancel(h)))
+        replies = []
+        while (actions := other.step()) is not None:
+            for a in actions:
+                if type(a) is Send:
+                    replies.append(a.data)
+                elif type(a) is WakeOther:
+                    assert a.target is self
+                    self.expected.extend(self.pcscd.wake(p.SCARD_E_CANCELLED))
+                    self._do(self.state.cancelled())
+        known = h in self.pcscd.contexts
+        assert replies == [p.encode_reply(p.Cancel(h, OK if known else
+                                                   p.SCARD_E_INVALID_HANDLE))]
+
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def application_leaves(self):
+        self.closed = True
+        self._do(self.state.disconnected())
+        model = self.pcscd
+        hand_on = model.kept is not None and not model.contexts and not model.cards \
+            and not self.model_busy
+        assert self.finished == Finish(model.kept if hand_on else None)
+        assert not self.registry, "a gone application's contexts stay cancellable"
+
+    # --- invariants ---------------------------------------------------------------------
+    @invariant()
+    def replies_are_all_in_and_as_owed(self):
+        if self.closed:
+            return
+        assert not self.unread, f"half a reply: {self.unread.hex()}"
+        if not self.model_busy and not self.pending:
+            assert not self.expected, f"replies still owed: {list(self.expected)}"
+
+    @invariant()
+    def cancel_reaches_exactly_the_live_contexts(self):
+        if not self.closed:
+            assert set(self.registry) == self.pcscd.contexts
+            assert all(v is self for v in self.registry.values())
+
+    @invariant()
+    def a_waiting_application_is_woken_by_the_next_change(self):
+        # the model owes a wake-up exactly when the state machine holds one back
+        if not self.closed:
+            assert self.pcscd.waiting == self.state.waiting
+            assert (self.pcscd.held is not None) == (self.state.wakeup_rv is not None)
+
+
+AppMachine.TestCase.settings = settings(
+    max_examples=500, stateful_step_count=50, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+test_app_state_answers_as_pcscd = AppMachine.TestCase
+
+
+# --- the cases above that matter most, spelled out ------------------------------------------
+def _session(dialect: int, pool: bool = False):
+    model = ReaderModel([_reader("A", False)])
+    registry: dict = {}
+    state = AppState(model, registry, "A", pool=pool)
+
+    def run(*msgs) -> list:
+        for m in msgs:
+            state.receive(p.encode_request(m))
+        out = []
+        while (actions := state.step()) is not None:
+            out += actions
+        return out
+    run(p.Version(4, dialect))
+    return model, registry, state, run
+
+
+def _sent(actions) -> list[bytes]:
+    return [a.data for a in actions if type(a) is Send]
+
+
+def test_a_46_wakeup_waits_for_size_and_array_and_a_cancel_wins():
+    model, _, state, run = _session(6)
+    assert run(p.WaitReaderStateChange()) == []
+    model.update([_reader("A", True)])
+    assert state.changed() == []                  # held: SIZE and ARRAY come first
+    assert state.cancelled() == []                # held too, and it is the one that counts
+    out = _sent(run(p.GetReadersStateSize(), p.GetReadersStateArray()))
+    assert out == [p.encode_reply(p.ReadersStateSize(16)), model.packed(16),
+                   p.encode_reply(p.WaitReaderStateChangeReply(0, p.SCARD_E_CANCELLED))]
+    assert _sent(run(p.StopWaitingReaderStateChange())) == []   # woken already: no answer
+
+
+def test_a_release_with_a_card_handle_waits_for_the_backend():
+    _, registry, state, run = _session(4)
+    (submit,) = run(p.EstablishContext(0))
+    state.answered(p.EstablishContext(0, 7, OK))
+    run(p.Connect(7, "A", 2, 3))
+    state.answered(p.Connect(7, "A", 2, 3, 9, 2, OK))
+    (submit,) = run(p.ReleaseContext(7))          # it ends the card's transaction and
+    assert type(submit) is Submit and submit.reply   # sharing: the backend's answer counts
+    assert 7 in registry
+    assert _sent(state.answered(p.ReleaseContext(7, OK))) == [
+        p.encode_reply(p.ReleaseContext(7, OK))]
+    assert 7 not in registry
+
+
+def test_a_release_without_card_handles_is_answered_at_once_and_sent_behind():
+    _, registry, state, run = _session(4)
+    run(p.EstablishContext(0))
+    state.answered(p.EstablishContext(0, 7, OK))
+    send, submit = run(p.ReleaseContext(7), p.GetReadersState())
+    assert send == Send(p.encode_reply(p.ReleaseContext(7, OK))) and not submit.reply
+    assert 7 not in registry                      # SCARD_CANCEL: INVALID_HANDLE now
+    assert state.answered(p.ReleaseContext(7, OK)) == []
+    assert len(_sent(run())) == 1                 # the request behind it, in order
+
+
+def test_a_context_kept_for_the_next_application_is_handed_on_only_alone():
+    _, _, state, run = _session(5, pool=True)
+    run(p.EstablishContext(0))
+    state.answered(p.EstablishContext(0, 7, OK))
+    assert _sent(run(p.ReleaseContext(7))) == [p.encode_reply(p.ReleaseContext(7, OK))]
+    assert _sent(run(p.ReleaseContext(7))) == [    # released already, for the application
+        p.encode_reply(p.ReleaseContext(7, p.SCARD_E_INVALID_HANDLE))]
+    assert state.disconnected() == [Finish(7)]
+    _, _, state, run = _session(5, pool=True)
+    run(p.EstablishContext(0))
+    state.answered(p.EstablishContext(0, 7, OK))
+    run(p.ReleaseContext(7), p.EstablishContext(0))
+    state.answered(p.EstablishContext(0, 8, OK))  # it holds another context: not alone
+    assert state.disconnected() == [Finish(None)]
