@@ -14,16 +14,17 @@ happens and carries out the actions it returns, in order:
 
   events in                         actions out
   receive(bytes from the app)       Send(bytes)        write to the application
-  step()  (handle one request)      Submit(msg, ...)   a card call for the backend
+  run()  (handle what was read)     Submit(msg, ...)   a card call for the backend
   answered(reply | None, rv)        Cancel(target)     wake another application's wait
   changed()  (reader model)         Close(reason)      close the application's socket
   cancelled()                       Finish(context)    the application is gone: hand
   closed()                                             its stream on, or close it
                                     Note(event, ...)   worth a log line
 
-Flow control is the shell's: ``step`` handles at most one request, so the shell stops
-calling it while the application does not read what it is sent, and ``has_request``
-tells it when to stop reading the application's socket.
+Flow control is the shell's: ``run`` gives at most about ``OUTPUT_BUDGET`` bytes of
+answers at a time, so the shell stops calling it while the application does not read
+what it is sent, and ``has_request`` tells it when to stop reading the application's
+socket.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from .pcsc import (
 )
 
 NEWEST_MINOR = 6
+OUTPUT_BUDGET = 65536   # bytes of answers per run(): flow control sees each batch
 DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 (1.8.24–2.2), 4:5 (2.3–2.4), 4:6 (2.5–)
 ESTABLISH_SCOPES = frozenset({SCARD_SCOPE_USER, SCARD_SCOPE_TERMINAL, SCARD_SCOPE_SYSTEM,
                               SCARD_SCOPE_GLOBAL})   # what pcscd accepts
@@ -162,31 +164,40 @@ class AppState:
 
     # --- events ---------------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
-        """Bytes from the application; ``step`` takes them one request at a time."""
+        """Bytes from the application; ``run`` takes them one request at a time."""
         self.reader.receive(data)
 
-    def step(self) -> list | None:
-        """Handle the next request read from the application, unless a card call is with
-        the backend: its actions (maybe none). None when there is nothing to do now.
-        While a call is with the backend, the next request is read (``has_request``)
-        and waits."""
+    def run(self, budget: int = OUTPUT_BUDGET) -> list:
+        """Handle the requests read so far, in order, until a card call is with the
+        backend, the next request is not whole yet, or the answers given add up to
+        ``budget`` bytes (the shell calls again once they are written and the application
+        reads): their actions, [] when there is nothing to do now. While a call is with
+        the backend the next request is read (``has_request``) and waits."""
+        actions: list = []
         if self.closed:
-            return None
-        if self.request is None:
-            try:
-                self.request = self.reader.next_request()
-            except ProtocolError as exc:
-                self.closed = True
-                return [Close(str(exc))]
-            if self.request is None:
-                return None
-        if self.busy:
-            return None
-        msg, self.request = self.request, None
-        handler = self._LOCAL.get(type(msg))
-        if handler is not None:
-            return handler(self, msg)
-        return self._card_call(msg)
+            return actions
+        reader, local, sent = self.reader, self._LOCAL, 0
+        while True:
+            msg = self.request
+            if msg is None:
+                try:
+                    msg = reader.next_request()
+                except ProtocolError as exc:
+                    self.closed = True
+                    actions.append(Close(str(exc)))
+                    return actions
+                if msg is None:
+                    return actions
+            if self.pending is not None or sent >= budget:
+                self.request = msg
+                return actions
+            self.request = None
+            handler = local.get(type(msg))
+            done = handler(self, msg) if handler is not None else self._card_call(msg)
+            for action in done:
+                if type(action) is Send:
+                    sent += len(action.data)
+            actions += done
 
     def answered(self, reply: Message | None, rv: int | None = None,
                  limit: str | None = None) -> list:

@@ -110,6 +110,7 @@ class AppSession(asyncio.Protocol):
         self.stream: BackendStream | None = None
         self.info = AppInfo()
         self.write_paused = False     # the application does not read its answers
+        self.reading = True           # its socket is read
         self._running = False         # inside _run: answers arriving now are stepped there
         self._unlisten = None
 
@@ -123,11 +124,12 @@ class AppSession(asyncio.Protocol):
         self._unlisten = self.facade.backend.model.listen(self._changed)
 
     def data_received(self, data):
-        self.state.receive(data)
+        self.state.reader.receive(data)
         self._run()
 
     def pause_writing(self):
         self.write_paused = True
+        self.reading = False
         self.transport.pause_reading()
 
     def resume_writing(self):
@@ -149,19 +151,21 @@ class AppSession(asyncio.Protocol):
         self._running = True
         try:
             while not self.write_paused:
-                actions = self.state.step()
-                if actions is None:
+                actions = self.state.run()
+                if not actions:
                     break
                 self._do(actions)
         except Exception as exc:  # noqa: BLE001 - one application's failure stays with it
             self._failed(exc)
         finally:
             self._running = False
-        transport = self.transport
-        if self.write_paused or self.state.has_request:
-            transport.pause_reading()
-        else:
-            transport.resume_reading()
+        reading = not self.write_paused and self.state.request is None
+        if reading != self.reading:
+            self.reading = reading
+            if reading:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     def _do(self, actions: list) -> None:
         for action in actions:

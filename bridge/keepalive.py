@@ -10,7 +10,9 @@ or the PONG to our PING. A peer is dropped when
   transport above its high-water mark (``blocked``), and we stop reading it meanwhile, so
   its silence then is our own doing and only the stall counts.
 
-The shell calls ``tick(now)`` every ``period`` seconds and acts on the answer.
+The shell calls ``tick(now)`` every ``period`` seconds and acts on the answer. On the
+per-message path the shells set ``last_rx`` and ``sent`` themselves, as ``received`` and
+``wrote`` do, to spare a call per message.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@
   ``pause_writing``/``resume_writing``) and takes what they take (``write``, ``close``,
   ``abort``, ``pause_reading``/``resume_reading``, ``set_write_buffer_limits``): one
   ``recv`` hands the protocol a chunk, one ``send`` writes a message.
+- A TLS session that carries many streams coalesces: its first write in a loop pass goes
+  out at once, later ones in the same pass (replies of other streams, ready at the same
+  time) go out together when the pass is over: one TLS record, one system call.
 - Flow control: what a peer does not read waits in the transport's write buffer; above its
   high-water mark the protocol is told to pause (and pauses what feeds it), below the
   low-water mark to resume. A protocol that stops reading leaves the peer's bytes in the
@@ -110,7 +113,7 @@ class Transport(asyncio.Transport):
     handshake) and its protocol."""
 
     def __init__(self, sock: socket.socket, protocol: asyncio.BaseProtocol,
-                 extra: dict | None = None):
+                 extra: dict | None = None, coalesce: bool = False):
         super().__init__()
         self._loop = asyncio.get_running_loop()
         self._sock = sock
@@ -122,6 +125,11 @@ class Transport(asyncio.Transport):
         self._retry: bytes | None = None
         self._backlog: collections.deque[bytes] = collections.deque()
         self._buffered = 0
+        # coalesce: a write goes out at once, and what follows it in the same loop pass
+        # (other callbacks' writes: replies of other streams) waits in ``_cork`` and goes
+        # out in one write when the pass is over
+        self._coalesce = coalesce
+        self._cork: list[bytes] | None = None
         self._high, self._low = HIGH_WATER, LOW_WATER
         self._writing_paused = False      # the protocol was told pause_writing()
         self._reading_paused = False      # pause_reading(): the socket is not read
@@ -194,11 +202,25 @@ class Transport(asyncio.Transport):
         if self._closed or not data:      # while closing: goes out before the close
             return
         data = bytes(data)
-        if self._retry is not None:
-            self._backlog.append(data)
+        if self._retry is not None or self._cork is not None:
+            (self._backlog if self._retry is not None else self._cork).append(data)
             self._buffered += len(data)
             self._check_high()
             return
+        self._send(data)
+        if self._coalesce and not self._closed:
+            self._cork = []
+            self._loop.call_soon(self._uncork)
+
+    def _uncork(self) -> None:
+        cork, self._cork = self._cork, None
+        if not cork or self._closed:
+            return
+        data = cork[0] if len(cork) == 1 else b"".join(cork)
+        if self._retry is not None:
+            self._backlog.append(data)
+            return
+        self._buffered -= len(data)
         self._send(data)
 
     def _send(self, data: bytes) -> None:
@@ -281,6 +303,7 @@ class Transport(asyncio.Transport):
         """Close once what was written has gone out (with TLS, close_notify)."""
         if self._closing or self._closed:
             return
+        self._uncork()
         self._closing = True
         self._loop.remove_reader(self._fd)
         if self._retry is None:
@@ -307,7 +330,7 @@ class Transport(asyncio.Transport):
             with contextlib.suppress(OSError, ValueError):
                 self._sock.unwrap()       # close_notify; the peer's answer is not awaited
         self._sock.close()
-        self._retry = None
+        self._retry = self._cork = None
         self._backlog.clear()
         self._buffered = 0
         self._loop.call_soon(self._protocol.connection_lost, exc)

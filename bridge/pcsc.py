@@ -502,71 +502,29 @@ def pad_states(states, count: int) -> tuple[ReaderState, ...]:
 
 # --- encoding ---------------------------------------------------------------------------
 
-def _raw_in(msg, order: str) -> bytes | None:
-    """The bytes a reader decoded ``msg`` from, if they were in ``order``."""
-    try:
-        raw_order, raw = msg._raw
-    except AttributeError:        # built here, or changed since it was read
-        return None
-    return raw if raw_order == order else None
-
-
 def encode_request(msg: Message, order: str = NATIVE) -> bytes:
     """Header + body (+ data) as an application writes it."""
-    raw = _raw_in(msg, order)
-    if raw is not None:
-        return raw
+    try:
+        raw_order, raw = msg._raw     # decoded by a reader: its own bytes, in that order
+        if raw_order == order:
+            return raw
+    except AttributeError:            # built here, or changed since it was read
+        pass
     return msg._HEAD[order] + msg.pack(order) + msg.trailing(False)
 
 
 def encode_reply(msg, order: str = NATIVE) -> bytes:
     """The server's answer: the body (+ data on success), no header."""
-    raw = _raw_in(msg, order)
-    if raw is not None:
-        return raw
+    try:
+        raw_order, raw = msg._raw
+        if raw_order == order:
+            return raw
+    except AttributeError:
+        pass
     return msg.pack(order) + msg.trailing(True)
 
 
-def _keep(msg: Message, order: str, raw: bytes) -> Message:
-    object.__setattr__(msg, "_raw", (order, raw))
-    return msg
-
-
-class _Buffer:
-    """Bytes received and not yet decoded. A chunk that arrives with nothing buffered is
-    kept as it is (no copy); the usual chunk is exactly one message."""
-
-    __slots__ = ("data", "pos")
-
-    def __init__(self):
-        self.data: bytes | bytearray = b""
-        self.pos = 0
-
-    def add(self, chunk) -> None:
-        if self.pos == len(self.data):
-            self.data = chunk if type(chunk) is bytes else bytes(chunk)
-            self.pos = 0
-            return
-        if type(self.data) is bytes:
-            self.data = bytearray(memoryview(self.data)[self.pos:])
-        elif self.pos:
-            del self.data[:self.pos]
-        self.pos = 0
-        self.data += chunk
-
-    def take(self, start: int, end: int) -> bytes:
-        """The bytes start..end (absolute offsets), copied only if they are not all."""
-        self.pos = end
-        data = self.data
-        if start == 0 and end == len(data) and type(data) is bytes:
-            return data
-        return bytes(data[start:end])
-
-    def clear(self) -> None:
-        self.data, self.pos = b"", 0
-
-    def __len__(self) -> int:
-        return len(self.data) - self.pos
+_keep_raw = object.__setattr__   # msg._raw = (order, raw) on a frozen message
 
 
 REQUESTS: dict[int, type[Message]] = {
@@ -605,67 +563,137 @@ def _check_limit(cls, values) -> None:
             raise ProtocolError(f"{cls.__name__}: {name} {values[i]} > {limit}")
 
 
+def _parse_request(data, pos: int, order: str):
+    """The request at ``data[pos:]``: (message, end) once it is whole, None while it is
+    not; ProtocolError as soon as its header (or its bounded length) shows it never will
+    be one pcscd accepts."""
+    if len(data) - pos < HEADER_SIZE:
+        return None
+    size, cmd = _HEADER[order].unpack_from(data, pos)
+    cls = REQUESTS.get(cmd)
+    if cls is None or cmd in REFUSED:
+        raise ProtocolError(f"unsupported command 0x{cmd:02X}")
+    if size != cls.SIZE:
+        raise ProtocolError(f"{cls.__name__}: body of {size} bytes, expected {cls.SIZE}")
+    start = pos + HEADER_SIZE
+    end = start + size
+    if len(data) < end:
+        return None
+    values = cls.STRUCTS[order].unpack_from(data, start)
+    limit = cls._LIMIT
+    if limit is not None and values[limit[0]] > limit[2]:
+        _check_limit(cls, values)     # raises, naming the field
+    if cls._SEND is not None:  # Transmit, Control: the data follows the body
+        extra = values[cls._SEND]
+        if len(data) < end + extra:
+            return None
+        return cls(*values, bytes(data[end:end + extra])), end + extra
+    return (cls(*values) if cls._PLAIN else cls._decode(values)), end
+
+
+def read_request(data: bytes, order: str = NATIVE) -> Message:
+    """Exactly one whole request, as a CALL carries it; ProtocolError otherwise."""
+    got = _parse_request(data, 0, order)
+    if got is None or got[1] != len(data):
+        raise ProtocolError("not exactly one pcsc-lite request")
+    msg = got[0]
+    _keep_raw(msg, "_raw", (order, data))
+    return msg
+
+
 class RequestReader:
     """Server side of one socket: bytes from an application in, requests out.
 
     ``feed(data)`` returns every complete request; or ``receive(data)``, then
     ``next_request()`` one at a time (None until one is complete), so a caller that must
-    not take more (flow control) leaves the rest as bytes."""
+    not take more (flow control) leaves the rest as bytes. A chunk that arrives with
+    nothing buffered is kept as it is: no copy when it is one whole request."""
 
     def __init__(self, order: str = NATIVE):
         self.order = order
-        self._buf = _Buffer()
-        self._header = _HEADER[order]
+        self._data: bytes | bytearray = b""
+        self._pos = 0
 
     def receive(self, data) -> None:
-        self._buf.add(data)
+        pos = self._pos
+        if pos == len(self._data):
+            self._data, self._pos = bytes(data), 0
+        elif type(self._data) is bytes:
+            self._data, self._pos = bytearray(memoryview(self._data)[pos:]) + data, 0
+        else:
+            del self._data[:pos]
+            self._data += data
+            self._pos = 0
 
     def feed(self, data) -> list[Message]:
-        self._buf.add(data)
+        self.receive(data)
         out = []
-        while (msg := self.next_request()) is not None:
+        while self._pos < len(self._data):
+            msg = self.next_request()
+            if msg is None:
+                break
             out.append(msg)
         return out
 
     def next_request(self) -> Message | None:
-        buf = self._buf
-        data, pos = buf.data, buf.pos
-        if len(data) - pos < HEADER_SIZE:
+        data, pos = self._data, self._pos
+        if pos == len(data):
             return None
-        size, cmd = self._header.unpack_from(data, pos)
-        cls = REQUESTS.get(cmd)
-        if cls is None or cmd in REFUSED:
-            buf.clear()
-            raise ProtocolError(f"unsupported command 0x{cmd:02X}")
-        if size != cls.SIZE:
-            buf.clear()
-            raise ProtocolError(f"{cls.__name__}: body of {size} bytes, expected {cls.SIZE}")
-        start = pos + HEADER_SIZE
-        end = start + size
-        if len(data) < end:
+        try:
+            got = _parse_request(data, pos, self.order)
+        except ProtocolError:
+            self._data, self._pos = b"", 0
+            raise
+        if got is None:
             return None
-        values = cls.STRUCTS[self.order].unpack_from(data, start)
-        if cls._LIMIT is not None:
-            try:
-                _check_limit(cls, values)
-            except ProtocolError:
-                buf.clear()
-                raise
-        if cls._SEND is not None:  # Transmit, Control: the data follows the body
-            extra = values[cls._SEND]
-            if len(data) < end + extra:
-                return None
-            msg = cls(*values, bytes(data[end:end + extra]))
-            end += extra
-        elif cls._PLAIN:
-            msg = cls(*values)
-        else:
-            msg = cls._decode(values)
-        return _keep(msg, self.order, buf.take(pos, end))
+        msg, end = got
+        self._pos = end
+        raw = data if pos == 0 and end == len(data) and type(data) is bytes \
+            else bytes(data[pos:end])
+        _keep_raw(msg, "_raw", (self.order, raw))
+        return msg
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._data) - self._pos
+
+
+def _parse_reply(data, pos: int, cls, asked, order: str):
+    """The reply of class ``cls`` at ``data[pos:]`` (to the request ``asked``, which bounds
+    the data a Transmit or Control reply may carry): (message, end) once it is whole, None
+    while it is not; ProtocolError when it cannot be a reply pcscd sends."""
+    end = pos + cls.SIZE
+    if len(data) < end:
+        return None
+    values = cls.STRUCTS[order].unpack_from(data, pos)
+    if cls._RECV is not None and values[cls._RV] == 0:  # Transmit, Control
+        i, bound = cls._RECV
+        n = values[i]
+        limit = getattr(asked, bound)
+        if n > max(limit, 0) or n > MAX_BUFFER_SIZE_EXTENDED:
+            raise ProtocolError(f"{cls.__name__}: {n} bytes returned, {limit} allowed")
+        if len(data) < end + n:
+            return None
+        return cls(*values, bytes(data[end:end + n])), end + n
+    msg = cls(*values) if cls._PLAIN else cls._decode(values)
+    if cls is ReadersStateSize:
+        if not 0 <= msg.size <= MAX_READERS_STATE_ARRAY:
+            raise ProtocolError(f"reader-state array size {msg.size}")
+    elif (cls is GetAttrib or cls is SetAttrib) and msg.cbAttrLen > MAX_BUFFER_SIZE \
+            and msg.rv == 0:
+        raise ProtocolError(f"{cls.__name__}: cbAttrLen {msg.cbAttrLen}")
+    return msg, end
+
+
+def read_reply(data: bytes, asked: Message, order: str = NATIVE) -> Message:
+    """Exactly one whole reply to the card call ``asked``, as a REPLY carries it (the
+    request's struct written back, plus data); ProtocolError otherwise."""
+    got = _parse_reply(data, 0, type(asked), asked, order)
+    if got is None or got[1] != len(data):
+        raise ProtocolError("not exactly one pcsc-lite reply")
+    msg = got[0]
+    _keep_raw(msg, "_raw", (order, data))
+    return msg
 
 
 class ReplyReader:
@@ -679,7 +707,8 @@ class ReplyReader:
     def __init__(self, dialect: int = 4, order: str = NATIVE):
         self.order = order
         self.dialect = dialect  # minor version: 4, 5 or 6
-        self._buf = _Buffer()
+        self._data: bytes | bytearray = b""
+        self._pos = 0
         self._expected: deque = deque()
         self.waiting = False
         self._array_size = PCSCLITE_MAX_READERS_CONTEXTS
@@ -711,13 +740,20 @@ class ReplyReader:
             raise ProtocolError(f"cannot expect a reply to 0x{cmd:02X}")
 
     def feed(self, data) -> list:
-        buf = self._buf
-        buf.add(data)
+        pos = self._pos
+        if pos == len(self._data):
+            self._data, self._pos = bytes(data), 0
+        elif type(self._data) is bytes:
+            self._data, self._pos = bytearray(memoryview(self._data)[pos:]) + data, 0
+        else:
+            del self._data[:pos]
+            self._data += data
+            self._pos = 0
         out = []
         expected = self._expected
         # With nothing buffered only an empty reader-state array (ARRAY after a SIZE of 0)
         # can still be complete; every other reply has at least one byte.
-        while len(buf) or (expected and expected[0][0] is ReaderStates):
+        while self._pos < len(self._data) or (expected and expected[0][0] is ReaderStates):
             msg = self._next()
             if msg is None:
                 break
@@ -725,55 +761,39 @@ class ReplyReader:
         return out
 
     def _next(self):
-        buf = self._buf
-        data, pos = buf.data, buf.pos
-        have = len(data) - pos
-        order = self.order
+        data, pos, order = self._data, self._pos, self.order
         if not self._expected:
+            have = len(data) - pos
             if not have:
                 return None
             if not self.waiting:
                 raise ProtocolError(f"{have} unexpected bytes from the server")
-            if have < WaitReaderStateChangeReply.SIZE:
-                return None
-            self.waiting = False
-            end = pos + WaitReaderStateChangeReply.SIZE
-            msg = WaitReaderStateChangeReply(
-                *WaitReaderStateChangeReply.STRUCTS[order].unpack_from(data, pos))
-            return _keep(msg, order, buf.take(pos, end))
-        cls, arg = self._expected[0]
+            cls, arg = WaitReaderStateChangeReply, None
+        else:
+            cls, arg = self._expected[0]
         if cls is ReaderStates:
             count = arg if arg is not None else self._array_size
             end = pos + count * READER_STATE_SIZE
             if len(data) < end:
                 return None
             self._expected.popleft()
-            return ReaderStates.unpack(buf.take(pos, end), order)
-        end = pos + cls.SIZE
-        if len(data) < end:
+            self._pos = end
+            return ReaderStates.unpack(bytes(data[pos:end]), order)
+        got = _parse_reply(data, pos, cls, arg, order)
+        if got is None:
             return None
-        values = cls.STRUCTS[order].unpack_from(data, pos)
-        if cls._RECV is not None and values[cls._RV] == 0:  # Transmit, Control
-            i, bound = cls._RECV
-            n = values[i]
-            limit = getattr(arg, bound)
-            if n > max(limit, 0) or n > MAX_BUFFER_SIZE_EXTENDED:
-                raise ProtocolError(f"{cls.__name__}: {n} bytes returned, {limit} allowed")
-            if len(data) < end + n:
-                return None
-            msg = cls(*values, bytes(data[end:end + n]))
-            end += n
+        msg, end = got
+        if cls is WaitReaderStateChangeReply and not self._expected:
+            self.waiting = False
         else:
-            msg = cls(*values) if cls._PLAIN else cls._decode(values)
+            self._expected.popleft()
             if cls is ReadersStateSize:
-                if not 0 <= msg.size <= MAX_READERS_STATE_ARRAY:
-                    raise ProtocolError(f"reader-state array size {msg.size}")
                 self._array_size = msg.size
-            elif cls in (GetAttrib, SetAttrib) and msg.cbAttrLen > MAX_BUFFER_SIZE \
-                    and msg.rv == 0:
-                raise ProtocolError(f"{cls.__name__}: cbAttrLen {msg.cbAttrLen}")
-        self._expected.popleft()
-        return _keep(msg, order, buf.take(pos, end))
+        self._pos = end
+        raw = data if pos == 0 and end == len(data) and type(data) is bytes \
+            else bytes(data[pos:end])
+        _keep_raw(msg, "_raw", (order, raw))
+        return msg
 
     @property
     def pending(self) -> int:
@@ -781,4 +801,4 @@ class ReplyReader:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._data) - self._pos

@@ -18,6 +18,7 @@ import random
 import socket
 import ssl
 import time
+from time import monotonic
 
 from pcsc_bridge import __version__, log, netio
 from pcsc_bridge.backend import (
@@ -37,8 +38,8 @@ from pcsc_bridge.pcsc import (
     Message,
     ProtocolError,
     ReaderStates,
-    ReplyReader,
     encode_request,
+    read_reply,
 )
 from pcsc_bridge.wire import (
     DEFAULT_MAX_FRAME,
@@ -76,7 +77,7 @@ class Link(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future = loop.create_future()   # the server's Hello
         self.closed: asyncio.Future = loop.create_future()
-        # stream id -> (done callback, stream, call-timeout timer or None)
+        # stream id -> (done callback, the request, call-timeout timer or None)
         self.pending: dict[int, tuple] = {}
         self.keepalive = Keepalive(agent.keepalive_interval, agent.keepalive_timeout,
                                    time.monotonic())
@@ -104,7 +105,7 @@ class Link(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
-        self.keepalive.wrote()
+        self.keepalive.sent = True    # Keepalive.wrote(), without a call per message
 
     # flow control: the server does not read what we send; stop reading what it sends
     def pause_writing(self):
@@ -118,7 +119,7 @@ class Link(asyncio.Protocol):
     def data_received(self, data):
         if self.dead:
             return
-        self.keepalive.received(time.monotonic())
+        self.keepalive.last_rx = monotonic()   # Keepalive.received(), inlined
         one = self.conn.receive_one(data)   # a chunk that is one REPLY: the usual case
         if one is not None:
             self._reply(*one)
@@ -146,20 +147,17 @@ class Link(asyncio.Protocol):
         entry = self.pending.pop(sid, None)
         if entry is None:
             return                    # its call timed out: the stream is closed already
-        done, stream, timer = entry
+        done, asked, timer = entry
         if timer is not None:
             timer.cancel()
-        reader = stream.reader
         try:
-            msgs = reader.feed(payload)
-            if len(msgs) != 1 or reader.buffered:
-                raise ProtocolError("a REPLY must carry exactly one pcsc-lite reply")
+            reply = read_reply(payload, asked, WIRE)
         except ProtocolError as exc:
             log.error("stream.protocol_error", stream=sid, error=str(exc))
             self.write(self.conn.send(Close(sid, Reason.PCSC_ERROR, str(exc))))
             done(None, BackendError(f"bad reply from the server: {exc}"))
             return
-        done(msgs[0], None)
+        done(reply, None)
 
     def _on_state(self, event: StateUpdate):
         self.agent.model.update(ReaderStates.unpack(event.states, WIRE).states)
@@ -226,12 +224,11 @@ class Link(asyncio.Protocol):
 class LinkStream(BackendStream):
     """One application's stream on the link; its OPEN goes out with its first CALL."""
 
-    __slots__ = ("agent", "app", "id", "link", "reader", "refill")
+    __slots__ = ("agent", "app", "id", "link", "refill")
 
     def __init__(self, agent: RemoteBackend, link: Link, app: AppInfo):
         self.agent, self.link, self.app = agent, link, app
         self.id = 0                             # given with the first call
-        self.reader = ReplyReader(6, WIRE)      # card replies: the same in every dialect
         self.refill: asyncio.TimerHandle | None = None  # a replacement due if not given back
 
     def submit(self, msg: Message, done) -> None:
@@ -253,11 +250,10 @@ class LinkStream(BackendStream):
                 self.id = sid
         except LocalProtocolError:
             raise BackendError("the server closed this application's stream") from None
-        self.reader.expect(msg)
         timeout = self.agent.call_timeout
         timer = asyncio.get_running_loop().call_later(timeout, self._timed_out) \
             if timeout else None
-        link.pending[self.id] = (done, self, timer)
+        link.pending[self.id] = (done, msg, timer)
         link.write(data)
 
     def _timed_out(self) -> None:
@@ -457,7 +453,7 @@ class RemoteBackend(Backend):
                                          server_hostname=self.server_name,
                                          timeout=max(deadline - loop.time(), 0.1))
         link = Link(self)
-        transport = netio.Transport(tls_sock, link)
+        transport = netio.Transport(tls_sock, link, coalesce=False)
         try:
             await asyncio.wait_for(link.hello, max(deadline - loop.time(), 0.1))
         except BaseException:
@@ -552,7 +548,7 @@ def _log_stream(app: AppInfo, link: Link, context: str | None = None) -> None:
 
 def _finish(entry: tuple, error: BackendError) -> None:
     """A call that will get no reply: stop its timer and tell its caller."""
-    done, _stream, timer = entry
+    done, _asked, timer = entry
     if timer is not None:
         timer.cancel()
     done(None, error)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from time import monotonic
 
 from pcsc_bridge import log
 from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream
@@ -38,11 +39,11 @@ from pcsc_bridge.pcsc import (
     ReaderStates,
     Reconnect,
     ReleaseContext,
-    RequestReader,
     SetAttrib,
     Status,
     Transmit,
     encode_reply,
+    read_request,
     rv_name,
 )
 from pcsc_bridge.wire import (
@@ -76,12 +77,11 @@ class GuestStream:
     """One of the guest's streams (one application socket on the guest): at most one
     call at a time, as the wire allows."""
 
-    __slots__ = ("app", "backend", "ended", "id", "opened", "reader", "running", "timer")
+    __slots__ = ("app", "backend", "ended", "id", "opened", "running", "timer")
 
     def __init__(self, sid: int, app: AppInfo):
         self.id = sid
         self.app = app
-        self.reader = RequestReader(WIRE)
         self.backend: BackendStream | None = None
         self.opened = False   # OPENED goes out in the same write as the first REPLY
         self.running = False  # a call is with the backend (or the backend stream opens)
@@ -180,7 +180,7 @@ class GuestSession(asyncio.Protocol):
     def data_received(self, data):
         if self.closed or self.conn is None:
             return
-        self.keepalive.received(time.monotonic())
+        self.keepalive.last_rx = monotonic()   # Keepalive.received(), inlined
         one = self.conn.receive_one(data)   # a chunk that is one CALL: the usual case
         if one is not None:
             self._call(*one)
@@ -203,7 +203,7 @@ class GuestSession(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if not self.closed:
             self.transport.write(data)
-            self.keepalive.wrote()
+            self.keepalive.sent = True    # Keepalive.wrote(), without a call per message
 
     # --- flow control -------------------------------------------------------------------
     def pause_writing(self):
@@ -260,12 +260,8 @@ class GuestSession(asyncio.Protocol):
         stream = self.streams.get(sid)
         if stream is None:
             return
-        reader = stream.reader
         try:
-            msgs = reader.feed(payload)
-            if len(msgs) != 1 or reader.buffered:
-                raise ProtocolError("a CALL must carry exactly one pcsc-lite request")
-            msg = msgs[0]
+            msg = read_request(payload, WIRE)
             if type(msg) not in CARD_CALLS:
                 raise ProtocolError(f"{type(msg).__name__} is answered by the agent")
         except ProtocolError as exc:
@@ -406,7 +402,8 @@ class GuestSession(asyncio.Protocol):
             return   # the stream was closed meanwhile (a race the wire allows)
         if self._states_due:      # the state this reply may depend on goes first
             data = self._states_frame() + data
-        self._write(data)
+        self.transport.write(data)
+        self.keepalive.sent = True
         if self.going_away:
             self._drained()
 

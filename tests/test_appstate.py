@@ -192,8 +192,10 @@ class Canceller:
 
 class AppMachine(RuleBasedStateMachine):
     @initialize(dialect=st.sampled_from([4, 5, 6]), pool=st.booleans(),
-                states=READER_SETS, ready=st.booleans())
-    def start(self, dialect, pool, states, ready):
+                states=READER_SETS, ready=st.booleans(),
+                budget=st.sampled_from([1, 3000, 65536]))
+    def start(self, dialect, pool, states, ready, budget):
+        self.budget = budget          # answers per run(): the shell's flow-control batch
         self.model = ReaderModel(states)
         self.registry: dict = {}
         self.state = AppState(self.model, self.registry, self, pool=pool)
@@ -243,7 +245,7 @@ class AppMachine(RuleBasedStateMachine):
 
     def _run(self) -> None:
         self._model_run()
-        while (actions := self.state.step()) is not None:
+        while actions := self.state.run(budget=self.budget):
             self._do(actions)
 
     def _read(self, data: bytes) -> None:
@@ -377,7 +379,7 @@ class AppMachine(RuleBasedStateMachine):
         other = AppState(self.model, self.registry, Canceller())
         other.receive(p.encode_request(p.Cancel(h)))
         replies = []
-        while (actions := other.step()) is not None:
+        while actions := other.run():
             for a in actions:
                 if type(a) is Send:
                     replies.append(a.data)
@@ -439,7 +441,7 @@ def _session(dialect: int, pool: bool = False):
         for m in msgs:
             state.receive(p.encode_request(m))
         out = []
-        while (actions := state.step()) is not None:
+        while actions := state.run():
             out += actions
         return out
     run(p.Version(4, dialect))
