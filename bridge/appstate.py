@@ -9,28 +9,29 @@ contexts and card handles the application holds; and the shortcuts that answer a
 before the backend has (docs/wire-protocol.md, "Shortcuts"). Nothing else reaches a
 backend, so backends never see a dialect.
 
-No socket, task, timer or clock inside. The shell (bridge/facade.py) feeds it what
-happens and carries out the actions it returns, in order:
+No socket, task, timer or clock inside. Events come in as method calls; the actions go
+out as calls on the ``AppShell`` it was given (bridge/facade.py's AppSession is the real
+one; tests record them):
 
-  events in                         actions out
-  receive(bytes from the app)       Send(bytes)        write to the application
-  run()  (handle what was read)     Submit(msg, ...)   a card call for the backend
-  answered(reply | None, rv)        Cancel(target)     wake another application's wait
-  changed()  (reader model)         Close(reason)      close the application's socket
-  cancelled()                       Finish(context)    the application is gone: hand
-  closed()                                             its stream on, or close it
-                                    Note(event, ...)   worth a log line
+  events in                            actions out (AppShell)
+  receive(bytes from the application)  send(bytes)                 to the application
+  answered(reply | None, rv, limit)    submit(msg, reply, ready)   a card call, to the
+  changed()   (the reader model)                                   backend
+  cancelled() (SCARD_CANCEL elsewhere) wake_other(target)          SCARD_CANCEL: wake
+  pause() / resume()  (flow control)                               another application
+  disconnected()                       close(reason, limit)        close the socket
+                                       finish(context)             it is gone: hand its
+                                                                   stream on, or close it
+                                       note(event, fields)         worth a log line
 
-Flow control is the shell's: ``run`` gives at most about ``OUTPUT_BUDGET`` bytes of
-answers at a time, so the shell stops calling it while the application does not read
-what it is sent, and ``has_request`` tells it when to stop reading the application's
-socket.
+Flow control: after ``pause()`` (the application does not read what it is sent) no
+request is handled until ``resume()``; ``has_request`` says when a whole request waits,
+so the shell stops reading the socket: what an application sends costs bounded memory.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from .backend import ReaderModel
 from .pcsc import (
@@ -66,10 +67,11 @@ from .pcsc import (
 )
 
 NEWEST_MINOR = 6
-OUTPUT_BUDGET = 65536   # bytes of answers per run(): flow control sees each batch
 DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 (1.8.24–2.2), 4:5 (2.3–2.4), 4:6 (2.5–)
 ESTABLISH_SCOPES = frozenset({SCARD_SCOPE_USER, SCARD_SCOPE_TERMINAL, SCARD_SCOPE_SYSTEM,
                               SCARD_SCOPE_GLOBAL})   # what pcscd accepts
+# the card calls whose success changes the application's contexts or card handles
+_ACCOUNTED = frozenset({EstablishContext, ReleaseContext, Connect, Disconnect})
 
 
 def negotiate(major: int, minor: int) -> tuple[Version, int | None]:
@@ -80,51 +82,32 @@ def negotiate(major: int, minor: int) -> tuple[Version, int | None]:
     return Version(4, NEWEST_MINOR, SCARD_E_SERVICE_STOPPED), None
 
 
-# --- actions ----------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Write ``data`` to the application."""
-    data: bytes
+class AppShell(Protocol):
+    """What an AppState asks of its shell."""
 
+    def send(self, data: bytes) -> None:
+        """Write ``data`` to the application."""
 
-@dataclass(frozen=True, slots=True)
-class Submit:
-    """Hand ``msg`` to the backend stream; ``answered`` follows. ``reply``: False when the
-    application has had its answer already (a release sent behind it). ``ready``: the
-    application's SCardEstablishContext may be answered from a context established ahead
-    (ContextPool.take), if the shell has no stream yet; it then calls ``answered`` with
-    that context."""
-    msg: Message
-    reply: bool = True
-    ready: bool = False
+    def submit(self, msg: Message, reply: bool, ready: bool) -> None:
+        """Hand the card call ``msg`` to the application's backend stream; ``answered``
+        follows. ``reply`` False: the application has had its answer already (a release
+        sent behind it). ``ready``: an SCardEstablishContext that may be answered from a
+        context established ahead (ContextPool.take) if there is no stream yet; the shell
+        then calls ``answered`` with that context."""
 
+    def wake_other(self, target: Any) -> None:
+        """SCARD_CANCEL named ``target``'s context: call ``target``'s ``cancelled()``."""
 
-@dataclass(frozen=True, slots=True)
-class WakeOther:
-    """SCARD_CANCEL named ``target``'s context: call ``target.cancelled()``."""
-    target: Any
+    def close(self, reason: str, limit: str | None) -> None:
+        """Close the application's socket: it broke the protocol, or (``limit``) a limit
+        refused its call, where pcscd closes a client's socket at its own limit."""
 
+    def finish(self, context: int | None) -> None:
+        """The application is gone. ``context``: its stream holds this one context and
+        nothing else; offer both to the pool (ContextPool.give_back), else close it."""
 
-@dataclass(frozen=True, slots=True)
-class Close:
-    """Close the application's socket: it broke the protocol, or (``limit``) a limit was
-    reached, where pcscd closes a client's socket at its own limit."""
-    reason: str
-    limit: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    """The application is gone. ``context``: its stream holds this one context and
-    nothing else; offer both to the pool (ContextPool.give_back), else close the stream."""
-    context: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Note:
-    """Worth a log line (info): ``event`` and its fields."""
-    event: str
-    fields: dict = field(default_factory=dict)
+    def note(self, event: str, fields: dict) -> None:
+        """Something worth a log line (info)."""
 
 
 class AppState:
@@ -135,14 +118,17 @@ class AppState:
     application instead of being released on the backend."""
 
     def __init__(self, model: ReaderModel, contexts: dict[int, Any], owner: Any,
-                 pool: bool = False):
+                 shell: AppShell, pool: bool = False):
         self.model = model
         self.registry = contexts
         self.owner = owner
+        self.shell = shell
         self.pool = pool
         self.reader = RequestReader(NATIVE)
         self.request: Message | None = None   # read, not yet handled (busy or paused)
-        self.pending: Submit | None = None     # the card call with the backend
+        self.pending: Message | None = None    # the card call with the backend
+        self.pending_reply = True              # ... and whether its answer is owed
+        self.paused = False                    # the application does not read
         self.dialect: int | None = None        # set by CMD_VERSION
         self.waiting = False       # registered for a wake-up (WAIT sent, not answered)
         self.hold_wakeup = 0       # 4:6: SIZE + ARRAY still owed after WAIT
@@ -151,86 +137,98 @@ class AppState:
         self.cards: dict[int, int] = {}        # hCard -> hContext
         self.kept: int | None = None   # released for the application, kept on the backend
         self.closed = False
-
-    # --- queries --------------------------------------------------------------------------
-    @property
-    def busy(self) -> bool:
-        return self.pending is not None
+        self._running = False
 
     @property
     def has_request(self) -> bool:
-        """A whole request is read and not yet handled: stop reading the socket."""
+        """A whole request is read and waits: stop reading the socket."""
         return self.request is not None
 
     # --- events ---------------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
-        """Bytes from the application; ``run`` takes them one request at a time."""
+        """Bytes from the application: its requests are handled, in order, as far as
+        they can be now."""
         self.reader.receive(data)
+        self.run()
 
-    def run(self, budget: int = OUTPUT_BUDGET) -> list:
-        """Handle the requests read so far, in order, until a card call is with the
-        backend, the next request is not whole yet, or the answers given add up to
-        ``budget`` bytes (the shell calls again once they are written and the application
-        reads): their actions, [] when there is nothing to do now. While a call is with
-        the backend the next request is read (``has_request``) and waits."""
-        actions: list = []
-        if self.closed:
-            return actions
-        reader, local, sent = self.reader, self._LOCAL, 0
+    def run(self) -> None:
+        """Handle the requests read so far until a card call is with the backend, the
+        application stops reading (``pause``), or the next request is not whole yet (the
+        next one is then read, and waits: ``has_request``)."""
+        if self.closed or self._running:
+            return                    # (an answer given during a call: the loop goes on)
+        self._running = True
+        try:
+            self._handle_requests()
+        finally:
+            self._running = False
+
+    def _handle_requests(self) -> None:
+        local = self._LOCAL
         while True:
             msg = self.request
             if msg is None:
                 try:
-                    msg = reader.next_request()
+                    msg = self.reader.next_request()
                 except ProtocolError as exc:
                     self.closed = True
-                    actions.append(Close(str(exc)))
-                    return actions
+                    self.shell.close(str(exc), None)
+                    return
                 if msg is None:
-                    return actions
-            if self.pending is not None or sent >= budget:
+                    return
+            if self.pending is not None or self.paused or self.closed:
                 self.request = msg
-                return actions
+                return
             self.request = None
             handler = local.get(type(msg))
-            done = handler(self, msg) if handler is not None else self._card_call(msg)
-            for action in done:
-                if type(action) is Send:
-                    sent += len(action.data)
-            actions += done
+            if handler is not None:
+                handler(self, msg)
+            else:
+                self._card_call(msg)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self.run()
 
     def answered(self, reply: Message | None, rv: int | None = None,
-                 limit: str | None = None) -> list:
+                 limit: str | None = None) -> None:
         """The backend's answer to the pending card call: ``reply``, or None and the error
         ``rv`` the application gets; or None and the ``limit`` that refused the call."""
-        submit, self.pending = self.pending, None
-        if submit is None or self.closed:
-            return []
-        msg = submit.msg
-        if limit is not None:
-            self.closed = True
-            return [Close(f"{type(msg).__name__} refused at a limit", limit)]
-        if not submit.reply:          # answered already: only its failure is news
+        msg, self.pending = self.pending, None
+        if msg is None or self.closed:
+            return
+        if not self.pending_reply:    # answered already: only its failure is news
+            self.pending_reply = True
             if reply is None or reply.rv:
-                return [Note("app.release_failed", {
-                    "context": msg.hContext, "error": rv_name(rv if reply is None
-                                                              else reply.rv)})]
-            return []
-        if reply is None:
-            reply = msg.failed(rv)
-        elif reply.rv == 0:
-            self._account(msg, reply)
-        return [Send(encode_reply(reply, NATIVE))]
+                self.shell.note("app.release_failed", {
+                    "context": msg.hContext,
+                    "error": rv_name(rv if reply is None else reply.rv)})
+        elif limit is not None:
+            self.closed = True
+            self.shell.close(f"{type(msg).__name__} refused at a limit", limit)
+            return
+        elif reply is None:
+            self.shell.send(encode_reply(msg.failed(rv), NATIVE))
+        else:
+            if type(msg) in _ACCOUNTED and reply.rv == 0:
+                self._account(msg, reply)
+            self.shell.send(encode_reply(reply, NATIVE))
+        if self.request is not None or self.reader.buffered:
+            self.run()
 
-    def changed(self) -> list:
+    def changed(self) -> None:
         """The reader model changed: a waiting application is woken."""
-        return self._wake(0) if self.waiting else []
+        if self.waiting:
+            self._wake(0)
 
-    def cancelled(self) -> list:
+    def cancelled(self) -> None:
         """Another application sent SCARD_CANCEL for one of this one's contexts."""
-        return self._wake(SCARD_E_CANCELLED)
+        self._wake(SCARD_E_CANCELLED)
 
-    def disconnected(self) -> list:
+    def disconnected(self) -> None:
         """The application's socket is gone (it closed it, or it was closed)."""
         self.closed = True
         for h in self.contexts:
@@ -238,41 +236,40 @@ class AppState:
         give_back = self.kept is not None and not self.contexts and not self.cards \
             and self.pending is None
         self.request = None
-        return [Finish(self.kept if give_back else None)]
+        self.shell.finish(self.kept if give_back else None)
 
     # --- card calls -----------------------------------------------------------------------
-    def _card_call(self, msg: Message) -> list:
+    def _card_call(self, msg: Message) -> None:
         self.hold_wakeup = 0
-        if type(msg) is ReleaseContext:
-            early = self._release_early(msg)
-            if early is not None:
-                return early
-        submit = Submit(msg, ready=type(msg) is EstablishContext
-                        and msg.dwScope in ESTABLISH_SCOPES)
-        self.pending = submit
-        return [submit]
+        kind = type(msg)
+        if kind is ReleaseContext and self._release_early(msg):
+            return
+        self.pending = msg
+        self.shell.submit(msg, True, kind is EstablishContext
+                          and msg.dwScope in ESTABLISH_SCOPES)
 
-    def _release_early(self, msg: ReleaseContext) -> list | None:
+    def _release_early(self, msg: ReleaseContext) -> bool:
         """SCardReleaseContext answered at once when nothing else can notice when it takes
         effect: the context is this application's and holds no card handle, so releasing
         it changes no reader, card or sharing state. With a pool the first such context
-        is kept for the next application (``closed_by_app``); otherwise the release goes
+        is kept for the next application (``disconnected``); otherwise the release goes
         to the backend behind its answer, in order."""
         h = msg.hContext
         if h == self.kept:
             # released already, as far as the application knows: pcscd's answer then
-            return [Send(encode_reply(msg.with_rv(SCARD_E_INVALID_HANDLE), NATIVE))]
+            self.shell.send(encode_reply(msg.with_rv(SCARD_E_INVALID_HANDLE), NATIVE))
+            return True
         if h not in self.contexts or h in self.cards.values():
-            return None
+            return False
         self.contexts.discard(h)
         self.registry.pop(h, None)
-        actions: list = [Send(encode_reply(msg.with_rv(0), NATIVE))]
+        self.shell.send(encode_reply(msg.with_rv(0), NATIVE))
         if self.kept is None and self.pool:
             self.kept = h
         else:
-            self.pending = Submit(msg, reply=False)
-            actions.append(self.pending)
-        return actions
+            self.pending, self.pending_reply = msg, False
+            self.shell.submit(msg, False, False)
+        return True
 
     def _account(self, msg: Message, reply: Message) -> None:
         """What a successful card call changed in the application's contexts and cards."""
@@ -290,54 +287,57 @@ class AppState:
             self.cards.pop(msg.hCard, None)
 
     # --- requests answered here -----------------------------------------------------------
-    def _reply(self, msg) -> list:
-        return [Send(encode_reply(msg, NATIVE))]
+    def _reply(self, msg) -> None:
+        self.shell.send(encode_reply(msg, NATIVE))
 
-    def _version(self, msg: Version) -> list:
+    def _version(self, msg: Version) -> None:
         reply, dialect = negotiate(msg.major, msg.minor)
-        actions = self._reply(reply)
+        self._reply(reply)
         if dialect is None:
-            actions.append(Note("app.version", {"client": f"{msg.major}:{msg.minor}",
-                                                "refused": "unsupported protocol version"}))
+            self.shell.note("app.version", {"client": f"{msg.major}:{msg.minor}",
+                                            "refused": "unsupported protocol version"})
         else:
             self.dialect = dialect
-        return actions
 
-    def _states16(self, _msg=None) -> list:
-        return [Send(self.model.packed(PCSCLITE_MAX_READERS_CONTEXTS))]
+    def _states16(self, _msg=None) -> None:
+        self.shell.send(self.model.packed(PCSCLITE_MAX_READERS_CONTEXTS))
 
-    def _wait(self, _msg) -> list:
+    def _wait(self, _msg) -> None:
         self.waiting = True
         self.wakeup_rv = None
         if (self.dialect or 4) >= 6:
             self.hold_wakeup = 2      # its SIZE and ARRAY are answered before any wake-up
-            return []
-        return self._states16()
+        else:
+            self._states16()
 
-    def _stop(self, _msg) -> list:
+    def _stop(self, _msg) -> None:
         self.hold_wakeup = 0
         if not self.waiting:
-            return []                 # the wake-up was sent already: it is the answer
+            return                    # the wake-up was sent already: it is the answer
         self.waiting = False
         rv, self.wakeup_rv = self.wakeup_rv or 0, None
-        return self._reply(WaitReaderStateChangeReply(0, rv))
+        self._reply(WaitReaderStateChangeReply(0, rv))
 
-    def _cancel(self, msg: Cancel) -> list:
+    def _cancel(self, msg: Cancel) -> None:
         # pcscd: an unknown context is INVALID_HANDLE; a known one is SUCCESS, and woken
         # with SCARD_E_CANCELLED only if it still waits (the wake-up may just have gone)
         target = self.registry.get(msg.hContext)
         if target is None:
-            return self._reply(msg.with_rv(SCARD_E_INVALID_HANDLE))
-        return self._reply(msg.with_rv(0)) + [WakeOther(target)]
+            self._reply(msg.with_rv(SCARD_E_INVALID_HANDLE))
+            return
+        self._reply(msg.with_rv(0))
+        self.shell.wake_other(target)
 
-    def _events(self, _msg) -> list:
-        return self._reply(ReaderEvents(self.model.reader_events, 0))
+    def _events(self, _msg) -> None:
+        self._reply(ReaderEvents(self.model.reader_events, 0))
 
-    def _size(self, _msg) -> list:
-        return self._reply(ReadersStateSize(self.model.capacity)) + self._held()
+    def _size(self, _msg) -> None:
+        self._reply(ReadersStateSize(self.model.capacity))
+        self._held()
 
-    def _array(self, _msg) -> list:
-        return [Send(self.model.packed(self.model.capacity))] + self._held()
+    def _array(self, _msg) -> None:
+        self.shell.send(self.model.packed(self.model.capacity))
+        self._held()
 
     _LOCAL: ClassVar[dict] = {
         Version: _version, GetReadersState: _states16, WaitReaderStateChange: _wait,
@@ -346,21 +346,20 @@ class AppState:
     }
 
     # --- wake-ups -------------------------------------------------------------------------
-    def _held(self) -> list:
+    def _held(self) -> None:
         """After a 4:6 SIZE or ARRAY reply: a wake-up held back goes out behind the ARRAY."""
         if self.hold_wakeup:
             self.hold_wakeup -= 1
             if not self.hold_wakeup and self.wakeup_rv is not None:
-                return self._wake(self.wakeup_rv)
-        return []
+                self._wake(self.wakeup_rv)
 
-    def _wake(self, rv: int) -> list:
+    def _wake(self, rv: int) -> None:
         if not self.waiting or self.closed:
-            return []
+            return
         if self.hold_wakeup:
             if self.wakeup_rv is None or rv != 0:
                 self.wakeup_rv = rv
-            return []
+            return
         self.waiting = False
         self.wakeup_rv = None
-        return self._reply(WaitReaderStateChangeReply(0, rv))
+        self._reply(WaitReaderStateChangeReply(0, rv))

@@ -20,7 +20,7 @@ import stat
 import struct
 
 from . import log, netio
-from .appstate import AppState, Close, Finish, Note, Send, Submit, WakeOther
+from .appstate import AppState
 from .backend import AppInfo, Backend, BackendError, BackendStream, ContextPool
 from .pcsc import EstablishContext, Message
 
@@ -100,18 +100,17 @@ def _peer_credentials(sock) -> AppInfo:
 
 
 class AppSession(asyncio.Protocol):
-    """One application socket: its AppState, its backend stream, its flow control."""
+    """One application socket: the shell of its AppState (an AppShell): reads the socket
+    into it, carries out what it decides, and applies flow control."""
 
     def __init__(self, facade: Facade):
         self.facade = facade
-        self.state = AppState(facade.backend.model, facade.contexts, self,
+        self.state = AppState(facade.backend.model, facade.contexts, self, self,
                               pool=facade.pool is not None)
         self.transport: asyncio.Transport | None = None
         self.stream: BackendStream | None = None
         self.info = AppInfo()
-        self.write_paused = False     # the application does not read its answers
         self.reading = True           # its socket is read
-        self._running = False         # inside _run: answers arriving now are stepped there
         self._unlisten = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------
@@ -121,98 +120,90 @@ class AppSession(asyncio.Protocol):
         if sock is not None:
             self.info = _peer_credentials(sock)
         self.facade.sessions.add(self)
-        self._unlisten = self.facade.backend.model.listen(self._changed)
+        self._unlisten = self.facade.backend.model.listen(self.state.changed)
 
     def data_received(self, data):
-        self.state.reader.receive(data)
-        self._run()
+        state = self.state
+        try:
+            state.receive(data)
+        except Exception as exc:  # noqa: BLE001 - one application's failure stays with it
+            self._failed(exc)
+            return
+        if state.request is not None and self.reading:
+            self.reading = False      # a whole request waits: read no more for now
+            self.transport.pause_reading()
 
     def pause_writing(self):
-        self.write_paused = True
-        self.reading = False
-        self.transport.pause_reading()
+        self.state.pause()
+        self._read(False)
 
     def resume_writing(self):
-        self.write_paused = False
-        self._run()
+        self.state.resume()
+        self._read(self.state.request is None)
 
     def connection_lost(self, exc):
         self.facade.sessions.discard(self)
         if self._unlisten:
             self._unlisten()
-        self._do(self.state.disconnected())
+        self.state.disconnected()
 
-    # --- the state machine's events and actions ----------------------------------------
-    def _run(self) -> None:
-        """Step the state machine while the application takes what it is sent; then read
-        its socket only if no whole request is waiting."""
-        if self._running:
-            return
-        self._running = True
-        try:
-            while not self.write_paused:
-                actions = self.state.run()
-                if not actions:
-                    break
-                self._do(actions)
-        except Exception as exc:  # noqa: BLE001 - one application's failure stays with it
-            self._failed(exc)
-        finally:
-            self._running = False
-        reading = not self.write_paused and self.state.request is None
-        if reading != self.reading:
+    def _read(self, reading: bool) -> None:
+        if reading != self.reading and not self.state.closed:
             self.reading = reading
             if reading:
                 self.transport.resume_reading()
             else:
                 self.transport.pause_reading()
 
-    def _do(self, actions: list) -> None:
-        for action in actions:
-            kind = type(action)
-            if kind is Send:
-                self.transport.write(action.data)
-            elif kind is Submit:
-                self._submit(action)
-            elif kind is WakeOther:
-                action.target.cancelled()
-            elif kind is Note:
-                log.info(action.event, app=self.info.id, pid=self.info.pid, **action.fields)
-            elif kind is Close:
-                if action.limit:
-                    log.warning("app.refused", app=self.info.id, pid=self.info.pid,
-                                reason=action.reason, limit=action.limit)
-                else:
-                    log.warning("app.protocol_error", app=self.info.id, pid=self.info.pid,
-                                error=action.reason)
-                self.transport.close()
-            elif kind is Finish:
-                self._finish(action.context)
-
-    def _changed(self) -> None:
-        self._do(self.state.changed())
-
     def cancelled(self) -> None:
-        self._do(self.state.cancelled())
+        self.state.cancelled()
 
-    # --- the backend stream -------------------------------------------------------------
-    def _submit(self, submit: Submit) -> None:
-        msg = submit.msg
-        if self.stream is None:
+    # --- AppShell: what the state machine decided ---------------------------------------
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def wake_other(self, target: AppSession) -> None:
+        target.cancelled()
+
+    def note(self, event: str, fields: dict) -> None:
+        log.info(event, app=self.info.id, pid=self.info.pid, **fields)
+
+    def close(self, reason: str, limit: str | None) -> None:
+        if limit:
+            log.warning("app.refused", app=self.info.id, pid=self.info.pid, reason=reason,
+                        limit=limit)
+        else:
+            log.warning("app.protocol_error", app=self.info.id, pid=self.info.pid,
+                        error=reason)
+        self.transport.close()
+
+    def submit(self, msg: Message, reply: bool, ready: bool) -> None:
+        stream = self.stream
+        if stream is None:
             self.info.dialect = self.state.dialect
             pool = self.facade.pool
-            ready = pool.take(self.info) if submit.ready and pool is not None else None
-            if ready is not None:
-                self.stream, h = ready
+            taken = pool.take(self.info) if ready and pool is not None else None
+            if taken is not None:
+                self.stream, h = taken
                 self._answered(EstablishContext(msg.dwScope, h, 0), None)
                 return
             asyncio.get_running_loop().create_task(self._open_then_submit(msg))
             return
         try:
-            self.stream.submit(msg, self._answered)
+            stream.submit(msg, self._answered)
         except BackendError as exc:
             self._answered(None, exc)
 
+    def finish(self, context: int | None) -> None:
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
+        pool = self.facade.pool
+        if context is not None and pool is not None and pool.give_back(stream, context):
+            return
+        asyncio.get_running_loop().create_task(_close_stream(stream, self.info))
+
+    # --- the backend stream -------------------------------------------------------------
     async def _open_then_submit(self, msg: Message) -> None:
         try:
             stream = await self.facade.backend.open_stream(self.info)
@@ -232,30 +223,21 @@ class AppSession(asyncio.Protocol):
             self._answered(None, exc)
 
     def _answered(self, reply, error) -> None:
-        if error is not None and not isinstance(error, BackendError):
-            self._failed(error)
-            return
-        if error is not None and error.limit is None:
-            log.info("app.call_failed", app=self.info.id,
-                     call=type(self.state.pending.msg).__name__ if self.state.pending
-                     else None, error=str(error))
+        state = self.state
         try:
-            self._do(self.state.answered(reply, *(
-                (error.rv, error.limit) if error is not None else ())))
-        except Exception as exc:  # noqa: BLE001
+            if error is None:
+                state.answered(reply)
+            elif isinstance(error, BackendError):
+                if error.limit is None:
+                    log.info("app.call_failed", app=self.info.id,
+                             call=type(state.pending).__name__, error=str(error))
+                state.answered(None, error.rv, error.limit)
+            else:
+                raise error
+        except Exception as exc:  # noqa: BLE001 - one application's failure stays with it
             self._failed(exc)
             return
-        if not self.state.closed:
-            self._run()
-
-    def _finish(self, context: int | None) -> None:
-        stream, self.stream = self.stream, None
-        if stream is None:
-            return
-        pool = self.facade.pool
-        if context is not None and pool is not None and pool.give_back(stream, context):
-            return
-        asyncio.get_running_loop().create_task(_close_stream(stream, self.info))
+        self._read(not state.paused and state.request is None)
 
     def _failed(self, exc: BaseException) -> None:
         log.error("app.failed", app=self.info.id, error=repr(exc))

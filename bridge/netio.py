@@ -207,7 +207,16 @@ class Transport(asyncio.Transport):
             self._buffered += len(data)
             self._check_high()
             return
-        self._send(data)
+        try:                              # _send(data), inlined: the per-message path
+            n = self._sock.send(data)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError,
+                ssl.SSLWantReadError):
+            n = 0
+        except OSError as exc:            # ssl.SSLError included
+            self._finish(exc)
+            return
+        if n < len(data):
+            self._wait_to_send(data[n:])
         if self._coalesce and not self._closed:
             self._cork = []
             self._loop.call_soon(self._uncork)
@@ -234,10 +243,14 @@ class Transport(asyncio.Transport):
             self._finish(exc)
             return
         if n < len(data):                 # plain sockets; TLS only when it would block
-            self._retry = data[n:]
-            self._buffered += len(self._retry)
-            self._loop.add_writer(self._fd, self._write_ready)
-            self._check_high()
+            self._wait_to_send(data[n:])
+
+    def _wait_to_send(self, rest: bytes) -> None:
+        """``rest`` is given again, as it is, once the socket takes more."""
+        self._retry = rest
+        self._buffered += len(rest)
+        self._loop.add_writer(self._fd, self._write_ready)
+        self._check_high()
 
     def _write_ready(self) -> None:
         if self._closed:

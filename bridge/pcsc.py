@@ -742,6 +742,18 @@ class ReplyReader:
     def feed(self, data) -> list:
         pos = self._pos
         if pos == len(self._data):
+            expected = self._expected
+            if len(expected) == 1 and type(data) is bytes:   # the usual case, at once:
+                cls, asked = expected[0]                      # the one reply owed
+                if cls is not ReaderStates:
+                    got = _parse_reply(data, 0, cls, asked, self.order)
+                    if got is not None and got[1] == len(data):
+                        expected.popleft()
+                        if cls is ReadersStateSize:
+                            self._array_size = got[0].size
+                        _keep_raw(got[0], "_raw", (self.order, data))
+                        self._data, self._pos = b"", 0
+                        return [got[0]]
             self._data, self._pos = bytes(data), 0
         elif type(self._data) is bytes:
             self._data, self._pos = bytearray(memoryview(self._data)[pos:]) + data, 0

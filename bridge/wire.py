@@ -39,6 +39,7 @@ UID_UNKNOWN = 0xFFFFFFFF
 
 HEAD = struct.Struct("<IBI")      # length (counts what follows it), type, stream id
 HEAD_SIZE = HEAD.size             # 9
+_CALL_HEAD = HEAD.pack
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _VERSION = struct.Struct("<HH")   # HELLO: wire version, flags
@@ -629,7 +630,10 @@ class Connection:
         stream = self._streams.get(stream_id)
         if stream is None or stream.pending or self.role is not Role.CLIENT:
             raise LocalProtocolError(f"CALL on stream {stream_id} not allowed now")
-        return self._data_frame(stream, FrameType.CALL, stream_id, payload)
+        if len(payload) + HEAD_SIZE > self.peer_max_frame or self.error:
+            self._too_big(FrameType.CALL, payload)
+        stream.pending = True
+        return _CALL_HEAD(len(payload) + 5, FrameType.CALL, stream_id) + payload
 
     def reply(self, stream_id: int, payload: bytes) -> bytes:
         """``send(Reply(stream_id, payload))``, without making the event."""
@@ -638,15 +642,15 @@ class Connection:
                 or self.role is not Role.SERVER:
             raise LocalProtocolError(f"REPLY on stream {stream_id} not allowed now "
                                      "(no call pending, or OPENED not sent)")
-        return self._data_frame(stream, FrameType.REPLY, stream_id, payload)
-
-    def _data_frame(self, stream: _Stream, kind: int, stream_id: int, payload: bytes) -> bytes:
         if len(payload) + HEAD_SIZE > self.peer_max_frame or self.error:
-            raise LocalProtocolError(f"{FrameType(kind).name} of {len(payload)} bytes exceeds "
-                                     f"the peer's max_frame {self.peer_max_frame}"
-                                     if not self.error else "the connection failed")
-        stream.pending = kind == FrameType.CALL
-        return HEAD.pack(len(payload) + 5, kind, stream_id) + payload
+            self._too_big(FrameType.REPLY, payload)
+        stream.pending = False
+        return _CALL_HEAD(len(payload) + 5, FrameType.REPLY, stream_id) + payload
+
+    def _too_big(self, kind: int, payload: bytes):
+        raise LocalProtocolError(f"{FrameType(kind).name} of {len(payload)} bytes exceeds "
+                                 f"the peer's max_frame {self.peer_max_frame}"
+                                 if not self.error else "the connection failed")
 
     def _frame(self, kind: FrameType, sid: int, payload: bytes = b"") -> bytes:
         if _SENDER[kind] not in (None, self.role):

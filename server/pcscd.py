@@ -62,6 +62,10 @@ class PcscdConnection(asyncio.Protocol):
         self.replies: asyncio.Queue = asyncio.Queue()
         self.lost = asyncio.get_running_loop().create_future()
         self.done = None   # submit()'s callback for the reply under way
+        # and, when its reply may go with a reader-state change, the coroutine function
+        # that brings the model up to date first (always, or only on failure)
+        self.refresh = None
+        self.refresh_always = False
         self.on_lost = None   # called when pcscd closes the socket between calls
 
     def connection_made(self, transport):
@@ -76,11 +80,15 @@ class PcscdConnection(asyncio.Protocol):
             return
         for msg in msgs:
             done = self.done
-            if done is not None:
-                self.done = None
-                done(msg, None)
-            else:
+            if done is None:
                 self.replies.put_nowait(msg)
+                continue
+            self.done = None
+            refresh = self.refresh
+            if refresh is not None and (self.refresh_always or msg.rv):
+                asyncio.get_running_loop().create_task(_refresh_then(refresh, done, msg))
+            else:
+                done(msg, None)
 
     def connection_lost(self, exc):
         if not self.lost.done():
@@ -92,12 +100,14 @@ class PcscdConnection(asyncio.Protocol):
         elif self.on_lost is not None:
             self.on_lost()
 
-    def submit(self, msg: Message, done) -> None:
-        """Send ``msg``; ``done(reply, error)`` runs from data_received."""
+    def submit(self, msg: Message, done, refresh=None, always: bool = False) -> None:
+        """Send ``msg``; ``done(reply, error)`` runs from data_received, after
+        ``await refresh()`` when given (``always``, or only when the call failed)."""
         if self.lost.done():
             raise BackendError("pcscd connection closed")
         self.reader.expect(msg)
         self.done = done
+        self.refresh, self.refresh_always = refresh, always
         self.transport.write(encode_request(msg, NATIVE))
 
     async def call(self, msg: Message):
@@ -156,6 +166,16 @@ async def connect(path: str, dialect: int, timeout: float = 5.0) -> PcscdConnect
     return conn
 
 
+async def _refresh_then(refresh, done, reply) -> None:
+    # done() runs in the same step as the model update, so the session writes the new
+    # STATE and this REPLY together; the reply goes back whatever the refresh did
+    try:
+        await refresh()
+    except Exception as exc:  # noqa: BLE001 - a failed refresh must not lose the reply
+        log.warning("pcscd.refresh_failed", error=str(exc) or type(exc).__name__)
+    done(reply, None)
+
+
 class PcscdStream(BackendStream):
     """One application's own pcscd socket."""
 
@@ -174,27 +194,14 @@ class PcscdStream(BackendStream):
         self.conn.transport.resume_reading()
 
     def submit(self, msg, done):
+        # the model is current before a call that may have changed it is answered
         kind = type(msg)
-        if kind not in REFRESH_AFTER and kind not in REFRESH_ON_FAILURE:
+        if kind in REFRESH_AFTER:
+            self.conn.submit(msg, done, self.backend.refresh, True)
+        elif kind in REFRESH_ON_FAILURE:
+            self.conn.submit(msg, done, self.backend.refresh)
+        else:
             self.conn.submit(msg, done)
-            return
-
-        def answered(reply, error):
-            # the model is current before a call that may have changed it is answered
-            if error is not None or (kind in REFRESH_ON_FAILURE and reply.rv == 0):
-                done(reply, error)
-                return
-            asyncio.get_running_loop().create_task(self._refresh_then(done, reply))
-        self.conn.submit(msg, answered)
-
-    async def _refresh_then(self, done, reply) -> None:
-        # done() runs in the same step as the model update, so the session writes the
-        # new STATE and this REPLY together; the reply goes back whatever the refresh did
-        try:
-            await self.backend.refresh()
-        except Exception as exc:  # noqa: BLE001 - a failed refresh must not lose the reply
-            log.warning("pcscd.refresh_failed", error=str(exc) or type(exc).__name__)
-        done(reply, None)
 
     async def close(self):
         self.conn.close()

@@ -77,16 +77,23 @@ class GuestStream:
     """One of the guest's streams (one application socket on the guest): at most one
     call at a time, as the wire allows."""
 
-    __slots__ = ("app", "backend", "ended", "id", "opened", "running", "timer")
+    __slots__ = ("app", "backend", "call", "ended", "id", "opened", "running", "session",
+                 "timer")
 
-    def __init__(self, sid: int, app: AppInfo):
+    def __init__(self, session: GuestSession, sid: int, app: AppInfo):
+        self.session = session
         self.id = sid
         self.app = app
+        self.call: Message | None = None      # the call with the backend
         self.backend: BackendStream | None = None
         self.opened = False   # OPENED goes out in the same write as the first REPLY
         self.running = False  # a call is with the backend (or the backend stream opens)
         self.ended = False
         self.timer: asyncio.TimerHandle | None = None
+
+    def answered(self, reply, error) -> None:
+        """The backend stream's ``done``: the call's reply, or why there is none."""
+        self.session.answered(self, reply, error)
 
 
 class GuestSession(asyncio.Protocol):
@@ -249,7 +256,7 @@ class GuestSession(asyncio.Protocol):
             return
         app = AppInfo(event.pid, event.uid)
         app.dialect = event.minor
-        self.streams[sid] = GuestStream(sid, app)
+        self.streams[sid] = GuestStream(self, sid, app)
 
     def _on_call(self, event: Call):
         self._call(event.stream_id, event.payload)
@@ -331,7 +338,8 @@ class GuestSession(asyncio.Protocol):
         try:
             backend = await self.backend.open_stream(stream.app)
         except BackendError as exc:
-            self._answered(stream, msg, None, exc)
+            stream.call = msg
+            self.answered(stream, None, exc)
             return
         if stream.ended:
             await _close_quietly(backend)
@@ -343,13 +351,14 @@ class GuestSession(asyncio.Protocol):
         self._submit(stream, msg)
 
     def _submit(self, stream: GuestStream, msg: Message):
+        stream.call = msg
         try:
-            stream.backend.submit(
-                msg, lambda reply, error: self._answered(stream, msg, reply, error))
+            stream.backend.submit(msg, stream.answered)
         except BackendError as exc:
-            self._answered(stream, msg, None, exc)
+            self.answered(stream, None, exc)
 
-    def _answered(self, stream: GuestStream, msg: Message, reply, error):
+    def answered(self, stream: GuestStream, reply, error):
+        msg, stream.call = stream.call, None
         stream.running = False
         if stream.timer:
             stream.timer.cancel()

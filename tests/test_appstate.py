@@ -20,7 +20,6 @@ every step:
 
 from __future__ import annotations
 
-import random
 from collections import deque
 
 from hypothesis import HealthCheck, settings
@@ -33,16 +32,7 @@ from hypothesis.stateful import (
     rule,
 )
 from pcsc_bridge import pcsc as p
-from pcsc_bridge.appstate import (
-    AppState,
-    Close,
-    Finish,
-    Note,
-    Send,
-    Submit,
-    WakeOther,
-    negotiate,
-)
+from pcsc_bridge.appstate import AppState, negotiate
 from pcsc_bridge.backend import ReaderModel
 
 OK = p.SCARD_S_SUCCESS
@@ -187,18 +177,28 @@ class PcscdModel:
 
 
 class Canceller:
-    """Stands for the facade's session object of another application (SCARD_CANCEL)."""
+    """Another application's shell (and its ``owner``): it sends SCARD_CANCEL."""
+
+    def __init__(self, machine):
+        self.machine = machine
+        self.replies: list[bytes] = []
+
+    def send(self, data):
+        self.replies.append(data)
+
+    def wake_other(self, target):
+        assert target is self.machine
+        self.machine.expected.extend(self.machine.pcscd.wake(p.SCARD_E_CANCELLED))
+        target.state.cancelled()
 
 
 class AppMachine(RuleBasedStateMachine):
     @initialize(dialect=st.sampled_from([4, 5, 6]), pool=st.booleans(),
-                states=READER_SETS, ready=st.booleans(),
-                budget=st.sampled_from([1, 3000, 65536]))
-    def start(self, dialect, pool, states, ready, budget):
-        self.budget = budget          # answers per run(): the shell's flow-control batch
+                states=READER_SETS, ready=st.booleans())
+    def start(self, dialect, pool, states, ready):
         self.model = ReaderModel(states)
         self.registry: dict = {}
-        self.state = AppState(self.model, self.registry, self, pool=pool)
+        self.state = AppState(self.model, self.registry, self, self, pool=pool)
         self.pcscd = PcscdModel(self.model, pool)
         self.backend = Backend()
         self.ready_context = 0x9999 if ready and pool else None   # the pool's offer
@@ -207,46 +207,47 @@ class AppMachine(RuleBasedStateMachine):
         self.unread = bytearray()     # what the application got and did not match yet
         self.sent: deque = deque()    # requests written, not yet handled by the model
         self.expected: deque = deque()        # replies owed, in order
-        self.pending: Submit | None = None
+        self.pending: tuple | None = None     # (msg, reply) with the backend
         self.model_busy = False       # the model waits for the backend
-        self.finished: Finish | None = None
+        self.finished: list = []
         self.closed = False
-        self.rng = random.Random(0)
+        self.paused = False           # the application does not read (flow control)
         # the application negotiates first, as libpcsclite does
         self._send([p.Version(4, dialect)], [None])
 
-    # --- the shell ----------------------------------------------------------------------
-    def _do(self, actions) -> None:
-        for a in actions:
-            kind = type(a)
-            if kind is Send:
-                self._read(a.data)
-            elif kind is Submit:
-                assert self.pending is None, "two card calls at once"
-                if a.ready and not self.stream and self.ready_context is not None:
-                    # the pool's context: answered at once, as the shell does
-                    h, self.ready_context = self.ready_context, None
-                    self.backend.contexts.add(h)
-                    self.stream = True
-                    reply = p.EstablishContext(a.msg.dwScope, h, OK)
-                    self._settle(a.msg, reply)
-                    self._do(self.state.answered(reply))
-                    continue
-                self.stream = True
-                self.pending = a
-            elif kind is WakeOther:
-                self._do(a.target.state.cancelled())
-            elif kind is Finish:
-                self.finished = a
-            elif kind is Close:
-                raise AssertionError(f"closed: {a.reason}")
-            else:
-                assert kind is Note
+    # --- the shell (AppShell) -----------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        self._read(data)
+
+    def submit(self, msg, reply: bool, ready: bool) -> None:
+        assert self.pending is None, "two card calls at once"
+        if ready and not self.stream and self.ready_context is not None:
+            # the pool's context: answered at once, as the shell does
+            h, self.ready_context = self.ready_context, None
+            self.backend.contexts.add(h)
+            self.stream = True
+            answer = p.EstablishContext(msg.dwScope, h, OK)
+            self._settle(msg, answer)
+            self.state.answered(answer)
+            return
+        self.stream = True
+        self.pending = (msg, reply)
+
+    def wake_other(self, target) -> None:
+        target.state.cancelled()
+
+    def close(self, reason, limit) -> None:
+        raise AssertionError(f"closed: {reason}")
+
+    def finish(self, context) -> None:
+        self.finished.append(context)
+
+    def note(self, event, fields) -> None:
+        pass
 
     def _run(self) -> None:
         self._model_run()
-        while actions := self.state.run(budget=self.budget):
-            self._do(actions)
+        self.state.run()
 
     def _read(self, data: bytes) -> None:
         """The application reads ``data``: byte for byte the replies the model owes, in
@@ -265,7 +266,7 @@ class AppMachine(RuleBasedStateMachine):
     # --- the model, in step with the requests -------------------------------------------
     def _model_run(self) -> None:
         """Handle sent requests in the model as far as the state machine can have."""
-        while self.sent and not self.model_busy:
+        while self.sent and not self.model_busy and not self.paused:
             msg = self.sent.popleft()
             local = self.pcscd.local(msg)
             if local is not None:
@@ -295,8 +296,8 @@ class AppMachine(RuleBasedStateMachine):
         raw = b"".join(p.encode_request(m) for m in msgs)
         points = sorted({c for c in cuts if c and 0 < c < len(raw)})
         for a, b in zip([0, *points], [*points, len(raw)]):
+            self._model_run()
             self.state.receive(raw[a:b])
-            self._run()
 
     # --- rules --------------------------------------------------------------------------
     def _handles(self, kind):
@@ -351,55 +352,59 @@ class AppMachine(RuleBasedStateMachine):
         but the socket must not care."""
         self._send([m for k in kinds for m in self._request(data, k)], cuts)
 
-    @precondition(lambda self: self.pending is not None)
+    @precondition(lambda self: self.pending is not None and not self.paused)
     @rule(fail=st.sampled_from([None, None, None, p.SCARD_E_NO_SERVICE]))
     def backend_answers(self, fail):
-        submit, self.pending = self.pending, None
-        reply = None if fail else self.backend.answer(submit.msg)
+        (msg, owed), self.pending = self.pending, None
+        reply = None if fail else self.backend.answer(msg)
         if self.model_busy == "behind":
-            assert type(submit.msg) is p.ReleaseContext and not submit.reply
+            assert type(msg) is p.ReleaseContext and not owed
             self.model_busy = False
             self._model_run()
         else:
-            self._settle(submit.msg, reply if reply is not None else submit.msg.failed(fail))
-        self._do(self.state.answered(reply, fail))
-        self._run()
+            self._settle(msg, reply if reply is not None else msg.failed(fail))
+        self.state.answered(reply, fail)
 
     @rule(states=READER_SETS)
     def readers_change(self, states):
         if self.model.update(states) and not self.closed:
             self.expected.extend(self.pcscd.wake(0))
-            self._do(self.state.changed())
-        self._run()
+            self.state.changed()
 
     @precondition(lambda self: not self.closed)
     @rule(data=st.data())
     def another_application_cancels(self, data):
         h = data.draw(self._handles("context"))
-        other = AppState(self.model, self.registry, Canceller())
-        other.receive(p.encode_request(p.Cancel(h)))
-        replies = []
-        while actions := other.run():
-            for a in actions:
-                if type(a) is Send:
-                    replies.append(a.data)
-                elif type(a) is WakeOther:
-                    assert a.target is self
-                    self.expected.extend(self.pcscd.wake(p.SCARD_E_CANCELLED))
-                    self._do(self.state.cancelled())
+        other = Canceller(self)
+        state = AppState(self.model, self.registry, other, other)
+        state.receive(p.encode_request(p.Cancel(h)))
         known = h in self.pcscd.contexts
-        assert replies == [p.encode_reply(p.Cancel(h, OK if known else
-                                                   p.SCARD_E_INVALID_HANDLE))]
+        assert other.replies == [p.encode_reply(p.Cancel(h, OK if known else
+                                                         p.SCARD_E_INVALID_HANDLE))]
+
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def application_stops_reading(self):
+        """Flow control: no request is handled until it reads again."""
+        self.state.pause()
+        self.paused = True
+
+    @precondition(lambda self: self.paused)
+    @rule()
+    def application_reads_again(self):
+        self.paused = False
+        self._model_run()
+        self.state.resume()
 
     @precondition(lambda self: not self.closed)
     @rule()
     def application_leaves(self):
         self.closed = True
-        self._do(self.state.disconnected())
+        self.state.disconnected()
         model = self.pcscd
         hand_on = model.kept is not None and not model.contexts and not model.cards \
             and not self.model_busy
-        assert self.finished == Finish(model.kept if hand_on else None)
+        assert self.finished == [model.kept if hand_on else None]
         assert not self.registry, "a gone application's contexts stay cancellable"
 
     # --- invariants ---------------------------------------------------------------------
@@ -432,74 +437,103 @@ test_app_state_answers_as_pcscd = AppMachine.TestCase
 
 
 # --- the cases above that matter most, spelled out ------------------------------------------
+class Recorder:
+    """An AppShell that writes down what it is asked: ("send", bytes), ("submit", msg,
+    reply, ready), ("finish", context), ..."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, *args))
+
+    def take(self) -> list[tuple]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
 def _session(dialect: int, pool: bool = False):
     model = ReaderModel([_reader("A", False)])
     registry: dict = {}
-    state = AppState(model, registry, "A", pool=pool)
+    shell = Recorder()
+    state = AppState(model, registry, "A", shell, pool=pool)
 
-    def run(*msgs) -> list:
-        for m in msgs:
-            state.receive(p.encode_request(m))
-        out = []
-        while actions := state.run():
-            out += actions
-        return out
+    def run(*msgs) -> list[tuple]:
+        state.receive(b"".join(p.encode_request(m) for m in msgs))
+        return shell.take()
     run(p.Version(4, dialect))
-    return model, registry, state, run
+    return model, registry, state, shell, run
 
 
-def _sent(actions) -> list[bytes]:
-    return [a.data for a in actions if type(a) is Send]
+def _sent(calls) -> list[bytes]:
+    return [c[1] for c in calls if c[0] == "send"]
 
 
 def test_a_46_wakeup_waits_for_size_and_array_and_a_cancel_wins():
-    model, _, state, run = _session(6)
+    model, _, state, shell, run = _session(6)
     assert run(p.WaitReaderStateChange()) == []
     model.update([_reader("A", True)])
-    assert state.changed() == []                  # held: SIZE and ARRAY come first
-    assert state.cancelled() == []                # held too, and it is the one that counts
-    out = _sent(run(p.GetReadersStateSize(), p.GetReadersStateArray()))
+    state.changed()
+    state.cancelled()
+    assert shell.take() == []                     # held: SIZE and ARRAY come first, and
+    out = _sent(run(p.GetReadersStateSize(), p.GetReadersStateArray()))   # CANCELLED wins
     assert out == [p.encode_reply(p.ReadersStateSize(16)), model.packed(16),
                    p.encode_reply(p.WaitReaderStateChangeReply(0, p.SCARD_E_CANCELLED))]
     assert _sent(run(p.StopWaitingReaderStateChange())) == []   # woken already: no answer
 
 
 def test_a_release_with_a_card_handle_waits_for_the_backend():
-    _, registry, state, run = _session(4)
-    (submit,) = run(p.EstablishContext(0))
+    _, registry, state, shell, run = _session(4)
+    run(p.EstablishContext(0))
     state.answered(p.EstablishContext(0, 7, OK))
     run(p.Connect(7, "A", 2, 3))
     state.answered(p.Connect(7, "A", 2, 3, 9, 2, OK))
-    (submit,) = run(p.ReleaseContext(7))          # it ends the card's transaction and
-    assert type(submit) is Submit and submit.reply   # sharing: the backend's answer counts
+    shell.take()
+    # it ends the card's transaction and sharing: the backend's answer counts
+    assert run(p.ReleaseContext(7)) == [("submit", p.ReleaseContext(7), True, False)]
     assert 7 in registry
-    assert _sent(state.answered(p.ReleaseContext(7, OK))) == [
-        p.encode_reply(p.ReleaseContext(7, OK))]
+    state.answered(p.ReleaseContext(7, OK))
+    assert _sent(shell.take()) == [p.encode_reply(p.ReleaseContext(7, OK))]
     assert 7 not in registry
 
 
 def test_a_release_without_card_handles_is_answered_at_once_and_sent_behind():
-    _, registry, state, run = _session(4)
+    _, registry, state, shell, run = _session(4)
     run(p.EstablishContext(0))
     state.answered(p.EstablishContext(0, 7, OK))
-    send, submit = run(p.ReleaseContext(7), p.GetReadersState())
-    assert send == Send(p.encode_reply(p.ReleaseContext(7, OK))) and not submit.reply
+    shell.take()
+    assert run(p.ReleaseContext(7), p.GetReadersState()) == [
+        ("send", p.encode_reply(p.ReleaseContext(7, OK))),
+        ("submit", p.ReleaseContext(7), False, False)]
     assert 7 not in registry                      # SCARD_CANCEL: INVALID_HANDLE now
-    assert state.answered(p.ReleaseContext(7, OK)) == []
-    assert len(_sent(run())) == 1                 # the request behind it, in order
+    state.answered(p.ReleaseContext(7, OK))
+    assert len(_sent(shell.take())) == 1          # the request behind it, in order
 
 
 def test_a_context_kept_for_the_next_application_is_handed_on_only_alone():
-    _, _, state, run = _session(5, pool=True)
+    _, _, state, shell, run = _session(5, pool=True)
     run(p.EstablishContext(0))
     state.answered(p.EstablishContext(0, 7, OK))
+    shell.take()
     assert _sent(run(p.ReleaseContext(7))) == [p.encode_reply(p.ReleaseContext(7, OK))]
     assert _sent(run(p.ReleaseContext(7))) == [    # released already, for the application
         p.encode_reply(p.ReleaseContext(7, p.SCARD_E_INVALID_HANDLE))]
-    assert state.disconnected() == [Finish(7)]
-    _, _, state, run = _session(5, pool=True)
+    state.disconnected()
+    assert shell.take() == [("finish", 7)]
+    _, _, state, shell, run = _session(5, pool=True)
     run(p.EstablishContext(0))
     state.answered(p.EstablishContext(0, 7, OK))
     run(p.ReleaseContext(7), p.EstablishContext(0))
     state.answered(p.EstablishContext(0, 8, OK))  # it holds another context: not alone
-    assert state.disconnected() == [Finish(None)]
+    shell.take()
+    state.disconnected()
+    assert shell.take() == [("finish", None)]
+
+
+def test_an_application_that_does_not_read_is_not_served_until_it_does():
+    _, _, state, shell, run = _session(4)
+    state.pause()
+    assert run(p.GetReadersState(), p.GetReadersState()) == []
+    assert state.has_request                      # one whole request read: stop reading
+    state.resume()
+    assert len(_sent(shell.take())) == 2
