@@ -158,33 +158,32 @@ class AppState:
         if self.closed or self._running:
             return                    # (an answer given during a call: the loop goes on)
         self._running = True
+        reader, local = self.reader, self._LOCAL
         try:
-            self._handle_requests()
+            while True:
+                msg = self.request
+                if msg is None:
+                    if not reader.buffered:
+                        return
+                    try:
+                        msg = reader.next_request()
+                    except ProtocolError as exc:
+                        self.closed = True
+                        self.shell.close(str(exc), None)
+                        return
+                    if msg is None:
+                        return
+                if self.pending is not None or self.paused or self.closed:
+                    self.request = msg
+                    return
+                self.request = None
+                handler = local.get(type(msg))
+                if handler is not None:
+                    handler(self, msg)
+                else:
+                    self._card_call(msg)
         finally:
             self._running = False
-
-    def _handle_requests(self) -> None:
-        local = self._LOCAL
-        while True:
-            msg = self.request
-            if msg is None:
-                try:
-                    msg = self.reader.next_request()
-                except ProtocolError as exc:
-                    self.closed = True
-                    self.shell.close(str(exc), None)
-                    return
-                if msg is None:
-                    return
-            if self.pending is not None or self.paused or self.closed:
-                self.request = msg
-                return
-            self.request = None
-            handler = local.get(type(msg))
-            if handler is not None:
-                handler(self, msg)
-            else:
-                self._card_call(msg)
 
     def pause(self) -> None:
         self.paused = True

@@ -116,6 +116,7 @@ class AppSession(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
+        self.send = transport.write   # AppShell.send, without a call of our own
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self.info = _peer_credentials(sock)
@@ -237,7 +238,8 @@ class AppSession(asyncio.Protocol):
         except Exception as exc:  # noqa: BLE001 - one application's failure stays with it
             self._failed(exc)
             return
-        self._read(not state.paused and state.request is None)
+        if self.reading is not (not state.paused and state.request is None):
+            self._read(not self.reading)
 
     def _failed(self, exc: BaseException) -> None:
         log.error("app.failed", app=self.info.id, error=repr(exc))

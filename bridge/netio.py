@@ -4,16 +4,19 @@
   which Linux, macOS and Windows all have, over the platform's default selector (or the
   one ``PCSC_BRIDGE_SELECTOR`` names: ``select``, the selector Windows uses, ``poll``,
   ``epoll`` or ``kqueue``).
-- ``Transport`` is one connected non-blocking socket, plain or TLS (an ``ssl.SSLSocket``
-  after its handshake, whose public ``recv``/``send``/``pending`` do the TLS record work
-  in C), watched with ``loop.add_reader``/``add_writer``. It gives its protocol what
+- ``handshake`` does a TLS handshake over ``ssl.MemoryBIO``: TLS is sans-IO here, an
+  ``ssl.SSLObject`` that the transport feeds with what the socket reads and drains into
+  what it writes (the record work is OpenSSL's, in C).
+- ``Transport`` is one connected non-blocking socket, plain or TLS, watched with
+  ``loop.add_reader``/``add_writer``. It gives its protocol what
   asyncio's transports give (``connection_made``, ``data_received``, ``connection_lost``,
   ``pause_writing``/``resume_writing``) and takes what they take (``write``, ``close``,
   ``abort``, ``pause_reading``/``resume_reading``, ``set_write_buffer_limits``): one
   ``recv`` hands the protocol a chunk, one ``send`` writes a message.
-- A TLS session that carries many streams coalesces: its first write in a loop pass goes
-  out at once, later ones in the same pass (replies of other streams, ready at the same
-  time) go out together when the pass is over: one TLS record, one system call.
+- ``write_batched`` holds a write until the end of the loop pass and sends it with what
+  else was written by then: a TLS session carrying many streams uses it while other calls
+  are under way (their replies come in the same pass), for one TLS record and one system
+  call where there would be many; a lone call's write goes out at once.
 - Flow control: what a peer does not read waits in the transport's write buffer; above its
   high-water mark the protocol is told to pause (and pauses what feeds it), below the
   low-water mark to resume. A protocol that stops reading leaves the peer's bytes in the
@@ -75,70 +78,86 @@ def run(main):
         asyncio.set_event_loop_policy(None)
 
 
+class TLS:
+    """A TLS connection whose handshake is done: its TCP socket and the sans-IO TLS object
+    (``ssl.SSLObject`` over two ``ssl.MemoryBIO``s: ciphertext in, ciphertext out) that
+    turns what the socket reads into plaintext, and plaintext into what it writes."""
+
+    __slots__ = ("incoming", "obj", "outgoing", "sock")
+
+    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO):
+        self.sock, self.obj, self.incoming, self.outgoing = sock, obj, incoming, outgoing
+
+
 async def handshake(sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
-                    server_hostname: str | None = None, timeout: float = 10.0
-                    ) -> ssl.SSLSocket:
+                    server_hostname: str | None = None, timeout: float = 10.0) -> TLS:
     """TLS handshake on a connected non-blocking TCP socket; the socket is consumed.
-    Raises ssl.SSLError / OSError, or TimeoutError after ``timeout`` seconds."""
+    Raises ssl.SSLError (after sending the peer the TLS alert saying why) / OSError, or
+    TimeoutError after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
-    tls = context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
-                              do_handshake_on_connect=False)
-    fd = tls.fileno()
-    deadline = loop.time() + timeout
-    try:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = context.wrap_bio(incoming, outgoing, server_side=server_side,
+                           server_hostname=server_hostname)
+
+    async def steps():
         while True:
             try:
-                tls.do_handshake()
-                return tls
+                obj.do_handshake()
+                done = True
             except ssl.SSLWantReadError:
-                add, remove = loop.add_reader, loop.remove_reader
-            except ssl.SSLWantWriteError:
-                add, remove = loop.add_writer, loop.remove_writer
-            ready = loop.create_future()
-            add(fd, lambda f=ready: f.done() or f.set_result(None))
-            try:
-                await asyncio.wait_for(ready, max(deadline - loop.time(), 0))
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"no TLS handshake within {timeout:g} s") from None
-            finally:
-                remove(fd)
+                done = False
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):   # the alert, if the socket takes it
+                    sock.send(outgoing.read())
+                raise
+            if outgoing.pending:
+                await loop.sock_sendall(sock, outgoing.read())
+            if done:
+                return
+            data = await loop.sock_recv(sock, READ_SIZE)
+            if not data:
+                raise ssl.SSLEOFError("the peer closed the connection during the handshake")
+            incoming.write(data)
+    try:
+        await asyncio.wait_for(steps(), timeout)
+    except asyncio.TimeoutError:
+        sock.close()
+        raise TimeoutError(f"no TLS handshake within {timeout:g} s") from None
     except BaseException:
-        tls.close()
+        sock.close()
         raise
+    return TLS(sock, obj, incoming, outgoing)
 
 
 class Transport(asyncio.Transport):
-    """One connected non-blocking socket (plain, or an ``ssl.SSLSocket`` after its
-    handshake) and its protocol."""
+    """One connected non-blocking socket, plain or TLS (a ``TLS`` from ``handshake``),
+    and its protocol."""
 
-    def __init__(self, sock: socket.socket, protocol: asyncio.BaseProtocol,
-                 extra: dict | None = None, coalesce: bool = False):
+    def __init__(self, sock: socket.socket | TLS, protocol: asyncio.BaseProtocol,
+                 extra: dict | None = None):
         super().__init__()
         self._loop = asyncio.get_running_loop()
-        self._sock = sock
-        self._fd = sock.fileno()
-        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._tls: TLS | None = sock if isinstance(sock, TLS) else None
+        self._sock: socket.socket = sock.sock if self._tls else sock
+        self._fd = self._sock.fileno()
         self._protocol = protocol
-        # what the socket did not take: ``_retry`` exactly as it must be given again
-        # (a TLS write that would block is repeated with the same bytes), then ``_backlog``
+        # bytes for the socket (ciphertext, with TLS) that it did not take yet: ``_retry``
+        # first, then ``_backlog``
         self._retry: bytes | None = None
         self._backlog: collections.deque[bytes] = collections.deque()
         self._buffered = 0
-        # coalesce: a write goes out at once, and what follows it in the same loop pass
-        # (other callbacks' writes: replies of other streams) waits in ``_cork`` and goes
-        # out in one write when the pass is over
-        self._coalesce = coalesce
+        # what write_batched holds until the end of the loop pass (None: nothing held)
         self._cork: list[bytes] | None = None
         self._high, self._low = HIGH_WATER, LOW_WATER
         self._writing_paused = False      # the protocol was told pause_writing()
         self._reading_paused = False      # pause_reading(): the socket is not read
-        self._read_needs_write = False    # a TLS read waits for the socket to be writable
         self._closing = False
         self._closed = False
-        self._extra = {"socket": sock, **(extra or {})}
+        self._extra = {"socket": self._sock, **(extra or {})}
         if self._tls:
-            self._extra["ssl_object"] = sock
+            self._extra["ssl_object"] = self._tls.obj
         self._loop.add_reader(self._fd, self._read_ready)
         try:
             protocol.connection_made(self)
@@ -147,28 +166,53 @@ class Transport(asyncio.Transport):
         except BaseException as exc:  # noqa: BLE001 - as asyncio's transports do
             self._fatal(exc)
             return
-        if self._tls and not self._closed and sock.pending():
-            self._loop.call_soon(self._read_ready)   # records that came with the handshake
+        if self._tls and self._tls.incoming.pending and not self._closed:
+            self._loop.call_soon(self._decrypt)   # records that came with the handshake
 
     # --- reading ------------------------------------------------------------------------
     def _read_ready(self) -> None:
-        sock, tls = self._sock, self._tls
+        if self._closing or self._closed or self._reading_paused:
+            return
+        try:
+            data = self._sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if not data:
+            self._finish(None)
+            return
+        tls = self._tls
+        if tls is not None:
+            tls.incoming.write(data)
+            self._decrypt()
+            return
+        try:
+            self._protocol.data_received(data)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - as asyncio's transports do
+            self._fatal(exc)
+
+    def _decrypt(self) -> None:
+        """Hand the protocol the plaintext of the TLS records received so far."""
+        tls = self._tls
+        incoming, read = tls.incoming, tls.obj.read
         while not (self._closing or self._closed or self._reading_paused):
             try:
-                data = sock.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                data = read(READ_SIZE)    # one record's plaintext (at most 16 KiB)
+            except ssl.SSLWantReadError:  # a record's rest, or only handshake messages
+                data = None
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):   # close_notify
+                self._finish(None)
                 return
-            except ssl.SSLWantWriteError:   # the TLS layer must write first (key update)
-                self._read_needs_write = True
-                self._loop.add_writer(self._fd, self._write_ready)
-                return
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):   # EOF, with or without
-                data = b""                                      # close_notify, as ssl's recv
-            except OSError as exc:            # ssl.SSLError included
+            except ssl.SSLError as exc:
                 self._finish(exc)
                 return
+            if tls.outgoing.pending:      # TLS's own answers (a key update)
+                self._send_tls()
             if not data:
-                self._finish(None)
                 return
             try:
                 self._protocol.data_received(data)
@@ -177,8 +221,8 @@ class Transport(asyncio.Transport):
             except BaseException as exc:  # noqa: BLE001 - as asyncio's transports do
                 self._fatal(exc)
                 return
-            if not tls or not sock.pending():   # TLS: records decrypted but not yet read
-                return                          # are not seen by the selector
+            if not incoming.pending:
+                return
 
     def is_reading(self) -> bool:
         return not (self._reading_paused or self._closing or self._closed)
@@ -194,59 +238,79 @@ class Transport(asyncio.Transport):
             return
         self._reading_paused = False
         self._loop.add_reader(self._fd, self._read_ready)
-        if self._tls and self._sock.pending():
-            self._loop.call_soon(self._read_ready)
+        if self._tls and self._tls.incoming.pending:
+            self._loop.call_soon(self._decrypt)
 
     # --- writing ------------------------------------------------------------------------
     def write(self, data) -> None:
         if self._closed or not data:      # while closing: goes out before the close
             return
-        data = bytes(data)
-        if self._retry is not None or self._cork is not None:
-            (self._backlog if self._retry is not None else self._cork).append(data)
+        if self._cork is not None:        # what was held goes first, in the same write
+            self._cork.append(bytes(data))
+            self._uncork()
+            return
+        tls = self._tls
+        if tls is not None:
+            try:
+                tls.obj.write(data)
+            except ssl.SSLError as exc:
+                self._finish(exc)
+                return
+            data = tls.outgoing.read()
+        if self._retry is not None:
+            self._backlog.append(bytes(data))
             self._buffered += len(data)
             self._check_high()
             return
         try:                              # _send(data), inlined: the per-message path
             n = self._sock.send(data)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError,
-                ssl.SSLWantReadError):
+        except (BlockingIOError, InterruptedError):
             n = 0
-        except OSError as exc:            # ssl.SSLError included
+        except OSError as exc:
             self._finish(exc)
             return
         if n < len(data):
-            self._wait_to_send(data[n:])
-        if self._coalesce and not self._closed:
+            self._wait_to_send(bytes(data[n:]))
+
+    def write_batched(self, data) -> None:
+        """Write ``data`` at the end of this loop pass, with whatever else is written by
+        then, in one write (one TLS record, one system call): for a protocol that knows
+        more is coming now (replies of other streams of the same connection)."""
+        if self._closed or not data:
+            return
+        if self._cork is None:
             self._cork = []
             self._loop.call_soon(self._uncork)
+        self._cork.append(bytes(data))
 
     def _uncork(self) -> None:
         cork, self._cork = self._cork, None
-        if not cork or self._closed:
-            return
-        data = cork[0] if len(cork) == 1 else b"".join(cork)
+        if cork and not self._closed:
+            self.write(cork[0] if len(cork) == 1 else b"".join(cork))
+
+    def _send_tls(self) -> None:
+        """Send what the TLS layer has to say by itself (close_notify, a key update)."""
+        data = self._tls.outgoing.read()
         if self._retry is not None:
             self._backlog.append(data)
-            return
-        self._buffered -= len(data)
-        self._send(data)
+            self._buffered += len(data)
+        else:
+            self._send(data)
 
     def _send(self, data: bytes) -> None:
         """Write ``data`` now; what the socket does not take waits as ``_retry``."""
         try:
             n = self._sock.send(data)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError,
-                ssl.SSLWantReadError):
+        except (BlockingIOError, InterruptedError):
             n = 0
-        except OSError as exc:            # ssl.SSLError included
+        except OSError as exc:
             self._finish(exc)
             return
-        if n < len(data):                 # plain sockets; TLS only when it would block
+        if n < len(data):
             self._wait_to_send(data[n:])
 
     def _wait_to_send(self, rest: bytes) -> None:
-        """``rest`` is given again, as it is, once the socket takes more."""
+        """``rest`` goes out when the socket takes more."""
         self._retry = rest
         self._buffered += len(rest)
         self._loop.add_writer(self._fd, self._write_ready)
@@ -255,21 +319,18 @@ class Transport(asyncio.Transport):
     def _write_ready(self) -> None:
         if self._closed:
             return
-        if self._read_needs_write:
-            self._read_needs_write = False
-            self._read_ready()
         while self._retry is not None and not self._closed:
             data, self._retry = self._retry, None
-            self._buffered -= len(data)
+            if self._backlog:             # one write for all that waits
+                data = b"".join((data, *self._backlog))
+                self._backlog.clear()
+            self._buffered = 0
             self._send(data)
             if self._retry is not None:
                 break                     # still blocked: the writer stays watched
-            if self._backlog:             # one write for all that waited behind it
-                self._retry = b"".join(self._backlog)
-                self._backlog.clear()
         if self._closed:
             return
-        if self._retry is None and not self._read_needs_write:
+        if self._retry is None:
             self._loop.remove_writer(self._fd)
         if self._writing_paused and self._buffered <= self._low:
             self._writing_paused = False
@@ -293,7 +354,7 @@ class Transport(asyncio.Transport):
                 "transport": self, "protocol": self._protocol})
 
     def get_write_buffer_size(self) -> int:
-        return self._buffered
+        return self._buffered + sum(map(len, self._cork or ()))
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return self._low, self._high
@@ -313,10 +374,16 @@ class Transport(asyncio.Transport):
         return self._closing or self._closed
 
     def close(self) -> None:
-        """Close once what was written has gone out (with TLS, close_notify)."""
+        """Close once what was written has gone out (with TLS, then close_notify)."""
         if self._closing or self._closed:
             return
         self._uncork()
+        if self._tls and not self._closed:
+            with contextlib.suppress(ssl.SSLError):   # close_notify into outgoing; the
+                self._tls.obj.unwrap()                # peer's answer is not awaited
+            self._send_tls()
+        if self._closed:
+            return
         self._closing = True
         self._loop.remove_reader(self._fd)
         if self._retry is None:
@@ -328,20 +395,17 @@ class Transport(asyncio.Transport):
         self._loop.call_exception_handler({
             "message": f"Fatal error in {type(self._protocol).__name__}",
             "exception": exc, "transport": self, "protocol": self._protocol})
-        self._finish(exc, notify=False)
+        self._finish(exc)
 
     def abort(self) -> None:
-        self._finish(None, notify=False)
+        self._finish(None)
 
-    def _finish(self, exc: BaseException | None, notify: bool = True) -> None:
+    def _finish(self, exc: BaseException | None) -> None:
         if self._closed:
             return
         self._closed = True
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
-        if self._tls and notify and self._retry is None:
-            with contextlib.suppress(OSError, ValueError):
-                self._sock.unwrap()       # close_notify; the peer's answer is not awaited
         self._sock.close()
         self._retry = self._cork = None
         self._backlog.clear()

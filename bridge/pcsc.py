@@ -606,13 +606,15 @@ class RequestReader:
 
     ``feed(data)`` returns every complete request; or ``receive(data)``, then
     ``next_request()`` one at a time (None until one is complete), so a caller that must
-    not take more (flow control) leaves the rest as bytes. A chunk that arrives with
-    nothing buffered is kept as it is: no copy when it is one whole request."""
+    not take more (flow control) leaves the rest as bytes; ``buffered`` counts them. A
+    chunk that arrives with nothing buffered is kept as it is: no copy when it is one
+    whole request."""
 
     def __init__(self, order: str = NATIVE):
         self.order = order
         self._data: bytes | bytearray = b""
         self._pos = 0
+        self.buffered = 0             # bytes received and not yet taken as requests
 
     def receive(self, data) -> None:
         pos = self._pos
@@ -624,11 +626,12 @@ class RequestReader:
             del self._data[:pos]
             self._data += data
             self._pos = 0
+        self.buffered = len(self._data)
 
     def feed(self, data) -> list[Message]:
         self.receive(data)
         out = []
-        while self._pos < len(self._data):
+        while self.buffered:
             msg = self.next_request()
             if msg is None:
                 break
@@ -642,20 +645,17 @@ class RequestReader:
         try:
             got = _parse_request(data, pos, self.order)
         except ProtocolError:
-            self._data, self._pos = b"", 0
+            self._data, self._pos, self.buffered = b"", 0, 0
             raise
         if got is None:
             return None
         msg, end = got
         self._pos = end
+        self.buffered = len(data) - end
         raw = data if pos == 0 and end == len(data) and type(data) is bytes \
             else bytes(data[pos:end])
         _keep_raw(msg, "_raw", (self.order, raw))
         return msg
-
-    @property
-    def buffered(self) -> int:
-        return len(self._data) - self._pos
 
 
 def _parse_reply(data, pos: int, cls, asked, order: str):

@@ -253,8 +253,13 @@ class LinkStream(BackendStream):
         timeout = self.agent.call_timeout
         timer = asyncio.get_running_loop().call_later(timeout, self._timed_out) \
             if timeout else None
-        link.pending[self.id] = (done, msg, timer)
-        link.write(data)
+        pending = link.pending
+        if pending:               # other calls under way: their CALLs go in one write
+            link.transport.write_batched(data)
+            link.keepalive.sent = True
+        else:
+            link.write(data)
+        pending[self.id] = (done, msg, timer)
 
     def _timed_out(self) -> None:
         link = self.link
@@ -453,7 +458,7 @@ class RemoteBackend(Backend):
                                          server_hostname=self.server_name,
                                          timeout=max(deadline - loop.time(), 0.1))
         link = Link(self)
-        transport = netio.Transport(tls_sock, link, coalesce=False)
+        transport = netio.Transport(tls_sock, link)
         try:
             await asyncio.wait_for(link.hello, max(deadline - loop.time(), 0.1))
         except BaseException:

@@ -86,7 +86,7 @@ class Server:
             log.warning("guest.refused", peer=peer, stage="tls", reason=reason)
             sock.close()
             return
-        netio.Transport(tls_sock, session, coalesce=False)
+        netio.Transport(tls_sock, session)
 
     async def reload(self) -> None:
         """Re-read certificates, key, CA and CRL (SIGHUP) for new connections; live

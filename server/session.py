@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from functools import partial
 from time import monotonic
 
 from pcsc_bridge import log
@@ -77,11 +78,12 @@ class GuestStream:
     """One of the guest's streams (one application socket on the guest): at most one
     call at a time, as the wire allows."""
 
-    __slots__ = ("app", "backend", "call", "ended", "id", "opened", "running", "session",
+    __slots__ = ("answered", "app", "backend", "call", "ended", "id", "opened", "running",
                  "timer")
 
     def __init__(self, session: GuestSession, sid: int, app: AppInfo):
-        self.session = session
+        # the backend stream's ``done(reply, error)``: the call's reply, or why none
+        self.answered = partial(session.answered, self)
         self.id = sid
         self.app = app
         self.call: Message | None = None      # the call with the backend
@@ -90,10 +92,6 @@ class GuestStream:
         self.running = False  # a call is with the backend (or the backend stream opens)
         self.ended = False
         self.timer: asyncio.TimerHandle | None = None
-
-    def answered(self, reply, error) -> None:
-        """The backend stream's ``done``: the call's reply, or why there is none."""
-        self.session.answered(self, reply, error)
 
 
 class GuestSession(asyncio.Protocol):
@@ -115,6 +113,7 @@ class GuestSession(asyncio.Protocol):
         # accept time: TLS handshake and HELLO must be done by accepted + handshake_timeout
         self.accepted = loop.time()
         self.write_paused = False     # the guest does not read what we send
+        self.calls = 0                # calls with the backend (streams running)
         self._sent_states = None
         self._states_due = False      # the model changed; STATE not yet written
         self._unlisten = None
@@ -283,6 +282,7 @@ class GuestSession(asyncio.Protocol):
             self._reply(stream, encode_reply(msg.failed(rv), WIRE))
             return
         stream.running = True
+        self.calls += 1
         if self.limits.call_timeout:
             stream.timer = asyncio.get_running_loop().call_later(
                 self.limits.call_timeout, self._timed_out, stream, type(msg))
@@ -322,6 +322,9 @@ class GuestSession(asyncio.Protocol):
         the backend sees its socket close, as when an application dies)."""
         self.streams.pop(stream.id, None)
         stream.ended = True
+        if stream.running:
+            stream.running = False
+            self.calls -= 1
         if stream.timer:
             stream.timer.cancel()
         backend, stream.backend = stream.backend, None
@@ -359,7 +362,9 @@ class GuestSession(asyncio.Protocol):
 
     def answered(self, stream: GuestStream, reply, error):
         msg, stream.call = stream.call, None
-        stream.running = False
+        if stream.running:
+            stream.running = False
+            self.calls -= 1
         if stream.timer:
             stream.timer.cancel()
             stream.timer = None
@@ -411,7 +416,10 @@ class GuestSession(asyncio.Protocol):
             return   # the stream was closed meanwhile (a race the wire allows)
         if self._states_due:      # the state this reply may depend on goes first
             data = self._states_frame() + data
-        self.transport.write(data)
+        if self.calls:            # other replies are coming: one write for all of them
+            self.transport.write_batched(data)
+        else:
+            self.transport.write(data)
         self.keepalive.sent = True
         if self.going_away:
             self._drained()
@@ -427,7 +435,7 @@ class GuestSession(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return any(s.running for s in self.streams.values())
+        return self.calls > 0
 
     def _drained(self):
         """After our GOAWAY: close once no call is under way."""
