@@ -1,8 +1,11 @@
 """The pcsc-lite client/server protocol, sans-IO.
 
-Messages are frozen dataclasses named after pcsc-lite's structs and fields
+Messages are slotted dataclasses named after pcsc-lite's structs and fields
 (winscard_msg.h), so the code can be read side by side with it. The same class serves a
-request and its reply: pcscd writes the request's struct back with fields updated.
+request and its reply: pcscd writes the request's struct back with fields updated. They
+are values: nothing changes a message once it is built (``with_rv`` gives a changed
+copy). They are not frozen because a frozen dataclass costs five times as much to build,
+and every card call builds two of them in each process it crosses.
 
 Two readers turn bytes into messages:
   RequestReader  the server's side (an application's socket): header + body (+ data)
@@ -253,7 +256,7 @@ def _replace(obj, **changes):
 
 def message(cmd: Cmd, fmt: str):
     def wrap(cls):
-        cls = dataclass(frozen=True, slots=True)(cls)
+        cls = dataclass(slots=True)(cls)
         cls.CMD = cmd
         cls.FMT = fmt
         return cls._setup()
@@ -524,7 +527,6 @@ def encode_reply(msg, order: str = NATIVE) -> bytes:
     return msg.pack(order) + msg.trailing(True)
 
 
-_keep_raw = object.__setattr__   # msg._raw = (order, raw) on a frozen message
 
 
 REQUESTS: dict[int, type[Message]] = {
@@ -563,32 +565,50 @@ def _check_limit(cls, values) -> None:
             raise ProtocolError(f"{cls.__name__}: {name} {values[i]} > {limit}")
 
 
+def _request_table(order: str) -> dict:
+    """cmd -> what reading its request needs, looked up once per request: the class, the
+    body's size, its unpacker, the bounded field (index, limit) and the data length's
+    index (Transmit, Control). Commands pcscd refuses are not in it."""
+    table = {}
+    for cmd, cls in REQUESTS.items():
+        if cmd in REFUSED:
+            continue
+        limit = (cls._LIMIT[0], cls._LIMIT[2]) if cls._LIMIT else None
+        table[cmd] = (cls, cls.SIZE, cls.STRUCTS[order].unpack_from, limit, cls._SEND,
+                      cls if cls._PLAIN else cls._decode)
+    return table
+
+
+_REQUEST_TABLES = {order: _request_table(order) for order in ORDERS}
+_HEADER_UNPACK = {order: _HEADER[order].unpack_from for order in ORDERS}
+
+
 def _parse_request(data, pos: int, order: str):
     """The request at ``data[pos:]``: (message, end) once it is whole, None while it is
     not; ProtocolError as soon as its header (or its bounded length) shows it never will
     be one pcscd accepts."""
     if len(data) - pos < HEADER_SIZE:
         return None
-    size, cmd = _HEADER[order].unpack_from(data, pos)
-    cls = REQUESTS.get(cmd)
-    if cls is None or cmd in REFUSED:
+    size, cmd = _HEADER_UNPACK[order](data, pos)
+    entry = _REQUEST_TABLES[order].get(cmd)
+    if entry is None:
         raise ProtocolError(f"unsupported command 0x{cmd:02X}")
-    if size != cls.SIZE:
-        raise ProtocolError(f"{cls.__name__}: body of {size} bytes, expected {cls.SIZE}")
+    cls, want, unpack, limit, send, build = entry
+    if size != want:
+        raise ProtocolError(f"{cls.__name__}: body of {size} bytes, expected {want}")
     start = pos + HEADER_SIZE
     end = start + size
     if len(data) < end:
         return None
-    values = cls.STRUCTS[order].unpack_from(data, start)
-    limit = cls._LIMIT
-    if limit is not None and values[limit[0]] > limit[2]:
+    values = unpack(data, start)
+    if limit is not None and values[limit[0]] > limit[1]:
         _check_limit(cls, values)     # raises, naming the field
-    if cls._SEND is not None:  # Transmit, Control: the data follows the body
-        extra = values[cls._SEND]
+    if send is not None:              # Transmit, Control: the data follows the body
+        extra = values[send]
         if len(data) < end + extra:
             return None
         return cls(*values, bytes(data[end:end + extra])), end + extra
-    return (cls(*values) if cls._PLAIN else cls._decode(values)), end
+    return (build(*values) if build is cls else build(values)), end
 
 
 def read_request(data: bytes, order: str = NATIVE) -> Message:
@@ -597,7 +617,7 @@ def read_request(data: bytes, order: str = NATIVE) -> Message:
     if got is None or got[1] != len(data):
         raise ProtocolError("not exactly one pcsc-lite request")
     msg = got[0]
-    _keep_raw(msg, "_raw", (order, data))
+    msg._raw = (order, data)
     return msg
 
 
@@ -654,7 +674,7 @@ class RequestReader:
         self.buffered = len(data) - end
         raw = data if pos == 0 and end == len(data) and type(data) is bytes \
             else bytes(data[pos:end])
-        _keep_raw(msg, "_raw", (self.order, raw))
+        msg._raw = (self.order, raw)
         return msg
 
 
@@ -666,11 +686,11 @@ def _parse_reply(data, pos: int, cls, asked, order: str):
     if len(data) < end:
         return None
     values = cls.STRUCTS[order].unpack_from(data, pos)
-    if cls._RECV is not None and values[cls._RV] == 0:  # Transmit, Control
-        i, bound = cls._RECV
-        n = values[i]
-        limit = getattr(asked, bound)
-        if n > max(limit, 0) or n > MAX_BUFFER_SIZE_EXTENDED:
+    recv = cls._RECV
+    if recv is not None and values[cls._RV] == 0:     # Transmit, Control
+        n = values[recv[0]]
+        limit = getattr(asked, recv[1])
+        if n > limit or n < 0 or n > MAX_BUFFER_SIZE_EXTENDED:
             raise ProtocolError(f"{cls.__name__}: {n} bytes returned, {limit} allowed")
         if len(data) < end + n:
             return None
@@ -692,7 +712,7 @@ def read_reply(data: bytes, asked: Message, order: str = NATIVE) -> Message:
     if got is None or got[1] != len(data):
         raise ProtocolError("not exactly one pcsc-lite reply")
     msg = got[0]
-    _keep_raw(msg, "_raw", (order, data))
+    msg._raw = (order, data)
     return msg
 
 
@@ -751,7 +771,7 @@ class ReplyReader:
                         expected.popleft()
                         if cls is ReadersStateSize:
                             self._array_size = got[0].size
-                        _keep_raw(got[0], "_raw", (self.order, data))
+                        got[0]._raw = (self.order, data)
                         self._data, self._pos = b"", 0
                         return [got[0]]
             self._data, self._pos = bytes(data), 0
@@ -804,7 +824,7 @@ class ReplyReader:
         self._pos = end
         raw = data if pos == 0 and end == len(data) and type(data) is bytes \
             else bytes(data[pos:end])
-        _keep_raw(msg, "_raw", (order, raw))
+        msg._raw = (order, raw)
         return msg
 
     @property

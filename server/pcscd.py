@@ -66,6 +66,7 @@ class PcscdConnection(asyncio.Protocol):
         # that brings the model up to date first (always, or only on failure)
         self.refresh = None
         self.refresh_always = False
+        self.refresh_model = None   # the backend's refresh(), for streams of applications
         self.on_lost = None   # called when pcscd closes the socket between calls
 
     def connection_made(self, transport):
@@ -100,14 +101,17 @@ class PcscdConnection(asyncio.Protocol):
         elif self.on_lost is not None:
             self.on_lost()
 
-    def submit(self, msg: Message, done, refresh=None, always: bool = False) -> None:
-        """Send ``msg``; ``done(reply, error)`` runs from data_received, after
-        ``await refresh()`` when given (``always``, or only when the call failed)."""
+    def submit(self, msg: Message, done) -> None:
+        """Send ``msg``; ``done(reply, error)`` runs from data_received, after the reader
+        model is brought up to date (``refresh``) when the call may have changed it."""
         if self.lost.done():
             raise BackendError("pcscd connection closed")
         self.reader.expect(msg)
         self.done = done
-        self.refresh, self.refresh_always = refresh, always
+        kind = type(msg)
+        self.refresh_always = kind in REFRESH_AFTER
+        self.refresh = self.refresh_model if self.refresh_always \
+            or kind in REFRESH_ON_FAILURE else None
         self.transport.write(encode_request(msg, NATIVE))
 
     async def call(self, msg: Message):
@@ -182,6 +186,9 @@ class PcscdStream(BackendStream):
     def __init__(self, backend: PcscdBackend, conn: PcscdConnection):
         self.backend = backend
         self.conn = conn
+        # the model is current before a call that may have changed it is answered
+        conn.refresh_model = backend.refresh
+        self.submit = conn.submit     # BackendStream.submit: the connection's own
 
     def watch(self, lost) -> None:
         """pcscd went away (restarted) while this stream was idle: ``lost()`` runs."""
@@ -192,16 +199,6 @@ class PcscdStream(BackendStream):
 
     def resume_reading(self) -> None:
         self.conn.transport.resume_reading()
-
-    def submit(self, msg, done):
-        # the model is current before a call that may have changed it is answered
-        kind = type(msg)
-        if kind in REFRESH_AFTER:
-            self.conn.submit(msg, done, self.backend.refresh, True)
-        elif kind in REFRESH_ON_FAILURE:
-            self.conn.submit(msg, done, self.backend.refresh)
-        else:
-            self.conn.submit(msg, done)
 
     async def close(self):
         self.conn.close()

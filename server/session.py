@@ -286,10 +286,15 @@ class GuestSession(asyncio.Protocol):
         if self.limits.call_timeout:
             stream.timer = asyncio.get_running_loop().call_later(
                 self.limits.call_timeout, self._timed_out, stream, type(msg))
-        if stream.backend is None:
+        backend = stream.backend
+        if backend is None:
             asyncio.get_running_loop().create_task(self._open_and_submit(stream, msg))
             return
-        self._submit(stream, msg)
+        stream.call = msg             # _submit(stream, msg), inlined: the per-call path
+        try:
+            backend.submit(msg, stream.answered)
+        except BackendError as exc:
+            self.answered(stream, None, exc)
 
     def _on_close(self, event: Close):
         stream = self.streams.get(event.stream_id)
