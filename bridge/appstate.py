@@ -177,11 +177,16 @@ class AppState:
                     self.request = msg
                     return
                 self.request = None
-                handler = local.get(type(msg))
+                kind = type(msg)
+                handler = local.get(kind)
                 if handler is not None:
                     handler(self, msg)
-                else:
+                elif kind is ReleaseContext or kind is EstablishContext:
                     self._card_call(msg)
+                else:                 # any other card call: to the backend, in order
+                    self.hold_wakeup = 0
+                    self.pending = msg
+                    self.shell.submit(msg, True, False)
         finally:
             self._running = False
 
