@@ -322,6 +322,8 @@ class Limits:
     streams_per_guest: int = _f(_Leaf(_integer(1, 1 << 16), typed=True),
                                 DEFAULT_MAX_STREAMS)
     max_frame: int = _f(_Leaf(parse_size), DEFAULT_MAX_FRAME)
+    # unsent bytes for one guest above which it is not read until it reads
+    write_buffer: int = _f(_Leaf(parse_size), 262144)
     handshake_timeout: float = _f(DURATION, 10.0)
     keepalive_interval: float = _f(DURATION, 5.0)
     keepalive_timeout: float = _f(DURATION, 15.0)
@@ -332,6 +334,8 @@ class Limits:
         if not MIN_MAX_FRAME <= self.max_frame <= MAX_MAX_FRAME:
             raise FieldError("max_frame", f"expected {MIN_MAX_FRAME} to {MAX_MAX_FRAME} "
                              f"bytes (65KiB to 16MiB), got {self.max_frame}")
+        if not 4096 <= self.write_buffer <= MAX_MAX_FRAME:
+            raise FieldError("write_buffer", f"expected 4KiB to 16MiB, got {self.write_buffer}")
         if self.keepalive_timeout <= self.keepalive_interval:
             raise FieldError("keepalive_timeout", "expected more than keepalive_interval "
                              f"({self.keepalive_interval:g}s), got {self.keepalive_timeout:g}s")

@@ -142,6 +142,7 @@ class GuestSession(asyncio.Protocol):
         if not self.server.admit(self):
             return self.fail(f"too many guests connected (max_guests={self.limits.max_guests})",
                              Reason.LIMIT)
+        transport.set_write_buffer_limits(self.limits.write_buffer)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.keepalive.period, self._keepalive)
         loop.call_at(self.accepted + self.limits.handshake_timeout, self._handshake_deadline)
