@@ -286,6 +286,8 @@ class LogConfig:
 class BackendConfig:
     type: str = _f(_Leaf(_choice("auto", "pcscd", "virtual", "pyscard")), "auto")
     socket: str = _f(PATH, DEFAULT_SOCKET)
+    # pyscard: threads for applications' PC/SC calls (one per application) at most
+    max_threads: int = _f(_Leaf(_integer(1, 4096), typed=True), 256)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,6 +10,7 @@ Registered here:
   emulator  pcsc_bridge.server.emulate.Emulator, in this process
   bridge    pcscd ← pcsc-bridge server ← mutual TLS ← pcsc-bridge client (processes)
   bridge-select  the same, server and agent on selectors.SelectSelector (Windows' selector)
+  bridge-pyscard the same, the server's backend pyscard (PC/SC API → libpcsclite → pcscd)
 
 More targets: ``register(name, factory)`` where ``factory(targets: Targets) -> Target``; a
 factory may wrap another target's socket with ``targets.get("pcscd")`` and take a private
@@ -535,9 +536,13 @@ class BridgeTarget(Target):
     name = "bridge"
 
     def __init__(self, inner: Target, directory: str, backend_socket: str | None = None,
-                 python=(sys.executable,), selector: str | None = None):
+                 python=(sys.executable,), selector: str | None = None,
+                 backend: str = "pcscd"):
         super().__init__(os.path.join(directory, "agent.sock"), inner.readers)
         self.inner, self.dir = inner, directory
+        self.backend = backend                # the server's backend type
+        if backend != "pcscd":
+            self.name = f"bridge-{backend}"
         self.backend_socket = backend_socket  # pcscd's socket, if not the default one
         self.python = python   # server and agent run with this interpreter
         self.selector = selector   # PCSC_BRIDGE_SELECTOR for both, e.g. "select"
@@ -549,7 +554,7 @@ class BridgeTarget(Target):
     def start(self) -> None:
         ca = make_pki(self.dir)
         port = free_port()
-        conf = write_server_config(self.dir, ca, port, extra=self.POLICY,
+        conf = write_server_config(self.dir, ca, port, self.backend, extra=self.POLICY,
                                    backend_socket=self.backend_socket)
         self.server = Process(["server", "-c", conf], os.path.join(self.dir, "server.log"),
                               self.python)
@@ -627,3 +632,6 @@ register("bridge", lambda ts: BridgeTarget(ts.get("pcscd"), ts.workdir("bridge")
 # the same, with server and agent on select(), the selector Windows has
 register("bridge-select", lambda ts: BridgeTarget(ts.get("pcscd"), ts.workdir("bridge-select"),
                                                   selector="select"))
+# the server on the host's PC/SC API through pyscard (here: libpcsclite, then pcscd)
+register("bridge-pyscard", lambda ts: BridgeTarget(
+    ts.get("pcscd"), ts.workdir("bridge-pyscard"), backend="pyscard"))
