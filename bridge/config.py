@@ -399,6 +399,9 @@ class ServerConfig:
     ca: str = _f(PATH)
     crl: str | None = _f(PATH, None, nullable=True)
     tls_min_version: str = _f(TLS_VERSION, "1.3")
+    # how often the TLS files are looked at: a change reloads them, as SIGHUP does (the
+    # way to reload where there are no signals); null: only on SIGHUP
+    reload_check: float | None = _f(DURATION, 5.0, nullable=True)
     backend: BackendConfig = field(default_factory=BackendConfig, metadata=_m(BackendConfig))
     virtual: VirtualConfig = field(default_factory=VirtualConfig, metadata=_m(VirtualConfig))
     limits: Limits = field(default_factory=Limits, metadata=_m(Limits))

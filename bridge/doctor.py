@@ -144,9 +144,11 @@ def run(args) -> int:
     try:
         hello = asyncio.run(_reach(c))
         backend_dialect = hello.dialect
+        pcsc = hello.extra.get("pcsc")
         ok(f"server {c.server} reached ({hello.software or 'unknown software'}); it knows "
            f"this guest as {hello.extra.get('guest')!r}, backend {hello.extra.get('backend')}"
-           f", backend dialect {backend_dialect or 'n/a'} (pcsc-lite protocol)")
+           + (f" ({pcsc})" if isinstance(pcsc, str) else "")
+           + f", backend dialect {backend_dialect or 'n/a'} (pcsc-lite protocol)")
     except Exception as exc:  # noqa: BLE001 - every failure is reported in words
         reason = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
         bad(f"cannot reach the server {c.server}: {reason}")

@@ -62,13 +62,17 @@ class ExpiredError(TLSConfigError):
 
 # --- checks ----------------------------------------------------------------------------------
 def check_key_permissions(path: str) -> None:
-    """Refuse a private key file that group or others may read or write."""
+    """Refuse a private key file that group or others may read or write. (On Windows,
+    where files have ACLs and no such mode bits, only its existence is checked:
+    docs/windows-macos.md says how to restrict it.)"""
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
         raise MissingFileError(f"key file {path} does not exist", path) from None
     except OSError as exc:
         raise MissingFileError(f"key file {path}: {exc.strerror}", path) from None
+    if os.name == "nt":
+        return
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         how = "readable" if mode & (stat.S_IRGRP | stat.S_IROTH) else "writable"
         raise KeyPermissionError(f"key file {path} is {how} by group/others (mode {mode:04o}); "
@@ -312,6 +316,18 @@ class ServerTLS:
 
     def reload(self, files: ServerFiles | None = None) -> ssl.SSLContext:
         return self.use(*self.load(files))
+
+    def stamp(self) -> tuple:
+        """What the files look like now (times and sizes): a changed stamp means they were
+        replaced or written since."""
+        out = []
+        for path in (self.files.cert, self.files.key, self.files.ca, self.files.crl):
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            out.append((st.st_mtime_ns, st.st_size) if st else None)
+        return tuple(out)
 
 
 if __name__ == "__main__":

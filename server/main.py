@@ -57,19 +57,40 @@ async def serve(server: Server) -> None:
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
+    signals = on_signals(loop, stop.set, lambda: loop.create_task(server.reload()))
+    watch = loop.create_task(server.watch_files(server.config.reload_check)) \
+        if server.config.reload_check else None
     log.sd_notify("READY=1")
-    log.info("server.ready", backend=backend.name, pcsc=backend.describe(),
+    log.info("server.ready", backend=backend.name, pcsc=backend.describe(), signals=signals,
              dialect=server.backend_dialect(), version=__version__,
              python=platform.python_version(), selector=netio.selector_class().__name__)
     await stop.wait()
     log.sd_notify("STOPPING=1")
+    if watch:
+        watch.cancel()
     if control:
         await control.close()
     await server.close()
     await backend.close()
+
+
+def on_signals(loop: asyncio.AbstractEventLoop, stop, reload) -> str:
+    """SIGINT and SIGTERM stop, SIGHUP reloads, where the loop takes signal handlers
+    (Unix); where it does not (Windows), Ctrl+C and Ctrl+Break stop (the service
+    manager's stop ends the process) and changed TLS files reload (``reload_check``).
+    Returns how, for the ready line."""
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        return "SIGTERM, SIGHUP"
+    except (NotImplementedError, AttributeError, RuntimeError):
+        pass
+    for name in ("SIGINT", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name),
+                          lambda *_: loop.call_soon_threadsafe(stop))
+    return "Ctrl+C"
 
 
 def run(args) -> int:

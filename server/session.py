@@ -241,7 +241,8 @@ class GuestSession(asyncio.Protocol):
         self._write(self.conn.send(Hello(
             software=self.server.software, dialect=self.server.backend_dialect(),
             keepalive=self.limits.keepalive_interval,
-            extra={"guest": self.guest, "backend": self.backend.name})))
+            extra={"guest": self.guest, "backend": self.backend.name,
+                   "pcsc": self.backend.describe()})))
         self._write(self._states_frame())
         self._unlisten = self.backend.model.listen(self._push_states)
 

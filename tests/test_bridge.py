@@ -8,6 +8,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,10 +52,11 @@ class Bridge:
         self.agents = {}
         self.apps = []
 
-    def start_server(self):
+    def start_server(self, python=(sys.executable,)):
         conf = write_server_config(self.dir, self.ca, self.port, extra=self.extra,
                                    backend=self.backend)
-        self.server = Process(["server", "-c", conf], os.path.join(self.dir, "server.log"))
+        self.server = Process(["server", "-c", conf], os.path.join(self.dir, "server.log"),
+                              python)
         wait_port(self.port)
 
     def start_agent(self, guest, wait=True, extra=""):
@@ -252,6 +254,7 @@ def test_doctor_reports_the_whole_chain(bridge):
     out = cli("doctor", "-c", conf, check=False, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "'guest1'" in out.stdout and R0 in out.stdout and "all good" in out.stdout
+    assert "backend pcscd (pcsc-lite pcscd at /run/pcscd/pcscd.comm" in out.stdout, out.stdout
     bridge.server.stop()
     out = cli("doctor", "-c", conf, check=False, timeout=60)
     assert out.returncode == 1 and "cannot reach the server" in out.stdout
@@ -641,5 +644,72 @@ def test_apdus_cross_byte_for_byte_both_ways(pcscd, tmp_path, backend):
         assert app.SCardDisconnect(card, s.SCARD_LEAVE_CARD) == [0]
         hr, _ = app.SCardTransmit(card, proto, [0x80, 0xEE, 0, 0, 1, 1])
         assert hr & 0xFFFFFFFF == s.SCARD_E_INVALID_HANDLE & 0xFFFFFFFF
+    finally:
+        b.stop()
+
+
+# A Python as Windows has it, for the server: what is not there fails, and says so.
+WINDOWS_LIKE = """
+import asyncio, os, signal, socket, sys
+def forbidden(what):
+    sys.stderr.write(f"FORBIDDEN {what}\\n")
+    sys.stderr.flush()
+    raise OSError(f"{what}: not on Windows")
+class Socket(socket.socket):
+    def __init__(self, family=-1, *args, **kwargs):
+        if family == socket.AF_UNIX:
+            forbidden("AF_UNIX socket")
+        super().__init__(family, *args, **kwargs)
+socket.socket = Socket
+def socketpair(family=socket.AF_INET, type=socket.SOCK_STREAM, proto=0):
+    with socket.create_server(("127.0.0.1", 0)) as listener:   # as Windows makes one
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+socket.socketpair = socketpair                     # asyncio's wake-up pipe
+os.fork = os.forkpty = lambda: forbidden("os.fork")
+for name in ("pwd", "grp", "fcntl", "termios"):
+    sys.modules[name] = None                       # ImportError: no such module
+def no_signal_handlers(*args, **kwargs):
+    raise NotImplementedError                      # what asyncio says on Windows
+asyncio.SelectorEventLoop.add_signal_handler = no_signal_handlers
+del signal.SIGHUP
+os.environ["PCSC_BRIDGE_SELECTOR"] = "select"      # the selector Windows has
+from pcsc_bridge.cli import main
+sys.exit(main(sys.argv[3:]))                       # after: -m pcsc_bridge
+"""
+
+
+def test_the_pyscard_server_runs_as_on_windows(pcscd, tmp_path):
+    """The server with the pyscard backend, on a Python without AF_UNIX, fork, pwd, grp,
+    fcntl, SIGHUP or loop signal handlers, on select(): it serves guests, and reloads its
+    certificates when the files change (the way to reload without signals)."""
+    if pcscd[0].sock is None:
+        pcscd[0].insert()
+    wrapper = tmp_path / "windows_like.py"
+    wrapper.write_text(WINDOWS_LIKE)
+    b = Bridge(str(tmp_path), guests=("guest1", "guest2"), backend="pyscard",
+               extra="  reload_check: 0.5s\n")
+    try:
+        b.start_server(python=(sys.executable, str(wrapper)))
+        app = b.app(b.start_agent("guest1"))
+        ctx = establish(app)
+        hr, card, proto = app.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
+        assert hr == 0
+        assert app.SCardTransmit(card, proto, [0x80, 0xEE, 0, 0, 1, 5]) == [0, [5, 0x90, 0]]
+        CA(b.ca).revoke("guest2")                 # the CRL file changes: reloaded
+        deadline = time.monotonic() + 10
+        while "server.reloaded" not in b.server.output():
+            assert time.monotonic() < deadline, b.server.output()
+            time.sleep(0.05)
+        refused = b.app(b.start_agent("guest2"))
+        hr, _ = refused.SCardEstablishContext(s.SCARD_SCOPE_USER)
+        assert hr & 0xFFFFFFFF == NO_SERVICE
+        assert app.SCardTransmit(card, proto, [0x80, 0xEE, 0, 0, 1, 6]) == [0, [6, 0x90, 0]]
+        log = b.server.output()
+        assert "FORBIDDEN" not in log, log
+        ready = next(line for line in log.splitlines() if "server.ready" in line)
+        assert "backend=pyscard" in ready and "selector=SelectSelector" in ready \
+            and "signals=Ctrl+C" in ready, ready
     finally:
         b.stop()
