@@ -115,6 +115,21 @@ def test_pair(pair, scenario):
     SCENARIOS[scenario](pair)
 
 
+@pytest.fixture(params=CLIENTS, ids=lambda v: f"client-{v}")
+def pyscard_pair(request, targets, clients):
+    """A client library in front of the bridge whose server's backend is pyscard (the
+    host's libpcsclite, then the host's pcscd 1.9.9)."""
+    view = ClientView(targets.get("bridge-pyscard"), clients[RELEASE[request.param]])
+    view.reset()
+    yield view
+    view.close_apps()
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_every_dialect_through_the_pyscard_backend(pyscard_pair, scenario):
+    SCENARIOS[scenario](pyscard_pair)
+
+
 def test_bridges_run_under_their_releases_python(bridge):
     """A bridge in front of a chroot's pcscd is that release's install: its server and agent
     run under the release's python3 (Debian 13: 3.13; sid: the newest) with its PyYAML and
