@@ -64,7 +64,7 @@ PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 PCSCD_SOCKET = "/run/pcscd/pcscd.comm"
 READER = "Virtual PCD 00 00"
 CARD_PORT = 35963
-PATHS = ("direct", "bridge", "socat", "stunnel", "ssh", "pyrelay")
+PATHS = ("direct", "bridge", "bridge-pyscard", "socat", "stunnel", "ssh", "pyrelay")
 SESSION_STEPS = ("establish", "list readers", "connect", "10 APDUs", "disconnect", "release")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -384,6 +384,7 @@ class Direct(Route):
 
 class Bridge(Route):
     name = "bridge"
+    backend_type = "pcscd"
 
     def __init__(self, run: Run, backend: str = PCSCD_SOCKET, name: str | None = None):
         if name:
@@ -406,7 +407,7 @@ server:
   cert: {cert}
   key: {key}
   ca: {self.run.pki.ca}
-  backend: {{type: pcscd, socket: {self.backend}}}
+  backend: {{type: {self.backend_type}, socket: {self.backend}}}
 """)
         proc = self.procs.start(f"{self.name}-server", [PYTHON, "-m", "pcsc_bridge", "server",
                                                       "-c", str(config)])
@@ -429,6 +430,14 @@ client:
                                                               "client", "-c", str(config)])
         self.guest.append(proc.pid)
         return self._wait_socket(str(sock), proc, f"pcsc-bridge client {tag}")
+
+
+class BridgePyscard(Bridge):
+    """The bridge whose server reaches pcscd through the PC/SC API (pyscard, libpcsclite)
+    instead of pcscd's socket protocol: the way a Windows or macOS host serves."""
+
+    name = "bridge-pyscard"
+    backend_type = "pyscard"
 
 
 class Socat(Route):
@@ -579,7 +588,8 @@ class PyRelay(Route):
         return self._wait_socket(sock, proc, f"pyrelay guest {tag}")
 
 
-PATH_CLASSES = {c.name: c for c in (Direct, Bridge, Socat, Stunnel, Ssh, PyRelay)}
+PATH_CLASSES = {c.name: c for c in (Direct, Bridge, BridgePyscard, Socat, Stunnel, Ssh,
+                                     PyRelay)}
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -1189,7 +1199,8 @@ def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
                    for r in results if get(r, load, "late_contexts")]
     if errors:
         out += ["", "Errors:", *errors]
-    out += ["", "Targets (pcsc-bridge):", "", *targets(by.get("bridge"), direct, stunnel)]
+    out += ["", "Targets (pcsc-bridge):", "", *targets(by.get("bridge"), direct, stunnel),
+            *pyscard_targets(by.get("bridge-pyscard"), by.get("bridge"))]
     floor = get(by.get("pyrelay"), "transmit", "p50_us")
     if floor and get(stunnel, "transmit", "p50_us") and get(by.get("bridge"), "transmit", "p50_us"):
         out += ["", (f"Reference: a relay in Python that only copies bytes (pyrelay) has a "
@@ -1197,6 +1208,24 @@ def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
                      f"pcsc-bridge's is {ratio(by['bridge']['transmit']['p50_us'], floor)} "
                      "pyrelay's.")]
     return "\n".join(out)
+
+
+def pyscard_targets(pyscard: dict | None, bridge: dict | None) -> list[str]:
+    """The pyscard backend against the pcscd backend, in the same run."""
+    if not pyscard or not bridge or "unavailable" in pyscard:
+        return []
+    out = []
+    for label, key, limit in (("Transmit p50", "transmit", 1.5),
+                              ("Establish+Release p50", "estrel", 1.0)):
+        a, b = get(pyscard, key, "p50_us"), get(bridge, key, "p50_us")
+        if a is None or not b:
+            out.append(f"- pyscard backend {label} ≤ {limit:g}× the pcscd backend's: "
+                       "not measured")
+            continue
+        met = a / b <= limit
+        out.append(f"- pyscard backend {label} ≤ {limit:g}× the pcscd backend's: "
+                   f"{a / b:.2f}× — {'met' if met else 'MISSED'}")
+    return out
 
 
 def targets(bridge: dict | None, direct: dict | None, stunnel: dict | None) -> list[str]:
