@@ -320,6 +320,8 @@ class VirtualConfig:
 class Limits:
     """The server's limits, as configured and as the server applies them."""
     max_guests: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 64)
+    # sessions at once with one guest certificate: one guest cannot take every slot
+    sessions_per_guest: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 4)
     # at least what pcscd itself takes from one client host (its --max-thread: 200)
     streams_per_guest: int = _f(_Leaf(_integer(1, 1 << 16), typed=True),
                                 DEFAULT_MAX_STREAMS)

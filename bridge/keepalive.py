@@ -5,14 +5,19 @@ Each side sends a PING when it has sent nothing else for its interval, so a live
 always has something to say within one interval plus a round trip: a frame of its own,
 or the PONG to our PING. A peer is dropped when
 
-- nothing at all arrived from it for ``timeout`` seconds, or
+- no whole frame arrived from it for ``timeout`` seconds (bytes that do not complete a
+  frame do not count: a peer that trickles a frame a byte at a time is silent);
+- it has not answered our PING within ``timeout`` (a peer that keeps sending but does
+  not take what we send is not a live peer);
 - it read nothing of what we sent for ``timeout`` seconds: our writes wait in the
   transport above its high-water mark (``blocked``), and we stop reading it meanwhile, so
   its silence then is our own doing and only the stall counts.
 
-The shell calls ``tick(now)`` every ``period`` seconds and acts on the answer. On the
-per-message path the shells set ``last_rx`` and ``sent`` themselves, as ``received`` and
-``wrote`` do, to spare a call per message.
+The shell calls ``tick(now)`` every ``period`` seconds and acts on the answer; when it
+sends the PING that ``tick`` asks for it calls ``pinged(now, token)``, and ``ponged(token)``
+for every PONG. On the per-message path the shells set ``last_rx`` (a whole frame came)
+and ``sent`` (we wrote) themselves, as ``received`` and ``wrote`` do, to spare a call per
+message.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ class Keepalive:
             raise ValueError(f"keepalive: need 0 < interval ({interval}) < timeout ({timeout})")
         self.interval = interval
         self.timeout = timeout
-        self.last_rx = now
+        self.last_rx = now                 # when the last whole frame arrived
         self.sent = False                  # wrote something since the last tick
         self.blocked_since: float | None = None
+        self.ping: tuple[int, float] | None = None   # (token, when) of an unanswered PING
 
     @property
     def period(self) -> float:
@@ -44,10 +50,20 @@ class Keepalive:
         return min(self.interval, self.timeout / 2)
 
     def received(self, now: float) -> None:
+        """A whole frame arrived."""
         self.last_rx = now
 
     def wrote(self) -> None:
         self.sent = True
+
+    def pinged(self, now: float, token: int) -> None:
+        if self.ping is None:
+            self.ping = (token, now)
+        self.sent = True
+
+    def ponged(self, token: int) -> None:
+        if self.ping is not None and self.ping[0] == token:
+            self.ping = None
 
     def blocked(self, now: float) -> None:
         """Our writes wait for the peer to read (and we stopped reading it)."""
@@ -58,6 +74,8 @@ class Keepalive:
         """The peer read enough; we read it again. Its silence counts from now."""
         self.blocked_since = None
         self.last_rx = max(self.last_rx, now)
+        if self.ping is not None:
+            self.ping = (self.ping[0], max(self.ping[1], now))
 
     def tick(self, now: float) -> str | Dead | None:
         """None: nothing to do; PING: send a PING; Dead: drop the peer."""
@@ -69,6 +87,8 @@ class Keepalive:
             return None
         silent = now - self.last_rx
         if silent > self.timeout:
-            return Dead(f"silent for {silent:.1f}s")
+            return Dead(f"no whole frame for {silent:.1f}s")
+        if self.ping is not None and now - self.ping[1] > self.timeout:
+            return Dead(f"PING not answered for {now - self.ping[1]:.1f}s")
         ping, self.sent = not self.sent, False
-        return PING if ping else None
+        return PING if ping and self.ping is None else None

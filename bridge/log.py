@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _level = LEVELS["warning"]   # until setup(): what Python prints with no logging set up
@@ -76,3 +77,28 @@ def sd_notify(message: str) -> None:
             s.sendto(message.encode(), address)
         except OSError as exc:
             warning("sd_notify.failed", error=str(exc))
+
+
+class Repeats:
+    """Log lines that a peer can repeat at will (refusals, protocol errors) at most once
+    per ``window`` seconds per key; the next line that is written says how many were
+    left out meanwhile (``repeated=N``). At most ``keys`` keys are remembered (the oldest
+    go first), so a peer cannot grow this either."""
+
+    def __init__(self, window: float = 10.0, keys: int = 1024, clock=time.monotonic):
+        self.window, self.keys, self.clock = window, keys, clock
+        self.seen: dict = {}           # key -> [when last written, left out since]
+
+    def __call__(self, write, event: str, key, **fields) -> None:
+        """``write(event, **fields)`` (log.warning, log.info) unless ``key`` was written
+        within the window."""
+        now = self.clock()
+        entry = self.seen.get(key)
+        if entry is not None and now - entry[0] < self.window:
+            entry[1] += 1
+            return
+        left_out = entry[1] if entry is not None else 0
+        if entry is None and len(self.seen) >= self.keys:
+            self.seen.pop(next(iter(self.seen)))
+        self.seen[key] = [now, 0]
+        write(event, **fields, repeated=left_out or None)

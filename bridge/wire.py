@@ -314,6 +314,7 @@ class Connection:
         self.goaway_received: int | None = None   # last_stream_id the peer announced
         self.error: WireError | None = None
         self.ignored = 0             # frames for streams closed earlier (normal races)
+        self.frames = 0              # whole frames received (keepalive counts frames)
         self._streams: dict[int, _Stream] = {}
         self._highest = 0            # highest stream id opened so far (ids odd, increasing)
         self._buf = bytearray()      # at most one incomplete frame
@@ -392,6 +393,7 @@ class Connection:
                     _, kind, sid = HEAD.unpack_from(frame)
                     self._accept[kind](sid, frame[HEAD_SIZE:have], events)
                 buf.clear()
+                self.frames += 1
             unpack, connection_frames = HEAD.unpack_from, _CONNECTION_TYPES
             while n - pos >= HEAD_SIZE:
                 length, kind, sid = unpack(view, pos)
@@ -404,6 +406,7 @@ class Connection:
                     break
                 handler(sid, view[pos + HEAD_SIZE:end], events)
                 pos = end
+                self.frames += 1
             if pos < n:
                 self._check_head(view, pos, n - pos)
                 buf += view[pos:]
@@ -437,6 +440,7 @@ class Connection:
                     or stream.state is not StreamState.OPEN:
                 return None
             stream.pending = False
+        self.frames += 1
         return sid, data[HEAD_SIZE:]
 
     def _fill(self, view) -> int:

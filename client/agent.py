@@ -86,7 +86,7 @@ class Link(asyncio.Protocol):
         self._handlers = {
             Reply: self._on_reply, StateUpdate: self._on_state, Opened: _ignore,
             Refused: self._on_gone, Close: self._on_gone, StreamError: self._on_stream_error,
-            Ping: self._on_ping, Pong: _ignore, Hello: self._on_hello, GoAway: self._on_goaway,
+            Ping: self._on_ping, Pong: self._on_pong, Hello: self._on_hello, GoAway: self._on_goaway,
         }
 
     @property
@@ -119,13 +119,15 @@ class Link(asyncio.Protocol):
     def data_received(self, data):
         if self.dead:
             return
-        self.keepalive.last_rx = monotonic()   # Keepalive.received(), inlined
-        one = self.conn.receive_one(data)   # a chunk that is one REPLY: the usual case
+        conn = self.conn
+        frames = conn.frames
+        one = conn.receive_one(data)   # a chunk that is one REPLY: the usual case
         if one is not None:
+            self.keepalive.last_rx = monotonic()   # a whole frame: Keepalive.received()
             self._reply(*one)
             return
         try:
-            events = self.conn.receive_data(data)
+            events = conn.receive_data(data)
         except WireError as exc:
             self._dispatch(exc.events)
             log.error("link.protocol_error", error=str(exc))
@@ -133,6 +135,8 @@ class Link(asyncio.Protocol):
                 self.write(self.conn.send(GoAway(self.conn.last_stream_id, exc.code, str(exc))))
             self.drop(f"protocol error from the server: {exc}")
             return
+        if conn.frames != frames:
+            self.keepalive.last_rx = monotonic()
         self._dispatch(events)
 
     def _dispatch(self, events):
@@ -177,6 +181,9 @@ class Link(asyncio.Protocol):
         log.info("stream.closed_by_server", stream=sid, reason=reason)
         if entry:
             _finish(entry, BackendError(reason, SCARD_E_NO_SERVICE, limit))
+
+    def _on_pong(self, event: Pong):
+        self.keepalive.ponged(event.token)
 
     def _on_ping(self, event: Ping):
         self.write(self.conn.send(Pong(event.token)))
@@ -537,6 +544,7 @@ class RemoteBackend(Backend):
             if verdict is PING:
                 n += 1
                 link.write(link.conn.send(Ping(n)))
+                keepalive.pinged(time.monotonic(), n)
 
 
 def _ignore(_event) -> None:

@@ -22,6 +22,8 @@ class Server:
         self.config = cfg
         self.limits = cfg.limits
         self.sessions: set[GuestSession] = set()
+        self.by_guest: dict[str, set[GuestSession]] = {}   # certificate name -> sessions
+        self.refusals = log.Repeats()   # refused handshakes, per address and reason
         self.listeners: list[socket.socket] = []
         self.accepting: list[asyncio.Task] = []
         self.software = f"pcsc-bridge {__version__}"
@@ -30,14 +32,25 @@ class Server:
     def identity(self, ssl_object) -> str:
         return tls.peer_identity(ssl_object)
 
-    def admit(self, session: GuestSession) -> bool:
+    def admit(self, session: GuestSession) -> str | None:
+        """None: the session is admitted; else the limit that refuses it."""
         if len(self.sessions) >= self.limits.max_guests:
-            return False
+            return f"too many guests connected (max_guests={self.limits.max_guests})"
+        same = self.by_guest.setdefault(session.guest, set())
+        if len(same) >= self.limits.sessions_per_guest:
+            return (f"too many sessions with this certificate "
+                    f"(sessions_per_guest={self.limits.sessions_per_guest})")
+        same.add(session)
         self.sessions.add(session)
-        return True
+        return None
 
     def release(self, session: GuestSession) -> None:
         self.sessions.discard(session)
+        same = self.by_guest.get(session.guest)
+        if same is not None:
+            same.discard(session)
+            if not same:
+                del self.by_guest[session.guest]
 
     def backend_dialect(self) -> str | None:
         dialect = self.backend.dialect
@@ -83,7 +96,8 @@ class Server:
         except OSError as exc:   # ssl.SSLError and TimeoutError are OSErrors too
             reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
                 or str(exc) or type(exc).__name__
-            log.warning("guest.refused", peer=peer, stage="tls", reason=reason)
+            self.refusals(log.warning, "guest.refused", (peer.rpartition(":")[0], reason),
+                          peer=peer, stage="tls", reason=reason)
             sock.close()
             return
         netio.Transport(tls_sock, session)

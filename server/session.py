@@ -114,6 +114,8 @@ class GuestSession(asyncio.Protocol):
         self.accepted = loop.time()
         self.write_paused = False     # the guest does not read what we send
         self.calls = 0                # calls with the backend (streams running)
+        self.pings = 0                # PINGs sent (their tokens)
+        self.repeats = log.Repeats()  # what this guest can make us log over and over
         self._sent_states = None
         self._states_due = False      # the model changed; STATE not yet written
         self._unlisten = None
@@ -121,7 +123,7 @@ class GuestSession(asyncio.Protocol):
         self.closed = False
         self._handlers = {
             Call: self._on_call, Open: self._on_open, Close: self._on_close,
-            StreamError: self._on_stream_error, Ping: self._on_ping, Pong: _ignore,
+            StreamError: self._on_stream_error, Ping: self._on_ping, Pong: self._on_pong,
             Hello: self._on_hello, GoAway: self._on_goaway,
         }
 
@@ -139,9 +141,9 @@ class GuestSession(asyncio.Protocol):
         self.conn = Connection("server", self.limits.max_frame, self.policy.max_streams)
         if not self.policy.allow:
             return self.fail("guest not allowed by policy", Reason.POLICY)
-        if not self.server.admit(self):
-            return self.fail(f"too many guests connected (max_guests={self.limits.max_guests})",
-                             Reason.LIMIT)
+        refused = self.server.admit(self)
+        if refused:
+            return self.fail(refused, Reason.LIMIT)
         transport.set_write_buffer_limits(self.limits.write_buffer)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.keepalive.period, self._keepalive)
@@ -187,17 +189,21 @@ class GuestSession(asyncio.Protocol):
     def data_received(self, data):
         if self.closed or self.conn is None:
             return
-        self.keepalive.last_rx = monotonic()   # Keepalive.received(), inlined
-        one = self.conn.receive_one(data)   # a chunk that is one CALL: the usual case
+        conn = self.conn
+        frames = conn.frames
+        one = conn.receive_one(data)   # a chunk that is one CALL: the usual case
         if one is not None:
+            self.keepalive.last_rx = monotonic()   # a whole frame: Keepalive.received()
             self._call(*one)
             return
         try:
-            events = self.conn.receive_data(data)
+            events = conn.receive_data(data)
         except WireError as exc:
             self._dispatch(exc.events)
             self.fail(f"protocol error: {exc}", exc.code)
             return
+        if conn.frames != frames:
+            self.keepalive.last_rx = monotonic()
         self._dispatch(events)
 
     def _dispatch(self, events):
@@ -249,8 +255,9 @@ class GuestSession(asyncio.Protocol):
     def _on_open(self, event: Open):
         sid = event.stream_id
         if event.major != 4 or event.minor not in DIALECTS:
-            log.warning("stream.refused", guest=self.guest, stream=sid,
-                        dialect=f"{event.major}:{event.minor}", reason="unsupported dialect")
+            self.repeats(log.warning, "stream.refused", "dialect", guest=self.guest,
+                         stream=sid, dialect=f"{event.major}:{event.minor}",
+                         reason="unsupported dialect")
             self._write(self.conn.send(Refused(
                 sid, Reason.UNSUPPORTED, f"pcsc-lite protocol {event.major}:{event.minor} "
                 "is not served (4:4 to 4:6 are)")))
@@ -273,14 +280,14 @@ class GuestSession(asyncio.Protocol):
             if type(msg) not in CARD_CALLS:
                 raise ProtocolError(f"{type(msg).__name__} is answered by the agent")
         except ProtocolError as exc:
-            log.warning("stream.protocol_error", guest=self.guest, stream=stream.id,
-                        error=str(exc))
+            self.repeats(log.warning, "stream.protocol_error", "call", guest=self.guest,
+                         stream=stream.id, error=str(exc))
             self._close_stream(stream, Reason.PCSC_ERROR, str(exc))
             return
         rv = self.policy.check(msg)
         if rv:
-            log.info("policy.denied", guest=self.guest, stream=stream.id,
-                     call=type(msg).__name__, rv=rv_name(rv))
+            self.repeats(log.info, "policy.denied", type(msg), guest=self.guest,
+                         stream=stream.id, call=type(msg).__name__, rv=rv_name(rv))
             self._reply(stream, encode_reply(msg.failed(rv), WIRE))
             return
         stream.running = True
@@ -305,13 +312,17 @@ class GuestSession(asyncio.Protocol):
 
     def _on_stream_error(self, event: StreamError):
         limit = event.code == Reason.LIMIT
-        log.warning("stream.refused" if limit else "stream.protocol_error", guest=self.guest,
-                    stream=event.stream_id, error=event.text,
-                    limit=f"streams_per_guest={self.policy.max_streams}" if limit else None)
+        self.repeats(log.warning, "stream.refused" if limit else "stream.protocol_error",
+                     event.frame_type, guest=self.guest, stream=event.stream_id,
+                     error=event.text,
+                     limit=f"streams_per_guest={self.policy.max_streams}" if limit else None)
         self._write(self.conn.send(Close(event.stream_id, event.code, event.text)))
         stream = self.streams.get(event.stream_id)
         if stream is not None:
             self._end_stream(stream)
+
+    def _on_pong(self, event: Pong):
+        self.keepalive.ponged(event.token)
 
     def _on_ping(self, event: Ping):
         self._write(self.conn.send(Pong(event.token)))
@@ -488,7 +499,9 @@ class GuestSession(asyncio.Protocol):
             self.transport.abort()
             return
         if verdict is PING and self.ready:
-            self._write(self.conn.send(Ping(int(time.monotonic() * 1000))))
+            self.pings += 1
+            self._write(self.conn.send(Ping(self.pings)))
+            self.keepalive.pinged(time.monotonic(), self.pings)
         self._timer = asyncio.get_running_loop().call_later(self.keepalive.period,
                                                             self._keepalive)
 
