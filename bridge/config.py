@@ -463,6 +463,12 @@ class ClientConfig:
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig,
                                        metadata=_m(KeepaliveConfig))
     call_timeout: float | None = _f(DURATION, None, nullable=True)   # None: no bound
+    # fair shares between the guest's local users (uids): application sockets one user
+    # may hold, and streams (application contexts) one user may use of the guest's
+    # streams_per_guest (None: three quarters of it, so other users always have some)
+    sockets_per_user: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 256)
+    streams_per_user: int | None = _f(_Leaf(_integer(1, 1 << 16), typed=True), None,
+                                      nullable=True)
 
     def __post_init__(self):
         if self.server_name is None:

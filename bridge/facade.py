@@ -29,11 +29,17 @@ class Facade:
     """Serves applications over one backend; ``contexts`` maps every live context to its
     application's session (for SCARD_CANCEL, which arrives on another socket)."""
 
-    def __init__(self, backend: Backend, pool: ContextPool | None = None):
+    def __init__(self, backend: Backend, pool: ContextPool | None = None,
+                 sockets_per_user: int | None = None):
         self.backend = backend
         self.pool = pool
         self.contexts: dict[int, AppSession] = {}
         self.sessions: set[AppSession] = set()
+        # a local user's application sockets at most (None: no bound): one user cannot
+        # take the file descriptors every other user's applications need
+        self.sockets_per_user = sockets_per_user
+        self.users: dict = {}         # uid -> its application sockets
+        self.repeats = log.Repeats()
         self._server: netio.UnixServer | None = None
 
     def protocol_factory(self):
@@ -120,8 +126,17 @@ class AppSession(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self.info = _peer_credentials(sock)
-        self.facade.sessions.add(self)
-        self._unlisten = self.facade.backend.model.listen(self.state.changed)
+        facade = self.facade
+        facade.sessions.add(self)
+        self._unlisten = facade.backend.model.listen(self.state.changed)
+        held = facade.users[self.info.uid] = facade.users.get(self.info.uid, 0) + 1
+        if facade.sockets_per_user is not None and held > facade.sockets_per_user:
+            # closed at once, as pcscd closes a client beyond its own limit
+            facade.repeats(log.warning, "app.refused", ("sockets", self.info.uid),
+                           uid=self.info.uid, pid=self.info.pid,
+                           limit=f"sockets_per_user={facade.sockets_per_user}")
+            self.state.closed = True
+            transport.close()
 
     def data_received(self, data):
         state = self.state
@@ -143,7 +158,13 @@ class AppSession(asyncio.Protocol):
         self._read(self.state.request is None)
 
     def connection_lost(self, exc):
-        self.facade.sessions.discard(self)
+        facade = self.facade
+        facade.sessions.discard(self)
+        held = facade.users.get(self.info.uid, 1) - 1
+        if held > 0:
+            facade.users[self.info.uid] = held
+        else:
+            facade.users.pop(self.info.uid, None)
         if self._unlisten:
             self._unlisten()
         self.state.disconnected()

@@ -231,10 +231,12 @@ class Link(asyncio.Protocol):
 class LinkStream(BackendStream):
     """One application's stream on the link; its OPEN goes out with its first CALL."""
 
-    __slots__ = ("agent", "app", "id", "link", "refill")
+    __slots__ = ("agent", "app", "id", "link", "owner", "refill")
+    NOBODY = object()             # the owner of a stream no application holds (the pool's)
 
     def __init__(self, agent: RemoteBackend, link: Link, app: AppInfo):
         self.agent, self.link, self.app = agent, link, app
+        self.owner = LinkStream.NOBODY          # the local user holding it (its uid)
         self.id = 0                             # given with the first call
         self.refill: asyncio.TimerHandle | None = None  # a replacement due if not given back
 
@@ -287,6 +289,7 @@ class LinkStream(BackendStream):
         self.close_now()
 
     def close_now(self) -> None:
+        self.agent.own(self, LinkStream.NOBODY)
         link = self.link
         if self.refill is not None:
             self.refill.cancel()
@@ -319,9 +322,13 @@ class ReadyContexts(ContextPool):
             self.prepare()
             return None
         stream, h = ready
+        if self.agent.users.get(app.uid, 0) >= self.agent.user_share(link):
+            self.ready = ready            # over its share: open_stream says so
+            return None
         # the next one, unless this application gives its context back first (give_back)
         stream.refill = asyncio.get_running_loop().call_later(PREPARE_AFTER, self.prepare)
         stream.app = app
+        self.agent.own(stream, app.uid)
         _log_stream(app, link, context="ready")
         return stream, h
 
@@ -333,6 +340,7 @@ class ReadyContexts(ContextPool):
         if stream.refill is not None:
             stream.refill.cancel()
             stream.refill = None
+        self.agent.own(stream, LinkStream.NOBODY)
         self.ready = (stream, h_context)
         return True
 
@@ -383,7 +391,7 @@ class RemoteBackend(Backend):
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext, server_name: str,
                  connect_timeout=5.0, reconnect_initial=0.5, reconnect_max=30.0,
                  keepalive_interval=5.0, keepalive_timeout=15.0, call_timeout=None,
-                 max_frame=DEFAULT_MAX_FRAME):
+                 max_frame=DEFAULT_MAX_FRAME, streams_per_user: int | None = None):
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.server_name = server_name
@@ -392,6 +400,8 @@ class RemoteBackend(Backend):
         self.keepalive_interval, self.keepalive_timeout = keepalive_interval, keepalive_timeout
         self.call_timeout = call_timeout
         self.max_frame = max_frame
+        self.streams_per_user = streams_per_user    # None: 3/4 of the server's limit
+        self.users: dict = {}                       # uid -> streams it holds
         self.model = ReaderModel()
         self.pool = ReadyContexts(self)
         self.link: Link | None = None         # the link new streams go to
@@ -425,6 +435,10 @@ class RemoteBackend(Backend):
         link = self.link
         if link is None:
             raise BackendError(f"no session to the server {self.server}")
+        share = self.user_share(link)
+        if self.users.get(app.uid, 0) >= share:
+            raise BackendError(f"this user has {share} streams, its share of the guest's",
+                               limit=f"streams_per_user={share}")
         if self.free_streams(link) < 1:
             self.pool.make_room()
         if self.free_streams(link) < 1:
@@ -432,7 +446,29 @@ class RemoteBackend(Backend):
             raise BackendError(f"the guest has all its {limit} streams open",
                                limit=f"{STREAM_LIMIT}={limit}")
         _log_stream(app, link)
-        return LinkStream(self, link, app)
+        stream = LinkStream(self, link, app)
+        self.own(stream, app.uid)
+        return stream
+
+    def user_share(self, link: Link) -> int:
+        """How many streams one local user may hold: ``streams_per_user``, or three
+        quarters of the guest's (the rest stays for other users)."""
+        if self.streams_per_user is not None:
+            return self.streams_per_user
+        limit = link.server_hello.max_streams
+        return max(1, limit * 3 // 4) if limit else 1 << 30
+
+    def own(self, stream: LinkStream, uid) -> None:
+        """``stream`` is held by local user ``uid`` (None: by nobody, the pool)."""
+        if stream.owner is not LinkStream.NOBODY:
+            held = self.users.get(stream.owner, 1) - 1
+            if held > 0:
+                self.users[stream.owner] = held
+            else:
+                self.users.pop(stream.owner, None)
+        stream.owner = uid
+        if uid is not LinkStream.NOBODY:
+            self.users[uid] = self.users.get(uid, 0) + 1
 
     def open_link(self) -> Link | None:
         """The link, if it takes new streams."""

@@ -28,8 +28,9 @@ def build(cfg: config.ClientConfig) -> tuple[RemoteBackend, Facade]:
     ctx = tls.client_context(cfg.cert, cfg.key, cfg.ca, cfg.tls_min_version)
     backend = RemoteBackend(cfg.server.host, cfg.server.port, ctx, cfg.server_name,
                             cfg.connect_timeout, cfg.reconnect.initial, cfg.reconnect.max,
-                            cfg.keepalive.interval, cfg.keepalive.timeout, cfg.call_timeout)
-    return backend, Facade(backend, pool=backend.pool)
+                            cfg.keepalive.interval, cfg.keepalive.timeout, cfg.call_timeout,
+                            streams_per_user=cfg.streams_per_user)
+    return backend, Facade(backend, pool=backend.pool, sockets_per_user=cfg.sockets_per_user)
 
 
 async def serve(cfg: config.ClientConfig) -> None:
