@@ -465,7 +465,7 @@ class ClientConfig:
     call_timeout: float | None = _f(DURATION, None, nullable=True)   # None: no bound
     # fair shares between the guest's local users (uids): application sockets one user
     # may hold, and streams (application contexts) one user may use of the guest's
-    # streams_per_guest (None: three quarters of it, so other users always have some)
+    # streams_per_guest (None: all but a quarter of it, rounded down, kept for others)
     sockets_per_user: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 256)
     streams_per_user: int | None = _f(_Leaf(_integer(1, 1 << 16), typed=True), None,
                                       nullable=True)
@@ -520,12 +520,6 @@ def _hint(name: str, known) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def _python(node) -> Any:
-    if _is_null(node):
-        return None
-    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
-
-
 class _Loader:
     def __init__(self, file: str, overrides: Mapping[str, Any] | None):
         self.file = file
@@ -536,13 +530,24 @@ class _Loader:
         where = self.file if line is None else f"{self.file}:{line}"
         return ConfigError(f"{where}: {key}: {message}")
 
+    def python(self, node, key: str) -> Any:
+        """The node as plain YAML makes it (a tag YAML's safe set does not know: an
+        error)."""
+        if _is_null(node):
+            return None
+        try:
+            return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            raise self.fail(node.start_mark.line + 1, key or "(top level)",
+                            getattr(exc, "problem", None) or str(exc)) from None
+
     def mapping(self, node, key: str, known) -> dict[str, tuple]:
         """name → (key node, value node), names checked against ``known``."""
         if _is_null(node):
             return {}
         if not isinstance(node, yaml.MappingNode):
             raise self.fail(node.start_mark.line + 1, key or "(top level)",
-                            f"expected a mapping, got {_show(_python(node))}")
+                            f"expected a mapping, got {_show(self.python(node, key))}")
         own = [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]
         if len(own) < len(node.value):        # "<<: *anchor" merge keys, as YAML 1.1 has them
             try:
@@ -603,9 +608,9 @@ class _Loader:
                              for i, n in enumerate(node.value))
             if kind.single_ok and isinstance(node, yaml.ScalarNode) and not _is_null(node):
                 return (self.value(kind.item, node, key),)
-            raise self.fail(line, key, f"expected a list, got {_show(_python(node))}")
+            raise self.fail(line, key, f"expected a list, got {_show(self.python(node, key))}")
         raw = node.value if isinstance(node, yaml.ScalarNode) and not (
-            kind.typed or _is_null(node)) else _python(node)
+            kind.typed or _is_null(node)) else self.python(node, key)
         try:
             out = kind.parse(raw)
         except BadValue as exc:

@@ -191,12 +191,13 @@ class AppSession(asyncio.Protocol):
         log.info(event, app=self.info.id, pid=self.info.pid, **fields)
 
     def close(self, reason: str, limit: str | None) -> None:
-        if limit:
-            log.warning("app.refused", app=self.info.id, pid=self.info.pid, reason=reason,
-                        limit=limit)
-        else:
-            log.warning("app.protocol_error", app=self.info.id, pid=self.info.pid,
-                        error=reason)
+        # a local user can have this happen at will: once per window per user and limit
+        # (or protocol error), with a count
+        event = "app.refused" if limit else "app.protocol_error"
+        self.facade.repeats(log.warning, event, (event, self.info.uid, limit or reason),
+                            app=self.info.id, pid=self.info.pid, uid=self.info.uid,
+                            reason=reason if limit else None, error=None if limit else reason,
+                            limit=limit)
         self.transport.close()
 
     def submit(self, msg: Message, reply: bool, ready: bool) -> None:

@@ -436,27 +436,29 @@ class RemoteBackend(Backend):
         if link is None:
             raise BackendError(f"no session to the server {self.server}")
         share = self.user_share(link)
-        if self.users.get(app.uid, 0) >= share:
-            raise BackendError(f"this user has {share} streams, its share of the guest's",
-                               limit=f"streams_per_user={share}")
-        if self.free_streams(link) < 1:
+        over_share = self.users.get(app.uid, 0) >= share
+        if self.free_streams(link) < 1 and not over_share:
             self.pool.make_room()
-        if self.free_streams(link) < 1:
+        if self.free_streams(link) < 1:       # the guest's limit first: it is the one hit
             limit = link.server_hello.max_streams
             raise BackendError(f"the guest has all its {limit} streams open",
                                limit=f"{STREAM_LIMIT}={limit}")
+        if over_share:
+            raise BackendError(f"this user has {share} streams, its share of the guest's",
+                               limit=f"streams_per_user={share}")
         _log_stream(app, link)
         stream = LinkStream(self, link, app)
         self.own(stream, app.uid)
         return stream
 
     def user_share(self, link: Link) -> int:
-        """How many streams one local user may hold: ``streams_per_user``, or three
-        quarters of the guest's (the rest stays for other users)."""
+        """How many streams one local user may hold: ``streams_per_user``, or all of the
+        guest's but a quarter (rounded down) kept for other users: 150 of 200, 3 of 4,
+        and both of 2 (a guest that small is one user's)."""
         if self.streams_per_user is not None:
             return self.streams_per_user
         limit = link.server_hello.max_streams
-        return max(1, limit * 3 // 4) if limit else 1 << 30
+        return limit - limit // 4 if limit else 1 << 30
 
     def own(self, stream: LinkStream, uid) -> None:
         """``stream`` is held by local user ``uid`` (None: by nobody, the pool)."""

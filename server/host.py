@@ -32,14 +32,15 @@ class Server:
     def identity(self, ssl_object) -> str:
         return tls.peer_identity(ssl_object)
 
-    def admit(self, session: GuestSession) -> str | None:
-        """None: the session is admitted; else the limit that refuses it."""
+    def admit(self, session: GuestSession) -> tuple[str, str] | None:
+        """None: the session is admitted; else why not and the limit that refuses it."""
         if len(self.sessions) >= self.limits.max_guests:
-            return f"too many guests connected (max_guests={self.limits.max_guests})"
+            limit = f"max_guests={self.limits.max_guests}"
+            return f"too many guests connected ({limit})", limit
         same = self.by_guest.setdefault(session.guest, set())
         if len(same) >= self.limits.sessions_per_guest:
-            return (f"too many sessions with this certificate "
-                    f"(sessions_per_guest={self.limits.sessions_per_guest})")
+            limit = f"sessions_per_guest={self.limits.sessions_per_guest}"
+            return f"too many sessions with this certificate ({limit})", limit
         same.add(session)
         self.sessions.add(session)
         return None

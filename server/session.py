@@ -143,7 +143,7 @@ class GuestSession(asyncio.Protocol):
             return self.fail("guest not allowed by policy", Reason.POLICY)
         refused = self.server.admit(self)
         if refused:
-            return self.fail(refused, Reason.LIMIT)
+            return self.fail(refused[0], Reason.LIMIT, limit=refused[1])
         transport.set_write_buffer_limits(self.limits.write_buffer)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.keepalive.period, self._keepalive)
@@ -153,11 +153,13 @@ class GuestSession(asyncio.Protocol):
         if not self.ready and not self.closed:
             self.fail("no HELLO within the handshake timeout", Reason.TIMEOUT)
 
-    def fail(self, reason: str, code: int = Reason.PROTOCOL_ERROR):
+    def fail(self, reason: str, code: int = Reason.PROTOCOL_ERROR, limit: str | None = None):
         """End the connection: GOAWAY with ``code`` and ``reason`` (when the peer speaks
-        the wire protocol), then close. Before HELLO this is a refusal."""
-        log.warning("guest.refused" if not self.ready else "guest.dropped",
-                    guest=self.guest, peer=self.peer, reason=reason)
+        the wire protocol), then close. Before HELLO this is a refusal. A guest can have
+        this happen again and again (reconnecting): logged through the server's Repeats."""
+        event = "guest.refused" if not self.ready else "guest.dropped"
+        self.server.refusals(log.warning, event, (event, self.guest, reason),
+                             guest=self.guest, peer=self.peer, reason=reason, limit=limit)
         if self.transport is None or self.closed:
             return
         if self.conn is None:
