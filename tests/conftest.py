@@ -82,3 +82,15 @@ def target(request, targets):
 def pcscd(targets):
     """The host pcscd's vpcd test cards (TestCard per reader), pcscd running."""
     return targets.get("pcscd").cards
+
+
+@pytest.fixture
+def shared_dir():
+    """A fresh directory other local users can reach (pytest's own are 0700): for a
+    test whose second local user (setpriv --reuid=65534) uses the agent's socket."""
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="pcsc-bridge-shared-")
+    os.chmod(path, 0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -49,6 +49,7 @@ WORKER_START_S = 30.0  # a chroot's Python may start slowly
 CALL_TIMEOUT_S = 20.0
 CARD_WAIT_S = 10.0
 SCARD_STATE_PRESENT = 0x20
+SCARD_E_NO_SERVICE, SCARD_E_INVALID_HANDLE = 0x8010001D, 0x80100003
 
 
 class WorkerError(RuntimeError):
@@ -263,18 +264,27 @@ class Target:
 
     def seen(self) -> list[bool]:
         """Which readers an application sees a card in, right now."""
-        if self._observer is None or self._observer.proc.poll() is not None:
-            self._observer = App(self.socket)
-            r = self._observer.establish()
-            if r.rv:
+        for attempt in (1, 2):
+            if self._observer is None or self._observer.proc.poll() is not None:
+                self._observer = App(self.socket)
+                r = self._observer.establish()
+                if r.rv:
+                    self._observer.close()
+                    self._observer = None
+                    raise WorkerError(f"{self.name}: SCardEstablishContext gave {r.rv:#010x}")
+                self._observer_ctx = r.context
+            r = self._observer.get_status_change(
+                self._observer_ctx, 0, [{"reader": n, "state": 0} for n in self.readers])
+            if r.rv in (SCARD_E_NO_SERVICE, SCARD_E_INVALID_HANDLE) and attempt == 1:
+                # the service was restarted under this context (tests/test_faults.py
+                # kills pcscd): a new one, as an application would
+                self._observer.close()
                 self._observer = None
-                raise WorkerError(f"{self.name}: SCardEstablishContext gave {r.rv:#010x}")
-            self._observer_ctx = r.context
-        r = self._observer.get_status_change(
-            self._observer_ctx, 0, [{"reader": n, "state": 0} for n in self.readers])
-        if r.rv:
-            raise WorkerError(f"{self.name}: SCardGetStatusChange gave {r.rv:#010x}")
-        return [bool(x["state"] & SCARD_STATE_PRESENT) for x in r.readers]
+                continue
+            if r.rv:
+                raise WorkerError(f"{self.name}: SCardGetStatusChange gave {r.rv:#010x}")
+            return [bool(x["state"] & SCARD_STATE_PRESENT) for x in r.readers]
+        raise AssertionError("unreachable")
 
     def wait_cards(self, present: list[bool], timeout: float = CARD_WAIT_S) -> None:
         deadline = time.monotonic() + timeout

@@ -259,12 +259,15 @@ class Attacker:
     """This file run as a script: ``mode`` is one of _MODES; its JSON progress lines
     (bytes sent, time of the last byte taken, whether the peer cut it off) are kept."""
 
-    def __init__(self, mode: str, cfg: dict, log_path: str):
+    def __init__(self, mode: str, cfg: dict, log_path: str, script: str = __file__,
+                 prefix: tuple[str, ...] = ()):
+        """``script``: the file whose ``__main__`` runs the attacker (this one, or one that
+        adds modes); ``prefix``: runs it as another user (setpriv ...)."""
         self.mode = mode
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), mode, json.dumps(cfg)],
+            [*prefix, sys.executable, str(Path(script).resolve()), mode, json.dumps(cfg)],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
             text=True, start_new_session=True)
         self.state: dict = {}
@@ -325,11 +328,12 @@ def _child(mode: str, cfg: dict) -> int:
     closes or cfg["max_s"] passes."""
     stop = threading.Event()
     state = {"sent": 0, "sends": 0, "last": time.monotonic(), "closed": None, "ready": False}
+    info: dict = {}                       # what the mode reports, kept up to date by it
     out_lock = threading.Lock()
 
     def report():
         with out_lock:
-            sys.stdout.write(json.dumps(state) + "\n")
+            sys.stdout.write(json.dumps({**state, **info}) + "\n")
             sys.stdout.flush()
 
     def watch_stdin():
@@ -346,7 +350,7 @@ def _child(mode: str, cfg: dict) -> int:
         state["error"] = f"{type(exc).__name__}: {exc}"
         report()
         return 1
-    state.update(info, ready=True, last=time.monotonic())
+    state.update(ready=True, last=time.monotonic())
     report()
 
     def reporter():

@@ -1,0 +1,201 @@
+"""Fuzz targets: every parser of pcsc-bridge that takes input from outside.
+
+Each target is a function of one ``bytes`` input that must never raise anything but the
+error its parser promises for bad input (which is caught here), never hang, and never
+keep more than a bounded amount of memory. ``fuzz/run`` drives them, coverage-guided with
+atheris where it is installed, with hypothesis otherwise.
+
+  pcsc-app-4:4 / 4:5 / 4:6   an application's bytes on the agent's socket (AppState, the
+                             RequestReader behind it), after CMD_VERSION in that dialect
+  pcsc-pcscd-4:4 / 4:5 / 4:6 pcscd's replies as the server reads them (ReplyReader), for
+                             requests the input itself picks
+  wire-server / wire-client  bridge frames as the server (from a guest) and the agent
+                             (from the server) read them, after the peer's HELLO
+  config-server / config-client   a configuration file
+  control                    a line on the virtual backend's control socket
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import tempfile
+
+from pcsc_bridge import config, pcsc, wire
+from pcsc_bridge.appstate import AppState
+from pcsc_bridge.backend import ReaderModel
+from pcsc_bridge.card import Card
+
+MAX_OUTPUT = 1 << 22          # what a target may be made to produce for one input
+
+
+class _Shell:
+    """An AppShell that checks what the state machine asks for."""
+
+    def __init__(self):
+        self.sent = 0
+        self.pending = 0
+
+    def send(self, data):
+        self.sent += len(data)
+        assert self.sent <= MAX_OUTPUT, "unbounded output"
+
+    def submit(self, msg, reply, ready):
+        assert self.pending == 0, "two card calls at once"
+        assert type(msg) in _CARD_CALLS, msg
+        self.pending += 1
+
+    def wake_other(self, target):
+        pass
+
+    def close(self, reason, limit):
+        pass
+
+    def finish(self, context):
+        pass
+
+    def note(self, event, fields):
+        pass
+
+
+_CARD_CALLS = {pcsc.EstablishContext, pcsc.ReleaseContext, pcsc.Connect, pcsc.Reconnect,
+               pcsc.Disconnect, pcsc.BeginTransaction, pcsc.EndTransaction, pcsc.Transmit,
+               pcsc.Control, pcsc.Status, pcsc.GetAttrib, pcsc.SetAttrib}
+_MODEL = ReaderModel([pcsc.ReaderState("Reader 0", 1, pcsc.SCARD_PRESENT, 0, b"\x3b\x00", 2),
+                      pcsc.ReaderState("Reader 1", 1, pcsc.SCARD_ABSENT)])
+
+
+def app_target(minor: int):
+    version = pcsc.encode_request(pcsc.Version(4, minor))
+
+    def target(data: bytes) -> None:
+        shell = _Shell()
+        state = AppState(_MODEL, {}, shell, shell, pool=bool(data[:1]) and data[0] & 1)
+        state.receive(version)
+        # the input in a few chunks (its first byte says where to cut), answers between
+        cut = data[0] if data else 0
+        for chunk in (data[1:1 + cut], data[1 + cut:]):
+            state.receive(chunk)
+            while shell.pending and not state.closed:
+                shell.pending = 0
+                msg = state.pending
+                state.answered(msg.with_rv(0) if type(msg) is not pcsc.Transmit
+                               else msg.with_rv(0, pcbRecvLength=0, data=b""))
+        state.changed()
+        state.cancelled()
+        state.disconnected()
+    return target
+
+
+# requests pcscd's socket is asked, for the reply reader
+_ASKED = [pcsc.Version(4, 4), pcsc.EstablishContext(0), pcsc.Connect(1, "R", 2, 3),
+          pcsc.Transmit(1, 2, 8, 0, 2, 8, 300), pcsc.Control(1, 0x42000D48, 0, 300),
+          pcsc.Status(1), pcsc.GetAttrib(1, 0x90303, b"", 264), pcsc.GetReadersState(),
+          pcsc.WaitReaderStateChange(), pcsc.StopWaitingReaderStateChange(),
+          pcsc.GetReaderEvents(), pcsc.GetReadersStateSize(), pcsc.GetReadersStateArray(),
+          pcsc.Cancel(1), pcsc.Reconnect(1, 2, 3, 0)]
+
+
+def pcscd_target(minor: int):
+    def target(data: bytes) -> None:
+        reader = pcsc.ReplyReader(minor, pcsc.NATIVE)
+        n = data[0] % 4 + 1 if data else 1
+        for b in data[1:1 + n]:                   # what was asked: picked by the input
+            reader.expect(_ASKED[b % len(_ASKED)])
+        rest = data[1 + n:]
+        try:
+            for i in range(0, len(rest), 97):     # in pieces, as reads come
+                reader.feed(rest[i:i + 97])
+                assert reader.buffered <= len(rest)
+        except pcsc.ProtocolError:
+            pass
+    return target
+
+
+def wire_target(role: str):
+    peer = wire.Connection("client" if role == "server" else "server")
+    hello = peer.send(wire.Hello(software="fuzz"))
+    prefix = hello + (peer.send(wire.Open(1)) + peer.call(1, b"\0" * 8)
+                      if role == "server" else b"")
+
+    def target(data: bytes) -> None:
+        conn = wire.Connection(role)
+        try:
+            conn.receive_data(prefix)
+            for i in range(0, len(data), 61):
+                conn.receive_data(data[i:i + 61])
+                assert conn.buffered < conn.max_frame
+        except wire.WireError:
+            pass
+        conn.receive_one(data)                     # the per-call shortcut: any input
+    return target
+
+
+def config_target(section: str):
+    load = config.load_server_config if section == "server" else config.load_client_config
+    fd, path = tempfile.mkstemp(suffix=".yaml")
+    os.close(fd)
+
+    def target(data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            load(path)
+        except config.ConfigError:
+            pass
+    return target
+
+
+def control_target():
+    from pcsc_bridge.server.control import ControlServer
+    from pcsc_bridge.server.virtual import VirtualBackend
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    async def lines(data: bytes) -> None:     # as the server runs them: on its loop
+        backend = VirtualBackend([("Reader 0", Card()), ("Reader 1", None)])
+        server = ControlServer(backend, "/nonexistent")
+        for line in data.split(b"\n")[:8]:
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            answer = server.execute(text)
+            assert answer.startswith(("ok ", "error: ")), answer
+            assert len(backend.readers) <= 256
+            await asyncio.sleep(0)            # what the command set off runs
+
+    def target(data: bytes) -> None:
+        loop.run_until_complete(lines(data))
+    return target
+
+
+TARGETS = {
+    **{f"pcsc-app-4:{m}": (lambda m=m: app_target(m)) for m in (4, 5, 6)},
+    **{f"pcsc-pcscd-4:{m}": (lambda m=m: pcscd_target(m)) for m in (4, 5, 6)},
+    "wire-server": lambda: wire_target("server"),
+    "wire-client": lambda: wire_target("client"),
+    "config-server": lambda: config_target("server"),
+    "config-client": lambda: config_target("client"),
+    "control": control_target,
+}
+
+# inputs that start a target off somewhere meaningful (the corpus seeds)
+SEEDS = {
+    "pcsc-app": [bytes([8]) + pcsc.encode_request(m) for m in (
+        pcsc.GetReadersState(), pcsc.EstablishContext(0), pcsc.WaitReaderStateChange(),
+        pcsc.Transmit(1, 2, 8, 2, 2, 8, 258, 0, b"\x00\xa4"), pcsc.Cancel(1),
+        pcsc.GetReadersStateSize(), pcsc.ReleaseContext(1))],
+    "pcsc-pcscd": [bytes([0, 3]) + pcsc.Transmit(1, 2, 8, 0, 2, 8, 2, 0, b"\x90\x00").pack()
+                   + b"\x90\x00", bytes([0, 1]) + pcsc.EstablishContext(0, 5, 0).pack()],
+    "wire": [wire.encode_frame(wire.FrameType.PING, 0, struct.pack("<Q", 1)),
+             wire.encode_frame(wire.FrameType.CALL, 1, pcsc.encode_request(pcsc.Status(1)))],
+    "config": [b"server:\n  cert: a\n  key: b\n  ca: c\n  listen: [\"[::1]:8443\"]\n",
+               b"client:\n  server: host:8443\n  cert: a\n  key: b\n  ca: c\n"],
+    "control": [b"list\ninsert 0 3B00\nadd-reader 'X Y' card\nremove-reader 1\n"],
+}
+
+
+def seeds(name: str) -> list[bytes]:
+    return next((v for k, v in SEEDS.items() if name.startswith(k)), [b""])
