@@ -55,13 +55,19 @@ def test_one_certificate_cannot_take_every_guest_slot(pcscd, tmp_path):
         b.stop()
 
 
+def _guest(b, software):
+    """A guest that said HELLO and heard the server's."""
+    c = WireClient(b)
+    c.send(wire.Hello(software=software))
+    c.next(wire.Hello)
+    return c
+
+
 def test_a_guest_that_trickles_a_frame_is_cut_off(pcscd, tmp_path):
     b = Bridge(str(tmp_path))
     try:
         b.start_server()
-        c = WireClient(b)
-        c.send(wire.Hello(software="trickle"))
-        c.next(wire.Hello)
+        c = _guest(b, "trickle")
         frame = wire.encode_frame(wire.FrameType.OPEN, 1, struct.pack("<HHII", 4, 4, 0, 0))
         started = time.monotonic()
         cut = None
@@ -93,9 +99,7 @@ def test_refusals_a_guest_repeats_are_logged_once_with_a_count(pcscd, tmp_path):
     b = Bridge(str(tmp_path))
     try:
         b.start_server()
-        c = WireClient(b)
-        c.send(wire.Hello(software="noisy"))
-        c.next(wire.Hello)
+        c = _guest(b, "noisy")
         opens = b"".join(wire.encode_frame(wire.FrameType.OPEN, 2 * i + 1,
                                            struct.pack("<HHII", 9, 9, 0, 0))
                          for i in range(5000))   # a dialect nobody serves: REFUSED each
