@@ -4,7 +4,8 @@
 or 4:6, from CMD_VERSION); the requests answered here from the reader model, in that
 dialect (CMD_VERSION, the reader-state array, CMD_WAIT_READER_STATE_CHANGE and its
 wake-up, CMD_STOP_WAITING_READER_STATE_CHANGE, CMD_GET_READER_EVENTS, the 4:6 SIZE/ARRAY
-pair, SCARD_CANCEL); the card calls handed to the backend, one at a time and in order; the
+pair, SCARD_CANCEL); the card calls handed to the backend, in order (one at a time, or
+pipelined when the backend stream takes several: ``depth``); the
 contexts and card handles the application holds; and the shortcuts that answer a call
 before the backend has (docs/wire-protocol.md, "Shortcuts"). Nothing else reaches a
 backend, so backends never see a dialect.
@@ -31,6 +32,7 @@ so the shell stops reading the socket: what an application sends costs bounded m
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, ClassVar, Protocol
 
 from .backend import ReaderModel
@@ -40,13 +42,18 @@ from .pcsc import (
     SCARD_E_CANCELLED,
     SCARD_E_INVALID_HANDLE,
     SCARD_E_SERVICE_STOPPED,
+    SCARD_E_SHARING_VIOLATION,
+    SCARD_LEAVE_CARD,
+    SCARD_PRESENT,
     SCARD_SCOPE_GLOBAL,
     SCARD_SCOPE_SYSTEM,
     SCARD_SCOPE_TERMINAL,
     SCARD_SCOPE_USER,
+    BeginTransaction,
     Cancel,
     Connect,
     Disconnect,
+    EndTransaction,
     EstablishContext,
     GetReaderEvents,
     GetReadersState,
@@ -56,6 +63,7 @@ from .pcsc import (
     ProtocolError,
     ReaderEvents,
     ReadersStateSize,
+    Reconnect,
     ReleaseContext,
     RequestReader,
     StopWaitingReaderStateChange,
@@ -65,13 +73,22 @@ from .pcsc import (
     encode_reply,
     rv_name,
 )
+from .wire import CALL_EARLY, CALL_IF
 
 NEWEST_MINOR = 6
 DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 (1.8.24–2.2), 4:5 (2.3–2.4), 4:6 (2.5–)
 ESTABLISH_SCOPES = frozenset({SCARD_SCOPE_USER, SCARD_SCOPE_TERMINAL, SCARD_SCOPE_SYSTEM,
                               SCARD_SCOPE_GLOBAL})   # what pcscd accepts
 # the card calls whose success changes the application's contexts or card handles
-_ACCOUNTED = frozenset({EstablishContext, ReleaseContext, Connect, Disconnect})
+_ACCOUNTED = frozenset({EstablishContext, ReleaseContext, Connect, Reconnect, Disconnect,
+                        BeginTransaction, EndTransaction})
+# requests answered from the reader model: they wait for a Disconnect sent behind
+_STATE_READS = frozenset({GetReadersState, WaitReaderStateChange, GetReadersStateSize,
+                          GetReadersStateArray, GetReaderEvents})
+# what a call with the backend is to the application (``AppState.inflight``)
+OWED = 0      # its answer is owed: the application waits for it
+BEHIND = 1    # answered already; only a failure is news (a log line)
+AHEAD = 2     # a BeginTransaction answered already, sent ahead of the handle's calls
 
 
 def negotiate(major: int, minor: int) -> tuple[Version, int | None]:
@@ -88,12 +105,14 @@ class AppShell(Protocol):
     def send(self, data: bytes) -> None:
         """Write ``data`` to the application."""
 
-    def submit(self, msg: Message, reply: bool, ready: bool) -> None:
+    def submit(self, msg: Message, reply: bool, ready: bool, flags: int = 0) -> None:
         """Hand the card call ``msg`` to the application's backend stream; ``answered``
-        follows. ``reply`` False: the application has had its answer already (a release
-        sent behind it). ``ready``: an SCardEstablishContext that may be answered from a
-        context established ahead (ContextPool.take) if there is no stream yet; the shell
-        then calls ``answered`` with that context."""
+        follows, once per call, in order. ``reply`` False: the application has had its
+        answer already (a call sent behind or ahead of it). ``ready``: an
+        SCardEstablishContext that may be answered from a context established ahead
+        (ContextPool.take) if there is no stream yet; the shell then calls ``answered``
+        with that context. ``flags``: the wire's CALL_IF, CALL_EARLY (only when
+        the shell set ``depth`` above 1: BackendStream.pipeline)."""
 
     def wake_other(self, target: Any) -> None:
         """SCARD_CANCEL named ``target``'s context: call ``target``'s ``cancelled()``."""
@@ -126,8 +145,14 @@ class AppState:
         self.pool = pool
         self.reader = RequestReader(NATIVE)
         self.request: Message | None = None   # read, not yet handled (busy or paused)
-        self.pending: Message | None = None    # the card call with the backend
-        self.pending_reply = True              # ... and whether its answer is owed
+        self.pending: Message | None = None    # the card call whose answer is owed
+        self.inflight: deque = deque()  # (msg, OWED/BEHIND/AHEAD, guarded) with the backend
+        self.depth = 1          # calls the backend stream takes at once (set by the shell)
+        self.ahead: set[int] = set()   # hCards whose Begin, answered, is with the backend
+        self.lock_failed: dict[int, int] = {}   # hCard -> how a Begin sent ahead failed
+        self.locks: dict[int, int] = {}   # hCard -> transactions begun, not ended
+        self.card_readers: dict[int, tuple[str, int]] = {}   # hCard -> reader, counter
+        self.moved = 0          # Disconnects sent behind, not done: reader states wait
         self.paused = False                    # the application does not read
         self.dialect: int | None = None        # set by CMD_VERSION
         self.waiting = False       # registered for a wake-up (WAIT sent, not answered)
@@ -173,22 +198,32 @@ class AppState:
                         return
                     if msg is None:
                         return
-                if self.pending is not None or self.paused or self.closed:
+                kind = type(msg)
+                if self.pending is not None or self.paused or self.closed \
+                        or (self.inflight and self.depth == 1) \
+                        or (self.moved and kind in _STATE_READS) \
+                        or len(self.inflight) + 2 > self.depth > 1:
                     self.request = msg
                     return
                 self.request = None
-                kind = type(msg)
                 handler = local.get(kind)
                 if handler is not None:
                     handler(self, msg)
-                elif kind is ReleaseContext or kind is EstablishContext:
+                elif kind is ReleaseContext or kind is EstablishContext \
+                        or self.depth > 1:
                     self._card_call(msg)
                 else:                 # any other card call: to the backend, in order
                     self.hold_wakeup = 0
                     self.pending = msg
+                    self.inflight.append((msg, OWED, False))
                     self.shell.submit(msg, True, False)
         finally:
             self._running = False
+
+    @property
+    def current(self) -> Message | None:
+        """The oldest call with the backend."""
+        return self.inflight[0][0] if self.inflight else None
 
     def pause(self) -> None:
         self.paused = True
@@ -201,16 +236,32 @@ class AppState:
                  limit: str | None = None) -> None:
         """The backend's answer to the pending card call: ``reply``, or None and the error
         ``rv`` the application gets; or None and the ``limit`` that refused the call."""
-        msg, self.pending = self.pending, None
-        if msg is None or self.closed:
+        if not self.inflight or self.closed:
             return
-        if not self.pending_reply:    # answered already: only its failure is news
-            self.pending_reply = True
-            if reply is None or reply.rv:
-                self.shell.note("app.release_failed", {
-                    "context": msg.hContext,
-                    "error": rv_name(rv if reply is None else reply.rv)})
-        elif limit is not None:
+        msg, role, guarded = self.inflight.popleft()
+        failed = rv if reply is None else reply.rv
+        if role == BEHIND or role == AHEAD:
+            if type(msg) is Disconnect:
+                self.moved -= 1
+            if limit is not None:
+                self.closed = True
+                self.shell.close(f"{type(msg).__name__} refused at a limit", limit)
+            elif role == AHEAD:
+                self._ahead_answered(msg, failed)
+            elif failed and not (guarded and failed == SCARD_E_SHARING_VIOLATION):
+                self.shell.note("app.behind_failed", {       # pcscd would have said so
+                    "call": type(msg).__name__, "error": rv_name(failed)})
+            if self.request is not None or self.reader.buffered:
+                self.run()
+            return
+        self.pending = None
+        if guarded and failed == SCARD_E_SHARING_VIOLATION and msg.hCard in self.ahead:
+            # not run: the Begin before it met someone else's transaction and is asked
+            # again (``_ahead_answered``); this call goes behind that one
+            self.pending = msg
+            self._submit(msg, OWED, CALL_IF)
+            return
+        if limit is not None:
             self.closed = True
             self.shell.close(f"{type(msg).__name__} refused at a limit", limit)
             return
@@ -246,11 +297,116 @@ class AppState:
     def _card_call(self, msg: Message) -> None:
         self.hold_wakeup = 0
         kind = type(msg)
-        if kind is ReleaseContext and self._release_early(msg):
-            return
+        if kind is ReleaseContext:
+            if self._release_early(msg):
+                return
+        elif self.depth > 1:
+            h = getattr(msg, "hCard", None)
+            if h in self.cards:
+                if self._pipelined(msg, h):
+                    return
+                if h in self.lock_failed:       # the Begin sent ahead failed: pcscd's
+                    self._reply(msg.failed(self.lock_failed.pop(h)))   # answer is this
+                    return
+                if h in self.ahead:    # the lock and this call share one round trip
+                    self.pending = msg
+                    self._submit(msg, OWED, CALL_IF)
+                    return
         self.pending = msg
+        self.inflight.append((msg, OWED, False))
         self.shell.submit(msg, True, kind is EstablishContext
                           and msg.dwScope in ESTABLISH_SCOPES)
+
+    def _submit(self, msg: Message, role: int, flags: int = 0) -> None:
+        """To the backend; answered already (AHEAD, BEHIND) is CALL_EARLY but for a
+        context released with nothing on it, which no one else could notice."""
+        if role != OWED and type(msg) is not ReleaseContext:
+            flags |= CALL_EARLY
+        self.inflight.append((msg, role, flags & CALL_IF))
+        if flags:
+            self.shell.submit(msg, role == OWED, False, flags)
+        else:
+            self.shell.submit(msg, role == OWED, False)
+
+    def _pipelined(self, msg: Message, h: int) -> bool:
+        """The shortcuts of a pipelining backend stream, for a card handle of this
+        application (docs/wire-protocol.md): SCardBeginTransaction answered at once
+        while the card is in its reader, and sent at once, the handle's next call run
+        only if it took the lock (CALL_IF); SCardEndTransaction of a transaction it
+        began and SCardDisconnect, both with SCARD_LEAVE_CARD, answered at once and sent
+        behind. True when ``msg`` was answered here."""
+        kind = type(msg)
+        if kind is BeginTransaction:
+            if not self._card_unchanged(h):
+                return False          # removed or replaced: pcscd's answer says so
+            self._lock(h, 1)
+            self._reply(msg.with_rv(0))
+            self.ahead.add(h)
+            self._submit(msg, AHEAD)
+            return True
+        if kind is EndTransaction and msg.dwDisposition == SCARD_LEAVE_CARD \
+                and self.locks.get(h):    # else pcscd's answer (NOT_TRANSACTED) counts
+            self._lock(h, -1)
+            self._reply(msg.with_rv(0))
+            # while its Begin is still out, the end runs only if that took the lock
+            self._submit(msg, BEHIND, CALL_IF if h in self.ahead else 0)
+            return True
+        if kind is Disconnect and msg.dwDisposition == SCARD_LEAVE_CARD:
+            self._forget_card(h)
+            self._reply(msg.with_rv(0))
+            self.moved += 1
+            self._submit(msg, BEHIND)
+            return True
+        return False
+
+    def _ahead_answered(self, msg: BeginTransaction, rv: int | None) -> None:
+        """A Begin sent ahead is done: taken; someone else's transaction (pcscd answers
+        SHARING_VIOLATION after PCSCLITE_LOCK_POLL_RATE): asked again, as pcsc-lite's
+        client asks, unless the application has ended that transaction or left the card
+        meanwhile; or failed otherwise: the handle's next call gets that error."""
+        h = msg.hCard
+        if h not in self.ahead:
+            return
+        if rv == SCARD_E_SHARING_VIOLATION and self.locks.get(h) and h in self.cards:
+            self._submit(msg, AHEAD)
+            return
+        self.ahead.discard(h)
+        if rv:
+            self._lock(h, -1)
+            guarded = any(g and m.hCard == h for m, _r, g in self.inflight)
+            if not guarded and h in self.cards and rv != SCARD_E_SHARING_VIOLATION:
+                self.lock_failed[h] = rv      # no call of the handle carries it: the next
+
+    def _card_unchanged(self, h: int) -> bool:
+        """The handle's card is still in its reader, as when it was connected."""
+        name, counter = self.card_readers.get(h, ("", -1))
+        for st in self.model.states:
+            if st.readerName == name:
+                return st.eventCounter == counter and bool(st.readerState & SCARD_PRESENT)
+        return False
+
+    def _lock(self, h: int, n: int) -> None:
+        held = self.locks.get(h, 0) + n
+        if held > 0:
+            self.locks[h] = held
+        else:
+            self.locks.pop(h, None)
+
+    def _remember_reader(self, h: int, name: str | None) -> None:
+        """The card as the handle connected to it (Connect, Reconnect): its reader and
+        that reader's event counter now."""
+        if name is None:
+            name = self.card_readers.get(h, ("", 0))[0]
+        counter = next((st.eventCounter for st in self.model.states
+                        if st.readerName == name), -1)
+        self.card_readers[h] = (name, counter)
+
+    def _forget_card(self, h: int) -> None:
+        self.cards.pop(h, None)
+        self.locks.pop(h, None)
+        self.ahead.discard(h)
+        self.lock_failed.pop(h, None)
+        self.card_readers.pop(h, None)
 
     def _release_early(self, msg: ReleaseContext) -> bool:
         """SCardReleaseContext answered at once when nothing else can notice when it takes
@@ -271,8 +427,7 @@ class AppState:
         if self.kept is None and self.pool:
             self.kept = h
         else:
-            self.pending, self.pending_reply = msg, False
-            self.shell.submit(msg, False, False)
+            self._submit(msg, BEHIND)
         return True
 
     def _account(self, msg: Message, reply: Message) -> None:
@@ -284,11 +439,19 @@ class AppState:
         elif kind is ReleaseContext:
             self.contexts.discard(msg.hContext)
             self.registry.pop(msg.hContext, None)
-            self.cards = {c: x for c, x in self.cards.items() if x != msg.hContext}
+            for c in [c for c, x in self.cards.items() if x == msg.hContext]:
+                self._forget_card(c)
         elif kind is Connect:
             self.cards[reply.hCard] = msg.hContext
+            self._remember_reader(reply.hCard, msg.szReader)
+        elif kind is Reconnect:
+            self._remember_reader(msg.hCard, None)
         elif kind is Disconnect:
-            self.cards.pop(msg.hCard, None)
+            self._forget_card(msg.hCard)
+        elif kind is BeginTransaction:
+            self._lock(msg.hCard, 1)
+        elif kind is EndTransaction:
+            self._lock(msg.hCard, -1)
 
     # --- requests answered here -----------------------------------------------------------
     def _reply(self, msg) -> None:

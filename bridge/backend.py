@@ -116,7 +116,8 @@ Done = Callable[[Message | None, BackendError | None], None]
 
 
 class BackendStream:
-    """One application's card calls on a backend, one at a time, in order.
+    """One application's card calls on a backend, in order (one at a time unless the
+    stream says otherwise: ``pipeline``).
 
     ``submit(msg, done)`` starts a call; ``done(reply, error)`` runs later, from the event
     loop, with the reply message or a BackendError (any other exception is a bug in the
@@ -125,8 +126,16 @@ class BackendStream:
     belong to it and end with it (``close``), as pcscd ends a closed socket's.
     """
 
+    pipeline = 1   # calls that may be submitted before the first is done (see below)
+
     def submit(self, msg: Message, done: Done) -> None:
         raise NotImplementedError
+
+    # A stream whose ``pipeline`` is above 1 (the agent's, on wire revision 2) takes up
+    # to that many calls at once, runs them in order and answers each in that order; its
+    # ``submit(msg, done, flags)`` takes the wire's CALL_EX flags: CALL_IF runs ``msg``
+    # only if the call before it succeeded, and otherwise answers it with that call's
+    # failure (``msg.failed(rv)``); CALL_EARLY says the application has had its answer.
 
     def watch(self, lost: Callable[[], None]) -> None:
         """Have ``lost()`` called if the backend ends this stream between calls (pcscd

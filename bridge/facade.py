@@ -200,22 +200,29 @@ class AppSession(asyncio.Protocol):
                             limit=limit)
         self.transport.close()
 
-    def submit(self, msg: Message, reply: bool, ready: bool) -> None:
+    def submit(self, msg: Message, reply: bool, ready: bool, flags: int = 0) -> None:
         stream = self.stream
         if stream is None:
             self.info.dialect = self.state.dialect
             pool = self.facade.pool
             taken = pool.take(self.info) if ready and pool is not None else None
             if taken is not None:
-                self.stream, h = taken
-                self._answered(EstablishContext(msg.dwScope, h, 0), None)
+                self._attach(taken[0])
+                self._answered(EstablishContext(msg.dwScope, taken[1], 0), None)
                 return
             asyncio.get_running_loop().create_task(self._open_then_submit(msg))
             return
         try:
-            stream.submit(msg, self._answered)
+            if flags:
+                stream.submit(msg, self._answered, flags)
+            else:
+                stream.submit(msg, self._answered)
         except BackendError as exc:
             self._answered(None, exc)
+
+    def _attach(self, stream: BackendStream) -> None:
+        self.stream = stream
+        self.state.depth = stream.pipeline
 
     def finish(self, context: int | None) -> None:
         stream, self.stream = self.stream, None
@@ -239,7 +246,7 @@ class AppSession(asyncio.Protocol):
         if self.state.closed:
             await _close_stream(stream, self.info)
             return
-        self.stream = stream
+        self._attach(stream)
         try:
             stream.submit(msg, self._answered)
         except BackendError as exc:
@@ -253,7 +260,7 @@ class AppSession(asyncio.Protocol):
             elif isinstance(error, BackendError):
                 if error.limit is None:
                     log.info("app.call_failed", app=self.info.id,
-                             call=type(state.pending).__name__, error=str(error))
+                             call=type(state.current).__name__, error=str(error))
                 state.answered(None, error.rv, error.limit)
             else:
                 raise error

@@ -28,7 +28,12 @@ from typing import Any
 from .pcsc import READER_STATE_SIZE
 
 ALPN = "pcsc-bridge/1"
-WIRE_VERSION = 1                  # the revision inside ALPN pcsc-bridge/1 this code speaks
+WIRE_VERSION = 2                  # the revision inside ALPN pcsc-bridge/1 this code speaks
+PIPELINE = 8                      # revision 2: calls outstanding per stream (1 in revision 1)
+CALL_IF = 1       # CALL_EX flag: run it only if the stream's previous call succeeded
+CALL_EARLY = 2    # CALL_EX flag: the application has had its answer; the guest's later
+                  # calls on the same reader run after it
+CALL_FLAGS = CALL_IF | CALL_EARLY
 DEFAULT_MAX_FRAME = 131072        # whole frame, length field included
 MIN_MAX_FRAME = 66560             # 65 KiB: every peer accepts this (largest pcsc-lite msg 65,588)
 MAX_MAX_FRAME = 1 << 24
@@ -61,6 +66,7 @@ class FrameType(IntEnum):
     GOAWAY = 9    # both, stream 0: no new streams, closing soon
     REFUSED = 10  # server → client: negative answer to OPEN
     OPENED = 11   # server → client: positive answer to OPEN
+    CALL_EX = 12  # client → server, revision 2: a CALL with flags (CALL_IF, CALL_EARLY)
 
 
 class Reason(IntEnum):
@@ -143,6 +149,7 @@ class Refused(Event):
 class Call(Event):
     stream_id: int
     payload: bytes
+    flags: int = 0        # CALL_EX: CALL_IF, CALL_EARLY
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +211,7 @@ class _Stream:
 
     def __init__(self):
         self.state = StreamState.OPENING
-        self.pending = False
+        self.pending = 0          # calls sent and not answered yet
 
 
 # who may send each type (None: both), and which types live on stream 0
@@ -213,6 +220,7 @@ _SENDER = {
     FrameType.REPLY: Role.SERVER, FrameType.CLOSE: None, FrameType.STATE: Role.SERVER,
     FrameType.PING: None, FrameType.PONG: None, FrameType.GOAWAY: None,
     FrameType.REFUSED: Role.SERVER, FrameType.OPENED: Role.SERVER,
+    FrameType.CALL_EX: Role.CLIENT,
 }
 _CONNECTION_FRAMES = frozenset({FrameType.HELLO, FrameType.STATE, FrameType.PING,
                                 FrameType.PONG, FrameType.GOAWAY})
@@ -321,7 +329,8 @@ class Connection:
         receivers = {
             FrameType.HELLO: self._on_hello, FrameType.OPEN: self._on_open,
             FrameType.OPENED: self._on_opened, FrameType.REFUSED: self._on_refused,
-            FrameType.CALL: self._on_call, FrameType.REPLY: self._on_reply,
+            FrameType.CALL: self._on_call, FrameType.CALL_EX: self._on_call_ex,
+            FrameType.REPLY: self._on_reply,
             FrameType.CLOSE: self._on_close, FrameType.STATE: self._on_state,
             FrameType.PING: self._on_ping, FrameType.PONG: self._on_pong,
             FrameType.GOAWAY: self._on_goaway,
@@ -333,6 +342,8 @@ class Connection:
         self._before_hello = {k: allowed[k] for k in (FrameType.HELLO, FrameType.GOAWAY)}
         self._after_hello = {k: h for k, h in allowed.items() if k != FrameType.HELLO}
         self._accept = self._before_hello
+        self.depth = 1           # calls outstanding per stream: PIPELINE from revision 2
+        self.own_version = WIRE_VERSION   # what our HELLO says
         self._limit = max_frame - 4          # the largest acceptable length field
         self.peer_max_frame = MIN_MAX_FRAME  # what we may send until the peer's HELLO
         self._senders = {
@@ -346,7 +357,7 @@ class Connection:
     @property
     def version(self) -> int | None:
         """The wire revision in use: the lower of both HELLOs (None before the peer's)."""
-        return min(WIRE_VERSION, self.peer_hello.version) if self.peer_hello else None
+        return min(self.own_version, self.peer_hello.version) if self.peer_hello else None
 
     @property
     def buffered(self) -> int:
@@ -365,9 +376,10 @@ class Connection:
         stream = self._streams.get(stream_id)
         return stream.state if stream else None
 
-    def call_pending(self, stream_id: int) -> bool:
+    def call_pending(self, stream_id: int) -> int:
+        """Calls sent on the stream and not answered yet."""
         stream = self._streams.get(stream_id)
-        return bool(stream and stream.pending)
+        return stream.pending if stream else 0
 
     @property
     def open_streams(self) -> int:
@@ -432,14 +444,14 @@ class Connection:
         if stream is None:
             return None
         if self.role is Role.SERVER:
-            if kind != FrameType.CALL or stream.pending:
+            if kind != FrameType.CALL or stream.pending >= self.depth:
                 return None
-            stream.pending = True
+            stream.pending += 1
         else:
             if kind != FrameType.REPLY or not stream.pending \
                     or stream.state is not StreamState.OPEN:
                 return None
-            stream.pending = False
+            stream.pending -= 1
         self.frames += 1
         return sid, data[HEAD_SIZE:]
 
@@ -484,6 +496,8 @@ class Connection:
                     raise WireError("first frame must be HELLO (or GOAWAY)")
             elif kind is FrameType.HELLO:
                 raise WireError("second HELLO")
+            elif kind not in self._accept:
+                raise WireError(f"{kind.name} is not in wire revision {self.version}")
         return length + 4
 
     def _unknown(self, sid: int, kind: int, events: list) -> None:
@@ -503,7 +517,7 @@ class Connection:
         if hello.role != self.peer_role.value:
             raise WireError(f"HELLO role {hello.role!r}, expected {self.peer_role.value!r}")
         self.peer_hello = hello
-        self._accept = self._after_hello
+        self._revision()
         if hello.max_frame:
             self.peer_max_frame = hello.max_frame
         events.append(hello)
@@ -553,16 +567,28 @@ class Connection:
         events.append(Refused(sid, _reason(_CODE.unpack_from(payload)[0]), _text(payload, 4)))
         return None
 
-    def _on_call(self, sid, payload, events):
+    def _on_call(self, sid, payload, events, kind=FrameType.CALL):
         stream = self._streams.get(sid)
         if stream is None:
-            return self._unknown(sid, FrameType.CALL, events)
-        if stream.pending:
-            return self._stream_error(sid, FrameType.CALL, Reason.PROTOCOL_ERROR,
-                                      "CALL while a call is pending", events)
-        stream.pending = True
-        events.append(Call(sid, bytes(payload)))
+            return self._unknown(sid, kind, events)
+        if stream.pending >= self.depth:
+            if self.depth == 1:
+                return self._stream_error(sid, kind, Reason.PROTOCOL_ERROR,
+                                          "CALL while a call is pending", events)
+            return self._stream_error(sid, kind, Reason.LIMIT,
+                                      f"more than {self.depth} calls pending", events)
+        flags = 0
+        if kind is FrameType.CALL_EX:
+            if not payload or payload[0] & ~CALL_FLAGS:
+                return self._stream_error(sid, kind, Reason.PROTOCOL_ERROR,
+                                          "CALL_EX without flags or with unknown ones", events)
+            flags, payload = payload[0], payload[1:]
+        stream.pending += 1
+        events.append(Call(sid, bytes(payload), flags))
         return None
+
+    def _on_call_ex(self, sid, payload, events):
+        return self._on_call(sid, payload, events, FrameType.CALL_EX)
 
     def _on_reply(self, sid, payload, events):
         stream = self._streams.get(sid)
@@ -571,7 +597,7 @@ class Connection:
         if not stream.pending or stream.state is not StreamState.OPEN:
             return self._stream_error(sid, FrameType.REPLY, Reason.PROTOCOL_ERROR,
                                       "REPLY with no call pending or before OPENED", events)
-        stream.pending = False
+        stream.pending -= 1
         events.append(Reply(sid, bytes(payload)))
         return None
 
@@ -617,7 +643,7 @@ class Connection:
         """Encode ``event`` as one frame after checking it is allowed now."""
         kind = type(event)
         if kind is Call:
-            return self.call(event.stream_id, event.payload)
+            return self.call(event.stream_id, event.payload, event.flags)
         if kind is Reply:
             return self.reply(event.stream_id, event.payload)
         sender = self._senders.get(kind)
@@ -629,15 +655,22 @@ class Connection:
             raise LocalProtocolError("HELLO must be the first frame")
         return sender(event)
 
-    def call(self, stream_id: int, payload: bytes) -> bytes:
-        """``send(Call(stream_id, payload))``, the per-call path, without making the event."""
+    def call(self, stream_id: int, payload: bytes, flags: int = 0) -> bytes:
+        """``send(Call(stream_id, payload, flags))``, the per-call path, without making
+        the event. Up to ``depth`` calls may be outstanding on a stream; ``flags`` (a
+        CALL_EX) need wire revision 2."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.pending or self.role is not Role.CLIENT:
+        if stream is None or stream.pending >= self.depth or self.role is not Role.CLIENT:
             raise LocalProtocolError(f"CALL on stream {stream_id} not allowed now")
+        if flags:
+            if self.depth == 1 or flags & ~CALL_FLAGS:
+                raise LocalProtocolError(f"CALL_EX flags {flags} need wire revision 2")
+            payload = bytes((flags,)) + payload
         if len(payload) + HEAD_SIZE > self.peer_max_frame or self.error:
             self._too_big(FrameType.CALL, payload)
-        stream.pending = True
-        return _CALL_HEAD(len(payload) + 5, FrameType.CALL, stream_id) + payload
+        stream.pending += 1
+        return _CALL_HEAD(len(payload) + 5, FrameType.CALL_EX if flags else FrameType.CALL,
+                          stream_id) + payload
 
     def reply(self, stream_id: int, payload: bytes) -> bytes:
         """``send(Reply(stream_id, payload))``, without making the event."""
@@ -648,7 +681,7 @@ class Connection:
                                      "(no call pending, or OPENED not sent)")
         if len(payload) + HEAD_SIZE > self.peer_max_frame or self.error:
             self._too_big(FrameType.REPLY, payload)
-        stream.pending = False
+        stream.pending -= 1
         return _CALL_HEAD(len(payload) + 5, FrameType.REPLY, stream_id) + payload
 
     def _too_big(self, kind: int, payload: bytes):
@@ -685,7 +718,20 @@ class Connection:
                       self.max_frame, self.max_streams, hello.keepalive, hello.extra)
         data = self._frame(FrameType.HELLO, 0, encode_hello_payload(hello))
         self.hello_sent = True
+        self.own_version = min(hello.version, WIRE_VERSION)
+        if self.peer_hello is not None:
+            self._revision()
         return data
+
+    def _revision(self) -> None:
+        """Both sides' revisions known (or the peer's, and ours by default): what the
+        peer may send, and how many calls a stream may have outstanding."""
+        self._accept = self._after_hello
+        if self.version >= 2:
+            self.depth = PIPELINE
+        else:
+            self.depth = 1
+            self._accept = {k: h for k, h in self._accept.items() if k != FrameType.CALL_EX}
 
     def _send_open(self, event: Open) -> bytes:
         sid = event.stream_id

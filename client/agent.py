@@ -77,8 +77,9 @@ class Link(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future = loop.create_future()   # the server's Hello
         self.closed: asyncio.Future = loop.create_future()
-        # stream id -> (done callback, the request, call-timeout timer or None)
-        self.pending: dict[int, tuple] = {}
+        # stream id -> its calls under way, in order: [(done callback, the request,
+        # call-timeout timer or None), ...]
+        self.pending: dict[int, list[tuple]] = {}
         self.keepalive = Keepalive(agent.keepalive_interval, agent.keepalive_timeout,
                                    time.monotonic())
         self.dead = False             # no more calls: lost, dropped or closing
@@ -148,10 +149,12 @@ class Link(asyncio.Protocol):
         self._reply(event.stream_id, event.payload)
 
     def _reply(self, sid: int, payload: bytes) -> None:
-        entry = self.pending.pop(sid, None)
-        if entry is None:
+        entries = self.pending.get(sid)
+        if entries is None:
             return                    # its call timed out: the stream is closed already
-        done, asked, timer = entry
+        done, asked, timer = entries.pop(0)
+        if not entries:
+            del self.pending[sid]
         if timer is not None:
             timer.cancel()
         try:
@@ -159,7 +162,10 @@ class Link(asyncio.Protocol):
         except ProtocolError as exc:
             log.error("stream.protocol_error", stream=sid, error=str(exc))
             self.write(self.conn.send(Close(sid, Reason.PCSC_ERROR, str(exc))))
-            done(None, BackendError(f"bad reply from the server: {exc}"))
+            error = BackendError(f"bad reply from the server: {exc}")
+            done(None, error)
+            for entry in self.pending.pop(sid, ()):
+                _finish(entry, error)
             return
         done(reply, None)
 
@@ -177,9 +183,9 @@ class Link(asyncio.Protocol):
         self._fail(event.stream_id, f"protocol error from the server: {event.text}")
 
     def _fail(self, sid: int, reason: str, limit: str | None = None):
-        entry = self.pending.pop(sid, None)
+        entries = self.pending.pop(sid, ())
         log.info("stream.closed_by_server", stream=sid, reason=reason)
-        if entry:
+        for entry in entries:
             _finish(entry, BackendError(reason, SCARD_E_NO_SERVICE, limit))
 
     def _on_pong(self, event: Pong):
@@ -216,8 +222,9 @@ class Link(asyncio.Protocol):
     def _lost(self, error: BackendError) -> None:
         self.dead = True
         pending, self.pending = self.pending, {}
-        for entry in pending.values():
-            _finish(entry, error)
+        for entries in pending.values():
+            for entry in entries:
+                _finish(entry, error)
 
     def connection_lost(self, exc):
         self._lost(BackendError("connection to the server lost", SCARD_E_NO_SERVICE))
@@ -240,7 +247,14 @@ class LinkStream(BackendStream):
         self.id = 0                             # given with the first call
         self.refill: asyncio.TimerHandle | None = None  # a replacement due if not given back
 
-    def submit(self, msg: Message, done) -> None:
+    @property
+    def pipeline(self) -> int:
+        """Calls that may be under way at once on this stream (wire revision 2, which
+        has the CALL_EX flags too); 1 before the server's HELLO or with a revision-1
+        server."""
+        return self.link.conn.depth
+
+    def submit(self, msg: Message, done, flags: int = 0) -> None:
         link = self.link
         if link.dead:
             raise BackendError("the session this application's context lived on is gone")
@@ -248,7 +262,7 @@ class LinkStream(BackendStream):
         payload = encode_request(msg, WIRE)
         try:
             if self.id:
-                data = conn.call(self.id, payload)
+                data = conn.call(self.id, payload, flags)
             else:
                 if link.goaway is not None:
                     raise BackendError("the server is going away")
@@ -268,17 +282,22 @@ class LinkStream(BackendStream):
             link.keepalive.sent = True
         else:
             link.write(data)
-        pending[self.id] = (done, msg, timer)
+        entries = pending.get(self.id)
+        if entries is None:
+            pending[self.id] = [(done, msg, timer)]
+        else:
+            entries.append((done, msg, timer))
 
     def _timed_out(self) -> None:
         link = self.link
-        entry = link.pending.pop(self.id, None)
-        if entry is None:
+        entries = link.pending.pop(self.id, None)
+        if entries is None:
             return
         if not link.dead:
             with contextlib.suppress(LocalProtocolError):
                 link.write(link.conn.send(Close(self.id, Reason.TIMEOUT, "call timeout")))
-        _finish(entry, BackendError("no reply from the server within call_timeout"))
+        for entry in entries:
+            _finish(entry, BackendError("no reply from the server within call_timeout"))
 
     @property
     def is_open(self) -> bool:
@@ -294,9 +313,9 @@ class LinkStream(BackendStream):
         if self.refill is not None:
             self.refill.cancel()
             self.refill = None
-        entry = link.pending.pop(self.id, None) if self.id else None
-        if entry is not None and entry[2] is not None:
-            entry[2].cancel()
+        for entry in link.pending.pop(self.id, ()) if self.id else ():
+            if entry[2] is not None:
+                entry[2].cancel()
         if self.is_open and not link.dead:
             with contextlib.suppress(LocalProtocolError):
                 link.write(link.conn.send(Close(self.id)))

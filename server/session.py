@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from functools import partial
 from time import monotonic
 
@@ -49,6 +50,8 @@ from pcsc_bridge.pcsc import (
 )
 from pcsc_bridge.wire import (
     ALPN,
+    CALL_EARLY,
+    CALL_IF,
     Call,
     Close,
     Connection,
@@ -72,14 +75,21 @@ CARD_CALLS = frozenset({EstablishContext, ReleaseContext, Connect, Reconnect, Di
                         BeginTransaction, EndTransaction, Transmit, Control, Status,
                         GetAttrib, SetAttrib})
 DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 .. 4:6; card calls are the same in all of them
+# Which reader each card handle is on: the order of CALL_EARLY calls is per reader.
+_HANDLES = frozenset({Connect, Disconnect, ReleaseContext})
+# How long a CALL_EARLY call holds back the guest's later calls on its reader at most:
+# pcscd answers within PCSCLITE_LOCK_POLL_RATE (a Begin meeting another transaction says
+# so after 100 ms), but a PC/SC library (the pyscard backend) may keep a Begin waiting for
+# the lock itself, and the holder's next call must not wait for that Begin.
+GATE_HOLD_S = 0.1
 
 
 class GuestStream:
-    """One of the guest's streams (one application socket on the guest): at most one
-    call at a time, as the wire allows."""
+    """One of the guest's streams (one application socket on the guest): one call at a
+    time with the backend, the calls pipelined behind it (wire revision 2) in order."""
 
-    __slots__ = ("answered", "app", "backend", "call", "ended", "id", "opened", "running",
-                 "timer")
+    __slots__ = ("answered", "app", "backend", "call", "ended", "id", "last_rv", "opened",
+                 "queue", "running", "seq", "timer")
 
     def __init__(self, session: GuestSession, sid: int, app: AppInfo):
         # the backend stream's ``done(reply, error)``: the call's reply, or why none
@@ -92,6 +102,9 @@ class GuestStream:
         self.running = False  # a call is with the backend (or the backend stream opens)
         self.ended = False
         self.timer: asyncio.TimerHandle | None = None
+        self.queue: deque = deque()   # (msg, flags, seq) received behind the running call
+        self.last_rv = 0      # the last call's result: a CALL_IF runs only after success
+        self.seq = 0          # the running call's arrival number, if it is CALL_EARLY
 
 
 class GuestSession(asyncio.Protocol):
@@ -114,6 +127,14 @@ class GuestSession(asyncio.Protocol):
         self.accepted = loop.time()
         self.write_paused = False     # the guest does not read what we send
         self.calls = 0                # calls with the backend (streams running)
+        self.seq = 0                  # calls received (their arrival numbers)
+        # CALL_EARLY calls not done: seq -> (stream id, reader); a later call of another
+        # stream on that reader waits for them (parked), so that what the application
+        # was told is done happens before anything the guest does after it
+        self.gates: dict[int, tuple] = {}   # seq -> (stream id, reader, until when)
+        self.parked: list[tuple] = []  # (stream, msg, seq)
+        self._gate_timer: asyncio.TimerHandle | None = None
+        self.handles: dict[int, tuple[str, int]] = {}   # hCard -> its reader, hContext
         self.pings = 0                # PINGs sent (their tokens)
         self.repeats = log.Repeats()  # what this guest can make us log over and over
         self._sent_states = None
@@ -269,11 +290,11 @@ class GuestSession(asyncio.Protocol):
         self.streams[sid] = GuestStream(self, sid, app)
 
     def _on_call(self, event: Call):
-        self._call(event.stream_id, event.payload)
+        self._call(event.stream_id, event.payload, event.flags)
 
-    def _call(self, sid: int, payload: bytes):
-        """One CALL: decoded and checked like pcscd, then the policy, then the backend
-        (the wire allows one call at a time per stream)."""
+    def _call(self, sid: int, payload: bytes, flags: int = 0):
+        """One CALL: decoded and checked like pcscd; it runs when the stream's earlier
+        calls are done (revision 2 pipelines them), in ``_start``."""
         stream = self.streams.get(sid)
         if stream is None:
             return
@@ -286,26 +307,88 @@ class GuestSession(asyncio.Protocol):
                          stream=stream.id, error=str(exc))
             self._close_stream(stream, Reason.PCSC_ERROR, str(exc))
             return
-        rv = self.policy.check(msg)
+        self.seq = seq = self.seq + 1
+        if flags & CALL_EARLY:
+            self.gates[seq] = (sid, self._reader_of(msg), monotonic() + GATE_HOLD_S)
+        if stream.running:
+            stream.queue.append((msg, flags, seq))
+        else:
+            self._start(stream, msg, flags, seq)
+
+    def _start(self, stream: GuestStream, msg: Message, flags: int, seq: int):
+        """The stream's next call: a CALL_IF after a failure, or a call the policy
+        forbids, is answered here (the first with that failure); a call waits for the
+        CALL_EARLY calls on its reader received before it; then it goes to the backend."""
+        rv = stream.last_rv if flags & CALL_IF else 0
+        if not rv:
+            rv = self.policy.check(msg)
+            if rv:
+                self.repeats(log.info, "policy.denied", type(msg), guest=self.guest,
+                             stream=stream.id, call=type(msg).__name__, rv=rv_name(rv))
         if rv:
-            self.repeats(log.info, "policy.denied", type(msg), guest=self.guest,
-                         stream=stream.id, call=type(msg).__name__, rv=rv_name(rv))
+            stream.last_rv = rv
+            self._released(seq)
             self._reply(stream, encode_reply(msg.failed(rv), WIRE))
+            self._next(stream)
             return
         stream.running = True
         self.calls += 1
-        if self.limits.call_timeout:
-            stream.timer = asyncio.get_running_loop().call_later(
-                self.limits.call_timeout, self._timed_out, stream, type(msg))
-        backend = stream.backend
-        if backend is None:
-            asyncio.get_running_loop().create_task(self._open_and_submit(stream, msg))
+        if self.gates and not flags & CALL_EARLY and self._gated(stream.id, msg, seq):
+            self.parked.append((stream, msg, seq))
+            if self._gate_timer is None:
+                self._gate_timer = asyncio.get_running_loop().call_later(
+                    GATE_HOLD_S / 2, self._gates_expire)
             return
-        stream.call = msg             # _submit(stream, msg), inlined: the per-call path
-        try:
-            backend.submit(msg, stream.answered)
-        except BackendError as exc:
-            self.answered(stream, None, exc)
+        self._submit(stream, msg, seq)
+
+    def _reader_of(self, msg: Message) -> str | None:
+        kind = type(msg)
+        if kind is Connect:
+            return msg.szReader
+        if kind is ReleaseContext:
+            return "*"
+        h = getattr(msg, "hCard", None)
+        return None if h is None else self.handles.get(h, (None,))[0]
+
+    def _gated(self, sid: int, msg: Message, seq: int) -> bool:
+        """A CALL_EARLY call on ``msg``'s reader, from another stream, came before it."""
+        reader = self._reader_of(msg)
+        if reader is None:
+            return False
+        now = monotonic()
+        for g, (gsid, greader, until) in self.gates.items():
+            if g >= seq:
+                return False
+            if gsid != sid and (greader == reader or greader == "*") and now < until:
+                return True
+        return False
+
+    def _gates_expire(self):
+        """Parked calls whose gates have held them back for GATE_HOLD_S start now."""
+        self._gate_timer = None
+        if self.parked and not self.closed:
+            self._released(0)
+            if self.parked:
+                self._gate_timer = asyncio.get_running_loop().call_later(
+                    GATE_HOLD_S / 2, self._gates_expire)
+
+    def _next(self, stream: GuestStream):
+        if stream.queue and not stream.ended and not stream.running:
+            self._start(stream, *stream.queue.popleft())
+
+    def _released(self, seq: int):
+        """A CALL_EARLY call is done (or will not run): parked calls may start."""
+        self.gates.pop(seq, None)
+        if not self.parked:
+            return
+        parked, self.parked = self.parked, []
+        for stream, msg, seq_ in parked:
+            if stream.ended:
+                continue
+            if self._gated(stream.id, msg, seq_):
+                self.parked.append((stream, msg, seq_))
+            else:
+                self._submit(stream, msg, seq_)
 
     def _on_close(self, event: Close):
         stream = self.streams.get(event.stream_id)
@@ -347,6 +430,13 @@ class GuestSession(asyncio.Protocol):
             self.calls -= 1
         if stream.timer:
             stream.timer.cancel()
+        queue, stream.queue = stream.queue, deque()
+        for _msg, _flags, seq in queue:
+            self.gates.pop(seq, None)
+        for _stream, _msg, seq in [p for p in self.parked if p[0] is stream]:
+            self.gates.pop(seq, None)    # parked, never to run
+        seq, stream.seq = stream.seq, 0
+        self._released(seq)
         backend, stream.backend = stream.backend, None
         if backend is not None:
             asyncio.get_running_loop().create_task(_close_quietly(backend))
@@ -371,12 +461,26 @@ class GuestSession(asyncio.Protocol):
         backend.watch(lambda: self._backend_lost(stream))
         if self.write_paused:
             backend.pause_reading()
-        self._submit(stream, msg)
-
-    def _submit(self, stream: GuestStream, msg: Message):
         stream.call = msg
         try:
-            stream.backend.submit(msg, stream.answered)
+            backend.submit(msg, stream.answered)
+        except BackendError as exc:
+            self.answered(stream, None, exc)
+
+    def _submit(self, stream: GuestStream, msg: Message, seq: int):
+        """To the backend (the stream is running already)."""
+        if seq in self.gates:
+            stream.seq = seq
+        if self.limits.call_timeout:
+            stream.timer = asyncio.get_running_loop().call_later(
+                self.limits.call_timeout, self._timed_out, stream, type(msg))
+        backend = stream.backend
+        if backend is None:
+            asyncio.get_running_loop().create_task(self._open_and_submit(stream, msg))
+            return
+        stream.call = msg
+        try:
+            backend.submit(msg, stream.answered)
         except BackendError as exc:
             self.answered(stream, None, exc)
 
@@ -388,6 +492,9 @@ class GuestSession(asyncio.Protocol):
         if stream.timer:
             stream.timer.cancel()
             stream.timer = None
+        if stream.seq:
+            seq, stream.seq = stream.seq, 0
+            self._released(seq)
         if stream.ended:
             return
         if error is not None:
@@ -398,13 +505,29 @@ class GuestSession(asyncio.Protocol):
             if stream.backend is None and isinstance(error, BackendError) \
                     and error.limit is None:
                 # no backend stream (pcscd down): this call fails, the stream lives on
+                stream.last_rv = error.rv
                 self._reply(stream, encode_reply(msg.failed(error.rv), WIRE))
+                self._next(stream)
                 return
             # at a limit, or the backend stream broke: this stream ends
             self._close_stream(stream, Reason.LIMIT if getattr(error, "limit", None)
                                else Reason.BACKEND, text)
             return
+        stream.last_rv = reply.rv
+        if reply.rv == 0 and type(msg) in _HANDLES:
+            self._handles(msg, reply)
         self._reply(stream, encode_reply(reply, WIRE))
+        self._next(stream)
+
+    def _handles(self, msg: Message, reply: Message):
+        """Which reader each card handle is on (CALL_EARLY's order is per reader)."""
+        kind = type(msg)
+        if kind is Connect:
+            self.handles[reply.hCard] = (msg.szReader, msg.hContext)
+        elif kind is Disconnect:
+            self.handles.pop(msg.hCard, None)
+        else:
+            self.handles = {h: v for h, v in self.handles.items() if v[1] != msg.hContext}
 
     def _backend_lost(self, stream: GuestStream):
         """The backend ended an idle stream's connection (pcscd restarted): its contexts

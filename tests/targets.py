@@ -229,6 +229,10 @@ class Target:
     """Something serving a pcsc-lite socket with ``readers``; subclasses insert/remove."""
 
     name = "?"
+    # SCardBeginTransaction is answered at once and the lock taken on the way (the agent,
+    # docs/wire-protocol.md): a Begin waiting for someone else's transaction returns, and
+    # the application's next call on that card waits instead
+    begin_ahead = False
 
     def __init__(self, socket_path: str, readers: list[str] = READERS):
         self.socket = socket_path
@@ -544,6 +548,7 @@ class BridgeTarget(Target):
               "max_streams: 256}\n")
 
     name = "bridge"
+    begin_ahead = True
 
     def __init__(self, inner: Target, directory: str, backend_socket: str | None = None,
                  python=(sys.executable,), selector: str | None = None,

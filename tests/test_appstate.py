@@ -34,6 +34,7 @@ from hypothesis.stateful import (
 from pcsc_bridge import pcsc as p
 from pcsc_bridge.appstate import AppState, negotiate
 from pcsc_bridge.backend import ReaderModel
+from pcsc_bridge.wire import CALL_EARLY, CALL_IF
 
 OK = p.SCARD_S_SUCCESS
 
@@ -537,3 +538,111 @@ def test_an_application_that_does_not_read_is_not_served_until_it_does():
     assert state.has_request                      # one whole request read: stop reading
     state.resume()
     assert len(_sent(shell.take())) == 2
+
+
+# --- a pipelining backend stream (the agent on wire revision 2) -------------------------------
+LEAVE = p.SCARD_LEAVE_CARD
+BEGIN, STATUS, END = p.BeginTransaction(9), p.Status(9), p.EndTransaction(9, LEAVE)
+IF, EARLY = CALL_IF, CALL_EARLY   # the wire's CALL_EX flags
+
+
+def _card(depth: int = 8):
+    """An application with a context (7) and a card handle (9) to the card in reader A,
+    on a backend stream that takes ``depth`` calls at once."""
+    model, _registry, state, shell, run = _session(4)
+    model.update([_reader("A", True)])
+    state.depth = depth
+    run(p.EstablishContext(0))
+    state.answered(p.EstablishContext(0, 7, OK))
+    run(p.Connect(7, "A", 2, 3))
+    state.answered(p.Connect(7, "A", 2, 3, 9, 2, OK))
+    shell.take()
+    return model, state, shell, run
+
+
+def test_a_lock_and_the_call_after_it_share_one_round_trip_and_the_end_costs_none():
+    _, state, shell, run = _card()
+    # SCardBeginTransaction: answered at once and sent at once
+    assert run(BEGIN) == [("send", p.encode_reply(BEGIN.with_rv(OK))),
+                          ("submit", BEGIN, False, False, EARLY)]
+    # the handle's next call goes right behind it, run only if it took the lock (CALL_IF)
+    assert run(STATUS) == [("submit", STATUS, True, False, IF)]
+    state.answered(BEGIN.with_rv(OK))
+    assert shell.take() == []
+    state.answered(STATUS.with_rv(OK))
+    assert _sent(shell.take()) == [p.encode_reply(STATUS.with_rv(OK))]
+    # SCardEndTransaction(LEAVE): answered at once and sent behind; the next call does
+    # not wait for it
+    assert run(END, STATUS) == [("send", p.encode_reply(END.with_rv(OK))),
+                                ("submit", END, False, False, EARLY),
+                                ("submit", STATUS, True, False)]
+    state.answered(END.with_rv(p.SCARD_W_REMOVED_CARD))       # its failure: a log line
+    assert shell.take()[0][:2] == ("note", "app.behind_failed")
+    state.answered(STATUS.with_rv(p.SCARD_W_REMOVED_CARD))    # and the next call's answer
+    assert _sent(shell.take()) == [p.encode_reply(STATUS.with_rv(p.SCARD_W_REMOVED_CARD))]
+
+
+def test_a_transaction_with_no_call_costs_no_wait_and_an_end_too_many_goes_to_pcscd():
+    _, _state, _shell, run = _card()
+    assert run(BEGIN, END) == [("send", p.encode_reply(BEGIN.with_rv(OK))),
+                               ("submit", BEGIN, False, False, EARLY),
+                               ("send", p.encode_reply(END.with_rv(OK))),
+                               ("submit", END, False, False, EARLY | IF)]  # if Begin took it
+    # no transaction left: pcscd answers (SCARD_E_NOT_TRANSACTED), behind the first
+    assert run(END) == [("submit", END, True, False, IF)]
+
+
+def test_a_lock_held_elsewhere_is_waited_for_as_pcsc_lite_does():
+    _, state, shell, run = _card()
+    run(BEGIN, STATUS)
+    shell.take()
+    for _ in range(3):            # pcscd: SHARING_VIOLATION (after 100 ms); not run
+        state.answered(BEGIN.with_rv(p.SCARD_E_SHARING_VIOLATION))
+        state.answered(STATUS.with_rv(p.SCARD_E_SHARING_VIOLATION))
+        assert shell.take() == [("submit", BEGIN, False, False, EARLY),
+                                ("submit", STATUS, True, False, IF)]
+    state.answered(BEGIN.with_rv(OK))
+    state.answered(STATUS.with_rv(OK))
+    assert _sent(shell.take()) == [p.encode_reply(STATUS.with_rv(OK))]
+
+
+def test_a_lock_that_fails_otherwise_fails_the_handles_next_call():
+    _, state, shell, run = _card()
+    run(BEGIN, STATUS)
+    shell.take()
+    state.answered(BEGIN.with_rv(p.SCARD_W_RESET_CARD))
+    state.answered(STATUS.with_rv(p.SCARD_W_RESET_CARD))   # the server's answer to CALL_IF
+    assert _sent(shell.take()) == [p.encode_reply(STATUS.with_rv(p.SCARD_W_RESET_CARD))]
+    run(BEGIN)                      # failed before the next call was made: that call
+    state.answered(BEGIN.with_rv(p.SCARD_W_REMOVED_CARD))  # is answered with it
+    shell.take()
+    assert run(STATUS) == [("send", p.encode_reply(STATUS.with_rv(p.SCARD_W_REMOVED_CARD)))]
+    assert run(END) == [("submit", END, True, False)]      # and no transaction is left
+
+
+def test_a_removed_card_lets_pcscd_answer_the_begin():
+    model, _state, _shell, run = _card()
+    model.update([_reader("A", False, 2)])
+    assert run(BEGIN) == [("submit", BEGIN, True, False)]
+
+
+def test_a_disconnect_is_answered_at_once_and_reader_states_wait_for_it():
+    model, state, shell, run = _card()
+    out = run(p.Disconnect(9, LEAVE), p.GetReadersState())
+    assert out == [("send", p.encode_reply(p.Disconnect(9, LEAVE, OK))),
+                   ("submit", p.Disconnect(9, LEAVE), False, False, EARLY)]
+    assert state.has_request        # the reader states it changes: not before it is done
+    state.answered(p.Disconnect(9, LEAVE, OK))
+    assert _sent(shell.take()) == [model.packed(16)]
+    # no card handle left: the release is answered at once too
+    assert _sent(run(p.ReleaseContext(7))) == [p.encode_reply(p.ReleaseContext(7, OK))]
+
+
+def test_other_dispositions_and_a_revision_1_server_wait_for_the_answer():
+    _, state, shell, run = _card()
+    assert run(p.Disconnect(9, p.SCARD_RESET_CARD)) == [
+        ("submit", p.Disconnect(9, p.SCARD_RESET_CARD), True, False)]
+    _, state, shell, run = _card(depth=1)
+    assert run(BEGIN, STATUS) == [("submit", BEGIN, True, False)]
+    state.answered(BEGIN.with_rv(OK))
+    assert [c[0] for c in shell.take()] == ["send", "submit"]

@@ -114,32 +114,43 @@ def test_three_guests_and_the_host_share_one_card(bridge):
         hr, card, _ = a.SCardConnect(ctx, R0, s.SCARD_SHARE_SHARED, ANY)
         assert hr == 0
         cards.append(card)
-    # each takes the transaction in turn; the others wait until it ends
+    # each takes the transaction in turn; the others wait until it ends. pcscd keeps a
+    # Begin waiting; the agent answers it at once and sends it ahead, so there the first
+    # APDU under it is what waits (docs/wire-protocol.md)
     assert apps[0].SCardBeginTransaction(cards[0]) == [0]
-    waiting = [a.start("SCardBeginTransaction", c) for a, c in zip(apps[1:], cards[1:])]
+    waiting, sent = {}, {0: False}        # job; whether the job is the APDU
+    for j in range(1, len(apps)):
+        job = apps[j].start("SCardBeginTransaction", cards[j])
+        sent[j] = apps[j].wait(job, 0.3) == [0]
+        if sent[j]:
+            job = apps[j].start("SCardTransmit", cards[j], s.SCARD_PROTOCOL_T1,
+                                [0x80, 0xEE, 0, 0, 1, j])
+        waiting[j] = job
+    assert sent == {0: False, 1: True, 2: True, 3: False}   # guests 2 and 3; the host
     time.sleep(0.5)
-    assert all(a.wait(w, 0.05) is None for a, w in zip(apps[1:], waiting))
-    for i in range(len(apps)):
-        hr, resp = apps[i].SCardTransmit(cards[i], s.SCARD_PROTOCOL_T1,
-                                         [0x80, 0xEE, 0, 0, 1, i])
-        assert (hr, resp) == (0, [i, 0x90, 0])
-        assert apps[i].SCardEndTransaction(cards[i], s.SCARD_LEAVE_CARD) == [0]
-        if i + 1 < len(apps):
-            # exactly one of the waiters gets it next; find it and let it go first
-            got = None
-            deadline = time.monotonic() + 3
-            while got is None and time.monotonic() < deadline:
-                for j in range(i + 1, len(apps)):
-                    if waiting[j - 1] is not None and apps[j].wait(waiting[j - 1], 0.02) == [0]:
-                        got = j
-                        waiting[j - 1] = None
-                        break
-            assert got is not None, "a waiting guest must get the transaction"
-            apps[i + 1], apps[got] = apps[got], apps[i + 1]
-            cards[i + 1], cards[got] = cards[got], cards[i + 1]
-            waiting[i], waiting[got - 1] = waiting[got - 1], waiting[i]
-            assert all(apps[j].wait(waiting[j - 1], 0.02) is None
-                       for j in range(i + 2, len(apps)) if waiting[j - 1] is not None)
+    assert all(apps[j].wait(w, 0.05) is None for j, w in waiting.items())
+    holder = 0
+    while True:
+        if not sent[holder]:
+            hr, resp = apps[holder].SCardTransmit(cards[holder], s.SCARD_PROTOCOL_T1,
+                                                  [0x80, 0xEE, 0, 0, 1, holder])
+            assert (hr, resp) == (0, [holder, 0x90, 0])
+        assert apps[holder].SCardEndTransaction(cards[holder], s.SCARD_LEAVE_CARD) == [0]
+        if not waiting:
+            break
+        # exactly one of the waiters gets it next
+        got, deadline = None, time.monotonic() + 3
+        while got is None and time.monotonic() < deadline:
+            for j, w in waiting.items():
+                r = apps[j].wait(w, 0.02)
+                if r is not None:
+                    got = j
+                    assert r == ([0, [j, 0x90, 0]] if sent[j] else [0]), r
+                    break
+        assert got is not None, "a waiting guest must get the transaction"
+        del waiting[got]
+        assert all(apps[j].wait(w, 0.02) is None for j, w in waiting.items())
+        holder = got
 
 
 def _tls_probe(port, ctx):

@@ -75,6 +75,18 @@ def ping(app, card) -> int:
     return app.transmit(card, "80ee000001aa").rv
 
 
+def begin_blocked(target, app, card):
+    """``app``'s SCardBeginTransaction while another application holds the card's lock:
+    the pending call that must wait for the lock. pcscd keeps the Begin waiting; where the
+    Begin is answered at once and sent ahead (``target.begin_ahead``), it returns
+    SCARD_S_SUCCESS and the application's next call on the card (an APDU) waits instead."""
+    pending = app.submit("begin", card=card)
+    if target.begin_ahead:
+        assert pending.wait(QUICK_S).rv == OK
+        pending = app.submit("transmit", card=card, apdu="80ee000001aa")
+    return pending
+
+
 def test_list_readers(target):
     app = target.app()
     r = app.establish()
@@ -237,7 +249,7 @@ def test_transaction_blocks_the_other_application(target):
     b, card_b = connected(target)
     assert a.begin(card_a).rv == OK
     assert a.begin(card_a).rv == OK  # nested on the same handle
-    pending = b.submit("begin", card=card_b)
+    pending = begin_blocked(target, b, card_b)
     assert pending.wait(BLOCKED_S) is None, "the second transaction must wait for the first"
     assert a.end(card_a, LEAVE).rv == OK
     assert pending.wait(BLOCKED_S) is None, "one begin is still open"
@@ -395,7 +407,7 @@ def test_killed_application_in_a_transaction_resets_the_card(target):
     a, card_a = connected(target)
     b, card_b = connected(target)
     assert a.begin(card_a).rv == OK
-    pending = b.submit("begin", card=card_b)
+    pending = begin_blocked(target, b, card_b)
     assert pending.wait(BLOCKED_S) is None
     a.kill()
     t0 = time.monotonic()

@@ -11,7 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pcsc_bridge.wire import (
+    CALL_IF,
     MIN_MAX_FRAME,
+    PIPELINE,
+    WIRE_VERSION,
     Call,
     Close,
     Connection,
@@ -44,10 +47,12 @@ def hello_bytes(role: str, **props) -> bytes:
     return Connection(role).send(Hello(**props))
 
 
-def pair(max_frame=131072, max_streams=64):
+def pair(max_frame=131072, max_streams=64, version=WIRE_VERSION):
+    """A client and a server after both HELLOs; ``version``: the client's revision."""
     c = Connection("client", max_frame=max_frame, max_streams=max_streams)
     s = Connection("server", max_frame=max_frame, max_streams=max_streams)
-    [h] = s.receive_data(c.send(Hello(software="pcsc-bridge test", extra={"host": "guest"})))
+    [h] = s.receive_data(c.send(Hello(version, software="pcsc-bridge test",
+                                      extra={"host": "guest"})))
     assert h.role == "client" and h.extra == {"host": "guest"}
     [h] = c.receive_data(s.send(Hello(software="pcsc-bridge test", dialect="4:4",
                                       keepalive=5.0)))
@@ -90,7 +95,7 @@ def converse(actions, c, s):
             sids = sorted(sid for sid in range(1, conn.last_stream_id + 1, 2)
                           if conn.stream_state(sid) is not None
                           and (want is None or conn.stream_state(sid) is want)
-                          and (name != "call" or not conn.call_pending(sid))
+                          and (name != "call" or conn.call_pending(sid) < conn.depth)
                           and (name != "reply" or (conn.call_pending(sid) and
                                                    conn.stream_state(sid) is StreamState.OPEN)))
             if not sids:
@@ -130,7 +135,7 @@ def scripted():
     frames = [(c, Open(1, 4, 5, 42, 0)), (c, Call(1, b"\x11" * 20)), (s, Opened(1)),
               (s, StateUpdate(9, bytes(range(184)) * 2)), (s, Reply(1, b"\x01" * 12)),
               (c, Open(3, 4, 4)), (s, Refused(3, Reason.POLICY, "no readers for this guest")),
-              (c, Ping(2**64 - 1)), (s, Pong(2**64 - 1)), (c, Call(1, bytes(3000))),
+              (c, Ping(2**64 - 1)), (s, Pong(2**64 - 1)), (c, Call(1, bytes(3000), CALL_IF)),
               (s, Reply(1, bytes(2000))), (c, Close(1, Reason.NORMAL, "")),
               (s, GoAway(1, Reason.SHUTDOWN, "server stopping"))]
     for sender, ev in frames:
@@ -300,7 +305,7 @@ def test_frame_layout_is_as_documented():
     assert s.send(GoAway(7, Reason.SHUTDOWN)) == bytes.fromhex(
         "0d000000 09 00000000 07000000 07000000")
     raw = Connection("client").send(Hello(software="x"))
-    assert raw[4:9] == bytes([FrameType.HELLO, 0, 0, 0, 0]) and raw[9:13] == b"\1\0\0\0"
+    assert raw[4:9] == bytes([FrameType.HELLO, 0, 0, 0, 0]) and raw[9:13] == b"\2\0\0\0"
     assert raw[13:] == b'{"role":"client","software":"x","max_frame":131072,"max_streams":200}'
 
 
@@ -325,7 +330,7 @@ HELLO_C = b'{"role":"client"}'
      "dialect"),
     (encode_frame(FrameType.HELLO, 0, b"\1\0"), "at least 4"),
     (encode_frame(FrameType.HELLO, 1, b"\1\0\0\0" + HELLO_C), "on stream 1"),
-    (encode_frame(12, 0, b""), "unknown frame type"),
+    (encode_frame(13, 0, b""), "unknown frame type"),
     (struct.pack("<IBI", 4, 1, 0), "frame length 4"),
 ])
 def test_fatal_before_or_in_hello(data, why):
@@ -370,7 +375,8 @@ def test_version_flags_and_unknown_properties():
     conn = Connection("client")
     payload = struct.pack("<HH", 9, 0xFFFF) + b'{"role":"server","future":{"x":[1]}}'
     [h] = conn.receive_data(encode_frame(FrameType.HELLO, 0, payload))
-    assert (h.version, h.flags, h.extra, conn.version) == (9, 0xFFFF, {"future": {"x": [1]}}, 1)
+    assert (h.version, h.flags, h.extra, conn.version) == (9, 0xFFFF, {"future": {"x": [1]}},
+                                                           WIRE_VERSION)
     assert conn.peer_max_frame == MIN_MAX_FRAME   # not announced: the floor applies
 
 
@@ -386,7 +392,7 @@ def test_call_on_unknown_stream_is_a_stream_error_only():
 
 
 def test_second_call_while_pending_kills_that_stream_only():
-    c, s = pair()
+    c, s = pair(version=1)      # revision 1: one call at a time
     a, b = opened_stream(c, s), opened_stream(c, s)
     call = encode_frame(FrameType.CALL, a, b"1")
     events = s.receive_data(call + call + c.send(Call(b, b"2")) + call)
@@ -511,7 +517,7 @@ def test_receive_one_is_receive_data_for_one_call_or_reply(steps):
     taken = whole = 0
     for name, pick, payload, split in steps:
         sid = sids[pick]
-        if name == "call" and not c.call_pending(sid):
+        if name == "call" and c.call_pending(sid) < c.depth:
             sender, receiver, kind, event = c, s, Call, Call(sid, payload)
         elif name == "reply" and s.call_pending(sid):
             sender, receiver, kind, event = s, c, Reply, Reply(sid, payload)
@@ -539,3 +545,36 @@ def test_receive_one_is_receive_data_for_one_call_or_reply(steps):
                 assert receiver.call_pending(x) == twin.call_pending(x)
             assert receiver.buffered == twin.buffered
     assert taken == whole
+
+
+def test_revision_2_pipelines_calls_with_flags():
+    c, s = pair()
+    assert c.version == s.version == 2 and c.depth == s.depth == PIPELINE
+    a, b = opened_stream(c, s), opened_stream(c, s)
+    calls = [Call(a, bytes([i]), flags=i % 4) for i in range(PIPELINE)]
+    assert s.receive_data(b"".join(c.send(x) for x in calls)) == calls   # 8 at once, in
+    assert c.call_pending(a) == s.call_pending(a) == PIPELINE             # order
+    with pytest.raises(LocalProtocolError):
+        c.send(Call(a, b"9"))                       # a ninth: the client does not send it
+    [err] = s.receive_data(encode_frame(FrameType.CALL, a, b"9"))   # and a server refuses
+    assert (err.stream_id, err.code) == (a, Reason.LIMIT)           # that stream only
+    assert s.receive_data(c.send(Call(b, b"x"))) == [Call(b, b"x")]
+    assert c.receive_data(s.send(Reply(b, b"r"))) == [Reply(b, b"r")]
+    for bad in (b"", b"\x04x"):          # no flags byte, or a flag not defined
+        sid = opened_stream(c, s)
+        [err] = s.receive_data(encode_frame(FrameType.CALL_EX, sid, bad))
+        assert (err.stream_id, err.code) == (sid, Reason.PROTOCOL_ERROR)
+
+
+def test_revision_1_knows_no_call_if_and_no_pipelining():
+    c, s = pair(version=1)
+    assert s.version == 1 and s.depth == 1
+    a = opened_stream(c, s)
+    with pytest.raises(LocalProtocolError):
+        c.send(Call(a, b"x", CALL_IF))
+    with pytest.raises(WireError, match="CALL_EX is not in wire revision 1"):
+        s.receive_data(encode_frame(FrameType.CALL_EX, a, b"\1x"))
+    c2 = Connection("client")           # a client that heard a revision-1 server
+    c2.send(Hello())
+    c2.receive_data(Connection("server").send(Hello(1)))
+    assert c2.depth == 1
