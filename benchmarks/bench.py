@@ -4,6 +4,9 @@
     benchmarks/run --quick    # smoke check, under a minute
     benchmarks/run --dialects # client libraries 1.9.9 / 2.3.3 / 2.5.x through the bridge
                               # against pcscd 1.9.9 / 2.3.3 / 2.5.x (about 40 s)
+    benchmarks/run --apps     # GnuPG, OpenSC, yubico-piv-tool against an OpenPGP + PIV
+                              # card over a 20 ms link: round trips added per path
+                              # (benchmarks/apps.py; a few minutes)
 
 Paths, every one ending at the same pcscd, vpcd reader and test card on 127.0.0.1:
   direct   the application talks to /run/pcscd/pcscd.comm
@@ -408,6 +411,8 @@ server:
   key: {key}
   ca: {self.run.pki.ca}
   backend: {{type: {self.backend_type}, socket: {self.backend}}}
+  guests:   # as much as the tunnels allow: real applications ask for reader features
+    default: {{control: all, exclusive: true, direct: true}}
 """)
         proc = self.procs.start(f"{self.name}-server", [PYTHON, "-m", "pcsc_bridge", "server",
                                                       "-c", str(config)])
@@ -1280,7 +1285,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dialects", action="store_true",
                    help="SCardTransmit through the bridge with each client library (1.9.9, "
                    "2.3.3, 2.5.x) against each pcscd: translated vs same-version pairs")
-    p.add_argument("--reps", type=int, help="--dialects: repetitions of every pair")
+    p.add_argument("--apps", action="store_true",
+                   help="real applications (OpenSC, yubico-piv-tool, GnuPG) against an "
+                   "OpenPGP + PIV card over a 20 ms link: round trips each path adds "
+                   "(benchmarks/apps.py)")
+    p.add_argument("--reps", type=int, help="--dialects: repetitions of every pair; "
+                   "--apps: runs of each application per path (3)")
     p.add_argument("-n", "--transmit", type=int, help="SCardTransmit and SCardStatus calls "
                    "(--dialects: SCardTransmit calls per run of a pair)")
     p.add_argument("--estrel", type=int, help="Establish+Release pairs")
@@ -1298,7 +1308,7 @@ def main(argv: list[str] | None = None) -> int:
             "dialect_n": args.transmit}
     s = replace(s, **{k: v for k, v in over.items() if v is not None})
     if args.paths is None:
-        args.paths = "" if args.dialects else ",".join(PATHS)
+        args.paths = "" if args.dialects or args.apps else ",".join(PATHS)
     paths = [x for x in args.paths.split(",") if x]
     unknown = set(paths) - set(PATHS)
     if unknown:
@@ -1314,15 +1324,21 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="pcsc-bench-"))
     run = Run(s, directory)
     results: list[dict] = []
-    dialects, dialect_result = None, None
+    dialects, dialect_result, apps_result = None, None, None
     status = 0
     try:
         run.compile_client()
         run.wait_for_tests()
         run.ensure_pcscd()
-        run.ensure_card()
         run.pki = Pki(directory / "pki")
-        results = run.measure_all(paths)
+        if paths:
+            run.ensure_card()
+            results = run.measure_all(paths)
+        if args.apps:
+            from apps import Apps
+            log("apps.start")
+            apps_result = Apps(run, args.reps or 3, s.delay_ms).measure()
+            log("apps.done")
         if args.dialects:
             dialects = Dialects(run, s.dialect_reps, s.dialect_n)
             log("dialects.start")
@@ -1348,8 +1364,12 @@ def main(argv: list[str] | None = None) -> int:
             log("kept", dir=directory, why="--keep or an error: logs and configs are there")
         else:
             shutil.rmtree(directory, ignore_errors=True)
-    if paths or not dialect_result:
+    if paths or not (dialect_result or apps_result):
         print(report(results, s, run.notes))
+    if apps_result:
+        from apps import report as apps_report
+        print(apps_report(apps_result))
+        results.append({"path": "apps", **apps_result})
     if dialect_result:
         print(("\n\n" if paths else "") + dialect_report(dialect_result))
         if "disturbed" in dialect_result:

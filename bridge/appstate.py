@@ -33,6 +33,7 @@ so the shell stops reading the socket: what an application sends costs bounded m
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 from typing import Any, ClassVar, Protocol
 
 from .backend import ReaderModel
@@ -63,6 +64,7 @@ from .pcsc import (
     ProtocolError,
     ReaderEvents,
     ReadersStateSize,
+    ReaderStates,
     Reconnect,
     ReleaseContext,
     RequestReader,
@@ -71,6 +73,7 @@ from .pcsc import (
     WaitReaderStateChange,
     WaitReaderStateChangeReply,
     encode_reply,
+    pad_states,
     rv_name,
 )
 from .wire import CALL_EARLY, CALL_IF
@@ -82,9 +85,6 @@ ESTABLISH_SCOPES = frozenset({SCARD_SCOPE_USER, SCARD_SCOPE_TERMINAL, SCARD_SCOP
 # the card calls whose success changes the application's contexts or card handles
 _ACCOUNTED = frozenset({EstablishContext, ReleaseContext, Connect, Reconnect, Disconnect,
                         BeginTransaction, EndTransaction})
-# requests answered from the reader model: they wait for a Disconnect sent behind
-_STATE_READS = frozenset({GetReadersState, WaitReaderStateChange, GetReadersStateSize,
-                          GetReadersStateArray, GetReaderEvents})
 # what a call with the backend is to the application (``AppState.inflight``)
 OWED = 0      # its answer is owed: the application waits for it
 BEHIND = 1    # answered already; only a failure is news (a log line)
@@ -152,7 +152,9 @@ class AppState:
         self.lock_failed: dict[int, int] = {}   # hCard -> how a Begin sent ahead failed
         self.locks: dict[int, int] = {}   # hCard -> transactions begun, not ended
         self.card_readers: dict[int, tuple[str, int]] = {}   # hCard -> reader, counter
-        self.moved = 0          # Disconnects sent behind, not done: reader states wait
+        # readers of the Disconnects sent behind and not done: this application reads
+        # their sharing state as pcscd will have it (``_packed``)
+        self.unshared: list[str] = []
         self.paused = False                    # the application does not read
         self.dialect: int | None = None        # set by CMD_VERSION
         self.waiting = False       # registered for a wake-up (WAIT sent, not answered)
@@ -201,7 +203,6 @@ class AppState:
                 kind = type(msg)
                 if self.pending is not None or self.paused or self.closed \
                         or (self.inflight and self.depth == 1) \
-                        or (self.moved and kind in _STATE_READS) \
                         or len(self.inflight) + 2 > self.depth > 1:
                     self.request = msg
                     return
@@ -242,7 +243,7 @@ class AppState:
         failed = rv if reply is None else reply.rv
         if role == BEHIND or role == AHEAD:
             if type(msg) is Disconnect:
-                self.moved -= 1
+                self.unshared.pop(0)
             if limit is not None:
                 self.closed = True
                 self.shell.close(f"{type(msg).__name__} refused at a limit", limit)
@@ -352,9 +353,9 @@ class AppState:
             self._submit(msg, BEHIND, CALL_IF if h in self.ahead else 0)
             return True
         if kind is Disconnect and msg.dwDisposition == SCARD_LEAVE_CARD:
+            self.unshared.append(self.card_readers.get(h, ("",))[0])
             self._forget_card(h)
             self._reply(msg.with_rv(0))
-            self.moved += 1
             self._submit(msg, BEHIND)
             return True
         return False
@@ -467,7 +468,7 @@ class AppState:
             self.dialect = dialect
 
     def _states16(self, _msg=None) -> None:
-        self.shell.send(self.model.packed(PCSCLITE_MAX_READERS_CONTEXTS))
+        self.shell.send(self._packed(PCSCLITE_MAX_READERS_CONTEXTS))
 
     def _wait(self, _msg) -> None:
         self.waiting = True
@@ -503,7 +504,7 @@ class AppState:
         self._held()
 
     def _array(self, _msg) -> None:
-        self.shell.send(self.model.packed(self.model.capacity))
+        self.shell.send(self._packed(self.model.capacity))
         self._held()
 
     _LOCAL: ClassVar[dict] = {
@@ -511,6 +512,21 @@ class AppState:
         StopWaitingReaderStateChange: _stop, Cancel: _cancel, GetReaderEvents: _events,
         GetReadersStateSize: _size, GetReadersStateArray: _array,
     }
+
+    def _packed(self, count: int) -> bytes:
+        """The reader-state array this application reads: the model's, and while a
+        Disconnect of its is on the way, that reader's sharing as pcscd's SCardDisconnect
+        leaves it (exclusive: none; shared: one less), so that what it was told is done
+        shows in the reader states at once, as on pcscd."""
+        if not self.unshared:
+            return self.model.packed(count)
+        states = list(self.model.states)
+        for name in self.unshared:
+            for i, st in enumerate(states):
+                if st.readerName == name:
+                    sharing = 0 if st.readerSharing == -1 else max(0, st.readerSharing - 1)
+                    states[i] = replace(st, readerSharing=sharing)
+        return ReaderStates(pad_states(states, count)).pack(NATIVE)
 
     # --- wake-ups -------------------------------------------------------------------------
     def _held(self) -> None:

@@ -626,14 +626,19 @@ def test_a_removed_card_lets_pcscd_answer_the_begin():
     assert run(BEGIN) == [("submit", BEGIN, True, False)]
 
 
-def test_a_disconnect_is_answered_at_once_and_reader_states_wait_for_it():
-    model, state, shell, run = _card()
+def test_a_disconnect_is_answered_at_once_and_its_reader_shows_it():
+    model, state, _shell, run = _card()
+    model.update([p.ReaderState("A", 1, p.SCARD_PRESENT, 2, b"\x3b\x00", 2)])  # 2 users
     out = run(p.Disconnect(9, LEAVE), p.GetReadersState())
+    after = p.ReaderStates(p.pad_states(
+        [p.ReaderState("A", 1, p.SCARD_PRESENT, 1, b"\x3b\x00", 2)], 16)).pack()
+    # answered at once, sent behind; the reader states it reads next are pcscd's after it
     assert out == [("send", p.encode_reply(p.Disconnect(9, LEAVE, OK))),
-                   ("submit", p.Disconnect(9, LEAVE), False, False, EARLY)]
-    assert state.has_request        # the reader states it changes: not before it is done
-    state.answered(p.Disconnect(9, LEAVE, OK))
-    assert _sent(shell.take()) == [model.packed(16)]
+                   ("submit", p.Disconnect(9, LEAVE), False, False, EARLY),
+                   ("send", after)]
+    model.update([p.ReaderState("A", 1, p.SCARD_PRESENT, 1, b"\x3b\x00", 2)])  # STATE,
+    state.answered(p.Disconnect(9, LEAVE, OK))                                   # REPLY
+    assert _sent(run(p.GetReadersState())) == [after] == [model.packed(16)]
     # no card handle left: the release is answered at once too
     assert _sent(run(p.ReleaseContext(7))) == [p.encode_reply(p.ReleaseContext(7, OK))]
 

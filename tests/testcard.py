@@ -41,6 +41,11 @@ class TestCard:
         self._removed = threading.Event()
         self.apdus = 0  # answered since the last insert
 
+    def make_card(self, atr: bytes):
+        """The card model for an insertion: ``atr``, ``reset()``, ``process(apdu)`` ->
+        (response, delay in seconds)."""
+        return Card(atr=atr)
+
     @property
     def inserted(self) -> bool:
         return self.sock is not None
@@ -61,7 +66,7 @@ class TestCard:
                 time.sleep(0.05)
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.card = Card(atr=atr or self.atr)
+        self.card = self.make_card(atr or self.atr)
         self.apdus = 0
         self.sock = sock
         self._removed = threading.Event()
