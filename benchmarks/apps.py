@@ -28,19 +28,14 @@ import time
 from pathlib import Path
 
 from bench import (
-    HERE,
     PATH_CLASSES,
     PCSCD_SOCKET,
-    PYTHON,
     ROOT,
     Direct,
     MeasureError,
     Run,
     Unavailable,
-    free_port,
-    listening,
     log,
-    wait_until,
 )
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -71,8 +66,8 @@ def gnupg_home(directory: Path) -> Path:
 
 
 class Apps:
-    def __init__(self, run: Run, reps: int, delay_ms: float):
-        self.run, self.reps, self.delay_ms = run, reps, delay_ms
+    def __init__(self, run: Run, reps: int):
+        self.run, self.reps, self.delay_ms = run, reps, run.settings.delay_ms
         self.dir = run.dir / "apps"
         self.dir.mkdir()
         self.gnupg = gnupg_home(self.dir)
@@ -113,23 +108,6 @@ class Apps:
                 ms=round(out[name]["s"] * 1000, 1), apdus=out[name]["apdus"])
         return out
 
-    def slow_socket(self, route, procs) -> tuple[str, object]:
-        """The route's socket behind the delay proxy (as Run.slow starts it)."""
-        if route.slow_listen == "unix":
-            path = str(route.dir / "apps-slow.sock")
-            listen, port = f"unix:{path}", 0
-        else:
-            port = free_port()
-            listen = f"tcp:127.0.0.1:{port}"
-        proxy = procs.start(f"apps-delay-{route.name}", [
-            PYTHON, str(HERE / "delayproxy.py"), "--listen", listen, "--connect",
-            route.upstream(), "--delay-ms", str(self.delay_ms)])
-        if route.slow_listen == "unix":
-            wait_until(lambda: os.path.exists(path), proxy, procs, "delay proxy", 10)
-            return path, proxy
-        wait_until(lambda: listening(port), proxy, procs, "delay proxy", 10)
-        return route.start_instance("apps", port), proxy
-
     def measure(self, paths=PATHS) -> dict:
         self.check_tools()
         self.card.insert()
@@ -145,7 +123,7 @@ class Apps:
                     route.dir.mkdir()
                 try:
                     route.start_shared()
-                    sock, proxy = self.slow_socket(route, procs)
+                    sock, proxy = self.run.slow_socket(route, "apps")
                     result["paths"][label] = self.measure_path(sock, label)
                     procs.stop(proxy)
                 except (Unavailable, MeasureError) as exc:
@@ -186,8 +164,8 @@ def report(result: dict) -> str:
     return "\n".join(lines + ([""] + errors if errors else []))
 
 
-def main(run: Run, reps: int, delay_ms: float) -> dict:
-    apps = Apps(run, reps, delay_ms)
+def main(run: Run, reps: int) -> dict:
+    apps = Apps(run, reps)
     result = apps.measure()
     print(report(result))
     return result
@@ -200,6 +178,6 @@ if __name__ == "__main__":
     r.ensure_pcscd()
     r.pki = Pki(d / "pki")
     try:
-        main(r, int(sys.argv[1]) if len(sys.argv) > 1 else 3, 10.0)
+        main(r, int(sys.argv[1]) if len(sys.argv) > 1 else 3)
     finally:
         r.procs.stop_all()

@@ -839,25 +839,33 @@ class Run:
                                  if failed else None),
                 "late_contexts": sum(o["late"] for o in outs)}
 
-    def slow(self, path: Route) -> dict:
-        s = self.settings
+    def slow_socket(self, path: Route, tag: str) -> tuple[str, subprocess.Popen]:
+        """``path``'s socket with the delay proxy in the middle (in front of pcscd for
+        direct; between guest and host otherwise), and the proxy."""
         if path.slow_listen == "unix":
-            listen_path = str(path.dir / "slow.sock")
+            listen_path = str(path.dir / f"{tag}.sock")
             listen, port = f"unix:{listen_path}", 0
         else:
             port = free_port()
             listen = f"tcp:127.0.0.1:{port}"
-        proxy = self.procs.start(f"delayproxy-{path.name}", [
+        proxy = self.procs.start(f"delayproxy-{path.name}-{tag}", [
             PYTHON, str(HERE / "delayproxy.py"), "--listen", listen, "--connect",
-            path.upstream(), "--delay-ms", str(s.delay_ms)])
+            path.upstream(), "--delay-ms", str(self.settings.delay_ms)])
         try:
             if path.slow_listen == "unix":
                 wait_until(lambda: os.path.exists(listen_path), proxy, self.procs,
                            "delay proxy", 10)
-                sock = listen_path
-            else:
-                wait_until(lambda: listening(port), proxy, self.procs, "delay proxy", 10)
-                sock = path.start_instance("slow", port)
+                return listen_path, proxy
+            wait_until(lambda: listening(port), proxy, self.procs, "delay proxy", 10)
+            return path.start_instance(tag, port), proxy
+        except BaseException:
+            self.procs.stop(proxy)
+            raise
+
+    def slow(self, path: Route) -> dict:
+        s = self.settings
+        sock, proxy = self.slow_socket(path, "slow")
+        try:
             if not self.client(sock, "wait", READER, 20000, timeout=60)["present"]:
                 raise MeasureError("slow link: no card seen")
             steps = self.client(sock, "session", READER, s.sessions)["steps_ns"]
@@ -1337,7 +1345,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.apps:
             from apps import Apps
             log("apps.start")
-            apps_result = Apps(run, args.reps or 3, s.delay_ms).measure()
+            apps_result = Apps(run, args.reps or 3).measure()
             log("apps.done")
         if args.dialects:
             dialects = Dialects(run, s.dialect_reps, s.dialect_n)

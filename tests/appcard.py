@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from testcard import TestCard
+from testcard import TestCard, serve
 
 PORT = 35964                  # vpcd's second reader: "Virtual PCD 00 01"
 READER = "Virtual PCD 00 01"
@@ -60,19 +60,7 @@ def main() -> int:
     p.add_argument("--host", default="127.0.0.1", help="vpcd address (loopback)")
     p.add_argument("--storage", type=Path, help="the card's state directory (default: new)")
     args = p.parse_args()
-    card = AppCard(args.port, args.host, args.storage)
-    try:
-        card.insert()
-    except ConnectionError as exc:
-        print(f"event=appcard.failed port={args.port} error={exc!r}", file=sys.stderr)
-        return 1
-    print(f"event=appcard.inserted port={args.port} atr={card.atr.hex()}", file=sys.stderr)
-    try:
-        card.thread.join()
-    except KeyboardInterrupt:
-        card.remove()
-        return 0
-    return 1
+    return serve(AppCard(args.port, args.host, args.storage), "appcard")
 
 
 if __name__ == "__main__":

@@ -133,19 +133,23 @@ def main() -> int:
     p.add_argument("--host", default="127.0.0.1", help="vpcd address (loopback)")
     p.add_argument("--atr", type=bytes.fromhex, default=DEFAULT_ATR, help="ATR in hex")
     args = p.parse_args()
-    card = TestCard(args.port, args.host, args.atr)
+    return serve(TestCard(args.port, args.host, args.atr), "testcard")
+
+
+def serve(card: TestCard, name: str) -> int:
+    """Insert ``card`` and keep it in until ^C (0) or until vpcd goes away (1)."""
     try:
         card.insert()
     except ConnectionError as exc:
-        print(f"event=testcard.failed port={args.port} error={exc!r}", file=sys.stderr)
+        print(f"event={name}.failed port={card.port} error={exc!r}", file=sys.stderr)
         return 1
-    print(f"event=testcard.inserted port={args.port} atr={card.atr.hex()}", file=sys.stderr)
+    print(f"event={name}.inserted port={card.port} atr={card.atr.hex()}", file=sys.stderr)
     try:
         card.thread.join()
     except KeyboardInterrupt:
         card.remove()
         return 0
-    print(f"event=testcard.closed port={args.port} reason=vpcd_closed", file=sys.stderr)
+    print(f"event={name}.closed port={card.port} reason=vpcd_closed", file=sys.stderr)
     return 1
 
 
