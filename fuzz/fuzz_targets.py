@@ -36,13 +36,14 @@ class _Shell:
     def __init__(self):
         self.sent = 0
         self.pending = 0
+        self.depth = 1
 
     def send(self, data):
         self.sent += len(data)
         assert self.sent <= MAX_OUTPUT, "unbounded output"
 
-    def submit(self, msg, reply, ready):
-        assert self.pending == 0, "two card calls at once"
+    def submit(self, msg, reply, ready, flags=0):
+        assert self.pending < self.depth, "more card calls at once than the stream takes"
         assert type(msg) in _CARD_CALLS, msg
         self.pending += 1
 
@@ -72,14 +73,17 @@ def app_target(minor: int):
     def target(data: bytes) -> None:
         shell = _Shell()
         state = AppState(_MODEL, {}, shell, shell, pool=bool(data[:1]) and data[0] & 1)
+        # a stream on a revision-2 server (pipelined calls, the transaction shortcuts), or
+        # one call at a time
+        state.depth = shell.depth = 8 if data[:1] and data[0] & 2 else 1
         state.receive(version)
         # the input in a few chunks (its first byte says where to cut), answers between
         cut = data[0] if data else 0
         for chunk in (data[1:1 + cut], data[1 + cut:]):
             state.receive(chunk)
-            while shell.pending and not state.closed:
-                shell.pending = 0
-                msg = state.pending
+            while shell.pending and not state.closed:   # the backend answers, in order
+                shell.pending -= 1
+                msg = state.current
                 state.answered(msg.with_rv(0) if type(msg) is not pcsc.Transmit
                                else msg.with_rv(0, pcbRecvLength=0, data=b""))
         state.changed()

@@ -23,6 +23,8 @@ import time
 
 import pytest
 from appcard import PORT, READER, AppCard
+from targets import BridgeTarget
+from test_bridge import Bridge
 
 PKCS11 = "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so"
 APPS = {
@@ -112,6 +114,44 @@ def test_applications_taking_turns_on_one_card_from_a_guest_and_the_host(env):
     for t in threads:
         t.join(120)
     assert results == dict.fromkeys(("guest-a", "guest-b", "host", "guest-c"), alone)
+
+
+def test_applications_of_two_guests_taking_turns(env, tmp_path):
+    # two guests, each with its own agent and TLS session to one server, and the host:
+    # their transactions interleave on the card, and each gets what it gets alone
+    direct_sock, _, _, home = env
+    # (openpgp-tool: yubico-piv-tool fails now and then when another application holds
+    # the card, on pcscd directly as well)
+    alone = run("openpgp-tool", direct_sock, home)
+    b = Bridge(str(tmp_path), guests=("guest1", "guest2"), extra=BridgeTarget.POLICY)
+    try:
+        b.start_server()
+        socks = [b.start_agent(g) for g in ("guest1", "guest2")]
+        for sock in socks:            # the agent's session is up and shows the card
+            deadline = time.monotonic() + 10
+            while READER not in subprocess.run(
+                    ["opensc-tool", "-l"], env={**os.environ, "PCSCLITE_CSOCK_NAME": sock},
+                    capture_output=True, text=True, check=False).stdout:
+                assert time.monotonic() < deadline, f"no {READER} through {sock}"
+                time.sleep(0.2)
+        results: dict = {}
+
+        def one(key, sock):
+            try:
+                results[key] = run("openpgp-tool", sock, home)
+            except AssertionError as exc:
+                results[key] = str(exc)
+        jobs = [(f"{k}-{i}", sock) for i in range(2)
+                for k, sock in (("guest1", socks[0]), ("guest2", socks[1]),
+                                ("host", direct_sock))]
+        threads = [threading.Thread(target=one, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert results == {k: alone for k, _ in jobs}
+    finally:
+        b.stop()
 
 
 def test_the_card_removed_and_put_back_or_reset_between_calls(env, targets):

@@ -104,6 +104,7 @@ class ClientView(Target):
         super().__init__(inner.socket, inner.readers)
         self.inner, self.client = inner, client
         self.name = f"{client.version}-via-{inner.name}"
+        self.begin_ahead = inner.begin_ahead
 
     def app(self, **kw) -> App:
         a = App(self.client.translate_path(self.socket), argv_prefix=list(self.client.argv_prefix),
