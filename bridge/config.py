@@ -469,6 +469,9 @@ class ClientConfig:
     sockets_per_user: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 256)
     streams_per_user: int | None = _f(_Leaf(_integer(1, 1 << 16), typed=True), None,
                                       nullable=True)
+    # SCardBeginTransaction, SCardEndTransaction and SCardDisconnect(LEAVE) answered before
+    # the server has (a server of wire revision 2; docs/wire-protocol.md, "Shortcuts")
+    early_answers: bool = _f(BOOL, True)
 
     def __post_init__(self):
         if self.server_name is None:

@@ -251,8 +251,8 @@ class LinkStream(BackendStream):
     def pipeline(self) -> int:
         """Calls that may be under way at once on this stream (wire revision 2, which
         has the CALL_EX flags too); 1 before the server's HELLO or with a revision-1
-        server."""
-        return self.link.conn.depth
+        server, or when ``client.early_answers`` is off."""
+        return self.link.conn.depth if self.agent.early_answers else 1
 
     def submit(self, msg: Message, done, flags: int = 0) -> None:
         link = self.link
@@ -410,7 +410,8 @@ class RemoteBackend(Backend):
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext, server_name: str,
                  connect_timeout=5.0, reconnect_initial=0.5, reconnect_max=30.0,
                  keepalive_interval=5.0, keepalive_timeout=15.0, call_timeout=None,
-                 max_frame=DEFAULT_MAX_FRAME, streams_per_user: int | None = None):
+                 max_frame=DEFAULT_MAX_FRAME, streams_per_user: int | None = None,
+                 early_answers: bool = True):
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.server_name = server_name
@@ -420,6 +421,7 @@ class RemoteBackend(Backend):
         self.call_timeout = call_timeout
         self.max_frame = max_frame
         self.streams_per_user = streams_per_user    # None: 3/4 of the server's limit
+        self.early_answers = early_answers          # client.early_answers
         self.users: dict = {}                       # uid -> streams it holds
         self.model = ReaderModel()
         self.pool = ReadyContexts(self)

@@ -29,7 +29,8 @@ def build(cfg: config.ClientConfig) -> tuple[RemoteBackend, Facade]:
     backend = RemoteBackend(cfg.server.host, cfg.server.port, ctx, cfg.server_name,
                             cfg.connect_timeout, cfg.reconnect.initial, cfg.reconnect.max,
                             cfg.keepalive.interval, cfg.keepalive.timeout, cfg.call_timeout,
-                            streams_per_user=cfg.streams_per_user)
+                            streams_per_user=cfg.streams_per_user,
+                            early_answers=cfg.early_answers)
     return backend, Facade(backend, pool=backend.pool, sockets_per_user=cfg.sockets_per_user)
 
 

@@ -724,3 +724,20 @@ def test_the_pyscard_server_runs_as_on_windows(pcscd, tmp_path):
             and "signals=Ctrl+C" in ready, ready
     finally:
         b.stop()
+
+
+def test_with_early_answers_off_a_begin_waits_as_on_pcscd(bridge):
+    # client.early_answers: false: no call is answered before the server has answered it
+    bridge.start_server()
+    sock = bridge.start_agent("guest1", extra="  early_answers: false\n")
+    apps = [bridge.app(sock), bridge.app(sock)]
+    cards = []
+    for a in apps:
+        hr, card, _ = a.SCardConnect(establish(a), R0, s.SCARD_SHARE_SHARED, ANY)
+        assert hr == 0
+        cards.append(card)
+    assert apps[0].SCardBeginTransaction(cards[0]) == [0]
+    job = apps[1].start("SCardBeginTransaction", cards[1])
+    assert apps[1].wait(job, 0.5) is None, "the Begin itself must wait for the lock"
+    assert apps[0].SCardEndTransaction(cards[0], s.SCARD_LEAVE_CARD) == [0]
+    assert apps[1].wait(job, 2) == [0]
