@@ -72,6 +72,24 @@ def run(name: str, sock: str, home, timeout: float = 60) -> str:
     return normal(done.stdout)
 
 
+def at_once(name: str, jobs: list[tuple[str, str]], home) -> dict[str, str]:
+    """Runs of application ``name`` at once, one per (key, socket): key -> its output (or
+    why it failed)."""
+    results: dict = {}
+
+    def one(key, sock):
+        try:
+            results[key] = run(name, sock, home)
+        except AssertionError as exc:
+            results[key] = str(exc)
+    threads = [threading.Thread(target=one, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
 def normal(out: str) -> str:
     """What may differ between two runs on one card: nothing but timing in these tools
     (gpg's signature counter and key data come from the card; the reader's index and name
@@ -99,21 +117,9 @@ def test_applications_taking_turns_on_one_card_from_a_guest_and_the_host(env):
     # its APDUs in transactions: each gets what it gets alone
     direct_sock, agent_sock, _card, home = env
     alone = run("openpgp-tool", direct_sock, home)
-    results: dict = {}
-
-    def one(key, sock):
-        try:
-            results[key] = run("openpgp-tool", sock, home)
-        except AssertionError as exc:
-            results[key] = str(exc)
-    threads = [threading.Thread(target=one, args=(k, s)) for k, s in
-               (("guest-a", agent_sock), ("guest-b", agent_sock), ("host", direct_sock),
-                ("guest-c", agent_sock))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert results == dict.fromkeys(("guest-a", "guest-b", "host", "guest-c"), alone)
+    jobs = [("guest-a", agent_sock), ("guest-b", agent_sock), ("host", direct_sock),
+            ("guest-c", agent_sock)]
+    assert at_once("openpgp-tool", jobs, home) == {k: alone for k, _ in jobs}
 
 
 def test_applications_of_two_guests_taking_turns(env, tmp_path):
@@ -134,21 +140,10 @@ def test_applications_of_two_guests_taking_turns(env, tmp_path):
                     capture_output=True, text=True, check=False).stdout:
                 assert time.monotonic() < deadline, f"no {READER} through {sock}"
                 time.sleep(0.2)
-        results: dict = {}
-
-        def one(key, sock):
-            try:
-                results[key] = run("openpgp-tool", sock, home)
-            except AssertionError as exc:
-                results[key] = str(exc)
         jobs = [(f"{k}-{i}", sock) for i in range(2)
                 for k, sock in (("guest1", socks[0]), ("guest2", socks[1]),
                                 ("host", direct_sock))]
-        threads = [threading.Thread(target=one, args=job) for job in jobs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        results = at_once("openpgp-tool", jobs, home)
         assert results == {k: alone for k, _ in jobs}
     finally:
         b.stop()
