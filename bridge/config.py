@@ -220,6 +220,26 @@ def _user(v: Any) -> str | int:
     raise BadValue(f"expected a user or group name or a numeric id, got {_show(v)}")
 
 
+def _account(kind: str):
+    """A user (kind "user") or group ("group") of this machine, by name or numeric id: a
+    name must exist here (pwd/grp; where they do not exist, as on Windows, it is taken
+    as written)."""
+    def parse(v: Any) -> str | int:
+        v = _user(v)
+        if isinstance(v, str):
+            try:
+                import grp
+                import pwd
+            except ImportError:
+                return v
+            try:
+                (pwd.getpwnam if kind == "user" else grp.getgrnam)(v)
+            except KeyError:
+                raise BadValue(f"no {kind} named {v!r} on this machine") from None
+        return v
+    return parse
+
+
 def _control(v: Any) -> str | tuple[int, ...]:
     if v in ("all", "none"):
         return v
@@ -455,8 +475,8 @@ class ClientConfig:
     tls_min_version: str = _f(TLS_VERSION, "1.3")
     socket: str = _f(PATH, DEFAULT_SOCKET)
     socket_mode: int = _f(_Leaf(parse_file_mode), 0o666)
-    socket_owner: str | int | None = _f(_Leaf(_user), None, nullable=True)
-    socket_group: str | int | None = _f(_Leaf(_user), None, nullable=True)
+    socket_owner: str | int | None = _f(_Leaf(_account("user")), None, nullable=True)
+    socket_group: str | int | None = _f(_Leaf(_account("group")), None, nullable=True)
     connect_timeout: float = _f(DURATION, 5.0)
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig,
                                        metadata=_m(ReconnectConfig))

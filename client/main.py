@@ -34,7 +34,23 @@ def build(cfg: config.ClientConfig) -> tuple[RemoteBackend, Facade]:
     return backend, Facade(backend, pool=backend.pool, sockets_per_user=cfg.sockets_per_user)
 
 
-async def serve(cfg: config.ClientConfig) -> None:
+def reload(path: str, over: dict, backend: RemoteBackend) -> None:
+    """SIGHUP: the configuration file is read again and the certificate, key and CA in it
+    are used from the next connection on (a renewed certificate, a new CA). What else
+    changed needs a restart; the log says so. A file that does not load changes nothing."""
+    try:
+        cfg = config.load_client_config(path, over)
+        backend.ssl_context = tls.client_context(cfg.cert, cfg.key, cfg.ca,
+                                                 cfg.tls_min_version)
+    except (config.ConfigError, tls.TLSConfigError, ValueError, OSError) as exc:
+        log.error("agent.reload_failed", error=str(exc), kept="the running configuration")
+        return
+    log.info("agent.reloaded", config=path, applies="certificate, key and CA, from the "
+             "next connection; other keys at the next start")
+
+
+async def serve(cfg: config.ClientConfig, path: str | None = None,
+                over: dict | None = None) -> None:
     backend, facade = build(cfg)
     await backend.start()
     await facade.serve_unix(cfg.socket, cfg.socket_mode, cfg.socket_owner, cfg.socket_group)
@@ -42,6 +58,8 @@ async def serve(cfg: config.ClientConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if path is not None and hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, reload, path, over or {}, backend)
     log.sd_notify("READY=1")
     log.info("agent.ready", socket=cfg.socket, server=str(cfg.server), version=__version__,
              python=platform.python_version(), selector=netio.selector_class().__name__)
@@ -63,7 +81,7 @@ def run(args) -> int:
     try:
         cfg = config.load_client_config(args.config, over)
         log.setup(cfg.log.level)
-        netio.run(serve(cfg))
+        netio.run(serve(cfg, args.config, over))
     except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
         print(f"pcsc-bridge client: {exc}", flush=True)
         return 2

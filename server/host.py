@@ -181,8 +181,14 @@ def _listening_sockets(host: str, port: int) -> list[socket.socket]:
             sock.bind(address)
             sock.listen(128)
             sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         for sock in socks:
             sock.close()
-        raise
+        # the operator's to fix, like any configuration error (exit status 2)
+        raise config.ConfigError(f"server.listen: cannot listen on "
+                                 f"{_address(host, port)}: {exc.strerror or exc}") from None
     return socks
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

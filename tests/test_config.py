@@ -312,3 +312,14 @@ def test_server_refuses_a_key_others_can_read(tmp_path):
     assert out.returncode == 2
     assert f"key file {ca}/host-key.pem is readable by group/others (mode 0644); run: chmod 600" \
         in out.stdout + out.stderr
+
+
+def test_an_owner_or_group_this_machine_does_not_have_is_a_configuration_error(tmp_path):
+    # (it used to pass the check and end the agent with a KeyError from pwd at start)
+    for key, name in (("socket_owner", "nosuchuser"), ("socket_group", "nosuchgroup")):
+        path = write(tmp_path, CLIENT + f"  {key}: {name}\n")
+        with pytest.raises(ConfigError, match=f"{key}.*no (user|group) named '{name}'"):
+            load_client_config(path)
+    c = load_client_config(write(tmp_path, CLIENT + "  socket_owner: root\n"
+                                 "  socket_group: root\n"))
+    assert (c.socket_owner, c.socket_group) == ("root", "root")

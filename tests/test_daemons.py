@@ -1,0 +1,60 @@
+"""The server and the agent as an operator runs them: what a mistake or a habit does.
+
+Each case here once ended in a traceback, a wrong exit status or a dead daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from targets import free_port, make_pki, wait_path, write_client_config, write_server_config
+
+
+def test_a_listen_address_in_use_is_named_and_exits_2(tmp_path):
+    ca = make_pki(str(tmp_path))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    conf = write_server_config(str(tmp_path), ca, port, backend="virtual")
+    try:
+        done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "server", "-c", conf],
+                              capture_output=True, text=True, timeout=30, check=False)
+    finally:
+        taken.close()
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stdout, done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_sighup_does_not_stop_the_agent(tmp_path):
+    # operators HUP both daemons out of habit: the agent reloads its certificate, key and
+    # CA for its next connection and carries on (it used to die with status 129, leaving
+    # its socket behind)
+    ca = make_pki(str(tmp_path))
+    sock = str(tmp_path / "agent.sock")
+    conf = write_client_config(str(tmp_path), ca, free_port(), "guest1", sock)
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "pcsc_bridge", "client", "-c", conf],
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_path(sock)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "agent.reloaded" not in log_path.read_text():
+            assert proc.poll() is None, f"the agent died: {log_path.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.05)
+        assert proc.poll() is None and os.path.exists(sock)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert not os.path.exists(sock)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
