@@ -149,6 +149,27 @@ def _check_identity(cert: str, key: str) -> None:
                            "new one (pcsc-bridge certs server|client ... --force)", cert)
 
 
+def _check_usage(cert: str, role: str) -> None:
+    """A certificate whose extended key usage leaves out this end's role (``server``:
+    serverAuth, ``client``: clientAuth) is refused by every peer: say so at start, here,
+    rather than let each peer's handshake blame the other end."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    want = {"server": ExtendedKeyUsageOID.SERVER_AUTH,
+            "client": ExtendedKeyUsageOID.CLIENT_AUTH}[role]
+    leaf = _certificates(cert, "certificate")[0]
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return                      # no EKU: good for any purpose
+    if want not in usage:
+        names = ", ".join(getattr(u, "_name", u.dotted_string) for u in usage) or "none"
+        other = "a guest's" if role == "server" else "the server's"
+        raise TLSConfigError(f"certificate {cert} is not for a TLS {role} (its extended key "
+                             f"usage: {names}; {other}?): issue one with pcsc-bridge certs "
+                             f"{role} ...", cert)
+
+
 def _check_crl(crl: str, cas: list[x509.Certificate], ca: str) -> None:
     from cryptography import x509
     for block in _pem(_read(crl, "CRL"), "X509 CRL", crl, "CRL"):
@@ -175,8 +196,10 @@ def _signed(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
         return False
 
 
-def _check_files(cert: str, key: str, ca: str, crl: str | None) -> None:
+def _check_files(cert: str, key: str, ca: str, crl: str | None, role: str = "") -> None:
     _check_identity(cert, key)
+    if role:
+        _check_usage(cert, role)
     cas = _certificates(ca, "CA certificate")
     if crl:
         _check_crl(crl, cas, ca)
@@ -231,11 +254,11 @@ def _names(args) -> str:
 
 # --- contexts --------------------------------------------------------------------------------
 def _context(protocol, cert: str, key: str, ca: str, crl: str | None,
-             min_version: str) -> ssl.SSLContext:
+             min_version: str, role: str) -> ssl.SSLContext:
     version = MIN_VERSIONS.get(str(min_version))
     if version is None:
         raise TLSConfigError(f"tls_min_version must be \"1.2\" or \"1.3\", not {min_version!r}")
-    _in_child(_check_files, cert, key, ca, crl)
+    _in_child(_check_files, cert, key, ca, crl, role)
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = version
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -258,14 +281,14 @@ def server_context(cert: str, key: str, ca: str, crl: str | None = None,
                    min_version: str = "1.3") -> ssl.SSLContext:
     """The host server's context: guests must present a certificate from CA (and not one
     listed in CRL, when given); ALPN pcsc-bridge/1; TLS 1.3, or 1.2 when so configured."""
-    return _context(ssl.PROTOCOL_TLS_SERVER, cert, key, ca, crl, min_version)
+    return _context(ssl.PROTOCOL_TLS_SERVER, cert, key, ca, crl, min_version, "server")
 
 
 def client_context(cert: str, key: str, ca: str, min_version: str = "1.3",
                    crl: str | None = None) -> ssl.SSLContext:
     """The guest agent's context: presents the guest's certificate, checks the server's
     against CA and its name (pass server_hostname= when connecting); ALPN pcsc-bridge/1."""
-    ctx = _context(ssl.PROTOCOL_TLS_CLIENT, cert, key, ca, crl, min_version)
+    ctx = _context(ssl.PROTOCOL_TLS_CLIENT, cert, key, ca, crl, min_version, "client")
     ctx.check_hostname = True
     return ctx
 

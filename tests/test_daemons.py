@@ -11,7 +11,10 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
+from pcsc_bridge import tls
 from targets import free_port, make_pki, wait_path, write_client_config, write_server_config
 
 
@@ -58,3 +61,23 @@ def test_sighup_does_not_stop_the_agent(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_certificate_for_the_other_end_is_refused_at_start(tmp_path):
+    # a guest's (clientAuth-only) certificate as the server's: every guest failed, and the
+    # server's log blamed the guest (SSLV3_ALERT_UNSUPPORTED_CERTIFICATE)
+    ca = make_pki(str(tmp_path))
+    with pytest.raises(tls.TLSConfigError, match="not for a TLS server .*clientAuth"):
+        tls.server_context(f"{ca}/guest1.pem", f"{ca}/guest1-key.pem", f"{ca}/ca.pem")
+    with pytest.raises(tls.TLSConfigError, match="not for a TLS client .*serverAuth"):
+        tls.client_context(f"{ca}/host.pem", f"{ca}/host-key.pem", f"{ca}/ca.pem")
+    tls.server_context(f"{ca}/host.pem", f"{ca}/host-key.pem", f"{ca}/ca.pem")
+    tls.client_context(f"{ca}/guest1.pem", f"{ca}/guest1-key.pem", f"{ca}/ca.pem")
+    # and the server says so at start, with the configuration's exit status
+    conf = write_server_config(str(tmp_path), ca, free_port(), backend="virtual")
+    path = Path(conf)
+    path.write_text(path.read_text().replace(f"{ca}/host.pem", f"{ca}/guest1.pem")
+                    .replace(f"{ca}/host-key.pem", f"{ca}/guest1-key.pem"))
+    done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "server", "-c", conf],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2 and "not for a TLS server" in done.stdout, done.stdout

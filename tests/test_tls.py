@@ -9,6 +9,7 @@ import queue
 import socket
 import ssl
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -193,7 +194,14 @@ def test_the_guest_checks_the_server_name_and_purpose(pki, serve):
     with pytest.raises(ssl.SSLCertVerificationError, match="IP address mismatch"):
         srv.connect(guest_context(ca, "alice"), name="127.0.0.2")
     assert guest_context(ca, "alice").check_hostname
-    impostor = serve(tls.ServerTLS(*files(ca, "bob"), ca.path("ca.pem")))  # a guest's cert
+    # a guest's certificate as a server's: pcsc-bridge's server refuses to start with it,
+    # and a server that is not pcsc-bridge's is refused by the guest
+    with pytest.raises(tls.TLSConfigError, match="not for a TLS server"):
+        tls.ServerTLS(*files(ca, "bob"), ca.path("ca.pem"))
+    rogue = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    rogue.load_cert_chain(*files(ca, "bob"))
+    rogue.set_alpn_protocols([tls.ALPN])
+    impostor = serve(types.SimpleNamespace(context=rogue))
     with pytest.raises(ssl.SSLCertVerificationError, match="certificate purpose"):
         impostor.connect(guest_context(ca, "alice"), name="bob")
 
