@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pcsc_bridge import tls
@@ -81,3 +82,24 @@ def test_a_certificate_for_the_other_end_is_refused_at_start(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "server", "-c", conf],
                           capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 2 and "not for a TLS server" in done.stdout, done.stdout
+
+
+def test_doctor_without_pyscard_says_what_it_skips(tmp_path, monkeypatch, capsys):
+    # it failed twice with "ModuleNotFoundError: No module named 'smartcard'"; and its
+    # --help description was cut in the middle of a sentence
+    import importlib.util
+
+    from pcsc_bridge import cli, doctor
+    ca = make_pki(str(tmp_path))
+    conf = write_client_config(str(tmp_path), ca, free_port(), "guest1",
+                               str(tmp_path / "agent.sock"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "smartcard" else real(name, *a))
+    status = doctor.run(SimpleNamespace(config=conf))
+    out = capsys.readouterr().out
+    assert "ModuleNotFoundError" not in out and "skip" in out and "pyscard" in out, out
+    assert status == 1 and "cannot reach the server" in out    # no server: that is all
+    with pytest.raises(SystemExit):
+        cli.main(["doctor", "--help"])
+    assert "say in plain words what is wrong" in " ".join(capsys.readouterr().out.split())
