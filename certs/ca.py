@@ -130,10 +130,27 @@ def _name(cn: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
+MAX_DAYS = 2 * CA_DAYS   # twenty years: beyond that a typo, not a plan
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+
 def _days(days: int) -> dt.timedelta:
-    if not isinstance(days, int) or days < 1:
-        raise CertError(f"--days must be a whole number of days, at least 1 (not {days})")
+    if not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
+        raise CertError(f"--days must be a whole number of days, at least 1 and at most "
+                        f"{MAX_DAYS} (not {days})")
     return dt.timedelta(days=days)
+
+
+def _dns_name(name: str) -> str:
+    """A host name guests can use (RFC 1123 labels: letters, digits, hyphens; at most 253
+    characters; a first label ``*`` is a wildcard)."""
+    labels = (name.removesuffix(".")).split(".")
+    if labels[0] == "*" and len(labels) > 1:
+        labels = labels[1:]
+    if not name or len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise CertError(f"--dns {name!r} is not a DNS name (letters, digits, hyphens and "
+                        "dots, e.g. host.example.net)")
+    return name
 
 
 # --- the CA --------------------------------------------------------------------------------
@@ -226,7 +243,7 @@ class CA:
                             "'-', not starting with a dot, not ending in '-key', and not "
                             "ca, crl or index")
         span = _days(days)
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans: list[x509.GeneralName] = [x509.DNSName(_dns_name(d)) for d in dns]
         for ip in ips:
             try:
                 sans.append(x509.IPAddress(ipaddress.ip_address(ip)))

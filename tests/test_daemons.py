@@ -103,3 +103,23 @@ def test_doctor_without_pyscard_says_what_it_skips(tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit):
         cli.main(["doctor", "--help"])
     assert "say in plain words what is wrong" in " ".join(capsys.readouterr().out.split())
+
+
+def test_certs_refuses_a_bad_dns_name_ip_or_lifetime(tmp_path):
+    # `certs server --dns 'bad name!'` and `--days 100000` were accepted
+    ca = str(tmp_path / "ca")
+    assert subprocess.run([sys.executable, "-m", "pcsc_bridge", "certs", "init", "--dir", ca],
+                          capture_output=True, check=False).returncode == 0
+    for bad, word in ((["--dns", "bad name!"], "not a DNS name"),
+                      (["--dns=-x.example"], "not a DNS name"),
+                      (["--dns", "h.example", "--days", "100000"], "at most 7300")):
+        done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "certs", "server",
+                               "--dir", ca, "host", *bad], capture_output=True, text=True,
+                              check=False)
+        assert done.returncode == 1 and word in done.stderr, (bad, done.stderr)
+        assert not os.path.exists(os.path.join(ca, "host.pem"))
+    done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "certs", "server", "--dir",
+                           ca, "host", "--dns", "*.lab.example", "--dns", "h-1.example.",
+                           "--ip", "::1", "--days", "30"], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
