@@ -134,6 +134,9 @@ MAX_DAYS = 2 * CA_DAYS   # twenty years: beyond that a typo, not a plan
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 
 
+_WHO = {"server": "server", "client": "guest"}
+
+
 def _days(days: int) -> dt.timedelta:
     if not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
         raise CertError(f"--days must be a whole number of days, at least 1 and at most "
@@ -255,6 +258,12 @@ class CA:
         if kind == "client" and sans:
             raise CertError("a guest certificate carries no --dns/--ip names; its CN is its "
                             "identity")
+        other = next((d["kind"] for d in self._load()["certs"]
+                      if d["name"] == name and d["kind"] != kind), None)
+        if other is not None:     # one file name for both: --force would swap them
+            raise CertError(f"{name!r} is the name of a {_WHO[other]} certificate in this "
+                            f"CA; a {_WHO[kind]} certificate needs another name (--force "
+                            f"only replaces a {_WHO[kind]} certificate of the same name)")
         cert_path, key_path = self.path(f"{name}.pem"), self.path(f"{name}-key.pem")
         _refuse_existing((cert_path, key_path), force)
         key = ec.generate_private_key(ec.SECP256R1())

@@ -123,3 +123,21 @@ def test_certs_refuses_a_bad_dns_name_ip_or_lifetime(tmp_path):
                            "--ip", "::1", "--days", "30"], capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_server_and_guest_names_do_not_replace_each_other(tmp_path):
+    # `certs client --dir ca server --force` overwrote the server's certificate and key
+    # with a guest's
+    ca = str(tmp_path / "ca")
+    for args in (["init"], ["server", "host", "--dns", "h.example"], ["client", "lab-01"]):
+        assert subprocess.run([sys.executable, "-m", "pcsc_bridge", "certs", args[0], "--dir",
+                               ca, *args[1:]], capture_output=True, check=False).returncode == 0
+    before = Path(ca, "host.pem").read_bytes()
+    for args in (["client", "host", "--force"], ["server", "lab-01", "--dns", "x", "--force"]):
+        done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "certs", args[0], "--dir",
+                               ca, *args[1:]], capture_output=True, text=True, check=False)
+        assert done.returncode == 1 and "needs another name" in done.stderr, done.stderr
+    assert Path(ca, "host.pem").read_bytes() == before
+    done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "certs", "client", "--dir", ca,
+                           "lab-01", "--force"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr          # a guest's renewal is still fine
