@@ -559,8 +559,9 @@ class RemoteBackend(Backend):
                 link = await self._connect()
             except (OSError, asyncio.TimeoutError, ssl.SSLError, ConnectionError) as exc:
                 self.connecting.clear()
-                reason = getattr(exc, "verify_message", None) or str(exc) \
-                    or type(exc).__name__
+                reason = _plain(exc)
+                if reason is None:          # the same refusal, seen after the handshake
+                    reason = announced or "the server closed the connection"
                 if reason != announced:
                     log.warning("server.unreachable", server=self.server, error=reason,
                                 retry=f"{delay:.1f}s")
@@ -604,6 +605,33 @@ class RemoteBackend(Backend):
                 n += 1
                 link.write(link.conn.send(Ping(n)))
                 keepalive.pinged(time.monotonic(), n)
+
+
+# what the server's TLS alert says about this guest's certificate, in words
+_REFUSALS = {
+    "CERTIFICATE_REVOKED": "the server refused this guest's certificate: it is revoked "
+    "(on the CA host: pcsc-bridge certs client NAME --force, and install the new one here)",
+    "CERTIFICATE_EXPIRED": "the server refused this guest's certificate: it has expired "
+    "(on the CA host: pcsc-bridge certs client NAME --force)",
+    "UNKNOWN_CA": "the server does not know the CA of this guest's certificate",
+    "CERTIFICATE_UNKNOWN": "the server refused this guest's certificate",
+    "BAD_CERTIFICATE": "the server refused this guest's certificate",
+    "UNSUPPORTED_CERTIFICATE": "the server refused this guest's certificate (not one for "
+    "a TLS client: is it the server's?)",
+}
+
+
+def _plain(exc: BaseException) -> str | None:
+    """Why a connection attempt failed, in words that stay the same from one attempt to
+    the next; None for an end of connection right after the handshake (TLS 1.3 sends a
+    refusal of our certificate after it: the same refusal, seen the other way)."""
+    text = str(exc)
+    for alert, words in _REFUSALS.items():
+        if alert in text.upper().replace(" ", "_"):
+            return words
+    if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)):
+        return None
+    return getattr(exc, "verify_message", None) or text or type(exc).__name__
 
 
 def _ignore(_event) -> None:

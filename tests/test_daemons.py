@@ -141,3 +141,20 @@ def test_server_and_guest_names_do_not_replace_each_other(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "certs", "client", "--dir", ca,
                            "lab-01", "--force"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr          # a guest's renewal is still fine
+
+
+def test_a_revoked_guest_is_told_so_once_in_words(tmp_path):
+    # after a revocation the agent alternated two raw OpenSSL messages, a line per retry
+    from test_bridge import Bridge
+    b = Bridge(str(tmp_path), extra="", backend="virtual")
+    assert subprocess.run([sys.executable, "-m", "pcsc_bridge", "certs", "revoke", "--dir",
+                           b.ca, "guest1"], capture_output=True, check=False).returncode == 0
+    try:
+        b.start_server()
+        b.start_agent("guest1")
+        log_path = Path(tmp_path, "agent-guest1.log")
+        time.sleep(4)                 # several attempts (backoff from 0.5 s)
+        lines = [x for x in log_path.read_text().splitlines() if "server.unreachable" in x]
+        assert len(lines) == 1 and "revoked" in lines[0], lines
+    finally:
+        b.stop()
