@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "client": "pcsc_bridge.client.main",
     "certs": "pcsc_bridge.certs.main",
     "doctor": "pcsc_bridge.doctor",
+    "check": "pcsc_bridge.check",
     "emulate": "pcsc_bridge.server.emulate",
     "virtual": "pcsc_bridge.server.control",
 }

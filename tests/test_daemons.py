@@ -158,3 +158,38 @@ def test_a_revoked_guest_is_told_so_once_in_words(tmp_path):
         assert len(lines) == 1 and "revoked" in lines[0], lines
     finally:
         b.stop()
+
+
+def test_check_validates_a_configuration_without_starting_anything(tmp_path):
+    ca = make_pki(str(tmp_path))
+    port = free_port()
+    server = write_server_config(str(tmp_path), ca, port, backend="virtual")
+    client = write_client_config(str(tmp_path), ca, port, "guest1",
+                                 str(tmp_path / "agent.sock"))
+
+    def check(path):
+        return subprocess.run([sys.executable, "-m", "pcsc_bridge", "check", "-c", path],
+                              capture_output=True, text=True, check=False)
+    for path in (server, client):
+        done = check(path)
+        assert done.returncode == 0 and "all good" in done.stdout, done.stdout
+    assert f"127.0.0.1:{port} is free" in check(server).stdout
+    assert not os.path.exists(tmp_path / "agent.sock")        # nothing was started
+    # the mistakes an operator makes: each named, exit status 2
+    path = Path(server)
+    good = path.read_text()
+    for old, new, word in ((f"{ca}/host", f"{ca}/guest1", "not for a TLS server"),
+                           ("limits:", "limitz:", "limitz"),
+                           (f"{ca}/crl.pem", f"{ca}/none.pem", "none.pem")):
+        path.write_text(good.replace(old, new))
+        done = check(server)
+        assert done.returncode == 2 and word in done.stdout, (word, done.stdout)
+    path.write_text(good)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", port))
+    taken.listen(1)
+    try:
+        done = check(server)
+    finally:
+        taken.close()
+    assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stdout

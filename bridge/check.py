@@ -1,0 +1,73 @@
+"""`pcsc-bridge check -c FILE`: check a configuration file the way the server or the agent
+checks it at start — every key and value, the certificate, key, CA and CRL files, the key's
+permissions, that each certificate is for its end (serverAuth, clientAuth), and that the
+server's listen addresses are free — without starting anything. Exit status 0 when all is
+well, 2 otherwise (as the daemons exit on a configuration error)."""
+
+from __future__ import annotations
+
+import os
+
+from . import config, tls
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("check", help="check a configuration file without starting "
+                              "anything", description=" ".join(__doc__.split()))
+    p.add_argument("-c", "--config", required=True, help="a server's or an agent's file")
+    p.set_defaults(func=run)
+
+
+def _sections(path: str) -> set[str]:
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return {"server", "client"}    # the loaders say what is wrong, in their words
+    return set(data) & {"server", "client"} if isinstance(data, dict) else set()
+
+
+def run(args) -> int:
+    problems = 0
+
+    def ok(text):
+        print(f"ok   {text}")
+
+    def bad(text):
+        nonlocal problems
+        problems += 1
+        print(f"FAIL {text}")
+
+    sections = _sections(args.config)
+    if not sections:
+        bad(f"{args.config}: no server: or client: section")
+    if "server" in sections:
+        try:
+            s = config.load_server_config(args.config)
+            ok("server: every key and value")
+            tls.server_context(s.cert, s.key, s.ca, s.crl, s.tls_min_version)
+            ok(f"server: {s.cert} (for a TLS server), {s.key} (private, its key), {s.ca}"
+               + (f", {s.crl}" if s.crl else ""))
+            from pcsc_bridge.server.host import _listening_sockets
+            for address in s.listen:
+                for sock in _listening_sockets(address.host, address.port):
+                    sock.close()
+                ok(f"server: {address} is free to listen on")
+        except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
+            bad(str(exc))
+    if "client" in sections:
+        try:
+            c = config.load_client_config(args.config)
+            ok("client: every key and value")
+            tls.client_context(c.cert, c.key, c.ca, c.tls_min_version)
+            ok(f"client: {c.cert} (for a TLS client), {c.key} (private, its key), {c.ca}")
+            folder = os.path.dirname(c.socket) or "."
+            if not os.path.isdir(folder):
+                bad(f"client.socket: the folder {folder} does not exist")
+            else:
+                ok(f"client: the socket {c.socket} can be made in {folder}")
+        except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
+            bad(str(exc))
+    print("all good" if not problems else f"{problems} problem(s)")
+    return 0 if not problems else 2
