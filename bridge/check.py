@@ -15,6 +15,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("check", help="check a configuration file without starting "
                               "anything", description=" ".join(__doc__.split()))
     p.add_argument("-c", "--config", required=True, help="a server's or an agent's file")
+    p.add_argument("--running", action="store_true",
+                   help="the daemon runs already (before a reload): its listen addresses "
+                   "are its own, not checked")
     p.set_defaults(func=run)
 
 
@@ -50,7 +53,7 @@ def run(args) -> int:
             ok(f"server: {s.cert} (for a TLS server), {s.key} (private, its key), {s.ca}"
                + (f", {s.crl}" if s.crl else ""))
             from pcsc_bridge.server.host import _listening_sockets
-            for address in s.listen:
+            for address in () if args.running else s.listen:
                 for sock in _listening_sockets(address.host, address.port):
                     sock.close()
                 ok(f"server: {address} is free to listen on")

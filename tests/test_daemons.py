@@ -193,3 +193,13 @@ def test_check_validates_a_configuration_without_starting_anything(tmp_path):
     finally:
         taken.close()
     assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stdout
+    # before a reload (systemd's ExecReload): the addresses are the running server's own
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", port))
+    taken.listen(1)
+    try:
+        done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "check", "--running",
+                               "-c", server], capture_output=True, text=True, check=False)
+    finally:
+        taken.close()
+    assert done.returncode == 0 and "all good" in done.stdout, done.stdout
