@@ -1,8 +1,8 @@
 """The `pcsc-bridge` command: one entry point, one subcommand per job.
 
-Each subcommand lives in its own module, which exposes ``register(subparsers)``; that
-function adds its parser and sets ``func`` to a callable taking the parsed arguments and
-returning the exit status.
+Each subcommand lives in its own module, which exposes ``register(subparsers)`` (or the
+function named after a colon); that function adds its parser and sets ``func`` to a
+callable taking the parsed arguments and returning the exit status.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "client": "pcsc_bridge.client.main",
     "certs": "pcsc_bridge.certs.main",
     "doctor": "pcsc_bridge.doctor",
+    "status": "pcsc_bridge.server.admin:register_status",
+    "kick": "pcsc_bridge.server.admin:register_kick",
     "check": "pcsc_bridge.check",
     "emulate": "pcsc_bridge.server.emulate",
     "virtual": "pcsc_bridge.server.control",
@@ -36,9 +38,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pcsc-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     first = next((a for a in argv or () if not a.startswith("-")), None)
-    for name, module in SUBCOMMANDS.items():
+    for name, where in SUBCOMMANDS.items():
         if first not in SUBCOMMANDS or first == name:
-            importlib.import_module(module).register(sub)
+            module, _, function = where.partition(":")
+            getattr(importlib.import_module(module), function or "register")(sub)
     return parser
 
 

@@ -421,6 +421,8 @@ class ServerConfig:
     ca: str = _f(PATH)
     crl: str | None = _f(PATH, None, nullable=True)
     tls_min_version: str = _f(TLS_VERSION, "1.3")
+    # `pcsc-bridge status` / `kick` ask the running server on this socket (mode 0600)
+    admin_socket: str | None = _f(PATH, None, nullable=True)
     # how often the TLS files are looked at: a change reloads them, as SIGHUP does (the
     # way to reload where there are no signals); null: only on SIGHUP
     reload_check: float | None = _f(DURATION, 5.0, nullable=True)

@@ -54,7 +54,9 @@ class ControlServer:
     that serves the backend, so applications see their effect as any card event.
     """
 
-    def __init__(self, backend: VirtualBackend, path: str):
+    COMMANDS = COMMANDS
+
+    def __init__(self, backend: VirtualBackend | None, path: str):
         self.backend = backend
         self.path = path
         self._server: asyncio.AbstractServer | None = None
@@ -109,11 +111,11 @@ class ControlServer:
         except ValueError as exc:  # "No closing quotation"
             return f"error: {str(exc)[:1].lower()}{str(exc)[1:]}"
         if not words:
-            return "error: empty line; commands: " + ", ".join(COMMANDS)
+            return "error: empty line; commands: " + ", ".join(self.COMMANDS)
         name, args = words[0], words[1:]
-        if name not in COMMANDS:
+        if name not in self.COMMANDS:
             shown = name if len(name) <= 40 else name[:40] + "..."
-            return f'error: unknown command "{shown}"; commands: ' + ", ".join(COMMANDS)
+            return f'error: unknown command "{shown}"; commands: ' + ", ".join(self.COMMANDS)
         try:
             answer = getattr(self, "_" + name.replace("-", "_"))(args)
         except Refused as exc:

@@ -48,8 +48,12 @@ async def serve(server: Server) -> None:
     elif control_path:
         log.warning("control.unused", path=control_path, backend=backend.name,
                     reason="only the virtual backend has a control socket")
+    admin = None
     try:
         await server.start()
+        if server.config.admin_socket:
+            from .admin import AdminServer
+            admin = await AdminServer(server, server.config.admin_socket).start()
     except BaseException:
         if control:
             await control.close()
@@ -70,6 +74,8 @@ async def serve(server: Server) -> None:
         watch.cancel()
     if control:
         await control.close()
+    if admin:
+        await admin.close()
     await server.close()
     await backend.close()
 

@@ -127,6 +127,9 @@ class GuestSession(asyncio.Protocol):
         self.accepted = loop.time()
         self.write_paused = False     # the guest does not read what we send
         self.calls = 0                # calls with the backend (streams running)
+        self.since = time.time()      # for `pcsc-bridge status`: when, how many calls,
+        self.calls_total = 0          # how many of them failed (a PC/SC error code)
+        self.errors_total = 0
         self.seq = 0                  # calls received (their arrival numbers)
         # CALL_EARLY calls not done: seq -> (stream id, reader); a later call of another
         # stream on that reader waits for them (parked), so that what the application
@@ -308,6 +311,7 @@ class GuestSession(asyncio.Protocol):
             self._close_stream(stream, Reason.PCSC_ERROR, str(exc))
             return
         self.seq = seq = self.seq + 1
+        self.calls_total += 1
         if flags & CALL_EARLY:
             self.gates[seq] = (sid, self._reader_of(msg), monotonic() + GATE_HOLD_S)
         if stream.running:
@@ -497,6 +501,8 @@ class GuestSession(asyncio.Protocol):
             self._released(seq)
         if stream.ended:
             return
+        if error is not None or reply.rv:
+            self.errors_total += 1
         if error is not None:
             text = str(error) if isinstance(error, BackendError) else repr(error)
             log.warning("backend.error", guest=self.guest, stream=stream.id,

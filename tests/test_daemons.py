@@ -203,3 +203,40 @@ def test_check_validates_a_configuration_without_starting_anything(tmp_path):
     finally:
         taken.close()
     assert done.returncode == 0 and "all good" in done.stdout, done.stdout
+
+
+def test_status_and_kick_on_the_admin_socket(tmp_path):
+    from test_bridge import Bridge, establish
+    admin = str(tmp_path / "admin.sock")
+    b = Bridge(str(tmp_path), guests=("guest1", "guest2"), backend="virtual",
+               extra=f"  admin_socket: {admin}\n")
+    try:
+        b.start_server()
+        wait_path(admin)
+        assert oct(os.stat(admin).st_mode & 0o777) == "0o600"    # owner only
+        socks = {g: b.start_agent(g) for g in ("guest1", "guest2")}
+        apps = {g: b.app(sock) for g, sock in socks.items()}
+        for app in apps.values():
+            establish(app)
+
+        def pb(*args):
+            return subprocess.run([sys.executable, "-m", "pcsc_bridge", *args, "--socket",
+                                   admin], capture_output=True, text=True, check=False)
+        done = pb("status")
+        assert done.returncode == 0, done.stderr
+        assert "guest   guest1 from 127.0.0.1:" in done.stdout and "guest2" in done.stdout
+        assert "backend virtual" in done.stdout and "reader  " in done.stdout
+        done = pb("kick", "guest1")
+        assert done.returncode == 0 and "disconnected guest1 (1 session(s))" in done.stdout
+        # the agent is told why; the other guest carries on
+        agent_log = Path(tmp_path, "agent-guest1.log")
+        deadline = time.monotonic() + 5
+        while "disconnected by the operator" not in agent_log.read_text():
+            assert time.monotonic() < deadline, agent_log.read_text()[-2000:]
+            time.sleep(0.05)
+        establish(apps["guest2"])
+        assert "kick" in Path(tmp_path, "server.log").read_text()
+        done = pb("kick", "nobody")
+        assert done.returncode == 1 and "no guest 'nobody' is connected" in done.stderr
+    finally:
+        b.stop()

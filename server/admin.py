@@ -1,0 +1,129 @@
+"""The server's admin socket (``server.admin_socket``, mode 0600), and the commands that
+use it: ``pcsc-bridge status`` (who is connected, since when, how much) and ``pcsc-bridge
+kick GUEST`` (disconnect a guest now; its applications get SCARD_E_NO_SERVICE and the
+agent connects again unless the guest's certificate is revoked or its policy refuses it).
+One command per line, one answer per line (``ok <JSON>`` or ``error: <why>``), as on the
+virtual readers' control socket (server/control.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from typing import ClassVar
+
+from pcsc_bridge import config
+from pcsc_bridge.wire import Reason
+
+from .control import ControlServer, Refused, send_command
+
+
+class AdminServer(ControlServer):
+    COMMANDS: ClassVar[dict] = {"status": "status", "kick": "kick GUEST"}
+
+    def __init__(self, server, path: str):
+        super().__init__(None, path)
+        self.server = server
+
+    def _status(self, args: list[str]) -> dict:
+        if args:
+            raise Refused("usage: status")
+        s = self.server
+        guests = [{
+            "guest": x.guest, "peer": x.peer,
+            "since": dt.datetime.fromtimestamp(x.since, dt.timezone.utc).isoformat(
+                timespec="seconds"),
+            "streams": len(x.streams), "calls": x.calls_total, "errors": x.errors_total,
+            "wire": x.conn.version if x.conn is not None else None,
+        } for x in sorted(s.sessions, key=lambda x: (x.guest, x.since)) if x.ready]
+        model = s.backend.model
+        readers = [{"name": st.readerName, "card": bool(st.cardAtr)}
+                   for st in model.states if st.readerName]
+        return {"backend": s.backend.name, "pcsc": s.backend.describe(), "guests": guests,
+                "readers": readers}
+
+    def _kick(self, args: list[str]) -> dict:
+        if len(args) != 1:
+            raise Refused("usage: kick GUEST")
+        sessions = list(self.server.by_guest.get(args[0], ()))
+        if not sessions:
+            raise Refused(f"no guest {args[0]!r} is connected")
+        for session in sessions:
+            session.fail("disconnected by the operator (pcsc-bridge kick)", Reason.POLICY)
+        return {"guest": args[0], "sessions": len(sessions)}
+
+
+# --- the commands ----------------------------------------------------------------------------
+def _common(p) -> None:
+    p.add_argument("-c", "--config", help="the server's configuration file (its "
+                   "server.admin_socket)")
+    p.add_argument("--socket", help="the admin socket (instead of -c)")
+
+
+def register_status(subparsers) -> None:
+    p = subparsers.add_parser("status", help="guests connected to this host's server, "
+                              "readers and cards", description=__doc__.split("\n\n")[0])
+    _common(p)
+    p.add_argument("--json", action="store_true", help="the answer as JSON")
+    p.set_defaults(func=run_status)
+
+
+def register_kick(subparsers) -> None:
+    p = subparsers.add_parser("kick", help="disconnect a guest now",
+                              description="Disconnect every session of GUEST (the name in "
+                              "its certificate) from the running server.")
+    p.add_argument("guest", metavar="GUEST")
+    _common(p)
+    p.set_defaults(func=run_kick)
+
+
+def _ask(args, line: str, name: str) -> dict | None:
+    path = args.socket
+    if path is None:
+        if not args.config:
+            print(f"pcsc-bridge {name}: give -c FILE or --socket PATH", file=sys.stderr)
+            return None
+        try:
+            path = config.load_server_config(args.config).admin_socket
+        except config.ConfigError as exc:
+            print(f"pcsc-bridge {name}: {exc}", file=sys.stderr)
+            return None
+        if not path:
+            print(f"pcsc-bridge {name}: {args.config} sets no server.admin_socket",
+                  file=sys.stderr)
+            return None
+    try:
+        answer = send_command(path, line)
+    except OSError as exc:
+        print(f"pcsc-bridge {name}: {path}: {exc.strerror or exc} (is the server running, "
+              "and are you its user?)", file=sys.stderr)
+        return None
+    if not answer.startswith("ok "):
+        print(f"pcsc-bridge {name}: {answer or 'no answer'}", file=sys.stderr)
+        return None
+    return json.loads(answer[3:])
+
+
+def run_status(args) -> int:
+    st = _ask(args, "status", "status")
+    if st is None:
+        return 1
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return 0
+    print(f"backend {st['backend']}: {st['pcsc']}")
+    for r in st["readers"]:
+        print(f"reader  {r['name']}: {'card' if r['card'] else 'no card'}")
+    print(f"{len(st['guests'])} guest session(s)")
+    for g in st["guests"]:
+        print(f"guest   {g['guest']} from {g['peer']} since {g['since']}: {g['streams']} "
+              f"stream(s), {g['calls']} call(s), {g['errors']} error(s), wire {g['wire']}")
+    return 0
+
+
+def run_kick(args) -> int:
+    out = _ask(args, f"kick {json.dumps(args.guest)}", "kick")
+    if out is None:
+        return 1
+    print(f"disconnected {out['guest']} ({out['sessions']} session(s))")
+    return 0
