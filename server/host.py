@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
+import time
 
 from pcsc_bridge import __version__, config, log, netio, tls
 from pcsc_bridge.backend import Backend
+from pcsc_bridge.wire import Reason
 
 from .session import GuestSession
 
@@ -27,6 +30,7 @@ class Server:
         self.listeners: list[socket.socket] = []
         self.accepting: list[asyncio.Task] = []
         self.software = f"pcsc-bridge {__version__}"
+        self.source: tuple | None = None   # (config path, overrides): reload re-reads it
 
     # --- hooks used by sessions -----------------------------------------------------------
     def identity(self, ssl_object) -> str:
@@ -105,15 +109,39 @@ class Server:
 
     async def reload(self) -> None:
         """Re-read certificates, key, CA and CRL (SIGHUP, or a change to them) for new
-        connections; live sessions are not touched. A failed reload keeps the previous
-        files in use."""
+        connections, and the configuration file's guests: policies (``source``); then
+        apply both to the guests connected now: one whose policy no longer allows it, or
+        whose certificate the new CRL lists or that has expired, is disconnected; the
+        others get the new policy (their readers' view at once, their calls from now
+        on). A failed reload keeps the previous files and policies in use."""
         self._stamp = self.tls.stamp()
         try:   # the files are checked in a child process: not on the loop's time
-            self.tls.use(*await asyncio.to_thread(self.tls.load))
-        except tls.TLSConfigError as exc:
-            log.error("server.reload_failed", error=str(exc), kept="previous certificates")
+            loaded = await asyncio.to_thread(self.tls.load)
+            guests = self.config.guests
+            if self.source is not None:
+                guests = config.load_server_config(*self.source).guests
+            revoked = await asyncio.to_thread(tls.revoked_serials, loaded[0].crl) \
+                if loaded[0].crl else set()
+        except (tls.TLSConfigError, config.ConfigError) as exc:
+            log.error("server.reload_failed", error=str(exc),
+                      kept="previous certificates and policies")
             return
-        log.info("server.reloaded")
+        self.tls.use(*loaded)
+        self.config = dataclasses.replace(self.config, guests=guests)
+        now = time.time()
+        for session in list(self.sessions):
+            policy = self.config.policy_for(session.guest)
+            why = ("its certificate is revoked" if session.serial in revoked else
+                   "its certificate has expired" if session.not_after is not None
+                   and session.not_after < now else
+                   "not allowed by policy" if not policy.allow else None)
+            if why:
+                log.warning("guest.disconnected_on_reload", guest=session.guest,
+                            serial=f"{session.serial:x}", peer=session.peer, reason=why)
+                session.fail(f"{why} (server reloaded)", Reason.POLICY)
+            else:
+                session.reconfigure(policy)
+        log.info("server.reloaded", guests=len(self.sessions))
 
     async def watch_files(self, every: float) -> None:
         """Reload when the TLS files change (looked at every ``every`` seconds): how an

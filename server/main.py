@@ -104,6 +104,7 @@ def run(args) -> int:
         cfg = config.load_server_config(args.config, overrides(args))
         log.setup(cfg.log.level)
         server = build(cfg)
+        server.source = (args.config, overrides(args))
         netio.run(serve(server))
     except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
         print(f"pcsc-bridge server: {exc}", flush=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections import deque
 from functools import partial
@@ -116,6 +117,8 @@ class GuestSession(asyncio.Protocol):
         self.transport = None
         self.guest = "?"
         self.peer = "?"
+        self.serial = 0
+        self.not_after: float | None = None
         self.policy: Policy | None = None
         self.streams: dict[int, GuestStream] = {}
         self.ready = False            # both HELLOs exchanged
@@ -159,6 +162,10 @@ class GuestSession(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object else None
         self.guest = self.server.identity(ssl_object)
+        cert = (ssl_object.getpeercert() if ssl_object else None) or {}
+        self.serial = int(cert.get("serialNumber") or "0", 16)   # for a reload's CRL
+        self.not_after = ssl.cert_time_to_seconds(cert["notAfter"]) \
+            if cert.get("notAfter") else None
         if alpn != ALPN:
             return self.fail(f"peer did not negotiate ALPN {ALPN} (got {alpn})")
         self.policy = self.server.config.policy_for(self.guest)
@@ -593,6 +600,12 @@ class GuestSession(asyncio.Protocol):
             self.transport.close()
 
     # --- state and keepalive ------------------------------------------------------------
+    def reconfigure(self, policy: Policy) -> None:
+        """A reload's policy for this guest: its calls are checked against it from now on,
+        and its view of the readers follows it at once (STATE)."""
+        self.policy = policy
+        self._push_states()
+
     def _push_states(self):
         """The model changed: STATE goes out with the next REPLY (one write, one TLS
         record), or on its own on the next loop pass if no reply is due by then (or once

@@ -240,3 +240,33 @@ def test_status_and_kick_on_the_admin_socket(tmp_path):
         assert done.returncode == 1 and "no guest 'nobody' is connected" in done.stderr
     finally:
         b.stop()
+
+
+def test_a_reload_applies_to_the_guests_connected_now(tmp_path):
+    # a reload used to change only what new connections met: a guest the new policy
+    # refuses, or whose certificate was just revoked, stayed connected
+    from test_bridge import Bridge, establish
+    b = Bridge(str(tmp_path), guests=("guest1", "guest2", "guest3"), backend="virtual")
+    try:
+        b.start_server()
+        apps = {g: b.app(b.start_agent(g)) for g in ("guest1", "guest2", "guest3")}
+        for app in apps.values():
+            establish(app)
+        server_yaml = Path(tmp_path, "server.yaml")
+        server_yaml.write_text(server_yaml.read_text() + "  guests:\n    guest2: {allow: false}\n")
+        assert subprocess.run([sys.executable, "-m", "pcsc_bridge", "certs", "revoke", "--dir",
+                               b.ca, "guest3"], capture_output=True, check=False).returncode == 0
+        b.server.proc.send_signal(signal.SIGHUP)
+        for guest, why in (("guest2", "not allowed by policy (server reloaded)"),
+                           ("guest3", "its certificate is revoked (server reloaded)")):
+            agent_log = Path(tmp_path, f"agent-{guest}.log")
+            deadline = time.monotonic() + 10
+            while why not in agent_log.read_text():
+                assert time.monotonic() < deadline, agent_log.read_text()[-2000:]
+                time.sleep(0.05)
+        server_log = Path(tmp_path, "server.log").read_text()
+        assert "guest.disconnected_on_reload guest=guest3 serial=" in server_log
+        establish(apps["guest1"])              # the others carry on
+        assert "server.goaway" not in Path(tmp_path, "agent-guest1.log").read_text()
+    finally:
+        b.stop()
