@@ -85,6 +85,22 @@ _HANDLES = frozenset({Connect, Disconnect, ReleaseContext})
 GATE_HOLD_S = 0.1
 
 
+_SHARE = {1: "exclusive", 2: "shared", 3: "direct"}
+_PROTOCOL = {0: "none", 1: "T0", 2: "T1", 4: "raw", 0x10000: "raw"}
+
+
+class CardUse:
+    """One card handle of a guest's application, for the audit line when it ends."""
+
+    __slots__ = ("apdus", "context", "protocol", "reader", "share", "start", "stream")
+
+    def __init__(self, reader: str, context: int, stream: int, share: int, protocol: int):
+        self.reader, self.context, self.stream = reader, context, stream
+        self.share, self.protocol = share, protocol
+        self.start = time.time()
+        self.apdus = 0
+
+
 class GuestStream:
     """One of the guest's streams (one application socket on the guest): one call at a
     time with the backend, the calls pipelined behind it (wire revision 2) in order."""
@@ -140,7 +156,7 @@ class GuestSession(asyncio.Protocol):
         self.gates: dict[int, tuple] = {}   # seq -> (stream id, reader, until when)
         self.parked: list[tuple] = []  # (stream, msg, seq)
         self._gate_timer: asyncio.TimerHandle | None = None
-        self.handles: dict[int, tuple[str, int]] = {}   # hCard -> its reader, hContext
+        self.handles: dict[int, CardUse] = {}   # hCard -> its reader, context, use
         self.pings = 0                # PINGs sent (their tokens)
         self.repeats = log.Repeats()  # what this guest can make us log over and over
         self._sent_states = None
@@ -334,8 +350,11 @@ class GuestSession(asyncio.Protocol):
         if not rv:
             rv = self.policy.check(msg)
             if rv:
+                share = getattr(msg, "dwShareMode", None)
                 self.repeats(log.info, "policy.denied", type(msg), guest=self.guest,
-                             stream=stream.id, call=type(msg).__name__, rv=rv_name(rv))
+                             stream=stream.id, call=type(msg).__name__, rv=rv_name(rv),
+                             reader=self._reader_of(msg),
+                             share=_SHARE.get(share, share) if share is not None else None)
         if rv:
             stream.last_rv = rv
             self._released(seq)
@@ -359,7 +378,8 @@ class GuestSession(asyncio.Protocol):
         if kind is ReleaseContext:
             return "*"
         h = getattr(msg, "hCard", None)
-        return None if h is None else self.handles.get(h, (None,))[0]
+        use = self.handles.get(h) if h is not None else None
+        return use.reader if use is not None else None
 
     def _gated(self, sid: int, msg: Message, seq: int) -> bool:
         """A CALL_EARLY call on ``msg``'s reader, from another stream, came before it."""
@@ -435,6 +455,9 @@ class GuestSession(asyncio.Protocol):
         """Forget the stream and close its backend stream (a call under way is dropped:
         the backend sees its socket close, as when an application dies)."""
         self.streams.pop(stream.id, None)
+        for h in [h for h, u in self.handles.items() if u.stream == stream.id]:
+            self._card_used(self.handles.pop(h), "application gone"
+                            if not self.closed else "guest gone")
         stream.ended = True
         if stream.running:
             stream.running = False
@@ -527,20 +550,40 @@ class GuestSession(asyncio.Protocol):
                                else Reason.BACKEND, text)
             return
         stream.last_rv = reply.rv
-        if reply.rv == 0 and type(msg) in _HANDLES:
-            self._handles(msg, reply)
+        kind = type(msg)
+        if kind is Transmit:
+            use = self.handles.get(msg.hCard)
+            if use is not None:
+                use.apdus += 1
+        elif reply.rv == 0 and kind in _HANDLES:
+            self._handles(stream, msg, reply)
         self._reply(stream, encode_reply(reply, WIRE))
         self._next(stream)
 
-    def _handles(self, msg: Message, reply: Message):
-        """Which reader each card handle is on (CALL_EARLY's order is per reader)."""
+    def _handles(self, stream: GuestStream, msg: Message, reply: Message):
+        """Which reader each card handle is on (CALL_EARLY's order is per reader), and
+        the audit line of each card use when it ends."""
         kind = type(msg)
         if kind is Connect:
-            self.handles[reply.hCard] = (msg.szReader, msg.hContext)
+            self.handles[reply.hCard] = CardUse(
+                msg.szReader, msg.hContext, stream.id, msg.dwShareMode,
+                reply.dwActiveProtocol)
         elif kind is Disconnect:
-            self.handles.pop(msg.hCard, None)
+            self._card_used(self.handles.pop(msg.hCard, None), "disconnected")
         else:
-            self.handles = {h: v for h, v in self.handles.items() if v[1] != msg.hContext}
+            for h in [h for h, u in self.handles.items() if u.context == msg.hContext]:
+                self._card_used(self.handles.pop(h), "context released")
+
+    def _card_used(self, use: CardUse | None, end: str) -> None:
+        """One line per card use (``audit.card``): who, which reader, how, how long, how
+        many APDUs, how it ended."""
+        if use is None:
+            return
+        log.info("audit.card", guest=self.guest, stream=use.stream, reader=use.reader,
+                 share=_SHARE.get(use.share, use.share),
+                 protocol=_PROTOCOL.get(use.protocol, use.protocol),
+                 start=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(use.start)),
+                 seconds=round(time.time() - use.start, 3), apdus=use.apdus, end=end)
 
     def _backend_lost(self, stream: GuestStream):
         """The backend ended an idle stream's connection (pcscd restarted): its contexts

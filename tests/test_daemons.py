@@ -270,3 +270,37 @@ def test_a_reload_applies_to_the_guests_connected_now(tmp_path):
         assert "server.goaway" not in Path(tmp_path, "agent-guest1.log").read_text()
     finally:
         b.stop()
+
+
+def test_each_card_use_is_audited_and_denials_name_reader_and_mode(tmp_path):
+    from smartcard import scard as s
+    from test_bridge import Bridge, establish
+    b = Bridge(str(tmp_path), backend="virtual",
+               extra="  guests:\n    default: {exclusive: false}\n")
+    try:
+        b.start_server()
+        app = b.app(b.start_agent("guest1"))
+        ctx = establish(app)
+        reader = app.SCardListReaders(ctx, [])[1][0]
+        hr, card, proto = app.SCardConnect(ctx, reader, s.SCARD_SHARE_SHARED,
+                                           s.SCARD_PROTOCOL_T0 | s.SCARD_PROTOCOL_T1)
+        assert hr == 0
+        for _ in range(3):
+            assert app.SCardTransmit(card, proto, [0x80, 0xEE, 0, 0, 1, 7])[0] == 0
+        assert app.SCardDisconnect(card, s.SCARD_LEAVE_CARD) == [0]
+        hr, _, _ = app.SCardConnect(ctx, reader, s.SCARD_SHARE_EXCLUSIVE, s.SCARD_PROTOCOL_T1)
+        assert hr != 0
+        server_log = Path(tmp_path, "server.log")
+        deadline = time.monotonic() + 5
+        while "audit.card" not in server_log.read_text():
+            assert time.monotonic() < deadline, server_log.read_text()[-2000:]
+            time.sleep(0.05)
+        text = server_log.read_text()
+        line = next(x for x in text.splitlines() if "audit.card" in x)
+        for part in ("guest=guest1", f'reader="{reader}"', "share=shared", "protocol=T1",
+                     "apdus=3", "end=disconnected", "start="):
+            assert part in line, (part, line)
+        denied = next(x for x in text.splitlines() if "policy.denied" in x)
+        assert f'reader="{reader}"' in denied and "share=exclusive" in denied, denied
+    finally:
+        b.stop()
