@@ -240,6 +240,14 @@ def _account(kind: str):
     return parse
 
 
+def _auto_bool(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v in ("auto", "true", "false"):
+        return v
+    raise BadValue(f"expected auto, true or false, got {_show(v)}")
+
+
 def _control(v: Any) -> str | tuple[int, ...]:
     if v in ("all", "none"):
         return v
@@ -300,6 +308,9 @@ TLS_VERSION = _Leaf(_choice("1.2", "1.3"))
 @dataclass(frozen=True, kw_only=True)
 class LogConfig:
     level: str = _f(_Leaf(_choice("debug", "info", "warning", "error")), "info")
+    format: str = _f(_Leaf(_choice("text", "json")), "text")
+    # the time in front of each line: auto = unless journald is the reader (it stamps)
+    timestamps: str = _f(_Leaf(_auto_bool, typed=True), "auto")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,8 +1,11 @@
-"""Logging: one line per event, ``event key=value ...``, to stderr (journald keeps it)."""
+"""Logging: one line per event, to stderr (journald keeps it): ``LEVEL event key=value
+...``, or one JSON object per line (``log.format: json``); with the time in front unless
+journald, which stamps each line itself, is the reader (``log.timestamps``)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -10,6 +13,8 @@ import time
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _level = LEVELS["warning"]   # until setup(): what Python prints with no logging set up
+_json = False                # log.format: json
+_stamp = False               # the time in front of each line
 
 
 # inside quotes: backslash, quote and every control character escaped, so text a peer
@@ -37,7 +42,19 @@ def _emit(level: str, event: str, fields: dict) -> None:
     if stream is None:            # started without a stderr
         return
     with contextlib.suppress(Exception):   # stderr closed or gone: the line is lost, not
-        stream.write(f"{level} {kv(event, **fields)}\n")   # the service
+        if _json:                           # the service
+            stream.write(json.dumps({"time": _now(), "level": level, "event": event}
+                                    | {k: v for k, v in fields.items() if v is not None},
+                                    default=str) + "\n")
+        elif _stamp:
+            stream.write(f"{_now()} {level} {kv(event, **fields)}\n")
+        else:
+            stream.write(f"{level} {kv(event, **fields)}\n")
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 def debug(event: str, **fields) -> None:
@@ -59,10 +76,15 @@ def error(event: str, **fields) -> None:
     _emit("ERROR", event, fields)
 
 
-def setup(level: str = "info") -> None:
-    """Log ``level`` and above, one line each, ``LEVEL event key=value ...``."""
-    global _level
+def setup(level: str = "info", fmt: str = "text", timestamps: str = "auto") -> None:
+    """Log ``level`` and above, one line each: ``LEVEL event key=value ...`` (``fmt``
+    text) or a JSON object (json, with a "time" always); the time in front of text lines
+    with ``timestamps`` true, or auto: unless stderr is journald's (JOURNAL_STREAM)."""
+    global _level, _json, _stamp
     _level = LEVELS[level.lower()]
+    _json = fmt == "json"
+    _stamp = timestamps == "true" or (timestamps == "auto"
+                                      and not os.environ.get("JOURNAL_STREAM"))
 
 
 def sd_notify(message: str) -> None:

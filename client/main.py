@@ -80,7 +80,7 @@ def run(args) -> int:
                               "log.level": args.log_level}.items() if v}
     try:
         cfg = config.load_client_config(args.config, over)
-        log.setup(cfg.log.level)
+        log.setup(cfg.log.level, cfg.log.format, cfg.log.timestamps)
         netio.run(serve(cfg, args.config, over))
     except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
         print(f"pcsc-bridge client: {exc}", flush=True)

@@ -102,7 +102,7 @@ def on_signals(loop: asyncio.AbstractEventLoop, stop, reload) -> str:
 def run(args) -> int:
     try:
         cfg = config.load_server_config(args.config, overrides(args))
-        log.setup(cfg.log.level)
+        log.setup(cfg.log.level, cfg.log.format, cfg.log.timestamps)
         server = build(cfg)
         server.source = (args.config, overrides(args))
         netio.run(serve(server))

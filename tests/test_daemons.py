@@ -5,7 +5,9 @@ Each case here once ended in a traceback, a wrong exit status or a dead daemon.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -304,3 +306,30 @@ def test_each_card_use_is_audited_and_denials_name_reader_and_mode(tmp_path):
         assert f'reader="{reader}"' in denied and "share=exclusive" in denied, denied
     finally:
         b.stop()
+
+
+def test_log_lines_carry_the_time_off_journald_and_can_be_json(tmp_path):
+    ca = make_pki(str(tmp_path))
+    sock = str(tmp_path / "agent.sock")
+    conf = Path(write_client_config(str(tmp_path), ca, free_port(), "guest1", sock))
+
+    def first_line(env):
+        with open(tmp_path / "agent.log", "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "pcsc_bridge", "client", "-c",
+                                     str(conf)], stdout=out, stderr=subprocess.STDOUT,
+                                    env={**{k: v for k, v in os.environ.items()
+                                            if k != "JOURNAL_STREAM"}, **env})
+        try:
+            wait_path(sock)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        return (tmp_path / "agent.log").read_text().splitlines()[0]
+    line = first_line({})
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO socket.listen ", line), line
+    assert first_line({"JOURNAL_STREAM": "8:1234"}).startswith("INFO socket.listen ")
+    conf.write_text(conf.read_text().replace("log: {level: info}",
+                                             "log: {level: info, format: json}"))
+    record = json.loads(first_line({}))
+    assert record["event"] == "socket.listen" and record["level"] == "INFO" and record["time"]
+    assert record["path"] == sock
