@@ -31,17 +31,28 @@ def _sections(path: str) -> set[str]:
     return set(data) & {"server", "client"} if isinstance(data, dict) else set()
 
 
-def run(args) -> int:
-    problems = 0
+class Report:
+    """What a checking command prints: ``ok`` and ``FAIL`` lines, then a verdict."""
 
-    def ok(text):
+    def __init__(self):
+        self.problems = 0
+
+    def ok(self, text: str) -> None:
         print(f"ok   {text}")
 
-    def bad(text):
-        nonlocal problems
-        problems += 1
+    def bad(self, text: str) -> None:
+        self.problems += 1
         print(f"FAIL {text}")
 
+    def end(self, failed: int = 1) -> int:
+        """The verdict line; the exit status: 0, or ``failed`` after a problem."""
+        print("all good" if not self.problems else f"{self.problems} problem(s)")
+        return failed if self.problems else 0
+
+
+def run(args) -> int:
+    report = Report()
+    ok, bad = report.ok, report.bad
     sections = _sections(args.config)
     if not sections:
         bad(f"{args.config}: no server: or client: section")
@@ -72,5 +83,4 @@ def run(args) -> int:
                 ok(f"client: the socket {c.socket} can be made in {folder}")
         except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
             bad(str(exc))
-    print("all good" if not problems else f"{problems} problem(s)")
-    return 0 if not problems else 2
+    return report.end(2)

@@ -114,15 +114,9 @@ def library_dialect(timeout: float = 10.0) -> str:
 
 
 def run(args) -> int:
-    problems = 0
-
-    def ok(text):
-        print(f"ok   {text}")
-
-    def bad(text):
-        nonlocal problems
-        problems += 1
-        print(f"FAIL {text}")
+    from .check import Report
+    report = Report()
+    ok, bad = report.ok, report.bad
 
     try:
         c = config.load_client_config(args.config)
@@ -157,8 +151,7 @@ def run(args) -> int:
         print("skip the client library's dialect and the readers through the agent: they "
               "are checked with pyscard, which is not installed here (pip install "
               "'pcsc-bridge[pyscard]', or apt install python3-pyscard)")
-        print("all good" if not problems else f"{problems} problem(s)")
-        return 0 if not problems else 1
+        return report.end()
     try:
         dialect = library_dialect()
         note = "" if not backend_dialect or dialect == backend_dialect else \
@@ -177,5 +170,4 @@ def run(args) -> int:
             ok(f"through {c.socket}: " + out.stdout.strip().replace("\n", "\n       "))
         else:
             bad(f"through {c.socket}: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
-    print("all good" if not problems else f"{problems} problem(s)")
-    return 0 if not problems else 1
+    return report.end()
