@@ -63,9 +63,9 @@ def run(args) -> int:
             tls.server_context(s.cert, s.key, s.ca, s.crl, s.tls_min_version)
             ok(f"server: {s.cert} (for a TLS server), {s.key} (private, its key), {s.ca}"
                + (f", {s.crl}" if s.crl else ""))
-            from pcsc_bridge.server.host import _listening_sockets
+            from pcsc_bridge.server.host import listening_sockets
             for address in () if args.running else s.listen:
-                for sock in _listening_sockets(address.host, address.port):
+                for sock in listening_sockets(address.host, address.port):
                     sock.close()
                 ok(f"server: {address} is free to listen on")
         except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:

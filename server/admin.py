@@ -33,7 +33,7 @@ class AdminServer(ControlServer):
             "guest": x.guest, "peer": x.peer,
             "since": dt.datetime.fromtimestamp(x.since, dt.timezone.utc).isoformat(
                 timespec="seconds"),
-            "streams": len(x.streams), "calls": x.calls_total, "errors": x.errors_total,
+            "streams": len(x.streams), "calls": x.seq, "errors": x.errors_total,
             "wire": x.conn.version if x.conn is not None else None,
         } for x in sorted(s.sessions, key=lambda x: (x.guest, x.since)) if x.ready]
         model = s.backend.model

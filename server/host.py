@@ -64,7 +64,7 @@ class Server:
     # --- listeners ------------------------------------------------------------------------
     async def start(self) -> None:
         for host, port in self.config.listen:
-            socks = _listening_sockets(host, port)
+            socks = listening_sockets(host, port)
             for sock in socks:
                 self.listeners.append(sock)
                 self.accepting.append(asyncio.get_running_loop().create_task(
@@ -194,7 +194,7 @@ async def _first_byte(sock: socket.socket, timeout: float) -> bool:
         return False
 
 
-def _listening_sockets(host: str, port: int) -> list[socket.socket]:
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
     """One listening TCP socket per address HOST resolves to (IPv4 and IPv6)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)

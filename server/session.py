@@ -146,10 +146,9 @@ class GuestSession(asyncio.Protocol):
         self.accepted = loop.time()
         self.write_paused = False     # the guest does not read what we send
         self.calls = 0                # calls with the backend (streams running)
-        self.since = time.time()      # for `pcsc-bridge status`: when, how many calls,
-        self.calls_total = 0          # how many of them failed (a PC/SC error code)
-        self.errors_total = 0
-        self.seq = 0                  # calls received (their arrival numbers)
+        self.since = time.time()      # for `pcsc-bridge status`: since when, and how
+        self.errors_total = 0         # many calls failed (a PC/SC error code)
+        self.seq = 0                  # calls received (their arrival numbers; status)
         # CALL_EARLY calls not done: seq -> (stream id, reader); a later call of another
         # stream on that reader waits for them (parked), so that what the application
         # was told is done happens before anything the guest does after it
@@ -334,7 +333,6 @@ class GuestSession(asyncio.Protocol):
             self._close_stream(stream, Reason.PCSC_ERROR, str(exc))
             return
         self.seq = seq = self.seq + 1
-        self.calls_total += 1
         if flags & CALL_EARLY:
             self.gates[seq] = (sid, self._reader_of(msg), monotonic() + GATE_HOLD_S)
         if stream.running:
@@ -366,8 +364,7 @@ class GuestSession(asyncio.Protocol):
         if self.gates and not flags & CALL_EARLY and self._gated(stream.id, msg, seq):
             self.parked.append((stream, msg, seq))
             if self._gate_timer is None:
-                self._gate_timer = asyncio.get_running_loop().call_later(
-                    GATE_HOLD_S / 2, self._gates_expire)
+                self._gates_expire_later()
             return
         self._submit(stream, msg, seq)
 
@@ -400,8 +397,11 @@ class GuestSession(asyncio.Protocol):
         if self.parked and not self.closed:
             self._released(0)
             if self.parked:
-                self._gate_timer = asyncio.get_running_loop().call_later(
-                    GATE_HOLD_S / 2, self._gates_expire)
+                self._gates_expire_later()
+
+    def _gates_expire_later(self):
+        self._gate_timer = asyncio.get_running_loop().call_later(GATE_HOLD_S / 2,
+                                                                 self._gates_expire)
 
     def _next(self, stream: GuestStream):
         if stream.queue and not stream.ended and not stream.running:
