@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _sections(path: str) -> set[str]:
+def sections(path: str) -> set[str]:
     import yaml
     try:
         with open(path, encoding="utf-8") as f:
@@ -53,10 +53,10 @@ class Report:
 def run(args) -> int:
     report = Report()
     ok, bad = report.ok, report.bad
-    sections = _sections(args.config)
-    if not sections:
+    found = sections(args.config)
+    if not found:
         bad(f"{args.config}: no server: or client: section")
-    if "server" in sections:
+    if "server" in found:
         try:
             s = config.load_server_config(args.config)
             ok("server: every key and value")
@@ -70,7 +70,7 @@ def run(args) -> int:
                 ok(f"server: {address} is free to listen on")
         except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
             bad(str(exc))
-    if "client" in sections:
+    if "client" in found:
         try:
             c = config.load_client_config(args.config)
             ok("client: every key and value")

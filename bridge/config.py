@@ -505,6 +505,8 @@ class ClientConfig:
     # SCardBeginTransaction, SCardEndTransaction and SCardDisconnect(LEAVE) answered before
     # the server has (a server of wire revision 2; docs/wire-protocol.md, "Shortcuts")
     early_answers: bool = _f(BOOL, True)
+    # `pcsc-bridge status` asks the running agent on this socket (mode 0600)
+    admin_socket: str | None = _f(PATH, None, nullable=True)
 
     def __post_init__(self):
         if self.server_name is None:

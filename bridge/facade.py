@@ -18,6 +18,7 @@ import os
 import socket
 import stat
 import struct
+import time
 
 from . import log, netio
 from .appstate import AppState
@@ -117,6 +118,7 @@ class AppSession(asyncio.Protocol):
         self.stream: BackendStream | None = None
         self.info = AppInfo()
         self.reading = True           # its socket is read
+        self.since = time.time()      # for `pcsc-bridge status`
         self._unlisten = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------

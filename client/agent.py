@@ -189,6 +189,9 @@ class Link(asyncio.Protocol):
             _finish(entry, BackendError(reason, SCARD_E_NO_SERVICE, limit))
 
     def _on_pong(self, event: Pong):
+        ping = self.keepalive.ping
+        if ping is not None and ping[0] == event.token:   # the link's round trip, for status
+            self.agent.rtt = (time.monotonic() - ping[1], time.time())
         self.keepalive.ponged(event.token)
 
     def _on_ping(self, event: Ping):
@@ -429,6 +432,11 @@ class RemoteBackend(Backend):
         self.connecting = asyncio.Event()
         self.connected = asyncio.Event()
         self._task: asyncio.Task | None = None
+        # for `pcsc-bridge status`: since when the link is up or down, why it is down, and
+        # the last PING's round trip (seconds, and when it was measured)
+        self.since = time.time()
+        self.error: str | None = None
+        self.rtt: tuple[float, float] | None = None
 
     def describe(self) -> str:
         return f"pcsc-bridge server {self.server}"
@@ -563,6 +571,7 @@ class RemoteBackend(Backend):
                 if reason is None:          # the same refusal, seen after the handshake
                     reason = announced or "the server closed the connection"
                 if reason != announced:
+                    self.error = reason
                     log.warning("server.unreachable", server=self.server, error=reason,
                                 retry=f"{delay:.1f}s")
                     announced = reason
@@ -570,9 +579,10 @@ class RemoteBackend(Backend):
                 delay = min(delay * 2, self.reconnect_max)
                 continue
             self.connecting.clear()
-            announced = None
+            announced = self.error = None
             delay = self.reconnect_initial
             self.link = link
+            self.since = time.time()
             self.connected.set()
             self.pool.prepare()
             hello = link.server_hello
@@ -589,6 +599,8 @@ class RemoteBackend(Backend):
                     self.connected.clear()
                 self.pool.drop()          # its streams went with the link
                 self.model.update(())
+                self.since, self.rtt = time.time(), None
+                self.error = "connection lost"
             log.warning("server.disconnected", server=self.server)
 
     async def _keepalive(self, link: Link) -> None:

@@ -54,6 +54,10 @@ async def serve(cfg: config.ClientConfig, path: str | None = None,
     backend, facade = build(cfg)
     await backend.start()
     await facade.serve_unix(cfg.socket, cfg.socket_mode, cfg.socket_owner, cfg.socket_group)
+    admin = None
+    if cfg.admin_socket:
+        from .admin import AgentAdmin
+        admin = await AgentAdmin(backend, facade, cfg.admin_socket).start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -67,6 +71,8 @@ async def serve(cfg: config.ClientConfig, path: str | None = None,
         await stop.wait()
     finally:
         log.sd_notify("STOPPING=1")
+        if admin is not None:
+            await admin.close()
         await facade.close()
         await backend.close()
         try:

@@ -56,13 +56,17 @@ class AdminServer(ControlServer):
 # --- the commands ----------------------------------------------------------------------------
 def _common(p) -> None:
     p.add_argument("-c", "--config", help="the server's configuration file (its "
-                   "server.admin_socket)")
+                   "server.admin_socket), or a guest's (client.admin_socket)")
     p.add_argument("--socket", help="the admin socket (instead of -c)")
 
 
 def register_status(subparsers) -> None:
-    p = subparsers.add_parser("status", help="guests connected to this host's server, "
-                              "readers and cards", description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "status", help="the running server's guests, readers and cards, or the running "
+        "agent's link and applications", description="Ask the running server (guests "
+        "connected, since when, how much; readers and cards) or, with a guest's file, the "
+        "running agent (the link to the server and its round trip; readers; applications "
+        "and the cards they hold) on its admin socket.")
     _common(p)
     p.add_argument("--json", action="store_true", help="the answer as JSON")
     p.set_defaults(func=run_status)
@@ -77,26 +81,37 @@ def register_kick(subparsers) -> None:
     p.set_defaults(func=run_kick)
 
 
+def _admin_socket(path: str, name: str) -> str | None:
+    """The admin socket a configuration file names: the server's, or on a guest the
+    agent's (a file with both sections: the server's)."""
+    from pcsc_bridge.check import sections
+    try:
+        if "server" in sections(path):
+            cfg, key = config.load_server_config(path), "server.admin_socket"
+        else:
+            cfg, key = config.load_client_config(path), "client.admin_socket"
+    except config.ConfigError as exc:
+        print(f"pcsc-bridge {name}: {exc}", file=sys.stderr)
+        return None
+    if not cfg.admin_socket:
+        print(f"pcsc-bridge {name}: {path} sets no {key}", file=sys.stderr)
+    return cfg.admin_socket
+
+
 def _ask(args, line: str, name: str) -> dict | None:
     path = args.socket
     if path is None:
         if not args.config:
             print(f"pcsc-bridge {name}: give -c FILE or --socket PATH", file=sys.stderr)
             return None
-        try:
-            path = config.load_server_config(args.config).admin_socket
-        except config.ConfigError as exc:
-            print(f"pcsc-bridge {name}: {exc}", file=sys.stderr)
-            return None
+        path = _admin_socket(args.config, name)
         if not path:
-            print(f"pcsc-bridge {name}: {args.config} sets no server.admin_socket",
-                  file=sys.stderr)
             return None
     try:
         answer = send_command(path, line)
     except OSError as exc:
-        print(f"pcsc-bridge {name}: {path}: {exc.strerror or exc} (is the server running, "
-              "and are you its user?)", file=sys.stderr)
+        print(f"pcsc-bridge {name}: {path}: {exc.strerror or exc} (is the server or agent "
+              "running, and are you its user?)", file=sys.stderr)
         return None
     if not answer.startswith("ok "):
         print(f"pcsc-bridge {name}: {answer or 'no answer'}", file=sys.stderr)
@@ -110,7 +125,14 @@ def run_status(args) -> int:
         return 1
     if args.json:
         print(json.dumps(st, indent=1))
-        return 0
+    elif st.get("role") == "agent":
+        _print_agent(st)
+    else:
+        _print_server(st)
+    return 0
+
+
+def _print_server(st: dict) -> None:
     print(f"backend {st['backend']}: {st['pcsc']}")
     for r in st["readers"]:
         print(f"reader  {r['name']}: {'card' if r['card'] else 'no card'}")
@@ -118,7 +140,24 @@ def run_status(args) -> int:
     for g in st["guests"]:
         print(f"guest   {g['guest']} from {g['peer']} since {g['since']}: {g['streams']} "
               f"stream(s), {g['calls']} call(s), {g['errors']} error(s), wire {g['wire']}")
-    return 0
+
+
+def _print_agent(st: dict) -> None:
+    if st["link"] == "connected":
+        rtt = f", round trip {st['rtt_ms']:.1f} ms at {st['rtt_at']}" if st["rtt_ms"] else ""
+        print(f"server  {st['server']}: connected since {st['since']} as {st['guest']} "
+              f"(backend {st['backend']}, wire {st['wire']}{rtt})")
+    else:
+        why = f": {st['error']}" if st["error"] else ""
+        print(f"server  {st['server']}: {st['link']} since {st['since']}{why}")
+    for r in st["readers"]:
+        print(f"reader  {r['name']}: {'card' if r['card'] else 'no card'}")
+    print(f"{len(st['applications'])} application(s), {st['streams']} stream(s) to the server")
+    for a in st["applications"]:
+        cards = ", ".join(a["cards"]) or "no card"
+        print(f"app     {a['app']}: pid {a['pid']} ({a['command'] or '?'}) uid {a['uid']} "
+              f"since {a['since']}, {a['dialect'] or 'no version yet'}, "
+              f"{a['contexts']} context(s), {cards}")
 
 
 def run_kick(args) -> int:

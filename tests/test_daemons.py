@@ -244,6 +244,61 @@ def test_status_and_kick_on_the_admin_socket(tmp_path):
         b.stop()
 
 
+def test_status_on_a_guest_shows_the_link_and_its_applications(tmp_path):
+    # on a guest an operator could not tell whether the agent was connected, to what, how
+    # fast, or which application held a card: `pcsc-bridge status -c client.yaml` says
+    from smartcard import scard as s
+    from test_bridge import Bridge, establish
+    b = Bridge(str(tmp_path), guests=("guest1",), backend="virtual")
+    admin = str(tmp_path / "agent-admin.sock")
+    try:
+        b.start_server()
+        app = b.app(b.start_agent("guest1", extra=f"  admin_socket: {admin}\n"))
+        conf = str(tmp_path / "client-guest1.yaml")
+        wait_path(admin)
+        assert oct(os.stat(admin).st_mode & 0o777) == "0o600"    # owner only
+        ctx = establish(app)
+        reader = app.SCardListReaders(ctx, [])[1][0]
+        hr, card, _ = app.SCardConnect(ctx, reader, s.SCARD_SHARE_SHARED,
+                                           s.SCARD_PROTOCOL_T0 | s.SCARD_PROTOCOL_T1)
+        assert hr == 0
+
+        def status(*args):
+            done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "status", "-c", conf,
+                                   *args], capture_output=True, text=True, check=False)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+        deadline = time.monotonic() + 10         # a keepalive PING measures the round trip
+        while (st := json.loads(status("--json")))["rtt_ms"] is None:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.2)
+        assert st["link"] == "connected" and st["guest"] == "guest1"
+        assert st["server"] == f"127.0.0.1:{b.port}" and st["wire"] >= 2
+        assert 0 < st["rtt_ms"] < 1000
+        apps = [a for a in st["applications"] if a["pid"] == app.proc.pid]
+        assert len(apps) == 1, st["applications"]
+        assert apps[0]["cards"] == [reader] and apps[0]["contexts"] >= 1
+        assert apps[0]["dialect"] == "4:4" and apps[0]["uid"] == os.getuid()
+        text = status()
+        assert f"server  127.0.0.1:{b.port}: connected since" in text and "as guest1" in text
+        assert f"pid {app.proc.pid} (" in text and reader in text
+
+        assert app.SCardDisconnect(card, s.SCARD_LEAVE_CARD) == [0]
+        b.server.stop()                          # the link goes down: status says so, and why
+        deadline = time.monotonic() + 10
+        while (st := json.loads(status("--json")))["link"] == "connected":
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+        assert st["link"] in ("connecting", "down") and st["rtt_ms"] is None
+        deadline = time.monotonic() + 10
+        while not (st := json.loads(status("--json")))["error"]:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+        assert f"127.0.0.1:{b.port}: " in status()
+    finally:
+        b.stop()
+
+
 def test_a_reload_applies_to_the_guests_connected_now(tmp_path):
     # a reload used to change only what new connections met: a guest the new policy
     # refuses, or whose certificate was just revoked, stayed connected

@@ -1,0 +1,68 @@
+"""The agent's admin socket (``client.admin_socket``, mode 0600): ``pcsc-bridge status``
+on a guest (the link to the server: up or down and why, since when, its round trip; the
+readers; the applications using the socket and the cards they hold). The same protocol
+and the same command as the server's (server/admin.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import ClassVar
+
+from pcsc_bridge.pcsc import PROTOCOL_VERSION_MAJOR
+from pcsc_bridge.server.control import ControlServer, Refused
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _command(pid) -> str | None:
+    """The process's name, where the system says (Linux)."""
+    try:
+        with open(f"/proc/{int(pid)}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip() or None
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+class AgentAdmin(ControlServer):
+    COMMANDS: ClassVar[dict] = {"status": "status"}
+
+    def __init__(self, backend, facade, path: str):
+        super().__init__(None, path)
+        self.agent, self.facade = backend, facade
+
+    def _status(self, args: list[str]) -> dict:
+        if args:
+            raise Refused("usage: status")
+        agent = self.agent
+        link = agent.open_link()
+        hello = link.server_hello if link is not None else None
+        state = "connected" if link is not None else (
+            "connecting" if agent.connecting.is_set() else "down")
+        rtt = agent.rtt if link is not None else None
+        apps = []
+        for app in sorted(self.facade.sessions, key=lambda a: a.info.id):
+            st = app.state
+            if st.closed:
+                continue
+            apps.append({
+                "app": app.info.id, "pid": app.info.pid, "uid": app.info.uid,
+                "command": _command(app.info.pid), "since": _iso(app.since),
+                "dialect": f"{PROTOCOL_VERSION_MAJOR}:{st.dialect}" if st.dialect else None,
+                "contexts": len(st.contexts),
+                "cards": sorted(reader for reader, _ in st.card_readers.values()),
+            })
+        return {
+            "role": "agent", "server": agent.server, "link": state,
+            "since": _iso(agent.since), "error": agent.error if link is None else None,
+            "guest": hello.extra.get("guest") if hello else None,
+            "backend": hello.extra.get("backend") if hello else None,
+            "wire": link.conn.version if link is not None else None,
+            "rtt_ms": round(rtt[0] * 1000, 3) if rtt else None,
+            "rtt_at": _iso(rtt[1]) if rtt else None,
+            "streams": link.conn.open_streams if link is not None else 0,
+            "readers": [{"name": s.readerName, "card": bool(s.cardAtr)}
+                        for s in agent.model.states if s.readerName],
+            "applications": apps,
+        }
