@@ -29,6 +29,9 @@ from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream
 from pcsc_bridge.config import Limits, Policy
 from pcsc_bridge.keepalive import PING, Dead, Keepalive
 from pcsc_bridge.pcsc import (
+    SCARD_E_READER_UNAVAILABLE,
+    SCARD_E_UNKNOWN_READER,
+    SCARD_LEAVE_CARD,
     WIRE,
     BeginTransaction,
     Connect,
@@ -83,6 +86,7 @@ _HANDLES = frozenset({Connect, Disconnect, ReleaseContext})
 # so after 100 ms), but a PC/SC library (the pyscard backend) may keep a Begin waiting for
 # the lock itself, and the holder's next call must not wait for that Begin.
 GATE_HOLD_S = 0.1
+QUIET = 1 << 16   # in a stream's queue: the server's own call (a wire flag is one byte)
 
 
 _SHARE = {1: "exclusive", 2: "shared", 3: "direct"}
@@ -92,13 +96,14 @@ _PROTOCOL = {0: "none", 1: "T0", 2: "T1", 4: "raw", 0x10000: "raw"}
 class CardUse:
     """One card handle of a guest's application, for the audit line when it ends."""
 
-    __slots__ = ("apdus", "context", "protocol", "reader", "share", "start", "stream")
+    __slots__ = ("apdus", "context", "cut", "protocol", "reader", "share", "start", "stream")
 
     def __init__(self, reader: str, context: int, stream: int, share: int, protocol: int):
         self.reader, self.context, self.stream = reader, context, stream
         self.share, self.protocol = share, protocol
         self.start = time.time()
         self.apdus = 0
+        self.cut = 0      # a reload's policy took the card: what its calls get from then on
 
 
 class GuestStream:
@@ -106,7 +111,7 @@ class GuestStream:
     time with the backend, the calls pipelined behind it (wire revision 2) in order."""
 
     __slots__ = ("answered", "app", "backend", "call", "ended", "id", "last_rv", "opened",
-                 "queue", "running", "seq", "timer")
+                 "queue", "quiet", "running", "seq", "timer")
 
     def __init__(self, session: GuestSession, sid: int, app: AppInfo):
         # the backend stream's ``done(reply, error)``: the call's reply, or why none
@@ -122,6 +127,7 @@ class GuestStream:
         self.queue: deque = deque()   # (msg, flags, seq) received behind the running call
         self.last_rv = 0      # the last call's result: a CALL_IF runs only after success
         self.seq = 0          # the running call's arrival number, if it is CALL_EARLY
+        self.quiet = False    # the running call is the server's own: no REPLY to the guest
 
 
 class GuestSession(asyncio.Protocol):
@@ -344,7 +350,24 @@ class GuestSession(asyncio.Protocol):
         """The stream's next call: a CALL_IF after a failure, or a call the policy
         forbids, is answered here (the first with that failure); a call waits for the
         CALL_EARLY calls on its reader received before it; then it goes to the backend."""
+        if flags & QUIET:
+            stream.running = stream.quiet = True
+            self.calls += 1
+            self._submit(stream, msg, seq)
+            return
         rv = stream.last_rv if flags & CALL_IF else 0
+        use = self.handles.get(getattr(msg, "hCard", None))
+        if not rv and use is not None and use.cut:
+            # its card was taken by a reload: pcscd's answers for a reader that went away
+            # (SCardDisconnect succeeds, the rest fail)
+            if type(msg) is Disconnect:
+                self.handles.pop(msg.hCard, None)
+                stream.last_rv = 0
+                self._released(seq)
+                self._reply(stream, encode_reply(msg.failed(0), WIRE))
+                self._next(stream)
+                return
+            rv = use.cut
         if not rv:
             rv = self.policy.check(msg)
             if rv:
@@ -531,6 +554,10 @@ class GuestSession(asyncio.Protocol):
             self._released(seq)
         if stream.ended:
             return
+        if stream.quiet:              # the server's own call: the guest sees none of it
+            stream.quiet = False
+            self._next(stream)
+            return
         if error is not None or reply.rv:
             self.errors_total += 1
         if error is not None:
@@ -577,7 +604,7 @@ class GuestSession(asyncio.Protocol):
     def _card_used(self, use: CardUse | None, end: str) -> None:
         """One line per card use (``audit.card``): who, which reader, how, how long, how
         many APDUs, how it ended."""
-        if use is None:
+        if use is None or use.cut:    # audited when it was cut
             return
         log.info("audit.card", guest=self.guest, stream=use.stream, reader=use.reader,
                  share=_SHARE.get(use.share, use.share),
@@ -648,6 +675,19 @@ class GuestSession(asyncio.Protocol):
         and its view of the readers follows it at once (STATE)."""
         self.policy = policy
         self._push_states()
+        for h, use in self.handles.items():
+            stream = self.streams.get(use.stream)
+            if use.cut or stream is None:
+                continue
+            rv = policy.check(Connect(use.context, use.reader, use.share, use.protocol))
+            if not rv:
+                continue
+            # the card is released now (other guests may want the reader), and the
+            # application's calls on the handle fail from now on
+            self._card_used(use, "taken by a reload (policy)")
+            use.cut = SCARD_E_READER_UNAVAILABLE if rv == SCARD_E_UNKNOWN_READER else rv
+            stream.queue.appendleft((Disconnect(h, SCARD_LEAVE_CARD), QUIET, 0))
+            self._next(stream)
 
     def _push_states(self):
         """The model changed: STATE goes out with the next REPLY (one write, one TLS

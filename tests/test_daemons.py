@@ -329,6 +329,57 @@ def test_a_reload_applies_to_the_guests_connected_now(tmp_path):
         b.stop()
 
 
+def test_a_reload_takes_the_cards_the_new_policy_forbids(tmp_path):
+    # a reload used to hide a reader from a connected guest's view but leave its card
+    # handles working (an exclusive hold went on locking everyone else out): the cards
+    # the new policy forbids are released at once, and the handle's calls then fail as
+    # pcscd's do for a reader that went away
+    from smartcard import scard as s
+    from test_bridge import Bridge, establish
+    b = Bridge(str(tmp_path), guests=("guest1", "guest2"), backend="virtual")
+    try:
+        b.start_server()
+        apps = {g: b.app(b.start_agent(g)) for g in ("guest1", "guest2")}
+        ctx = {g: establish(app) for g, app in apps.items()}
+        one = apps["guest1"]
+        readers = one.SCardListReaders(ctx["guest1"], [])[1]
+        hr, card, proto = one.SCardConnect(ctx["guest1"], readers[0], s.SCARD_SHARE_EXCLUSIVE,
+                                           s.SCARD_PROTOCOL_T0 | s.SCARD_PROTOCOL_T1)
+        assert hr == 0
+        apdu = [0x00, 0xA4, 0x04, 0x00, 0x00]
+        assert one.SCardTransmit(card, proto, apdu)[0] == 0
+        two = apps["guest2"]
+        assert two.SCardConnect(ctx["guest2"], readers[0], s.SCARD_SHARE_SHARED,
+                                s.SCARD_PROTOCOL_T0 | s.SCARD_PROTOCOL_T1)[0] \
+            == s.SCARD_E_SHARING_VIOLATION
+        server_yaml = Path(tmp_path, "server.yaml")
+        server_yaml.write_text(server_yaml.read_text() + "  guests:\n    guest1: {readers: "
+                               + json.dumps([readers[1]]) + "}\n")
+        b.server.proc.send_signal(signal.SIGHUP)
+        reloaded = time.monotonic()
+        while (hr := one.SCardTransmit(card, proto, apdu)[0]) == 0:
+            assert time.monotonic() - reloaded < 5
+            time.sleep(0.02)
+        assert hr == s.SCARD_E_READER_UNAVAILABLE
+        assert time.monotonic() - reloaded < 1.0
+        # released on the host: the other guest gets the card now
+        hr, card2, _ = two.SCardConnect(ctx["guest2"], readers[0], s.SCARD_SHARE_SHARED,
+                                        s.SCARD_PROTOCOL_T0 | s.SCARD_PROTOCOL_T1)
+        assert hr == 0
+        assert two.SCardDisconnect(card2, s.SCARD_LEAVE_CARD) == [0]
+        assert one.SCardStatus(card)[0] == s.SCARD_E_READER_UNAVAILABLE
+        assert one.SCardDisconnect(card, s.SCARD_LEAVE_CARD) == [0]   # as pcscd: it is gone
+        assert one.SCardListReaders(ctx["guest1"], [])[1] == [readers[1]]
+        assert one.SCardConnect(ctx["guest1"], readers[0], s.SCARD_SHARE_SHARED,
+                                s.SCARD_PROTOCOL_T0 | s.SCARD_PROTOCOL_T1)[0] \
+            == s.SCARD_E_UNKNOWN_READER
+        text = Path(tmp_path, "server.log").read_text()
+        assert re.search(r"audit\.card guest=guest1 .*share=exclusive .*apdus=\d+ "
+                         r"end=\"taken by a reload", text), text[-2000:]
+    finally:
+        b.stop()
+
+
 def test_each_card_use_is_audited_and_denials_name_reader_and_mode(tmp_path):
     from smartcard import scard as s
     from test_bridge import Bridge, establish
