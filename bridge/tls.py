@@ -254,7 +254,7 @@ def _names(args) -> str:
 
 # --- contexts --------------------------------------------------------------------------------
 def _context(protocol, cert: str, key: str, ca: str, crl: str | None,
-             min_version: str, role: str) -> ssl.SSLContext:
+             min_version: str, role: str, crl_check: bool = True) -> ssl.SSLContext:
     version = MIN_VERSIONS.get(str(min_version))
     if version is None:
         raise TLSConfigError(f"tls_min_version must be \"1.2\" or \"1.3\", not {min_version!r}")
@@ -268,7 +268,7 @@ def _context(protocol, cert: str, key: str, ca: str, crl: str | None,
     try:
         ctx.load_cert_chain(cert, key)
         ctx.load_verify_locations(cafile=ca)
-        if crl:
+        if crl and crl_check:
             ctx.load_verify_locations(cafile=crl)
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     except (ssl.SSLError, OSError) as exc:
@@ -279,9 +279,12 @@ def _context(protocol, cert: str, key: str, ca: str, crl: str | None,
 
 def server_context(cert: str, key: str, ca: str, crl: str | None = None,
                    min_version: str = "1.3") -> ssl.SSLContext:
-    """The host server's context: guests must present a certificate from CA (and not one
-    listed in CRL, when given); ALPN pcsc-bridge/1; TLS 1.3, or 1.2 when so configured."""
-    return _context(ssl.PROTOCOL_TLS_SERVER, cert, key, ca, crl, min_version, "server")
+    """The host server's context: guests must present a certificate from CA; ALPN
+    pcsc-bridge/1; TLS 1.3, or 1.2 when so configured. CRL, when given, is checked (its
+    CA, its dates) but not handed to OpenSSL: the server refuses a revoked guest itself,
+    after the handshake, so that it can name the guest and its serial (ServerTLS.revoked)."""
+    return _context(ssl.PROTOCOL_TLS_SERVER, cert, key, ca, crl, min_version, "server",
+                    crl_check=False)
 
 
 def client_context(cert: str, key: str, ca: str, min_version: str = "1.3",
@@ -293,22 +296,41 @@ def client_context(cert: str, key: str, ca: str, min_version: str = "1.3",
     return ctx
 
 
-_SERIALS = ("import json, sys; from cryptography import x509; "
-            "c = x509.load_pem_x509_crl(open(sys.argv[1], 'rb').read()); "
-            "print(json.dumps([r.serial_number for r in c]))")
+_SERIALS = ("import json, sys\n"
+            "from cryptography import x509\n"
+            "data = open(sys.argv[1], 'rb').read()\n"
+            "out = []\n"
+            "for block in data.split(b'-----END X509 CRL-----')[:-1]:\n"
+            "    c = x509.load_pem_x509_crl(block + b'-----END X509 CRL-----\\n')\n"
+            "    issuer = [a.value for a in c.issuer]\n"
+            "    out += [[issuer, r.serial_number] for r in c]\n"
+            "print(json.dumps(out))\n")
 
 
-def revoked_serials(crl: str) -> set[int]:
-    """The serial numbers CRL lists, read in a child process (this one never loads
+def revoked_serials(crl: str) -> set[tuple]:
+    """What CRL revokes, as ``(issuer, serial)`` pairs (``issuer``: the issuer name's
+    attribute values in order, as ``issuer_key`` gives them for a peer certificate, so
+    two CAs' CRLs side by side never mix), read in a child process (this one never loads
     cryptography); a CRL that does not read is a TLSConfigError."""
     try:
         done = subprocess.run([sys.executable, "-c", _SERIALS, crl], capture_output=True,
                               timeout=CHECK_TIMEOUT, check=False)
         if done.returncode == 0:
-            return set(json.loads(done.stdout))
-    except (OSError, subprocess.SubprocessError, ValueError):
+            return {(tuple(issuer), serial) for issuer, serial in json.loads(done.stdout)}
+    except (OSError, subprocess.SubprocessError, ValueError, TypeError):
         pass
     raise TLSConfigError(f"cannot read the revoked serial numbers of {crl}", crl)
+
+
+def serial_of(cert: dict) -> int:
+    """A peer certificate's serial number (``getpeercert()``'s dict)."""
+    return int(cert.get("serialNumber") or "0", 16)
+
+
+def issuer_key(cert: dict) -> tuple:
+    """A peer certificate's issuer (``getpeercert()``'s dict), as ``revoked_serials``
+    keys it."""
+    return tuple(value for rdn in cert.get("issuer", ()) for _, value in rdn)
 
 
 def peer_identity(peer) -> str:
@@ -334,26 +356,33 @@ class ServerFiles:
 
 
 class ServerTLS:
-    """The server's context, reloadable (SIGHUP). Read ``.context`` for every new
-    connection; ``reload()`` builds a new one from the files and swaps it in, so later
+    """The server's context and the serial numbers its CRL revokes, reloadable (SIGHUP).
+    Read ``.context`` for every new connection and refuse a guest whose serial is in
+    ``.revoked``; ``reload()`` builds both from the files and swaps them in, so later
     connections use the new certificate, key, CA and CRL while established sessions go on.
-    A failed reload raises its TLSConfigError and leaves ``.context`` as it was."""
+    A failed reload raises its TLSConfigError and leaves both as they were."""
 
     def __init__(self, cert: str, key: str, ca: str, crl: str | None = None,
                  min_version: str = "1.3"):
-        self.files = ServerFiles(cert, key, ca, crl, min_version)
-        self.context = server_context(**dataclasses.asdict(self.files))
+        self.use(*self.load(ServerFiles(cert, key, ca, crl, min_version)))
 
-    def load(self, files: ServerFiles | None = None) -> tuple[ServerFiles, ssl.SSLContext]:
-        """Check ``files`` (default: the current ones) and build their context, without
-        using it yet; it blocks (a child process checks the files), so an event loop runs
-        it in a thread."""
+    def load(self, files: ServerFiles | None = None) -> tuple:
+        """Check ``files`` (default: the current ones) and build their context and revoked
+        serials, without using them yet; it blocks (child processes read the files), so
+        an event loop runs it in a thread."""
         files = files or self.files
-        return files, server_context(**dataclasses.asdict(files))
+        context = server_context(**dataclasses.asdict(files))   # checks the files first
+        revoked = frozenset(revoked_serials(files.crl)) if files.crl else frozenset()
+        return files, context, revoked
 
-    def use(self, files: ServerFiles, context: ssl.SSLContext) -> ssl.SSLContext:
-        self.files, self.context = files, context
+    def use(self, files: ServerFiles, context: ssl.SSLContext,
+            revoked: frozenset = frozenset()) -> ssl.SSLContext:
+        self.files, self.context, self.revoked = files, context, revoked
         return context
+
+    def is_revoked(self, cert: dict) -> bool:
+        """Whether the CRL lists CERT (a verified peer's ``getpeercert()``)."""
+        return (issuer_key(cert), serial_of(cert)) in self.revoked
 
     def reload(self, files: ServerFiles | None = None) -> ssl.SSLContext:
         return self.use(*self.load(files))

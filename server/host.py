@@ -120,8 +120,6 @@ class Server:
             guests = self.config.guests
             if self.source is not None:
                 guests = config.load_server_config(*self.source).guests
-            revoked = await asyncio.to_thread(tls.revoked_serials, loaded[0].crl) \
-                if loaded[0].crl else set()
         except (tls.TLSConfigError, config.ConfigError) as exc:
             log.error("server.reload_failed", error=str(exc),
                       kept="previous certificates and policies")
@@ -131,10 +129,10 @@ class Server:
         now = time.time()
         for session in list(self.sessions):
             policy = self.config.policy_for(session.guest)
-            why = ("its certificate is revoked" if session.serial in revoked else
-                   "its certificate has expired" if session.not_after is not None
-                   and session.not_after < now else
-                   "not allowed by policy" if not policy.allow else None)
+            expired = session.not_after is not None and session.not_after < now
+            why = ("its certificate is revoked" if self.tls.is_revoked(session.cert)
+                   else "its certificate has expired" if expired
+                   else "not allowed by policy" if not policy.allow else None)
             if why:
                 log.warning("guest.disconnected_on_reload", guest=session.guest,
                             serial=f"{session.serial:x}", peer=session.peer, reason=why)

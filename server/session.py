@@ -24,7 +24,7 @@ from collections import deque
 from functools import partial
 from time import monotonic
 
-from pcsc_bridge import log
+from pcsc_bridge import log, tls
 from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream
 from pcsc_bridge.config import Limits, Policy
 from pcsc_bridge.keepalive import PING, Dead, Keepalive
@@ -140,6 +140,7 @@ class GuestSession(asyncio.Protocol):
         self.guest = "?"
         self.peer = "?"
         self.serial = 0
+        self.cert: dict = {}
         self.not_after: float | None = None
         self.policy: Policy | None = None
         self.streams: dict[int, GuestStream] = {}
@@ -184,13 +185,18 @@ class GuestSession(asyncio.Protocol):
         alpn = ssl_object.selected_alpn_protocol() if ssl_object else None
         self.guest = self.server.identity(ssl_object)
         cert = (ssl_object.getpeercert() if ssl_object else None) or {}
-        self.serial = int(cert.get("serialNumber") or "0", 16)   # for a reload's CRL
+        self.cert = cert                    # for a reload's CRL
+        self.serial = tls.serial_of(cert)
         self.not_after = ssl.cert_time_to_seconds(cert["notAfter"]) \
             if cert.get("notAfter") else None
         if alpn != ALPN:
             return self.fail(f"peer did not negotiate ALPN {ALPN} (got {alpn})")
         self.policy = self.server.config.policy_for(self.guest)
         self.conn = Connection("server", self.limits.max_frame, self.policy.max_streams)
+        if self.server.tls.is_revoked(cert):
+            return self.fail(f"its certificate (serial {self.serial:x}) is revoked; a new "
+                             f"one: pcsc-bridge certs client {self.guest} --force on the CA "
+                             "host", Reason.POLICY)
         if not self.policy.allow:
             return self.fail("guest not allowed by policy", Reason.POLICY)
         refused = self.server.admit(self)

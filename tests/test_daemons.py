@@ -158,6 +158,14 @@ def test_a_revoked_guest_is_told_so_once_in_words(tmp_path):
         time.sleep(4)                 # several attempts (backoff from 0.5 s)
         lines = [x for x in log_path.read_text().splitlines() if "server.unreachable" in x]
         assert len(lines) == 1 and "revoked" in lines[0], lines
+        # and the server's refusal names the guest and the certificate's serial
+        from cryptography import x509
+        serial = x509.load_pem_x509_certificate(Path(b.ca, "guest1.pem").read_bytes()) \
+            .serial_number
+        refused = [x for x in Path(tmp_path, "server.log").read_text().splitlines()
+                   if "guest.refused" in x]
+        assert refused and "guest=guest1" in refused[0], refused
+        assert f"serial {serial:x}" in refused[0], refused
     finally:
         b.stop()
 

@@ -88,6 +88,10 @@ class Loopback:
             self.results.put(("refused", getattr(exc, "verify_message", None)
                               or getattr(exc, "reason", None) or str(exc)))
             return
+        if self.holder.is_revoked(conn.getpeercert()):    # as the host server's session
+            self.results.put(("refused", "certificate revoked"))
+            conn.close()
+            return
         self.results.put(("ok", tls.peer_identity(conn), conn.selected_alpn_protocol(),
                           conn.version()))
         try:
