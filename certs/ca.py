@@ -300,7 +300,8 @@ class CA:
 
     @classmethod
     def init(cls, directory: str, name: str = "pcsc-bridge CA", days: int = CA_DAYS,
-             force: bool = False) -> CA:
+             force: bool = False, not_before: dt.datetime | None = None) -> CA:
+        """A new CA in DIRECTORY. ``not_before`` exists for tests (an expired CA)."""
         span = _days(days)
         if not name.strip() or len(name) > 64:
             raise CertError("the CA name must be 1 to 64 characters")
@@ -309,7 +310,7 @@ class CA:
                                                        "index.json")]
         _refuse_existing(files, force)
         key = ec.generate_private_key(ec.SECP256R1())
-        start = now() - BACKDATE
+        start = not_before or (now() - BACKDATE)
         cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(start).not_valid_after(start + span)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import secrets
 import stat
+from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pcsc_bridge.certs.ca import CA, not_after
 from pcsc_bridge.cli import main
@@ -213,3 +216,219 @@ def test_without_a_ca_or_with_an_exposed_ca_key_nothing_is_issued(tmp_path, ca_d
     rc, _, err = certs(capsys, "client", "--dir", ca_dir, "lab-01")
     assert rc == 1 and f"run: chmod 600 {ca_dir}/ca-key.pem" in err
     assert not os.path.exists(f"{ca_dir}/lab-01.pem")
+
+
+# --- requests (CSR): the key stays where it is made -------------------------------------
+def csr_pem(key, subject, extensions=(), sign_with=None) -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
+    for ext, critical in extensions:
+        builder = builder.add_extension(ext, critical)
+    csr = builder.sign(sign_with or key, None if isinstance(key, ed25519.Ed25519PrivateKey)
+                       else hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def public(obj) -> bytes:
+    return obj.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_a_guest_request_is_signed_into_a_guest_certificate_the_ca_can_revoke(
+        tmp_path, ca_dir, capsys):
+    guest = str(tmp_path / "guest")
+    old = os.umask(0)
+    try:
+        rc, out, _ = certs(capsys, "csr", "lab-01", "--out", guest)
+    finally:
+        os.umask(old)
+    assert rc == 0 and f"{guest}/lab-01-key.pem" in out and "certs sign lab-01.csr" in out
+    assert sorted(os.listdir(guest)) == ["lab-01-key.pem", "lab-01.csr"]
+    assert mode(f"{guest}/lab-01-key.pem") == 0o600
+    with open(f"{guest}/lab-01-key.pem", "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), None)
+    with open(f"{guest}/lab-01.csr", "rb") as f:
+        csr = x509.load_pem_x509_csr(f.read())
+    assert csr.is_signature_valid and cn(csr) == "lab-01" and public(csr) == public(key)
+    # on the CA host: only the request travels
+    rc, out, _ = certs(capsys, "sign", "--dir", ca_dir, f"{guest}/lab-01.csr", "--days",
+                       "90", "--out", f"{guest}/lab-01.pem")
+    assert rc == 0 and "guest certificate for 'lab-01'" in out, out
+    assert not os.path.exists(f"{ca_dir}/lab-01-key.pem")      # the CA never had the key
+    cert = load(f"{guest}/lab-01.pem")
+    assert read(f"{guest}/lab-01.pem") == read(f"{ca_dir}/lab-01.pem")
+    cert.verify_directly_issued_by(load(f"{ca_dir}/ca.pem"))
+    assert cn(cert) == "lab-01" and public(cert) == public(key)
+    assert eku(cert) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert 89 <= (not_after(cert) - dt.datetime.now(UTC)).days <= 90
+    with pytest.raises(x509.ExtensionNotFound):
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    # recorded as `certs client` records: listed, revocable by name
+    _, out, _ = certs(capsys, "list", "--dir", ca_dir)
+    assert ["client", "lab-01", f"{cert.serial_number:x}"] in [r.split()[:3] for r in
+                                                               out.splitlines()]
+    assert certs(capsys, "revoke", "--dir", ca_dir, "lab-01")[0] == 0
+    assert [r.serial_number for r in load_crl(f"{ca_dir}/crl.pem")] == [cert.serial_number]
+
+
+def test_sign_takes_only_the_name_and_the_key_from_a_request(tmp_path, ca_dir, capsys):
+    key = ec.generate_private_key(ec.SECP384R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Someone Else"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, "lab-02")])
+    greedy = [(x509.BasicConstraints(ca=True, path_length=None), True),
+              (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                      ExtendedKeyUsageOID.CODE_SIGNING]), False),
+              (x509.KeyUsage(True, False, False, False, False, True, True, False, False), True)]
+    path = tmp_path / "lab-02.csr"
+    path.write_bytes(csr_pem(key, subject, greedy))
+    assert certs(capsys, "sign", "--dir", ca_dir, str(path))[0] == 0
+    cert = load(f"{ca_dir}/lab-02.pem")
+    assert cert.subject == x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME,
+                                                         "pcsc-bridge"),
+                                      x509.NameAttribute(NameOID.COMMON_NAME, "lab-02")])
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert eku(cert) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and not usage.key_cert_sign and not usage.crl_sign
+    assert public(cert) == public(key)
+
+
+def test_a_server_request_gets_the_names_the_signer_gives(tmp_path, ca_dir, capsys):
+    out_dir = str(tmp_path / "host")
+    rc, out, _ = certs(capsys, "csr", "--server", "host", "--dns", "asked.example",
+                       "--out", out_dir)
+    assert rc == 0 and "certs sign --server --dns asked.example host.csr" in out
+    rc, _, err = certs(capsys, "sign", "--dir", ca_dir, "--server", f"{out_dir}/host.csr")
+    assert rc == 1 and "needs at least one --dns NAME or --ip ADDR" in err
+    assert "asks for DNS:asked.example" in err and "not from the request" in err
+    assert certs(capsys, "sign", "--dir", ca_dir, "--server", f"{out_dir}/host.csr",
+                 "--dns", "host.example.net", "--ip", "127.0.0.1")[0] == 0
+    cert = load(f"{ca_dir}/host.pem")
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["host.example.net"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert eku(cert) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    _, out, _ = certs(capsys, "list", "--dir", ca_dir)
+    assert ["server", "host", f"{cert.serial_number:x}"] in [r.split()[:3] for r in
+                                                             out.splitlines()]
+
+
+def _tampered(tmp_path) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    der = bytearray(x509.load_pem_x509_csr(csr_pem(key, subject_of("lab-09"))).public_bytes(
+        serialization.Encoding.DER))
+    i = der.index(b"lab-09")
+    der[i:i + 6] = b"lab-00"                 # the name changed after it was signed
+    path = tmp_path / "tampered.csr"
+    path.write_bytes(x509.load_der_x509_csr(bytes(der)).public_bytes(
+        serialization.Encoding.PEM))
+    return str(path)
+
+
+def subject_of(name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+
+
+def _request(tmp_path, key, name="lab-09", extensions=()) -> str:
+    path = tmp_path / f"{name}-{secrets.token_hex(2)}.csr"
+    path.write_bytes(csr_pem(key, subject_of(name), extensions))
+    return str(path)
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (_tampered, [], "the request's signature does not match its content and key"),
+    (lambda t: _request(t, rsa.generate_private_key(65537, 1024)), [],
+     ("the request's key is RSA of 1024 bits; the CA accepts EC P-256, P-384 or P-521, or "
+     "RSA of 2048 to 8192 bits")),
+    (lambda t: _request(t, ed25519.Ed25519PrivateKey.generate()), [],
+     "the request's key is Ed25519; the CA accepts"),
+    (lambda t: _request(t, ec.generate_private_key(ec.SECP256R1()), "host"), [],
+     ("'host' is the name of a server certificate in this CA; a guest certificate needs "
+     "another name")),
+    (lambda t: _request(t, ec.generate_private_key(ec.SECP256R1()), "lab-01"),
+     ["--server", "--dns", "x.example"], ("'lab-01' is the name of a guest certificate in "
+     "this CA; a server certificate needs another name")),
+    (lambda t: _request(t, ec.generate_private_key(ec.SECP256R1()), "lab-01"), [],
+     "'lab-01' has a certificate from this CA already"),
+    (lambda t: _request(t, ec.generate_private_key(ec.SECP256R1()), "ca"), [],
+     "bad name 'ca'"),
+    (lambda t: _request(t, ec.generate_private_key(ec.SECP256R1()), "lab-09", [(
+        x509.SubjectAlternativeName([x509.DNSName("lab.example")]), False)]), [],
+     "asks for the names DNS:lab.example, as a server's request does"),
+    (lambda t: _request(t, ec.generate_private_key(ec.SECP256R1())), ["--dns", "x.example"],
+     "a guest certificate carries no --dns/--ip names"),
+    (lambda t: str(Path(t, "ca", "ca.pem")), [], "holds no certificate request"),
+])
+def test_sign_refuses_a_bad_request_in_plain_words(tmp_path, ca_dir, capsys, make, args,
+                                                    message):
+    ca = CA(ca_dir)
+    ca.issue("server", "host", dns=["localhost"])
+    ca.issue("client", "lab-01")
+    path = make(tmp_path)
+    before = {f: read(f"{ca_dir}/{f}") for f in os.listdir(ca_dir)}
+    rc, _, err = certs(capsys, "sign", "--dir", ca_dir, path, *args)
+    assert rc == 1 and err.startswith("pcsc-bridge certs: ") and message in err, err
+    assert {f: read(f"{ca_dir}/{f}") for f in os.listdir(ca_dir)} == before  # nothing written
+
+
+# --- renew --------------------------------------------------------------------------------
+def test_renew_keeps_the_key_and_the_earlier_certificate_until_revoked(ca_dir, capsys):
+    ca = CA(ca_dir)
+    first = ca.issue("client", "lab-01", days=10)
+    key_before = read(f"{ca_dir}/lab-01-key.pem")
+    old_cert = load(f"{ca_dir}/lab-01.pem")
+    rc, out, _ = certs(capsys, "renew", "--dir", ca_dir, "lab-01")
+    assert rc == 0 and "renewed for the same key" in out
+    assert f"the earlier certificate serial {first.serial} stays valid until" in out
+    assert f"certs revoke --dir {ca_dir} {first.serial}" in out
+    new = load(f"{ca_dir}/lab-01.pem")
+    assert new.serial_number != old_cert.serial_number and public(new) == public(old_cert)
+    assert read(f"{ca_dir}/lab-01-key.pem") == key_before
+    assert 824 <= (not_after(new) - dt.datetime.now(UTC)).days <= 825
+    assert eku(new) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    _, out, _ = certs(capsys, "list", "--dir", ca_dir)
+    assert f"{first.serial}" in out and "replaced (still valid until revoked)" in out
+    assert len(load_crl(f"{ca_dir}/crl.pem")) == 0
+    # once more, retiring every earlier one
+    rc, out, _ = certs(capsys, "renew", "--dir", ca_dir, "lab-01", "--revoke-old")
+    newest = load(f"{ca_dir}/lab-01.pem")
+    assert rc == 0 and out.count("revoked the earlier certificate") == 2
+    assert sorted(r.serial_number for r in load_crl(f"{ca_dir}/crl.pem")) == sorted(
+        [old_cert.serial_number, new.serial_number])
+    assert newest.serial_number not in [r.serial_number for r in load_crl(f"{ca_dir}/crl.pem")]
+
+
+def test_renew_a_server_keeps_its_names_unless_given_new_ones(ca_dir, capsys):
+    CA(ca_dir).issue("server", "host", dns=["host.example.net"], ips=["192.0.2.10"])
+
+    def names():
+        san = load(f"{ca_dir}/host.pem").extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+        return [str(n.value) for n in san]
+    assert certs(capsys, "renew", "--dir", ca_dir, "host", "--days", "30")[0] == 0
+    assert names() == ["host.example.net", "192.0.2.10"]
+    assert eku(load(f"{ca_dir}/host.pem")) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert certs(capsys, "renew", "--dir", ca_dir, "host", "--dns", "new.example")[0] == 0
+    assert names() == ["new.example"]
+
+
+def test_renew_from_a_new_request_changes_the_key(tmp_path, ca_dir, capsys):
+    CA(ca_dir).issue("client", "lab-01")
+    old = load(f"{ca_dir}/lab-01.pem")
+    guest = str(tmp_path / "guest-new")
+    assert certs(capsys, "csr", "lab-01", "--out", guest)[0] == 0
+    rc, out, _ = certs(capsys, "renew", "--dir", ca_dir, "lab-01", "--csr",
+                       f"{guest}/lab-01.csr", "--out", f"{guest}/lab-01.pem")
+    assert rc == 0 and f"renewed for the key of {guest}/lab-01.csr" in out
+    new = load(f"{guest}/lab-01.pem")
+    with open(f"{guest}/lab-01-key.pem", "rb") as f:
+        assert public(new) == public(serialization.load_pem_private_key(f.read(), None))
+    assert public(new) != public(old)
+    assert not os.path.exists(f"{ca_dir}/lab-01-key.pem")    # the old key: of no use here
+    assert certs(capsys, "csr", "lab-02", "--out", guest)[0] == 0
+    rc, _, err = certs(capsys, "renew", "--dir", ca_dir, "lab-01", "--csr",
+                       f"{guest}/lab-02.csr")
+    assert rc == 1 and "is a request for 'lab-02', not 'lab-01'" in err
+    rc, _, err = certs(capsys, "renew", "--dir", ca_dir, "nobody")
+    assert rc == 1 and "no certificate named 'nobody'" in err
+    rc, _, err = certs(capsys, "csr", "lab-01", "--out", guest)
+    assert rc == 1 and "exists; use --force" in err
