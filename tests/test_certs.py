@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import os
 import secrets
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pcsc_bridge import config, doctor
 from pcsc_bridge.certs.ca import CA, not_after
 from pcsc_bridge.cli import main
+from targets import Process, free_port, wait_port, write_server_config
 
 UTC = dt.timezone.utc
 
@@ -432,3 +441,270 @@ def test_renew_from_a_new_request_changes_the_key(tmp_path, ca_dir, capsys):
     assert rc == 1 and "no certificate named 'nobody'" in err
     rc, _, err = certs(capsys, "csr", "lab-01", "--out", guest)
     assert rc == 1 and "exists; use --force" in err
+
+
+# --- in use: real servers, real handshakes ------------------------------------------------
+def server_yaml(directory, port, cert, key, ca_dir, extra="") -> str:
+    path = os.path.join(directory, "server.yaml")
+    Path(path).write_text(f"""\
+log: {{level: info}}
+server:
+  listen: ["127.0.0.1:{port}"]
+  cert: {cert}
+  key: {key}
+  ca: {ca_dir}/ca.pem
+  crl: {ca_dir}/crl.pem
+  backend: {{type: virtual}}
+{extra}""")
+    return path
+
+
+def client_yaml(directory, port, cert, key, ca_dir, extra="") -> str:
+    path = os.path.join(directory, f"client-{secrets.token_hex(3)}.yaml")
+    Path(path).write_text(f"""\
+log: {{level: info}}
+client:
+  server: "127.0.0.1:{port}"
+  server_name: localhost
+  cert: {cert}
+  key: {key}
+  ca: {ca_dir}/ca.pem
+  socket: {directory}/agent.sock
+  reconnect: {{initial: 0.2s, max: 1s}}
+{extra}""")
+    return path
+
+
+def hello(directory, port, cert, key, ca_dir) -> str:
+    """A TLS handshake and both HELLOs with CERT and KEY, as the agent makes them: the
+    name the server knows this guest by."""
+    cfg = config.load_client_config(client_yaml(directory, port, cert, key, ca_dir))
+    return asyncio.run(doctor._reach(cfg)).extra["guest"]
+
+
+def wait_log(proc, text, count=1, timeout=15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while proc.output().count(text) < count:
+        assert proc.proc.poll() is None, proc.output()[-3000:]
+        assert time.monotonic() < deadline, f"no {count}x {text!r} in:\n{proc.output()[-3000:]}"
+        time.sleep(0.05)
+    return proc.output()
+
+
+def test_certificates_from_requests_and_renewals_work_in_real_handshakes(tmp_path, ca_dir,
+                                                                         capsys):
+    d = str(tmp_path)
+    srv, guest = f"{d}/srv", f"{d}/guest"
+    assert certs(capsys, "csr", "--server", "host", "--dns", "localhost", "--out", srv)[0] == 0
+    assert certs(capsys, "sign", "--dir", ca_dir, "--server", f"{srv}/host.csr", "--dns",
+                 "localhost", "--ip", "127.0.0.1", "--out", f"{srv}/host.pem")[0] == 0
+    assert certs(capsys, "csr", "lab-01", "--out", guest)[0] == 0
+    assert certs(capsys, "sign", "--dir", ca_dir, f"{guest}/lab-01.csr", "--out",
+                 f"{guest}/lab-01.pem")[0] == 0
+    port = free_port()
+    server = Process(["server", "-c", server_yaml(d, port, f"{srv}/host.pem",
+                                                  f"{srv}/host-key.pem", ca_dir)],
+                     f"{d}/server.log")
+    try:
+        wait_port(port)
+        first = (f"{guest}/lab-01.pem", f"{guest}/lab-01-key.pem")
+        assert hello(d, port, *first, ca_dir) == "lab-01"
+        # renewed: the same key, a new certificate; the earlier one still works
+        rc, out, _ = certs(capsys, "renew", "--dir", ca_dir, "lab-01", "--out",
+                           f"{guest}/lab-01-new.pem")
+        assert rc == 0 and "stays valid until" in out
+        second = (f"{guest}/lab-01-new.pem", f"{guest}/lab-01-key.pem")
+        assert hello(d, port, *second, ca_dir) == "lab-01"
+        assert hello(d, port, *first, ca_dir) == "lab-01"
+        # until it is revoked and the server reloads
+        old_serial = load(first[0]).serial_number
+        assert certs(capsys, "revoke", "--dir", ca_dir, f"{old_serial:x}")[0] == 0
+        server.proc.send_signal(signal.SIGHUP)
+        wait_log(server, "server.reloaded")
+        with pytest.raises(OSError):
+            hello(d, port, *first, ca_dir)
+        assert hello(d, port, *second, ca_dir) == "lab-01"
+        assert "certificate revoked" in wait_log(server, "certificate revoked")
+    finally:
+        server.stop()
+
+
+def expiring_ca(directory) -> tuple[CA, dict]:
+    """A CA that ends in 20 days, a server certificate and a guest's that end in 10, a
+    guest's that ends in 825, a CRL whose next update is in 5."""
+    ca = CA.init(f"{directory}/ca", days=20)
+    entries = {"host": ca.issue("server", "host", dns=["localhost"], ips=["127.0.0.1"],
+                                days=10),
+               "soon": ca.issue("client", "soon", days=10),
+               "later": ca.issue("client", "later")}
+    ca.write_crl(5)
+    return ca, entries
+
+
+def crl_number(path) -> int:
+    return load_crl(path).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def test_the_server_warns_of_what_expires_at_start_on_reload_and_for_guests(tmp_path,
+                                                                             capsys):
+    d = str(tmp_path)
+    ca, e = expiring_ca(d)
+    port = free_port()
+    server = Process(["server", "-c", write_server_config(d, ca.dir, port, "virtual")],
+                     f"{d}/server.log")
+    try:
+        out = wait_log(server, "tls.expiring what=crl")
+        lines = [x for x in out.splitlines() if "tls.expiring" in x]
+        serial = f"{ca.cert.serial_number:x}"
+        number = crl_number(f"{ca.dir}/crl.pem")
+        assert [x.split(" WARNING ", 1)[1].rsplit(" until=", 1)[0] for x in lines] == [
+            (f'tls.expiring what=certificate file={ca.dir}/host.pem '
+            f'subject="CN=host,O=pcsc-bridge" serial={e["host"].serial} days_left=9'),
+            (f'tls.expiring what=ca file={ca.dir}/ca.pem subject="CN=pcsc-bridge CA,'
+            f'O=pcsc-bridge" serial={serial} days_left=19'),
+            (f'tls.expiring what=crl file={ca.dir}/crl.pem subject="CN=pcsc-bridge CA,'
+            f'O=pcsc-bridge" crl_number={number} days_left=4')]
+        # guests: a warning for one whose certificate ends soon, once a day however often
+        for guest in ("soon", "soon", "later", "soon"):
+            assert hello(d, port, f"{ca.dir}/{guest}.pem", f"{ca.dir}/{guest}-key.pem",
+                         ca.dir) == guest
+        out = wait_log(server, "guest.connected", 4)
+        warned = [x for x in out.splitlines() if "guest.cert_expiring" in x]
+        assert len(warned) == 1, warned
+        assert f"guest.cert_expiring guest=soon serial={e['soon'].serial} days_left=9" in \
+            warned[0]
+        # the CRL re-signed (a new number, a next update a year away); a reload reads it
+        rc, out, _ = certs(capsys, "crl", "--dir", ca.dir)
+        assert rc == 0 and crl_number(f"{ca.dir}/crl.pem") == number + 1
+        assert (load_crl(f"{ca.dir}/crl.pem").next_update_utc
+                - dt.datetime.now(UTC)).days == 364
+        server.proc.send_signal(signal.SIGHUP)
+        wait_log(server, "tls.expiring what=ca", 2)
+        time.sleep(0.3)
+        out = server.output()
+        assert out.count("tls.expiring what=certificate") == 2
+        assert out.count("tls.expiring what=crl") == 1     # the new CRL is fine
+        assert hello(d, port, f"{ca.dir}/later.pem", f"{ca.dir}/later-key.pem",
+                     ca.dir) == "later"
+    finally:
+        server.stop()
+
+
+def test_the_server_checks_again_every_day(tmp_path, capsys):
+    # the daily check is one loop; here with a day of 0.2 s
+    from pcsc_bridge.server.main import build
+    d = str(tmp_path)
+    ca, _ = expiring_ca(d)
+    cfg = config.load_server_config(write_server_config(d, ca.dir, free_port(), "virtual"))
+    server = build(cfg)
+
+    async def run():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(server.watch_expiry(every=0.2), 2.0)
+    capsys.readouterr()
+    asyncio.run(run())
+    err = capsys.readouterr().err
+    assert err.count("tls.expiring what=certificate") >= 3, err
+
+
+def test_the_agent_warns_of_its_certificate_and_ca_at_start_and_on_reload(tmp_path):
+    d = str(tmp_path)
+    ca, e = expiring_ca(d)
+    conf = client_yaml(d, free_port(), f"{ca.dir}/soon.pem", f"{ca.dir}/soon-key.pem", ca.dir)
+    agent = Process(["client", "-c", conf], f"{d}/agent.log")
+    try:
+        out = wait_log(agent, "tls.expiring what=ca")
+        assert (f"tls.expiring what=certificate file={ca.dir}/soon.pem subject=\"CN=soon,"
+                f"O=pcsc-bridge\" serial={e['soon'].serial} days_left=9") in out
+        assert "days_left=19" in out and "what=crl" not in out
+        agent.proc.send_signal(signal.SIGHUP)
+        out = wait_log(agent, "tls.expiring what=ca", 2)
+        assert out.count("tls.expiring what=certificate") == 2
+    finally:
+        agent.stop()
+
+
+def check(path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pcsc_bridge", "check", "-c", path],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_check_and_doctor_report_what_expires_soon_as_warnings(tmp_path, capsys,
+                                                               monkeypatch):
+    d = str(tmp_path)
+    ca, e = expiring_ca(d)
+    port = free_port()
+    conf = write_server_config(d, ca.dir, port, "virtual")
+    done = check(conf)
+    assert done.returncode == 0, done.stdout
+    warns = [x for x in done.stdout.splitlines() if x.startswith("WARN")]
+    assert len(warns) == 3, done.stdout
+    assert warns[0].startswith(f"WARN server: certificate {ca.dir}/host.pem (CN=host,"
+                               f"O=pcsc-bridge, serial {e['host'].serial}) valid until ")
+    assert warns[0].endswith("(9 days left), within 30 days: renew it "
+                             "(docs/certificates.md, Renew)")
+    assert "CA certificate" in warns[1] and "(19 days left)" in warns[1]
+    assert f"CRL {ca.dir}/crl.pem" in warns[2] and "next update" in warns[2]
+    assert "(4 days left)" in warns[2] and "pcsc-bridge certs crl" in warns[2]
+    assert done.stdout.splitlines()[-1] == "all good, 3 warning(s)"
+    # the horizon is log.expiry_warning_days
+    Path(conf).write_text(Path(conf).read_text().replace(
+        "log: {level: info}", "log: {level: info, expiry_warning_days: 5}"))
+    done = check(conf)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "all good, 1 warning(s)"
+    assert "ok   server: certificate" in done.stdout
+    # the agent's: check and doctor
+    guest = client_yaml(d, port, f"{ca.dir}/soon.pem", f"{ca.dir}/soon-key.pem", ca.dir)
+    done = check(guest)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "all good, 2 warning(s)"
+    assert f"WARN client: certificate {ca.dir}/soon.pem" in done.stdout
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",     # the readers part: not here
+                        lambda name, *a: None if name == "smartcard" else real(name, *a))
+    capsys.readouterr()
+    doctor.run(SimpleNamespace(config=guest))
+    out = capsys.readouterr().out
+    assert f"WARN certificate {ca.dir}/soon.pem (CN=soon,O=pcsc-bridge, serial " \
+           f"{e['soon'].serial}) valid until " in out
+    assert "WARN CA certificate" in out and "(19 days left)" in out
+
+
+def test_expired_certificates_are_failures(tmp_path, capsys, monkeypatch):
+    d = str(tmp_path)
+    ca = CA.init(f"{d}/ca")
+    ca.issue("server", "host", dns=["localhost"])
+    gone = ca.issue("client", "gone", days=10,
+                    not_before=dt.datetime.now(UTC) - dt.timedelta(days=11))
+    port = free_port()
+    guest = client_yaml(d, port, f"{ca.dir}/gone.pem", f"{ca.dir}/gone-key.pem", ca.dir)
+    done = check(guest)
+    assert done.returncode == 2 and f"certificate {ca.dir}/gone.pem expired on" in done.stdout
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "smartcard" else real(name, *a))
+    capsys.readouterr()
+    assert doctor.run(SimpleNamespace(config=guest)) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL certificate {ca.dir}/gone.pem (CN=gone,O=pcsc-bridge, serial {gone.serial}) " \
+           "expired on " in out
+    # a CA file whose only CA has expired: nothing could be verified; refused at start
+    old = CA.init(f"{d}/old", "Old CA", days=1,
+                  not_before=dt.datetime.now(UTC) - dt.timedelta(days=3))
+    old.issue("server", "host", dns=["localhost"])
+    conf = write_server_config(d, old.dir, port, "virtual")
+    done = check(conf)
+    assert done.returncode == 2 and f"CA certificate file {old.dir}/ca.pem: every CA in it " \
+        "has expired" in done.stdout, done.stdout
+    started = subprocess.run([sys.executable, "-m", "pcsc_bridge", "server", "-c", conf],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert started.returncode == 2 and "every CA in it has expired" in started.stdout
+    # an expired CA next to a valid one (after a CA rotation): a warning to tidy up
+    Path(f"{d}/both.pem").write_text(read(f"{old.dir}/ca.pem") + read(f"{ca.dir}/ca.pem"))
+    conf = write_server_config(d, ca.dir, port, "virtual")
+    Path(conf).write_text(Path(conf).read_text().replace(f"{ca.dir}/ca.pem", f"{d}/both.pem"))
+    done = check(conf)
+    assert done.returncode == 0, done.stdout
+    assert f"WARN server: CA certificate {d}/both.pem (CN=Old CA,O=pcsc-bridge" in done.stdout
+    assert "expired on" in done.stdout and f"remove it from {d}/both.pem" in done.stdout
