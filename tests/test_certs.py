@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import os
 import secrets
+import shutil
 import signal
 import stat
 import subprocess
@@ -191,9 +192,13 @@ def test_crl_refresh_moves_the_next_update(ca_dir, capsys):
     ca = CA(ca_dir)
     ca.issue("client", "lab-01")
     ca.revoke("lab-01")
+    before = load_crl(f"{ca_dir}/crl.pem")
     rc, out, _ = certs(capsys, "crl", "--dir", ca_dir, "--days", "7")
     assert rc == 0 and "re-signed" in out
     crl = load_crl(f"{ca_dir}/crl.pem")
+    assert crl_number(f"{ca_dir}/crl.pem") == before.extensions.get_extension_for_class(
+        x509.CRLNumber).value.crl_number + 1
+    assert crl.last_update_utc >= before.last_update_utc
     left = crl.next_update_utc - dt.datetime.now(UTC)
     assert dt.timedelta(days=6, hours=23) < left <= dt.timedelta(days=7)
     assert len(crl) == 1  # still lists what was revoked
@@ -708,3 +713,88 @@ def test_expired_certificates_are_failures(tmp_path, capsys, monkeypatch):
     assert done.returncode == 0, done.stdout
     assert f"WARN server: CA certificate {d}/both.pem (CN=Old CA,O=pcsc-bridge" in done.stdout
     assert "expired on" in done.stdout and f"remove it from {d}/both.pem" in done.stdout
+
+
+# --- the CRL refresh timer ----------------------------------------------------------------
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+PCSC_BRIDGE = str(Path(sys.executable).with_name("pcsc-bridge"))
+
+
+def unit(name) -> dict[str, list[str]]:
+    """KEY -> values, from every section of a unit file."""
+    out: dict[str, list[str]] = {}
+    for line in (DEPLOY / name).read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            out.setdefault(key, []).append(value)
+    return out
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze here")
+def test_the_crl_units_verify(tmp_path):
+    for name in ("pcsc-bridge-crl.service", "pcsc-bridge-crl.timer"):
+        # the command where this checkout has it (verify wants executables that exist)
+        (tmp_path / name).write_text((DEPLOY / name).read_text().replace(
+            "/usr/local/bin/pcsc-bridge", PCSC_BRIDGE))
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                           str(tmp_path / "pcsc-bridge-crl.service"),
+                           str(tmp_path / "pcsc-bridge-crl.timer")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and not done.stdout + done.stderr, done.stdout + done.stderr
+    timer = unit("pcsc-bridge-crl.timer")
+    assert timer["OnCalendar"] == ["daily"] and timer["Persistent"] == ["true"]
+    assert timer["RandomizedDelaySec"] and timer["WantedBy"] == ["timers.target"]
+
+
+def test_the_crl_service_resigns_installs_and_the_reloaded_server_uses_it(tmp_path, capsys):
+    # the service's commands as systemd runs them, with CA_DIR and CRL set as a drop-in
+    # would; the reload as the server's unit does it (ExecReload: check, then SIGHUP)
+    d = str(tmp_path)
+    ca = CA.init(f"{d}/ca")
+    ca.issue("server", "host", dns=["localhost"], ips=["127.0.0.1"])
+    for guest in ("lab-01", "lab-02"):
+        ca.issue("client", guest)
+    installed = f"{d}/crl.pem"
+    Path(installed).write_bytes(Path(f"{ca.dir}/crl.pem").read_bytes())
+    port = free_port()
+    conf = write_server_config(d, ca.dir, port, "virtual", extra="  reload_check: null\n")
+    Path(conf).write_text(Path(conf).read_text().replace(f"{ca.dir}/crl.pem", installed))
+    server = Process(["server", "-c", conf], f"{d}/server.log")
+    try:
+        wait_port(port)
+        assert hello(d, port, f"{ca.dir}/lab-02.pem", f"{ca.dir}/lab-02-key.pem",
+                     ca.dir) == "lab-02"
+        number = crl_number(installed)
+        ca.revoke("lab-02")              # on the CA: its crl.pem, not yet the server's
+        service = unit("pcsc-bridge-crl.service")
+        env = dict(v.split("=", 1) for v in service["Environment"][0].split())
+        env.update(CA_DIR=ca.dir, CRL=installed)
+        *commands, reload = service["ExecStart"]
+        assert reload == "/usr/bin/systemctl try-reload-or-restart pcsc-bridge-server.service"
+        for command in commands:
+            argv = [word.replace("${", "{").format(**env) for word in command.split()]
+            argv[0] = PCSC_BRIDGE if argv[0].endswith("/pcsc-bridge") else argv[0]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                                  check=False)
+            assert done.returncode == 0, (argv, done.stdout, done.stderr)
+        crl = load_crl(installed)
+        assert crl_number(installed) == number + 2      # revoke, then the refresh
+        left = crl.next_update_utc - dt.datetime.now(UTC)
+        assert dt.timedelta(days=int(env["CRL_DAYS"])) - left < dt.timedelta(minutes=1)
+        assert mode(installed) == 0o644
+        assert any(" check --running " in c for c in
+                   unit("pcsc-bridge-server.service")["ExecReload"])
+        assert check_running(conf).returncode == 0
+        server.proc.send_signal(signal.SIGHUP)
+        wait_log(server, "server.reloaded")
+        with pytest.raises(OSError):
+            hello(d, port, f"{ca.dir}/lab-02.pem", f"{ca.dir}/lab-02-key.pem", ca.dir)
+        assert hello(d, port, f"{ca.dir}/lab-01.pem", f"{ca.dir}/lab-01-key.pem",
+                     ca.dir) == "lab-01"
+    finally:
+        server.stop()
+
+
+def check_running(path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pcsc_bridge", "check", "--running", "-c",
+                           path], capture_output=True, text=True, timeout=60, check=False)
