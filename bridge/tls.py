@@ -147,7 +147,7 @@ def _check_identity(cert: str, key: str) -> None:
     end = _utc(leaf, "not_valid_after")
     if end < _now():
         raise ExpiredError(f"certificate {cert} expired on {end:%Y-%m-%d %H:%M} UTC; issue a "
-                           "new one (pcsc-bridge certs server|client ... --force)", cert)
+                           "new one (on the CA host: pcsc-bridge certs renew NAME)", cert)
 
 
 def _check_usage(cert: str, role: str) -> None:
