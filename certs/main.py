@@ -1,7 +1,10 @@
 """`pcsc-bridge certs`: the CA, the server's certificate, one certificate per guest, the CRL.
 
 All files live in one directory (--dir, default /etc/pcsc-bridge/ca): ca.pem, ca-key.pem,
-NAME.pem + NAME-key.pem per certificate, crl.pem and index.json. See docs/certificates.md.
+NAME.pem + NAME-key.pem per certificate, crl.pem and index.json. `csr` makes a key and a
+request where the key is used (no CA there), `sign` turns a request into a certificate
+(NAME.pem only: the CA never has the key), `renew` gives a name a new certificate. See
+docs/certificates.md.
 """
 
 from __future__ import annotations
@@ -84,8 +87,9 @@ def register(subparsers) -> None:
     a.add_argument("--out", metavar="FILE", help="also write the certificate to FILE "
                    "(it is always written as DIR/NAME.pem)")
     a = action("renew", "a new certificate (new serial, new dates) for a name issued before; "
-               "the same key, or the key of a new request (--csr)", CERT_DAYS, True)
+               "the same key, or the key of a new request (--csr)", CERT_DAYS)
     a.add_argument("name", metavar="NAME")
+    a.add_argument("--force", action="store_true", help="replace an existing --out FILE")
     a.add_argument("--csr", metavar="FILE", help="a new request for NAME (certs csr): the "
                    "new certificate is for its key")
     names(a, "the server's new certificate carries (default: those of the current one)")
