@@ -27,7 +27,7 @@ class Server:
         self.sessions: set[GuestSession] = set()
         self.by_guest: dict[str, set[GuestSession]] = {}   # certificate name -> sessions
         self.refusals = log.Repeats()   # refused handshakes, per address and reason
-        # a guest whose certificate ends soon: one warning per guest and certificate a day
+        # a guest whose certificate ends soon: one warning per guest a day
         self.expiring = log.Repeats(window=tls.DAY)
         self.expiry_task: asyncio.Task | None = None
         self.listeners: list[socket.socket] = []
@@ -52,7 +52,7 @@ class Server:
         self.sessions.add(session)
         left = session.not_after - time.time() if session.not_after is not None else None
         if left is not None and left < self.config.log.expiry_warning_days * tls.DAY:
-            self.expiring(log.warning, "guest.cert_expiring", (session.guest, session.serial),
+            self.expiring(log.warning, "guest.cert_expiring", session.guest,
                           guest=session.guest, serial=f"{session.serial:x}",
                           days_left=int(left / tls.DAY), peer=session.peer,
                           until=time.strftime("%Y-%m-%d %H:%M UTC",

@@ -713,6 +713,20 @@ def test_expired_certificates_are_failures(tmp_path, capsys, monkeypatch):
     assert done.returncode == 0, done.stdout
     assert f"WARN server: CA certificate {d}/both.pem (CN=Old CA,O=pcsc-bridge" in done.stdout
     assert "expired on" in done.stdout and f"remove it from {d}/both.pem" in done.stdout
+    # and the daemons log it as an error
+    ca.issue("client", "lab-01")
+    agent_conf = Path(client_yaml(d, port, f"{ca.dir}/lab-01.pem", f"{ca.dir}/lab-01-key.pem",
+                                  ca.dir))
+    agent_conf.write_text(agent_conf.read_text().replace(f"{ca.dir}/ca.pem", f"{d}/both.pem"))
+    agent = Process(["client", "-c", str(agent_conf)], f"{d}/agent.log")
+    try:
+        out = wait_log(agent, "tls.expired")
+    finally:
+        agent.stop()
+    line = next(x for x in out.splitlines() if "tls.expired" in x)
+    assert f' ERROR tls.expired what=ca file={d}/both.pem subject="CN=Old CA,O=pcsc-bridge" ' \
+        f"serial={old.cert.serial_number:x} days_left=-2 " in line, line
+    assert "tls.expiring" not in out
 
 
 # --- the CRL refresh timer ----------------------------------------------------------------
