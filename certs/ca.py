@@ -164,19 +164,15 @@ def _good_name(name: str) -> None:
                         "crl or index")
 
 
-def _sans(kind: str, dns, ips, csr_path: str | None = None, csr=None,
-          given: list | None = None) -> list[x509.GeneralName]:
+def _sans(kind: str, dns, ips, asked=()) -> list[x509.GeneralName]:
     """The names a certificate of KIND carries: --dns and --ip for the server (at least
-    one), none for a guest. A request (CSR) may ask for names; the CA never copies them:
-    a guest's request that asks for any is refused (it looks like the server's)."""
-    sans: list[x509.GeneralName] = list(given) if given is not None else \
-        [x509.DNSName(_dns_name(d)) for d in dns]
-    for ip in () if given is not None else ips:
+    one), none for a guest. ASKED: the names a request asks for, for the message."""
+    sans: list[x509.GeneralName] = [x509.DNSName(_dns_name(d)) for d in dns]
+    for ip in ips:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
         except ValueError:
             raise CertError(f"--ip {ip!r} is not an IPv4 or IPv6 address") from None
-    asked = requested_names(csr) if csr is not None else []
     if kind == "server" and not sans:
         hint = f" (the request asks for {', '.join(asked)}; the CA takes the names from " \
             "the command line, not from the request)" if asked else ""
@@ -185,10 +181,6 @@ def _sans(kind: str, dns, ips, csr_path: str | None = None, csr=None,
     if kind == "client" and sans:
         raise CertError("a guest certificate carries no --dns/--ip names; its CN is its "
                         "identity")
-    if kind == "client" and asked:
-        raise CertError(f"{csr_path} asks for the names {', '.join(asked)}, as a server's "
-                        "request does; sign it with --server --dns ..., or make the guest's "
-                        "request without --dns/--ip")
     return sans
 
 
@@ -242,14 +234,20 @@ def csr_name(csr: x509.CertificateSigningRequest, path: str) -> str:
     return str(cns[0].value)
 
 
-def requested_names(csr: x509.CertificateSigningRequest) -> list[str]:
-    """The DNS and IP names a request asks for, as text (DNS:x, IP:y)."""
+def requested_names(kind: str, csr: x509.CertificateSigningRequest, path: str) -> list[str]:
+    """The DNS and IP names a request asks for, as text (DNS:x, IP:y); the CA never copies
+    them. A guest's request that asks for any is refused: it looks like the server's."""
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
-    return [f"DNS:{n}" for n in san.get_values_for_type(x509.DNSName)] + \
+    asked = [f"DNS:{n}" for n in san.get_values_for_type(x509.DNSName)] + \
         [f"IP:{n}" for n in san.get_values_for_type(x509.IPAddress)]
+    if kind == "client" and asked:
+        raise CertError(f"{path} asks for the names {', '.join(asked)}, as a server's "
+                        "request does; sign it with --server --dns ..., or make the guest's "
+                        "request without --dns/--ip")
+    return asked
 
 
 def make_csr(name: str, out_dir: str, server: bool = False, dns=(), ips=(),
@@ -389,7 +387,7 @@ class CA:
         name = csr_name(csr, csr_path)
         self._check_name(kind, name)
         span = _days(days)
-        sans = _sans(kind, dns, ips, csr_path, csr)
+        sans = _sans(kind, dns, ips, requested_names(kind, csr, csr_path))
         mine = [e for e in self.entries() if e.name == name]
         if mine:
             raise CertError(f"{name!r} has a certificate from this CA already (serial "
@@ -416,7 +414,6 @@ class CA:
             raise CertError(f"no certificate named {name!r} in {self.dir} to renew; issue "
                             f"one with pcsc-bridge certs client|server|sign")
         kind = mine[-1].kind
-        self._check_name(kind, name)
         span = _days(days)
         cert_path = self.path(f"{name}.pem")
         try:
@@ -431,19 +428,18 @@ class CA:
             asked = csr_name(csr, csr_path)
             if asked != name:
                 raise CertError(f"{csr_path} is a request for {asked!r}, not {name!r}")
+            requested_names(kind, csr, csr_path)
             public_key = csr.public_key()
         else:
-            csr, public_key = None, current.public_key()
+            public_key = current.public_key()
         if dns or ips:
-            sans = _sans(kind, dns, ips, csr_path, csr)
+            sans = _sans(kind, dns, ips)
         else:
             try:
                 sans = list(current.extensions.get_extension_for_class(
                     x509.SubjectAlternativeName).value)
             except x509.ExtensionNotFound:
                 sans = []
-            if csr is not None:
-                _sans(kind, (), (), csr_path, csr, sans)   # the request's names, checked
         if out:
             _refuse_existing([out], force)
         cert = self._sign(kind, name, public_key, sans, span, not_before)
@@ -490,7 +486,8 @@ class CA:
         return entry
 
     # --- revocation ---------------------------------------------------------------------
-    def revoke(self, what: str, crl_days: int = CRL_DAYS, keep: str | None = None) -> list[Entry]:
+    def revoke(self, what: str, crl_days: int = CRL_DAYS,
+               keep: str | None = None) -> list[Entry]:
         """Revoke every unrevoked certificate named WHAT (but the one with serial KEEP), or
         the one with serial WHAT."""
         _days(crl_days)
