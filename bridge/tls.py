@@ -171,13 +171,19 @@ def _check_usage(cert: str, role: str) -> None:
                              f"{role} ...", cert)
 
 
-def _check_crl(crl: str, cas: list[x509.Certificate], ca: str) -> None:
+def _crls(crl: str) -> list[x509.CertificateRevocationList]:
     from cryptography import x509
+    out = []
     for block in _pem(_read(crl, "CRL"), "X509 CRL", crl, "CRL"):
         try:
-            c = x509.load_pem_x509_crl(block)
+            out.append(x509.load_pem_x509_crl(block))
         except ValueError as exc:
             raise BadPEMError(f"CRL file {crl} holds a damaged CRL: {exc}", crl) from None
+    return out
+
+
+def _check_crl(crl: str, cas: list[x509.Certificate], ca: str) -> None:
+    for c in _crls(crl):
         if not any(a.subject == c.issuer and _signed(c, a) for a in cas):
             raise TLSConfigError(f"CRL file {crl} is signed by '{c.issuer.rfc4514_string()}', "
                                  f"which is not a CA in {ca}; use the crl.pem of the CA that "
@@ -245,7 +251,8 @@ def _in_child(check, *args):
 
 
 def _child_main(argv: list[str]) -> int:
-    """The child of ``_in_child``: run one check, print its refusal as JSON, if any."""
+    """The child of ``_in_child``: run one check, print its refusal or its result (if
+    not None) as JSON."""
     check = {f.__name__: f for f in (_check_files, _expiry)}[argv[0]]
     args = json.loads(argv[1])
     try:
@@ -298,7 +305,8 @@ class Expiry:
         left = self.days_left(now)
         what = {"certificate": "certificate", "ca": "CA certificate", "crl": "CRL"}[self.what]
         who = f"{self.subject}, serial {self.serial}" if self.serial else \
-            f"of {self.subject}, number {self.number}"
+            f"of {self.subject}" + (f", number {self.number}" if self.number is not None
+                                     else "")
         end = "next update" if self.what == "crl" else "valid until"
         if self.until < now:
             return f"{what} {self.file} ({who}) expired on {self.date()}"
@@ -315,11 +323,7 @@ def _expiry(cert: str, ca: str, crl: str | None = None) -> list[dict]:
                 "until": _utc(cert_obj, "not_valid_after").timestamp()}
     out = [dates(_certificates(cert, "certificate")[0], "certificate", cert)]
     out += [dates(c, "ca", ca) for c in _certificates(ca, "CA certificate")]
-    for block in _pem(_read(crl, "CRL"), "X509 CRL", crl, "CRL") if crl else ():
-        try:
-            c = x509.load_pem_x509_crl(block)
-        except ValueError as exc:
-            raise BadPEMError(f"CRL file {crl} holds a damaged CRL: {exc}", crl) from None
+    for c in _crls(crl) if crl else ():
         nxt = _utc(c, "next_update")
         try:
             number = c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
