@@ -464,8 +464,7 @@ class CA:
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
                    .add_extension(x509.KeyUsage(
                        digital_signature=True, content_commitment=False,
-                       key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
-                       data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                       key_encipherment=False, data_encipherment=False, key_agreement=False, key_cert_sign=False,
                        crl_sign=False, encipher_only=False, decipher_only=False), True)
                    .add_extension(x509.ExtendedKeyUsage([eku]), False)
                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),

@@ -514,6 +514,18 @@ def test_certificates_from_requests_and_renewals_work_in_real_handshakes(tmp_pat
         wait_port(port)
         first = (f"{guest}/lab-01.pem", f"{guest}/lab-01-key.pem")
         assert hello(d, port, *first, ca_dir) == "lab-01"
+        # keys made elsewhere, of each kind the CA accepts, work as well
+        for name, key in (("rsa", rsa.generate_private_key(65537, 2048)),
+                          ("p384", ec.generate_private_key(ec.SECP384R1())),
+                          ("p521", ec.generate_private_key(ec.SECP521R1()))):
+            Path(guest, f"{name}-key.pem").write_bytes(key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
+            os.chmod(f"{guest}/{name}-key.pem", 0o600)
+            Path(guest, f"{name}.csr").write_bytes(csr_pem(key, subject_of(name)))
+            assert certs(capsys, "sign", "--dir", ca_dir, f"{guest}/{name}.csr")[0] == 0
+            assert hello(d, port, f"{ca_dir}/{name}.pem", f"{guest}/{name}-key.pem",
+                         ca_dir) == name
         # renewed: the same key, a new certificate; the earlier one still works
         rc, out, _ = certs(capsys, "renew", "--dir", ca_dir, "lab-01", "--out",
                            f"{guest}/lab-01-new.pem")
