@@ -824,3 +824,20 @@ def test_the_crl_service_resigns_installs_and_the_reloaded_server_uses_it(tmp_pa
 def check_running(path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pcsc_bridge", "check", "--running", "-c",
                            path], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_daemons_read_the_dates_without_loading_cryptography(tmp_path):
+    # as for the checks at start: a child process reads the files (cryptography costs the
+    # long-running server and agent about 10 MB each)
+    ca, e = expiring_ca(str(tmp_path))
+    code = ("import sys; from pcsc_bridge import tls; "
+            f"items = tls.expiry({ca.dir + '/host.pem'!r}, {ca.dir + '/ca.pem'!r}, "
+            f"{ca.dir + '/crl.pem'!r}); "
+            "print([(i.what, i.serial, i.days_left()) for i in items]); "
+            "print(sorted(m for m in sys.modules if m.startswith('cryptography')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    items, loaded = done.stdout.splitlines()
+    assert items == str([("certificate", e["host"].serial, 9),
+                         ("ca", f"{ca.cert.serial_number:x}", 19), ("crl", None, 4)])
+    assert loaded == "[]"
