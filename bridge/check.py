@@ -7,6 +7,7 @@ well, 2 otherwise (as the daemons exit on a configuration error)."""
 from __future__ import annotations
 
 import os
+import time
 
 from . import config, tls
 
@@ -32,22 +33,57 @@ def sections(path: str) -> set[str]:
 
 
 class Report:
-    """What a checking command prints: ``ok`` and ``FAIL`` lines, then a verdict."""
+    """What a checking command prints: ``ok``, ``WARN`` and ``FAIL`` lines, then a verdict.
+    Only FAIL lines change the exit status."""
 
     def __init__(self):
         self.problems = 0
+        self.warnings = 0
 
     def ok(self, text: str) -> None:
         print(f"ok   {text}")
+
+    def warn(self, text: str) -> None:
+        self.warnings += 1
+        print(f"WARN {text}")
 
     def bad(self, text: str) -> None:
         self.problems += 1
         print(f"FAIL {text}")
 
+    def expiry(self, cert: str, ca: str, crl: str | None, days: int, prefix: str = "") -> None:
+        """A line for the end date of CERT, each CA in CA and the CRL: ok, WARN within DAYS
+        days of it, FAIL once past (a CA past its date while others in CA are not: WARN,
+        the daemon still works with the others)."""
+        try:
+            items = tls.expiry(cert, ca, crl)
+        except tls.TLSConfigError as exc:
+            self.bad(str(exc))
+            return
+        now = time.time()
+        for e in items:
+            left = e.until - now
+            if left < 0 and e.what == "ca" and any(
+                    o.what == "ca" and o.until > now for o in items):
+                self.warn(f"{prefix}{e.text(now)}; remove it from {ca}")
+            elif left < 0:
+                self.bad(f"{prefix}{e.text(now)}")
+            elif left < days * tls.DAY:
+                self.warn(f"{prefix}{e.text(now)}, within {days} days: " + _RENEW[e.what])
+            else:
+                self.ok(f"{prefix}{e.text(now)}")
+
     def end(self, failed: int = 1) -> int:
         """The verdict line; the exit status: 0, or ``failed`` after a problem."""
-        print("all good" if not self.problems else f"{self.problems} problem(s)")
+        warned = f", {self.warnings} warning(s)" if self.warnings else ""
+        print(f"all good{warned}" if not self.problems else
+              f"{self.problems} problem(s){warned}")
         return failed if self.problems else 0
+
+
+_RENEW = {"certificate": "renew it (docs/certificates.md, Renew)",
+          "ca": "plan a new CA (docs/certificates.md, Rotate)",
+          "crl": "re-sign it (pcsc-bridge certs crl), copy it here and reload"}
 
 
 def run(args) -> int:
@@ -63,6 +99,7 @@ def run(args) -> int:
             tls.server_context(s.cert, s.key, s.ca, s.crl, s.tls_min_version)
             ok(f"server: {s.cert} (for a TLS server), {s.key} (private, its key), {s.ca}"
                + (f", {s.crl}" if s.crl else ""))
+            report.expiry(s.cert, s.ca, s.crl, s.log.expiry_warning_days, "server: ")
             from pcsc_bridge.server.host import listening_sockets
             for address in () if args.running else s.listen:
                 for sock in listening_sockets(address.host, address.port):
@@ -76,6 +113,7 @@ def run(args) -> int:
             ok("client: every key and value")
             tls.client_context(c.cert, c.key, c.ca, c.tls_min_version)
             ok(f"client: {c.cert} (for a TLS client), {c.key} (private, its key), {c.ca}")
+            report.expiry(c.cert, c.ca, None, c.log.expiry_warning_days, "client: ")
             folder = os.path.dirname(c.socket) or "."
             if not os.path.isdir(folder):
                 bad(f"client.socket: the folder {folder} does not exist")

@@ -311,6 +311,8 @@ class LogConfig:
     format: str = _f(_Leaf(_choice("text", "json")), "text")
     # the time in front of each line: auto = unless journald is the reader (it stamps)
     timestamps: str = _f(_Leaf(_auto_bool, typed=True), "auto")
+    # a warning for a certificate, CA or CRL that ends within this many days
+    expiry_warning_days: int = _f(_Leaf(_integer(1, 3650), typed=True), 30)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,7 +4,6 @@ readers, in order, and say in plain words what is wrong."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import importlib.util
 import os
 import socket
@@ -34,18 +33,6 @@ def register(subparsers) -> None:
                               description=" ".join(__doc__.split()))
     p.add_argument("-c", "--config", required=True, help="the agent's configuration file")
     p.set_defaults(func=run)
-
-
-def _cert_expiry(path: str) -> str | None:
-    from cryptography import x509
-    with open(path, "rb") as f:
-        cert = x509.load_pem_x509_certificate(f.read())
-    end = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(
-        tzinfo=dt.timezone.utc)
-    days = (end - dt.datetime.now(dt.timezone.utc)).days
-    if days < 0:
-        return f"certificate {path} expired on {end:%Y-%m-%d}; ask for a new one"
-    return f"certificate {path} valid until {end:%Y-%m-%d} ({days} days)"
 
 
 async def _reach(c: config.ClientConfig) -> Hello:
@@ -124,12 +111,7 @@ def run(args) -> int:
     except config.ConfigError as exc:
         bad(str(exc))
         return 1
-    for path in (c.cert, c.ca):
-        try:
-            line = _cert_expiry(path)
-            (bad if "expired" in line else ok)(line)
-        except (OSError, ValueError) as exc:
-            bad(f"cannot read certificate {path}: {exc}")
+    report.expiry(c.cert, c.ca, None, c.log.expiry_warning_days)
     try:
         tls.client_context(c.cert, c.key, c.ca, c.tls_min_version)
         ok(f"key {c.key} is private and matches the certificate")

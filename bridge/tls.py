@@ -20,6 +20,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from .wire import ALPN
@@ -146,7 +147,7 @@ def _check_identity(cert: str, key: str) -> None:
     end = _utc(leaf, "not_valid_after")
     if end < _now():
         raise ExpiredError(f"certificate {cert} expired on {end:%Y-%m-%d %H:%M} UTC; issue a "
-                           "new one (pcsc-bridge certs server|client ... --force)", cert)
+                           "new one (on the CA host: pcsc-bridge certs renew NAME)", cert)
 
 
 def _check_usage(cert: str, role: str) -> None:
@@ -170,13 +171,19 @@ def _check_usage(cert: str, role: str) -> None:
                              f"{role} ...", cert)
 
 
-def _check_crl(crl: str, cas: list[x509.Certificate], ca: str) -> None:
+def _crls(crl: str) -> list[x509.CertificateRevocationList]:
     from cryptography import x509
+    out = []
     for block in _pem(_read(crl, "CRL"), "X509 CRL", crl, "CRL"):
         try:
-            c = x509.load_pem_x509_crl(block)
+            out.append(x509.load_pem_x509_crl(block))
         except ValueError as exc:
             raise BadPEMError(f"CRL file {crl} holds a damaged CRL: {exc}", crl) from None
+    return out
+
+
+def _check_crl(crl: str, cas: list[x509.Certificate], ca: str) -> None:
+    for c in _crls(crl):
         if not any(a.subject == c.issuer and _signed(c, a) for a in cas):
             raise TLSConfigError(f"CRL file {crl} is signed by '{c.issuer.rfc4514_string()}', "
                                  f"which is not a CA in {ca}; use the crl.pem of the CA that "
@@ -201,6 +208,11 @@ def _check_files(cert: str, key: str, ca: str, crl: str | None, role: str = "") 
     if role:
         _check_usage(cert, role)
     cas = _certificates(ca, "CA certificate")
+    ends = [_utc(a, "not_valid_after") for a in cas]
+    if max(ends) < _now():
+        raise ExpiredError(f"CA certificate file {ca}: every CA in it has expired (the last "
+                           f"on {max(ends):%Y-%m-%d %H:%M} UTC), so no peer can be verified; "
+                           "make a new CA (docs/certificates.md, Rotate)", ca)
     if crl:
         _check_crl(crl, cas, ca)
 
@@ -214,20 +226,23 @@ def _errors() -> dict[str, type[TLSConfigError]]:
     return found
 
 
-def _in_child(check, *args) -> None:
+def _in_child(check, *args):
     """``check(*args)`` in a child Python process (``python -m pcsc_bridge.tls``), so this
     one never loads cryptography; a TLSConfigError it raises is raised here, of the same
-    type, message and path. Where no child can be started, the check runs here."""
+    type, message and path; what it returns (JSON) is returned. Where no child can be
+    started, the check runs here."""
     command = [sys.executable, "-m", __name__, check.__name__, json.dumps(args)]
     try:
         done = subprocess.run(command, capture_output=True, timeout=CHECK_TIMEOUT,
                               check=False)
     except (OSError, subprocess.SubprocessError):
-        check(*args)
-        return
+        return check(*args)
     report = done.stdout.strip()
     if report:
-        name, message, path = json.loads(report)
+        answer = json.loads(report)
+        if isinstance(answer, dict):
+            return answer["result"]
+        name, message, path = answer
         raise _errors().get(name, TLSConfigError)(message, path)
     if done.returncode != 0:
         raise TLSConfigError(f"checking {_names(args)} failed (the checking process ended "
@@ -236,11 +251,14 @@ def _in_child(check, *args) -> None:
 
 
 def _child_main(argv: list[str]) -> int:
-    """The child of ``_in_child``: run one check, print its refusal as JSON, if any."""
-    check = {f.__name__: f for f in (_check_files,)}[argv[0]]
+    """The child of ``_in_child``: run one check, print its refusal or its result (if
+    not None) as JSON."""
+    check = {f.__name__: f for f in (_check_files, _expiry)}[argv[0]]
     args = json.loads(argv[1])
     try:
-        check(*args)
+        result = check(*args)
+        if result is not None:
+            print(json.dumps({"result": result}))
     except TLSConfigError as exc:
         print(json.dumps([type(exc).__name__, str(exc), exc.path]))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
@@ -250,6 +268,95 @@ def _child_main(argv: list[str]) -> int:
 
 def _names(args) -> str:
     return ", ".join(str(a) for a in args if a)
+
+
+# --- expiry ----------------------------------------------------------------------------------
+DAY = 86400.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Expiry:
+    """When something this end relies on stops working: its certificate's or a CA's
+    not-after date, or the CRL's next update (after which OpenSSL refuses every guest)."""
+
+    what: str                  # "certificate", "ca" or "crl"
+    file: str
+    subject: str               # RFC 4514; a CRL's issuer
+    serial: str | None         # hexadecimal; None for a CRL
+    number: int | None         # a CRL's number
+    until: float               # seconds since the epoch
+
+    def days_left(self, now: float | None = None) -> int:
+        """Whole days left (toward zero; negative: days since), as certs list counts."""
+        return int((self.until - (time.time() if now is None else now)) / DAY)
+
+    def date(self) -> str:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.until))
+
+    def fields(self, now: float | None = None) -> dict:
+        """For a log line: which file, subject, serial (or CRL number), days left."""
+        return {"what": self.what, "file": self.file, "subject": self.subject,
+                "serial": self.serial, "crl_number": self.number,
+                "days_left": self.days_left(now), "until": self.date()}
+
+    def text(self, now: float | None = None) -> str:
+        """One sentence for check and doctor."""
+        now = time.time() if now is None else now
+        left = self.days_left(now)
+        what = {"certificate": "certificate", "ca": "CA certificate", "crl": "CRL"}[self.what]
+        who = f"{self.subject}, serial {self.serial}" if self.serial else \
+            f"of {self.subject}" + (f", number {self.number}" if self.number is not None
+                                     else "")
+        end = "next update" if self.what == "crl" else "valid until"
+        if self.until < now:
+            return f"{what} {self.file} ({who}) expired on {self.date()}"
+        return f"{what} {self.file} ({who}) {end} {self.date()} ({left} days left)"
+
+
+def _expiry(cert: str, ca: str, crl: str | None = None) -> list[dict]:
+    """The end dates of CERT (its first certificate), every CA in CA, every CRL in CRL."""
+    from cryptography import x509
+
+    def dates(cert_obj, what, path):
+        return {"what": what, "file": path, "subject": cert_obj.subject.rfc4514_string(),
+                "serial": f"{cert_obj.serial_number:x}", "number": None,
+                "until": _utc(cert_obj, "not_valid_after").timestamp()}
+    out = [dates(_certificates(cert, "certificate")[0], "certificate", cert)]
+    out += [dates(c, "ca", ca) for c in _certificates(ca, "CA certificate")]
+    for c in _crls(crl) if crl else ():
+        nxt = _utc(c, "next_update")
+        try:
+            number = c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        except x509.ExtensionNotFound:
+            number = None
+        if nxt is not None:
+            out.append({"what": "crl", "file": crl, "subject": c.issuer.rfc4514_string(),
+                        "serial": None, "number": number, "until": nxt.timestamp()})
+    return out
+
+
+def expiry(cert: str, ca: str, crl: str | None = None) -> list[Expiry]:
+    """The end dates of this end's certificate, of each CA and of the CRL's next update,
+    read in a child process (as the files are checked); a TLSConfigError when one does not
+    read."""
+    return [Expiry(**d) for d in _in_child(_expiry, cert, ca, crl)]
+
+
+def warn_expiry(cert: str, ca: str, crl: str | None, days: int) -> list[Expiry]:
+    """Log one line for each of ``expiry()`` that ends within DAYS days: ``tls.expiring``
+    (a warning), or ``tls.expired`` (an error) once past. Returns them. Blocks (a child
+    process reads the files): an event loop runs it in a thread."""
+    from . import log
+    now = time.time()
+    try:
+        items = [e for e in expiry(cert, ca, crl) if e.until - now < days * DAY]
+    except TLSConfigError as exc:
+        log.error("tls.expiry_unknown", error=str(exc))
+        return []
+    for e in items:
+        (log.error if e.until < now else log.warning)(
+            "tls.expired" if e.until < now else "tls.expiring", **e.fields(now))
+    return items
 
 
 # --- contexts --------------------------------------------------------------------------------

@@ -1,19 +1,35 @@
 """`pcsc-bridge certs`: the CA, the server's certificate, one certificate per guest, the CRL.
 
 All files live in one directory (--dir, default /etc/pcsc-bridge/ca): ca.pem, ca-key.pem,
-NAME.pem + NAME-key.pem per certificate, crl.pem and index.json. See docs/certificates.md.
+NAME.pem + NAME-key.pem per certificate, crl.pem and index.json. `csr` makes a key and a
+request where the key is used (no CA there), `sign` turns a request into a certificate
+(NAME.pem only: the CA never has the key), `renew` gives a name a new certificate. See
+docs/certificates.md.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from cryptography.x509.oid import NameOID
 
-from .ca import CA, CA_DAYS, CERT_DAYS, CRL_DAYS, CertError, days_between, not_after, now
+from .ca import (
+    CA,
+    CA_DAYS,
+    CERT_DAYS,
+    CRL_DAYS,
+    CertError,
+    days_between,
+    make_csr,
+    not_after,
+    now,
+)
 
 __all__ = ["CA", "CertError", "register", "run"]
 DEFAULT_DIR = "/etc/pcsc-bridge/ca"
+WHO = {"server": "server", "client": "guest"}
+DEFAULT_OUT = "/etc/pcsc-bridge"   # certs csr: where the agent (or the server) reads it
 
 
 def register(subparsers) -> None:
@@ -33,17 +49,54 @@ def register(subparsers) -> None:
             a.add_argument("--force", action="store_true", help="replace existing files")
         return a
 
+    def names(a, what):
+        a.add_argument("--dns", action="append", default=[], metavar="NAME",
+                       help=f"a DNS name {what} (repeatable)")
+        a.add_argument("--ip", action="append", default=[], metavar="ADDR",
+                       help=f"an IP address {what} (repeatable)")
+
     a = action("init", "create the CA: ca.pem, ca-key.pem, an empty crl.pem", CA_DAYS, True)
     a.add_argument("--name", default="pcsc-bridge CA", help="the CA's common name")
     a = action("server", "issue the host server's certificate DIR/NAME.pem", CERT_DAYS, True)
     a.add_argument("name", metavar="NAME")
-    a.add_argument("--dns", action="append", default=[], metavar="NAME",
-                   help="a DNS name guests use for the server (repeatable)")
-    a.add_argument("--ip", action="append", default=[], metavar="ADDR",
-                   help="an IP address guests use for the server (repeatable)")
+    names(a, "guests use for the server")
     a = action("client", "issue a guest's certificate DIR/GUEST.pem; its CN is the guest's "
                "identity", CERT_DAYS, True)
     a.add_argument("name", metavar="GUEST")
+    a = sub.add_parser("csr", help="on a guest (or the server's host): a new key and a "
+                       "certificate request for it, to be signed on the CA host",
+                       description="Make OUT/NAME-key.pem (a new EC P-256 key, mode 0600; it "
+                       "stays here) and OUT/NAME.csr, the request to take to the CA host and "
+                       "sign there with: pcsc-bridge certs sign [--server --dns ...] "
+                       "NAME.csr")
+    a.add_argument("name", metavar="NAME", help="the guest's name (its identity), or with "
+                   "--server the server's")
+    a.add_argument("--server", action="store_true", help="a request for the host server's "
+                   "certificate (needs --dns or --ip)")
+    names(a, "asked for; the signer decides which the certificate carries")
+    a.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help=f"where the key and the request go (default {DEFAULT_OUT})")
+    a.add_argument("--force", action="store_true", help="replace existing files")
+    a = action("sign", "issue a certificate for a request (NAME.csr from certs csr): "
+               "the request's name and key, the rest set here; recorded like certs client",
+               CERT_DAYS, True)
+    a.add_argument("csr", metavar="CSR_FILE")
+    a.add_argument("--server", action="store_true",
+                   help="the server's certificate (serverAuth, names from --dns/--ip)")
+    names(a, "the certificate carries (with --server; required there)")
+    a.add_argument("--out", metavar="FILE", help="also write the certificate to FILE "
+                   "(it is always written as DIR/NAME.pem)")
+    a = action("renew", "a new certificate (new serial, new dates) for a name issued before; "
+               "the same key, or the key of a new request (--csr)", CERT_DAYS)
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("--force", action="store_true", help="replace an existing --out FILE")
+    a.add_argument("--csr", metavar="FILE", help="a new request for NAME (certs csr): the "
+                   "new certificate is for its key")
+    names(a, "the server's new certificate carries (default: those of the current one)")
+    a.add_argument("--out", metavar="FILE", help="also write the certificate to FILE")
+    a.add_argument("--revoke-old", action="store_true",
+                   help="revoke NAME's earlier certificates and re-sign crl.pem (else they "
+                   "stay valid until they expire)")
     action("list", "list every certificate issued: kind, name, serial, expiry, revocation")
     a = action("revoke", "revoke certificates (by name: all of that name; or by serial) and "
                "re-sign crl.pem", CRL_DAYS)
@@ -67,6 +120,14 @@ def _run(args) -> int:
         print(f"CA {args.name!r} created in {args.dir}: ca.pem (give it to the server and "
               f"every guest), ca-key.pem (keep it here, private), crl.pem")
         return 0
+    if cmd == "csr":
+        key, csr = make_csr(args.name, args.out, args.server, args.dns, args.ip, args.force)
+        print(f"key {key} (mode 0600: it stays here) and request {csr}; take {csr} to the "
+              f"CA host and sign it there: pcsc-bridge certs sign "
+              + ("--server " + " ".join(f"--dns {d}" for d in args.dns)
+                 + "".join(f" --ip {i}" for i in args.ip) + " " if args.server else "")
+              + os.path.basename(csr))
+        return 0
     ca = CA(args.dir)
     if cmd in ("server", "client"):
         e = ca.issue(cmd, args.name, getattr(args, "dns", ()), getattr(args, "ip", ()),
@@ -74,6 +135,28 @@ def _run(args) -> int:
         print(f"{cmd} certificate {ca.path(e.name + '.pem')} and key "
               f"{ca.path(e.name + '-key.pem')}: serial {e.serial}, valid until "
               f"{e.not_after:%Y-%m-%d}")
+    elif cmd == "sign":
+        kind = "server" if args.server else "client"
+        e = ca.sign(args.csr, kind, args.dns, args.ip, args.days, args.out, args.force)
+        print(f"{WHO[kind]} certificate for {e.name!r} from {args.csr}: "
+              f"{ca.path(e.name + '.pem')}" + (f" and {args.out}" if args.out else "")
+              + f", serial {e.serial}, valid until {e.not_after:%Y-%m-%d}; install it next "
+              "to its key, where the request was made")
+    elif cmd == "renew":
+        e, earlier = ca.renew(args.name, args.csr, args.dns, args.ip, args.days, args.out,
+                              args.force)
+        key = "the key of " + args.csr if args.csr else "the same key"
+        print(f"{WHO[e.kind]} certificate {ca.path(e.name + '.pem')}"
+              + (f" (and {args.out})" if args.out else "")
+              + f" renewed for {key}: serial {e.serial}, valid until {e.not_after:%Y-%m-%d}")
+        if args.revoke_old and earlier:
+            for old in ca.revoke(e.name, keep=e.serial):
+                print(f"revoked the earlier certificate serial {old.serial}")
+            print(f"{ca.path('crl.pem')} re-signed: copy it to the server, then reload it")
+        for old in [] if args.revoke_old else earlier:
+            print(f"the earlier certificate serial {old.serial} stays valid until "
+                  f"{old.not_after:%Y-%m-%d} unless revoked: pcsc-bridge certs revoke "
+                  f"--dir {args.dir} {old.serial}")
     elif cmd == "list":
         _list(ca)
     elif cmd == "revoke":

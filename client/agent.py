@@ -417,6 +417,7 @@ class RemoteBackend(Backend):
                  early_answers: bool = True):
         self.host, self.port = host, port
         self.ssl_context = ssl_context
+        self.files: tuple[str, str] | None = None   # its certificate and CA files (warnings)
         self.server_name = server_name
         self.connect_timeout = connect_timeout
         self.reconnect_initial, self.reconnect_max = reconnect_initial, reconnect_max

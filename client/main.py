@@ -31,6 +31,7 @@ def build(cfg: config.ClientConfig) -> tuple[RemoteBackend, Facade]:
                             cfg.keepalive.interval, cfg.keepalive.timeout, cfg.call_timeout,
                             streams_per_user=cfg.streams_per_user,
                             early_answers=cfg.early_answers)
+    backend.files = (cfg.cert, cfg.ca)
     return backend, Facade(backend, pool=backend.pool, sockets_per_user=cfg.sockets_per_user)
 
 
@@ -47,6 +48,17 @@ def reload(path: str, over: dict, backend: RemoteBackend) -> None:
         return
     log.info("agent.reloaded", config=path, applies="certificate, key and CA, from the "
              "next connection; other keys at the next start")
+    backend.files = (cfg.cert, cfg.ca)
+    tls.warn_expiry(cfg.cert, cfg.ca, None, cfg.log.expiry_warning_days)
+
+
+async def watch_expiry(backend: RemoteBackend, days: int, every: float = tls.DAY) -> None:
+    """A warning for the agent's certificate or a CA that ends within DAYS days
+    (tls.expiring; tls.expired once past): at start and then once a day (a reload logs
+    them too), for the files in use."""
+    while True:
+        await asyncio.to_thread(tls.warn_expiry, *backend.files, None, days)
+        await asyncio.sleep(every)
 
 
 async def serve(cfg: config.ClientConfig, path: str | None = None,
@@ -67,9 +79,11 @@ async def serve(cfg: config.ClientConfig, path: str | None = None,
     log.sd_notify("READY=1")
     log.info("agent.ready", socket=cfg.socket, server=str(cfg.server), version=__version__,
              python=platform.python_version(), selector=netio.selector_class().__name__)
+    expiry = loop.create_task(watch_expiry(backend, cfg.log.expiry_warning_days))
     try:
         await stop.wait()
     finally:
+        expiry.cancel()
         log.sd_notify("STOPPING=1")
         if admin is not None:
             await admin.close()

@@ -27,6 +27,9 @@ class Server:
         self.sessions: set[GuestSession] = set()
         self.by_guest: dict[str, set[GuestSession]] = {}   # certificate name -> sessions
         self.refusals = log.Repeats()   # refused handshakes, per address and reason
+        # a guest whose certificate ends soon: one warning per guest a day
+        self.expiring = log.Repeats(window=tls.DAY)
+        self.expiry_task: asyncio.Task | None = None
         self.listeners: list[socket.socket] = []
         self.accepting: list[asyncio.Task] = []
         self.software = f"pcsc-bridge {__version__}"
@@ -47,6 +50,13 @@ class Server:
             return f"too many sessions with this certificate ({limit})", limit
         same.add(session)
         self.sessions.add(session)
+        left = session.not_after - time.time() if session.not_after is not None else None
+        if left is not None and left < self.config.log.expiry_warning_days * tls.DAY:
+            self.expiring(log.warning, "guest.cert_expiring", session.guest,
+                          guest=session.guest, serial=f"{session.serial:x}",
+                          days_left=int(left / tls.DAY), peer=session.peer,
+                          until=time.strftime("%Y-%m-%d %H:%M UTC",
+                                              time.gmtime(session.not_after)))
         return None
 
     def release(self, session: GuestSession) -> None:
@@ -70,6 +80,20 @@ class Server:
                 self.accepting.append(asyncio.get_running_loop().create_task(
                     self._accept(sock)))
             log.info("server.listen", address=f"{host}:{port}")
+        self.expiry_task = asyncio.get_running_loop().create_task(self.watch_expiry())
+
+    async def warn_expiry(self) -> None:
+        """A warning for the certificate, a CA or the CRL in use that ends within
+        log.expiry_warning_days (tls.expiring), an error for one past its date."""
+        f = self.tls.files
+        await asyncio.to_thread(tls.warn_expiry, f.cert, f.ca, f.crl,
+                                self.config.log.expiry_warning_days)
+
+    async def watch_expiry(self, every: float = tls.DAY) -> None:
+        """The expiry warnings at start and then once a day (a reload logs them too)."""
+        while True:
+            await self.warn_expiry()
+            await asyncio.sleep(every)
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -140,6 +164,7 @@ class Server:
             else:
                 session.reconfigure(policy)
         log.info("server.reloaded", guests=len(self.sessions))
+        await self.warn_expiry()
 
     async def watch_files(self, every: float) -> None:
         """Reload when the TLS files change (looked at every ``every`` seconds): how an
@@ -154,8 +179,9 @@ class Server:
     async def close(self) -> None:
         """Graceful stop (SIGTERM): no new connections; every guest gets a GOAWAY, calls
         under way finish (up to limits.drain_timeout), then the connections close."""
-        for task in self.accepting:
-            task.cancel()
+        for task in [*self.accepting, self.expiry_task]:
+            if task is not None:
+                task.cancel()
         for sock in self.listeners:
             sock.close()
         sessions = list(self.sessions)
