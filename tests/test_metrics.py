@@ -166,10 +166,13 @@ def wait_for(check, what: str, timeout: float = 10.0):
         time.sleep(0.05)
 
 
-def metrics_bridge(tmp_path, guests=("guest1", "guest2"), extra=""):
+def metrics_bridge(tmp_path, guests=("guest1", "guest2"), extra="", revoked=()):
     mport = free_port()
     b = Bridge(str(tmp_path), guests=guests, backend="virtual",
                extra=f'  metrics_listen: "127.0.0.1:{mport}"\n{extra}')
+    for guest in revoked:
+        subprocess.run([sys.executable, "-m", "pcsc_bridge", "certs", "revoke", "--dir",
+                        b.ca, guest], capture_output=True, check=True)
     b.start_server()
     wait_port(mport)
     return b, mport
@@ -285,6 +288,27 @@ def test_two_guests_calls_readers_and_latency_add_up(tmp_path):
         assert m.get("pcsc_bridge_guest_streams", guest="guest2") == 0
         assert m.get("pcsc_bridge_guests_connected") == 1
         assert m.get("pcsc_bridge_reader_cards_in_use", reader=R0) == 0
+    finally:
+        b.stop()
+
+
+def test_refused_sessions_are_counted(tmp_path):
+    b, mport = metrics_bridge(tmp_path, guests=("guest1", "guest2", "guest3"),
+                              extra="  guests:\n    guest1: {allow: false}\n",
+                              revoked=("guest2",))
+    try:
+        for g in ("guest1", "guest2", "guest3"):
+            b.start_agent(g)
+        m = wait_for(lambda: (x := scrape(mport)) and x.get(
+            "pcsc_bridge_guest_sessions_refused_total", guest="guest1") >= 2 and x.get(
+            "pcsc_bridge_tls_refused_total") >= 2 and x.get(
+            "pcsc_bridge_guest_connected", guest="guest3") == 1 and x, "refusals counted")
+        assert m.get("pcsc_bridge_guest_sessions_accepted_total", guest="guest1") == 0
+        assert m.get("pcsc_bridge_guest_connected", guest="guest1") == 0
+        # a revoked certificate is refused before its name is known: no guest2 series
+        assert not any(("guest", "guest2") in labels for _, labels in m.samples)
+        assert m.get("pcsc_bridge_guest_sessions_refused_total", guest="guest3") == 0
+        assert m.get("pcsc_bridge_guests_connected") == 1
     finally:
         b.stop()
 
