@@ -436,6 +436,9 @@ class ServerConfig:
     tls_min_version: str = _f(TLS_VERSION, "1.3")
     # `pcsc-bridge status` / `kick` ask the running server on this socket (mode 0600)
     admin_socket: str | None = _f(PATH, None, nullable=True)
+    # Prometheus text endpoint (GET /metrics, plain HTTP), HOST:PORT; null: none
+    metrics_listen: HostPort | None = field(default=None, metadata=_m(
+        _Leaf(HostPort.parse), nullable=True))
     # how often the TLS files are looked at: a change reloads them, as SIGHUP does (the
     # way to reload where there are no signals); null: only on SIGHUP
     reload_check: float | None = _f(DURATION, 5.0, nullable=True)

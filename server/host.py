@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 import time
@@ -11,6 +12,7 @@ from pcsc_bridge import __version__, config, log, netio, tls
 from pcsc_bridge.backend import Backend
 from pcsc_bridge.wire import Reason
 
+from .metrics import Metrics, MetricsEndpoint
 from .session import GuestSession
 
 
@@ -34,6 +36,8 @@ class Server:
         self.accepting: list[asyncio.Task] = []
         self.software = f"pcsc-bridge {__version__}"
         self.source: tuple | None = None   # (config path, overrides): reload re-reads it
+        self.metrics = Metrics(self)       # counters: kept across reloads
+        self.endpoint: MetricsEndpoint | None = None   # server.metrics_listen
 
     # --- hooks used by sessions -----------------------------------------------------------
     def identity(self, ssl_object) -> str:
@@ -80,6 +84,9 @@ class Server:
                 self.accepting.append(asyncio.get_running_loop().create_task(
                     self._accept(sock)))
             log.info("server.listen", address=f"{host}:{port}")
+        if self.config.metrics_listen is not None:
+            self.endpoint = await MetricsEndpoint(self.metrics,
+                                                  self.config.metrics_listen).start()
         self.expiry_task = asyncio.get_running_loop().create_task(self.watch_expiry())
 
     async def warn_expiry(self) -> None:
@@ -127,6 +134,7 @@ class Server:
                 or str(exc) or type(exc).__name__
             self.refusals(log.warning, "guest.refused", (peer.rpartition(":")[0], reason),
                           peer=peer, stage="tls", reason=reason)
+            self.metrics.tls_refused += 1
             sock.close()
             return
         netio.Transport(tls_sock, session)
@@ -141,15 +149,18 @@ class Server:
         self._stamp = self.tls.stamp()
         try:   # the files are checked in a child process: not on the loop's time
             loaded = await asyncio.to_thread(self.tls.load)
-            guests = self.config.guests
+            guests, metrics_listen = self.config.guests, self.config.metrics_listen
             if self.source is not None:
-                guests = config.load_server_config(*self.source).guests
+                new = config.load_server_config(*self.source)
+                guests, metrics_listen = new.guests, new.metrics_listen
         except (tls.TLSConfigError, config.ConfigError) as exc:
             log.error("server.reload_failed", error=str(exc),
                       kept="previous certificates and policies")
             return
         self.tls.use(*loaded)
         self.config = dataclasses.replace(self.config, guests=guests)
+        if metrics_listen != self.config.metrics_listen:
+            await self._move_endpoint(metrics_listen)
         now = time.time()
         for session in list(self.sessions):
             policy = self.config.policy_for(session.guest)
@@ -165,6 +176,26 @@ class Server:
                 session.reconfigure(policy)
         log.info("server.reloaded", guests=len(self.sessions))
         await self.warn_expiry()
+
+    async def _move_endpoint(self, address) -> None:
+        """The metrics endpoint to ``address`` (None: off). If the new address cannot be
+        listened on, the endpoint stays where it was (and the log says why)."""
+        old, self.endpoint = self.endpoint, None
+        if old is not None:
+            await old.close()
+        try:
+            if address is not None:
+                self.endpoint = await MetricsEndpoint(self.metrics, address).start()
+        except config.ConfigError as exc:
+            log.error("server.reload_failed", error=str(exc),
+                      kept=f"metrics on {old.address}" if old else "no metrics endpoint")
+            if old is not None:
+                with contextlib.suppress(config.ConfigError):
+                    self.endpoint = await MetricsEndpoint(self.metrics, old.address).start()
+            return
+        self.config = dataclasses.replace(self.config, metrics_listen=address)
+        if address is None:
+            log.info("metrics.closed", address=str(old.address))
 
     async def watch_files(self, every: float) -> None:
         """Reload when the TLS files change (looked at every ``every`` seconds): how an
@@ -184,6 +215,8 @@ class Server:
                 task.cancel()
         for sock in self.listeners:
             sock.close()
+        if self.endpoint is not None:
+            await self.endpoint.close()
         sessions = list(self.sessions)
         for s in sessions:
             s.go_away()
@@ -218,12 +251,13 @@ async def _first_byte(sock: socket.socket, timeout: float) -> bool:
         return False
 
 
-def listening_sockets(host: str, port: int) -> list[socket.socket]:
-    """One listening TCP socket per address HOST resolves to (IPv4 and IPv6)."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                               flags=socket.AI_PASSIVE)
+def listening_sockets(host: str, port: int, key: str = "server.listen") -> list[socket.socket]:
+    """One listening TCP socket per address HOST resolves to (IPv4 and IPv6); a
+    ConfigError naming ``key`` if one cannot listen."""
     socks = []
     try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
         for family, kind, proto, _, address in dict.fromkeys(infos):
             sock = socket.socket(family, kind, proto)
             socks.append(sock)
@@ -237,7 +271,7 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
         for sock in socks:
             sock.close()
         # the operator's to fix, like any configuration error (exit status 2)
-        raise config.ConfigError(f"server.listen: cannot listen on "
+        raise config.ConfigError(f"{key}: cannot listen on "
                                  f"{_address(host, port)}: {exc.strerror or exc}") from None
     return socks
 

@@ -29,6 +29,7 @@ from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream
 from pcsc_bridge.config import Limits, Policy
 from pcsc_bridge.keepalive import PING, Dead, Keepalive
 from pcsc_bridge.pcsc import (
+    SCARD_E_NO_SERVICE,
     SCARD_E_READER_UNAVAILABLE,
     SCARD_E_UNKNOWN_READER,
     SCARD_LEAVE_CARD,
@@ -96,13 +97,16 @@ _PROTOCOL = {0: "none", 1: "T0", 2: "T1", 4: "raw", 0x10000: "raw"}
 class CardUse:
     """One card handle of a guest's application, for the audit line when it ends."""
 
-    __slots__ = ("apdus", "context", "cut", "protocol", "reader", "share", "start", "stream")
+    __slots__ = ("apdus", "context", "counters", "cut", "protocol", "reader", "share",
+                 "start", "stream")
 
-    def __init__(self, reader: str, context: int, stream: int, share: int, protocol: int):
+    def __init__(self, reader: str, context: int, stream: int, share: int, protocol: int,
+                 counters):
         self.reader, self.context, self.stream = reader, context, stream
         self.share, self.protocol = share, protocol
         self.start = time.time()
         self.apdus = 0
+        self.counters = counters   # the reader's (metrics), or None
         self.cut = 0      # a reload's policy took the card: what its calls get from then on
 
 
@@ -110,8 +114,8 @@ class GuestStream:
     """One of the guest's streams (one application socket on the guest): one call at a
     time with the backend, the calls pipelined behind it (wire revision 2) in order."""
 
-    __slots__ = ("answered", "app", "backend", "call", "ended", "id", "last_rv", "opened",
-                 "queue", "quiet", "running", "seq", "timer")
+    __slots__ = ("answered", "app", "arrived", "backend", "call", "ended", "id", "last_rv",
+                 "opened", "queue", "quiet", "running", "seq", "timer")
 
     def __init__(self, session: GuestSession, sid: int, app: AppInfo):
         # the backend stream's ``done(reply, error)``: the call's reply, or why none
@@ -124,7 +128,8 @@ class GuestStream:
         self.running = False  # a call is with the backend (or the backend stream opens)
         self.ended = False
         self.timer: asyncio.TimerHandle | None = None
-        self.queue: deque = deque()   # (msg, flags, seq) received behind the running call
+        self.queue: deque = deque()   # (msg, flags, seq, arrived) behind the running call
+        self.arrived = 0.0    # when the running call arrived (monotonic; for metrics)
         self.last_rv = 0      # the last call's result: a CALL_IF runs only after success
         self.seq = 0          # the running call's arrival number, if it is CALL_EARLY
         self.quiet = False    # the running call is the server's own: no REPLY to the guest
@@ -156,6 +161,8 @@ class GuestSession(asyncio.Protocol):
         self.since = time.time()      # for `pcsc-bridge status`: since when, and how
         self.errors_total = 0         # many calls failed (a PC/SC error code)
         self.seq = 0                  # calls received (their arrival numbers; status)
+        self.metrics = server.metrics      # the server's counters (server/metrics.py)
+        self.counters = None          # this guest's in it, once its name is known
         # CALL_EARLY calls not done: seq -> (stream id, reader); a later call of another
         # stream on that reader waits for them (parked), so that what the application
         # was told is done happens before anything the guest does after it
@@ -184,6 +191,7 @@ class GuestSession(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object else None
         self.guest = self.server.identity(ssl_object)
+        self.counters = self.metrics.guest(self.guest)
         cert = (ssl_object.getpeercert() if ssl_object else None) or {}
         self.cert = cert                    # for a reload's CRL
         self.serial = tls.serial_of(cert)
@@ -216,6 +224,8 @@ class GuestSession(asyncio.Protocol):
         the wire protocol), then close. Before HELLO this is a refusal. A guest can have
         this happen again and again (reconnecting): logged through the server's Repeats."""
         event = "guest.refused" if not self.ready else "guest.dropped"
+        if not self.ready and not self.closed and self.counters is not None:
+            self.counters.refused += 1
         self.server.refusals(log.warning, event, (event, self.guest, reason),
                              guest=self.guest, peer=self.peer, reason=reason, limit=limit)
         if self.transport is None or self.closed:
@@ -249,6 +259,7 @@ class GuestSession(asyncio.Protocol):
     def data_received(self, data):
         if self.closed or self.conn is None:
             return
+        self.counters.received += len(data)
         conn = self.conn
         frames = conn.frames
         one = conn.receive_one(data)   # a chunk that is one CALL: the usual case
@@ -275,6 +286,7 @@ class GuestSession(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         if not self.closed:
+            self.counters.sent += len(data)
             self.transport.write(data)
             self.keepalive.sent = True    # Keepalive.wrote(), without a call per message
 
@@ -301,6 +313,7 @@ class GuestSession(asyncio.Protocol):
     # --- events -------------------------------------------------------------------------
     def _on_hello(self, hello: Hello):
         self.ready = True
+        self.counters.accepted += 1
         log.info("guest.connected", guest=self.guest, peer=self.peer, agent=hello.software,
                  host=hello.extra.get("host"), wire=self.conn.version,
                  backend=self.backend.name, dialect=self.server.backend_dialect())
@@ -345,14 +358,17 @@ class GuestSession(asyncio.Protocol):
             self._close_stream(stream, Reason.PCSC_ERROR, str(exc))
             return
         self.seq = seq = self.seq + 1
+        self.counters.calls[type(msg)] += 1
+        arrived = monotonic()
         if flags & CALL_EARLY:
-            self.gates[seq] = (sid, self._reader_of(msg), monotonic() + GATE_HOLD_S)
+            self.gates[seq] = (sid, self._reader_of(msg), arrived + GATE_HOLD_S)
         if stream.running:
-            stream.queue.append((msg, flags, seq))
+            stream.queue.append((msg, flags, seq, arrived))
         else:
-            self._start(stream, msg, flags, seq)
+            self._start(stream, msg, flags, seq, arrived)
 
-    def _start(self, stream: GuestStream, msg: Message, flags: int, seq: int):
+    def _start(self, stream: GuestStream, msg: Message, flags: int, seq: int,
+               arrived: float):
         """The stream's next call: a CALL_IF after a failure, or a call the policy
         forbids, is answered here (the first with that failure); a call waits for the
         CALL_EARLY calls on its reader received before it; then it goes to the backend."""
@@ -361,6 +377,7 @@ class GuestSession(asyncio.Protocol):
             self.calls += 1
             self._submit(stream, msg, seq)
             return
+        stream.arrived = arrived
         rv = stream.last_rv if flags & CALL_IF else 0
         use = self.handles.get(getattr(msg, "hCard", None))
         if not rv and use is not None and use.cut:
@@ -378,13 +395,19 @@ class GuestSession(asyncio.Protocol):
             rv = self.policy.check(msg)
             if rv:
                 share = getattr(msg, "dwShareMode", None)
+                reader = self._reader_of(msg)
                 self.repeats(log.info, "policy.denied", type(msg), guest=self.guest,
                              stream=stream.id, call=type(msg).__name__, rv=rv_name(rv),
-                             reader=self._reader_of(msg),
+                             reader=reader,
                              share=_SHARE.get(share, share) if share is not None else None)
+                counters = self.metrics.reader(reader) if reader else None
+                if counters is not None:
+                    counters.denials += 1
         if rv:
             stream.last_rv = rv
             self._released(seq)
+            self.counters.error(type(msg), rv)
+            self.metrics.latency[type(msg)].observe(monotonic() - arrived)
             self._reply(stream, encode_reply(msg.failed(rv), WIRE))
             self._next(stream)
             return
@@ -494,7 +517,7 @@ class GuestSession(asyncio.Protocol):
         if stream.timer:
             stream.timer.cancel()
         queue, stream.queue = stream.queue, deque()
-        for _msg, _flags, seq in queue:
+        for _msg, _flags, seq, _arrived in queue:
             self.gates.pop(seq, None)
         for _stream, _msg, seq in [p for p in self.parked if p[0] is stream]:
             self.gates.pop(seq, None)    # parked, never to run
@@ -564,8 +587,11 @@ class GuestSession(asyncio.Protocol):
             stream.quiet = False
             self._next(stream)
             return
+        kind = type(msg)
         if error is not None or reply.rv:
             self.errors_total += 1
+            self.counters.error(kind, reply.rv if error is None else
+                                getattr(error, "rv", SCARD_E_NO_SERVICE))
         if error is not None:
             text = str(error) if isinstance(error, BackendError) else repr(error)
             log.warning("backend.error", guest=self.guest, stream=stream.id,
@@ -575,6 +601,7 @@ class GuestSession(asyncio.Protocol):
                     and error.limit is None:
                 # no backend stream (pcscd down): this call fails, the stream lives on
                 stream.last_rv = error.rv
+                self.metrics.latency[kind].observe(monotonic() - stream.arrived)
                 self._reply(stream, encode_reply(msg.failed(error.rv), WIRE))
                 self._next(stream)
                 return
@@ -583,15 +610,35 @@ class GuestSession(asyncio.Protocol):
                                else Reason.BACKEND, text)
             return
         stream.last_rv = reply.rv
-        kind = type(msg)
+        self.metrics.latency[kind].observe(monotonic() - stream.arrived)
         if kind is Transmit:
             use = self.handles.get(msg.hCard)
             if use is not None:
                 use.apdus += 1
-        elif reply.rv == 0 and kind in _HANDLES:
-            self._handles(stream, msg, reply)
+                counters = use.counters
+                if counters is not None:
+                    counters.calls += 1
+                    counters.apdus += 1
+        else:
+            self._reader_call(msg, kind, reply.rv)
+            if reply.rv == 0 and kind in _HANDLES:
+                self._handles(stream, msg, reply)
         self._reply(stream, encode_reply(reply, WIRE))
         self._next(stream)
+
+    def _reader_call(self, msg: Message, kind: type, rv: int) -> None:
+        """Count a call other than Transmit for its reader (metrics): SCardConnect and
+        the calls on a card handle."""
+        if kind is Connect:
+            counters = self.metrics.reader(msg.szReader)
+            if counters is not None:
+                counters.calls += 1
+                counters.uses += rv == 0
+            return
+        h = getattr(msg, "hCard", None)
+        use = self.handles.get(h) if h is not None else None
+        if use is not None and use.counters is not None:
+            use.counters.calls += 1
 
     def _handles(self, stream: GuestStream, msg: Message, reply: Message):
         """Which reader each card handle is on (CALL_EARLY's order is per reader), and
@@ -600,7 +647,7 @@ class GuestSession(asyncio.Protocol):
         if kind is Connect:
             self.handles[reply.hCard] = CardUse(
                 msg.szReader, msg.hContext, stream.id, msg.dwShareMode,
-                reply.dwActiveProtocol)
+                reply.dwActiveProtocol, self.metrics.reader(msg.szReader))
         elif kind is Disconnect:
             self._card_used(self.handles.pop(msg.hCard, None), "disconnected")
         else:
@@ -648,6 +695,7 @@ class GuestSession(asyncio.Protocol):
             return   # the stream was closed meanwhile (a race the wire allows)
         if self._states_due:      # the state this reply may depend on goes first
             data = self._states_frame() + data
+        self.counters.sent += len(data)
         if self.calls:            # other replies are coming: one write for all of them
             self.transport.write_batched(data)
         else:
@@ -692,7 +740,7 @@ class GuestSession(asyncio.Protocol):
             # application's calls on the handle fail from now on
             self._card_used(use, "taken by a reload (policy)")
             use.cut = SCARD_E_READER_UNAVAILABLE if rv == SCARD_E_UNKNOWN_READER else rv
-            stream.queue.appendleft((Disconnect(h, SCARD_LEAVE_CARD), QUIET, 0))
+            stream.queue.appendleft((Disconnect(h, SCARD_LEAVE_CARD), QUIET, 0, monotonic()))
             self._next(stream)
 
     def _push_states(self):
