@@ -31,10 +31,10 @@ from targets import free_port, make_pki, write_client_config, write_server_confi
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = CACHE / "bookworm-pkg"
-BASE_FORMAT = 1            # bump to rebuild existing caches
-# what the base has installed (systemd-analyze) and what it keeps downloaded (the
-# package's Depends and Recommends), so an install needs the network only for apt's lists
-BASE_PACKAGES = ("systemd",)
+BASE_FORMAT = 2            # bump to rebuild existing caches
+# what the base has installed (systemd-analyze; systemd-nspawn, to boot it) and what it
+# keeps downloaded (the package's Depends and Recommends), so an install is offline
+BASE_PACKAGES = ("systemd", "systemd-container")
 BASE_DOWNLOADS = ("python3", "python3-cryptography", "python3-yaml", "pcscd",
                   "python3-pyscard", "adduser")
 SERVER_EXPOSURE_MAX = 2.5
@@ -97,17 +97,29 @@ def in_clean_system(script: str, args: list[str], binds: list[Path], scratch: Pa
                     timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``script`` (sh, as root, with ``args`` as $1...) in a throwaway overlay of the
     pristine base: what it changes goes to ``scratch`` and is gone with it; ``binds`` are
-    seen at their paths."""
+    seen at their paths, and the system itself at /machine (for systemd-nspawn to boot).
+
+    The overlay becomes the root of a private mount namespace with pivot_root, not chroot:
+    in a chroot the kernel refuses user namespaces, which PrivateUsers= needs."""
     base = ensure_base()
-    upper, work, merged = scratch / "upper", scratch / "work", scratch / "merged"
-    for d in (upper, work, merged):
+    upper, work, root = scratch / "upper", scratch / "work", scratch / "merged"
+    for d in (upper, work, root):
         d.mkdir(parents=True)
-    inner = _in_root(merged, ["sh", "-euc", script, "sh", *args], binds=binds)
-    # a private mount namespace holds the overlay: it goes when the last process does
-    mount = (f"mount -t overlay overlay -o lowerdir={base},upperdir={upper},workdir={work} "
-             f"{merged} && exec {shlex.join(inner)}")
-    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", mount],
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    q = shlex.quote
+    steps = [(f"mount -t overlay overlay -o lowerdir={q(str(base))},upperdir={q(str(upper))},"
+             f"workdir={q(str(work))} {q(str(root))}"),
+             f"cd {q(str(root))}", "mkdir machine .oldroot", "mount --bind . machine",
+             "mount --rbind /proc proc", "mount --rbind /dev dev", "mount --rbind /sys sys",
+             "mount -t tmpfs -o mode=1777 tmpfs tmp"]
+    for b in binds:
+        steps += [f"mkdir -p .{q(str(b))}", f"mount --rbind {q(str(b))} .{q(str(b))}"]
+    steps += ["pivot_root . .oldroot", "umount -l /.oldroot", "rmdir /.oldroot",
+              "exec env -i " + " ".join(f"{k}={q(v)}" for k, v in ENV.items())
+              + f" sh -euc {q(script)} sh " + " ".join(map(q, args))]
+    # the mount namespace holds it all: it goes when the last process in it does
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-euc",
+                           "\n".join(steps)], capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +212,7 @@ check leftovers sh -c 'ls -A /usr/lib/python3/dist-packages/pcsc_bridge 2>&1 || 
 """
 
 
+@pytest.mark.timeout(600)          # a first run builds the base (a few minutes)
 def test_the_deb_installs_and_works_in_a_clean_debian_12(deb, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -260,6 +273,136 @@ def test_the_deb_installs_and_works_in_a_clean_debian_12(deb, tmp_path):
 
     result("purge")
     assert "No such file or directory" in result("leftovers")   # py3clean took __pycache__
+
+
+# --- the units under systemd: the package booted in a container -----------------------------
+
+# in the clean system: the package, a CA, the server's and a guest's files; then boot it
+# (systemd-nspawn, systemd as PID 1), where /out/proof runs as a oneshot unit
+BOOT = r"""
+out=$1 deb=$2 port=$3
+cd /
+apt-get install -y -q "$deb" > "$out/apt.log" 2>&1
+ca=/etc/pcsc-bridge/ca
+{ pcsc-bridge certs init --dir $ca && pcsc-bridge certs client --dir $ca guest1 &&
+  pcsc-bridge certs server --dir $ca host --dns localhost --ip 127.0.0.1; } > /dev/null
+cd /etc/pcsc-bridge
+install -m 644 ca/ca.pem ca/crl.pem ca/host.pem .
+install -m 644 ca/guest1.pem guest.pem
+install -o pcsc-bridge -g pcsc-bridge -m 600 ca/host-key.pem host-key.pem
+install -o pcsc-bridge -g pcsc-bridge -m 600 ca/guest1-key.pem guest-key.pem
+printf '%s\n' 'server:' "  listen: [\"127.0.0.1:$port\"]" \
+    '  cert: /etc/pcsc-bridge/host.pem' '  key: /etc/pcsc-bridge/host-key.pem' \
+    '  ca: /etc/pcsc-bridge/ca.pem' '  crl: /etc/pcsc-bridge/crl.pem' \
+    '  backend: {type: pcscd}' '  admin_socket: /run/pcsc-bridge/admin.sock' > server.yaml
+printf '%s\n' 'client:' "  server: \"127.0.0.1:$port\"" '  server_name: localhost' \
+    '  cert: /etc/pcsc-bridge/guest.pem' '  key: /etc/pcsc-bridge/guest-key.pem' \
+    '  ca: /etc/pcsc-bridge/ca.pem' > client.yaml
+printf '[Service]\nType=oneshot\nExecStart=/bin/sh /out/proof\n' \
+    > /etc/systemd/system/proof.service
+ln -s /etc/systemd/system/proof.service /etc/systemd/system/multi-user.target.wants/
+rm /usr/sbin/policy-rc.d
+systemd-nspawn --quiet --register=no --keep-unit -D /machine --bind="$out:/out" -b \
+    > "$out/console.log" 2>&1
+"""
+
+# in the booted system, as root
+PROOF = r"""
+check() { name=$1; shift; rc=0; "$@" > "/out/$name" 2>&1 || rc=$?; echo "$rc" > "/out/$name.rc"; }
+creds() { grep -E '^(Uid|CapEff|CapBnd|NoNewPrivs|Seccomp):' \
+    /proc/$(systemctl show -P MainPID pcsc-bridge-$1)/status; }
+# the server in front of pcscd (socket-activated)
+check start-pcscd systemctl start pcscd.socket
+check start-server-pcscd systemctl start pcsc-bridge-server
+check status-pcscd pcsc-bridge status -c /etc/pcsc-bridge/server.yaml
+check creds-server creds server
+systemctl stop pcsc-bridge-server pcscd.socket pcscd.service
+# virtual readers, and the agent on pcscd's path (one after the other: the server
+# Wants= pcscd.socket, the agent Conflicts= with it)
+sed -i 's/type: pcscd/type: virtual/' /etc/pcsc-bridge/server.yaml
+check start-server systemctl start pcsc-bridge-server
+check start-client systemctl start pcsc-bridge-client
+check creds-client creds client
+check socket stat -c '%U %a' /run/pcscd /run/pcscd/pcscd.comm
+check app setpriv --reuid=nobody --regid=nogroup --clear-groups python3 -c '
+from smartcard.System import readers
+from smartcard.util import toHexString
+r = readers()
+print([str(x) for x in r])
+c = r[0].createConnection()
+c.connect()
+print(toHexString(c.getATR()).replace(" ", ""))
+print("%02X%02X" % c.transmit([0x00, 0xA4, 0x04, 0x00, 0x00])[1:])'
+check status pcsc-bridge status -c /etc/pcsc-bridge/server.yaml
+check reload-server systemctl reload pcsc-bridge-server
+check reload-client systemctl reload pcsc-bridge-client
+for u in server client; do
+    check security-$u systemd-analyze security --no-pager pcsc-bridge-$u
+done
+# the watchdog (2 s here): a server whose event loop stops is killed and started again
+mkdir -p /run/systemd/system/pcsc-bridge-server.service.d
+printf '[Service]\nWatchdogSec=2\n' > /run/systemd/system/pcsc-bridge-server.service.d/wd.conf
+systemctl daemon-reload
+systemctl restart pcsc-bridge-server
+sleep 3
+old=$(systemctl show -P MainPID pcsc-bridge-server)
+kill -STOP "$old"
+for i in $(seq 100); do
+    [ "$(systemctl show -P NRestarts pcsc-bridge-server)" = 1 ] &&
+        systemctl -q is-active pcsc-bridge-server && break
+    sleep 0.2
+done
+check watchdog sh -c "echo $old \$(systemctl show -P MainPID pcsc-bridge-server) \
+    \$(systemctl show -P NRestarts pcsc-bridge-server) \$(systemctl is-active pcsc-bridge-server)"
+journalctl --no-pager -o short-monotonic -u pcsc-bridge-server -u pcsc-bridge-client > /out/journal
+systemctl poweroff --no-block
+"""
+
+
+@pytest.mark.timeout(600)          # a first run builds the base (a few minutes)
+def test_the_units_run_hardened_under_systemd(deb, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "proof").write_text(PROOF)
+    t0 = time.monotonic()
+    done = in_clean_system(BOOT, [str(out), str(deb), str(free_port())],
+                           [out, deb.parent, Path("/sys")], tmp_path / "root")
+    seconds = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr + _read(out, "console.log")[-3000:]
+
+    def result(name: str) -> str:
+        rc = _read(out, f"{name}.rc").strip()
+        assert rc == "0", (f"{name}: exit {rc}: {_read(out, name)}\n"
+                           f"{_read(out, 'journal')[-3000:]}{_read(out, 'console.log')[-2000:]}")
+        return _read(out, name)
+
+    for step in ("start-pcscd", "start-server-pcscd", "start-server", "start-client",
+                 "reload-server", "reload-client"):
+        result(step)
+    assert "backend pcscd: pcsc-lite pcscd at /run/pcscd/pcscd.comm" in result("status-pcscd")
+    for unit in ("server", "client"):       # its own user, no capabilities, a syscall filter
+        creds = dict(line.split(":\t") for line in result(f"creds-{unit}").splitlines())
+        assert creds["Uid"].split()[0] != "0"
+        assert creds["CapEff"] == creds["CapBnd"] == "0000000000000000"
+        assert (creds["NoNewPrivs"], creds["Seccomp"]) == ("1", "2")
+    assert result("socket").split() == ["pcsc-bridge", "755", "pcsc-bridge", "666"]
+    # an application of another user, through the agent, to the server's virtual readers
+    names, atr, sw = result("app").splitlines()
+    assert names == "['Virtual PCD 00 00', 'Virtual PCD 00 01']"
+    assert atr.startswith("3B") and re.fullmatch(r"[0-9A-F]{4}", sw)
+    assert "guest   guest1 from 127.0.0.1" in result("status")
+    journal = _read(out, "journal")
+    assert "server.reloaded" in journal and "agent.reloaded" in journal
+    old, new, restarts, state = result("watchdog").split()
+    assert (restarts, state) == ("1", "active") and old != new, journal[-3000:]
+    assert "Watchdog timeout" in journal
+    exposure = {u: float(re.search(r"Overall exposure level for \S+: (\d+\.\d)",
+                                   result(f"security-{u}")).group(1))
+                for u in ("server", "client")}
+    print(f"booted: exposure server {exposure['server']}, agent {exposure['client']}; "
+          f"{seconds:.0f}s")
+    assert exposure["server"] <= SERVER_EXPOSURE_MAX
+    assert exposure["client"] <= AGENT_EXPOSURE_MAX
 
 
 # --- the units' watchdog (WatchdogSec=): the daemons' event loop says it is alive ----------
