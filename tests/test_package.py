@@ -1,12 +1,16 @@
 """The Debian package as an administrator gets it: built by scripts/build-deb, installed
 with apt into a clean Debian 12 (its Depends from the archive), and checked there: the
 command, the man page, the bash completion, the units (`systemd-analyze verify` and the
-exposure `systemd-analyze security` gives them). Also the wheel: it carries
-config.example.yaml.
+exposure `systemd-analyze security` gives them); then that system booted with
+systemd-nspawn, where both units run as shipped (their user, their sandbox, reload, the
+watchdog). Also the wheel (it carries config.example.yaml) and the daemons' watchdog
+pings.
 
-The pristine base system (debootstrap minbase of bookworm plus systemd, from the mirror
-this machine's apt uses) is built once into the cache (~/.cache/pcsc-bridge/bookworm-pkg,
-a few minutes); every run installs into a throwaway overlay of it.
+The pristine base system (debootstrap minbase of bookworm plus systemd and
+systemd-container, from the mirror this machine's apt uses, with the package's
+dependencies downloaded) is built once into the cache (~/.cache/pcsc-bridge/bookworm-pkg,
+under a minute with a near mirror); every run installs into a throwaway overlay of it.
+Needs root, debootstrap and overlayfs; without them these tests fail, they do not skip.
 """
 
 from __future__ import annotations
@@ -124,8 +128,9 @@ def in_clean_system(script: str, args: list[str], binds: list[Path], scratch: Pa
 
 @pytest.fixture(scope="module")
 def deb() -> Path:
+    # this Python writes the man page and the completion (it has cryptography and pyyaml)
     done = subprocess.run([str(REPO / "scripts/build-deb")], capture_output=True, text=True,
-                          timeout=120, check=False)
+                          timeout=120, check=False, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr
     path = REPO / done.stdout.strip()
     assert re.fullmatch(r"pcsc-bridge_[\w.+~-]+_all\.deb", path.name), path
