@@ -280,6 +280,29 @@ def test_the_deb_installs_and_works_in_a_clean_debian_12(deb, tmp_path):
     assert "No such file or directory" in result("leftovers")   # py3clean took __pycache__
 
 
+@pytest.mark.parametrize("hidden, maker", [
+    (["systemd-sysusers"], "adduser"), (["systemd-sysusers", "adduser"], "useradd")])
+def test_without_systemd_sysusers_the_postinst_makes_the_user(deb, tmp_path, hidden, maker):
+    # a system without systemd (a container image): adduser, or useradd without it
+    script = r"""
+out=$1 deb=$2; shift 2
+for tool in "$@"; do p=$(command -v "$tool"); mv "$p" "$p.hidden"; done
+apt-get install -y -q "$deb" > "$out/apt.log" 2>&1
+getent passwd pcsc-bridge > "$out/passwd"
+getent group pcsc-bridge > "$out/group"
+stat -c '%U %G %a' /etc/pcsc-bridge > "$out/etc"
+"""
+    out = tmp_path / "out"
+    out.mkdir()
+    done = in_clean_system(script, [str(out), str(deb), *hidden], [out, deb.parent],
+                           tmp_path / "root")
+    assert done.returncode == 0, done.stderr + _read(out, "apt.log")[-3000:]
+    name, _, uid, gid, _, _, shell = _read(out, "passwd").strip().split(":")
+    assert name == "pcsc-bridge" and int(uid) < 1000 and shell.endswith("nologin"), maker
+    assert _read(out, "group").split(":")[2] == gid
+    assert _read(out, "etc").split() == ["root", "pcsc-bridge", "750"]
+
+
 # --- the units under systemd: the package booted in a container -----------------------------
 
 # in the clean system: the package, a CA, the server's and a guest's files; then boot it
