@@ -27,10 +27,13 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None,
+                 parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+                 ) -> argparse.ArgumentParser:
     """The parser; when ARGV names a subcommand only its module is imported, so a
-    long-running agent or server does not carry every other subcommand's imports."""
-    parser = argparse.ArgumentParser(
+    long-running agent or server does not carry every other subcommand's imports.
+    ``parser_class`` makes it and its subcommands' parsers (manpage.py records them)."""
+    parser = parser_class(
         prog="pcsc-bridge",
         description="Use the smart card readers of another machine from unmodified "
         "pcsc-lite applications, over mutual-TLS TCP.",

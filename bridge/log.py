@@ -101,6 +101,27 @@ def sd_notify(message: str) -> None:
             warning("sd_notify.failed", error=str(exc))
 
 
+def start_watchdog(loop) -> float | None:
+    """With systemd's ``WatchdogSec=`` (``WATCHDOG_USEC``, for this process), send
+    WATCHDOG=1 from ``loop`` every half interval, so an event loop that hangs gets the
+    service restarted. Returns the interval in seconds, or None when there is no watchdog."""
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    pid = os.environ.get("WATCHDOG_PID")
+    if usec <= 0 or not os.environ.get("NOTIFY_SOCKET") or pid not in (None, str(os.getpid())):
+        return None
+    interval = usec / 2e6
+
+    def ping() -> None:
+        sd_notify("WATCHDOG=1")
+        loop.call_later(interval, ping)
+
+    ping()
+    return interval
+
+
 class Repeats:
     """Log lines that a peer can repeat at will (refusals, protocol errors) at most once
     per ``window`` seconds per key; the next line that is written says how many were

@@ -77,8 +77,10 @@ async def serve(cfg: config.ClientConfig, path: str | None = None,
     if path is not None and hasattr(signal, "SIGHUP"):
         loop.add_signal_handler(signal.SIGHUP, reload, path, over or {}, backend)
     log.sd_notify("READY=1")
+    watchdog = log.start_watchdog(loop)
     log.info("agent.ready", socket=cfg.socket, server=str(cfg.server), version=__version__,
-             python=platform.python_version(), selector=netio.selector_class().__name__)
+             python=platform.python_version(), selector=netio.selector_class().__name__,
+             watchdog=watchdog and f"{watchdog:g}s")
     expiry = loop.create_task(watch_expiry(backend, cfg.log.expiry_warning_days))
     try:
         await stop.wait()

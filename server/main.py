@@ -65,9 +65,11 @@ async def serve(server: Server) -> None:
     watch = loop.create_task(server.watch_files(server.config.reload_check)) \
         if server.config.reload_check else None
     log.sd_notify("READY=1")
+    watchdog = log.start_watchdog(loop)
     log.info("server.ready", backend=backend.name, pcsc=backend.describe(), signals=signals,
              dialect=server.backend_dialect(), version=__version__,
-             python=platform.python_version(), selector=netio.selector_class().__name__)
+             python=platform.python_version(), selector=netio.selector_class().__name__,
+             watchdog=watchdog and f"{watchdog:g}s")
     await stop.wait()
     log.sd_notify("STOPPING=1")
     if watch:
