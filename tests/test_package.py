@@ -253,7 +253,8 @@ def test_the_deb_installs_and_works_in_a_clean_debian_12(deb, tmp_path):
     assert set(result("comp-top").split()) == {
         "-h", "--help", "--version", *(c.path[0] for c in tree.commands)}
     assert set(result("comp-certs").split()) == {
-        "-h", "--help", "init", "server", "client", "list", "revoke", "crl"}
+        "-h", "--help", "init", "server", "client", "csr", "sign", "renew", "list", "revoke",
+        "crl"}
     assert result("comp-backend").split() == ["auto", "pcscd", "virtual", "pyscard"]
 
     # the installed units: /usr/bin's command, valid, and as closed as they should be
