@@ -81,7 +81,7 @@ class PolicyView(Backend):
 
     def denied(self, msg: Message, rv: int, app: AppInfo) -> None:
         share = getattr(msg, "dwShareMode", None)
-        self.repeats(log.info, "policy.denied", (type(msg), app.uid), socket=self.label,
+        self.repeats(log.info, "policy.denied", (type(msg), rv, app.uid), socket=self.label,
                      app=app.id, pid=app.pid, uid=app.uid, call=type(msg).__name__,
                      rv=rv_name(rv), reader=getattr(msg, "szReader", None),
                      share=_SHARE.get(share, share) if share is not None else None)
