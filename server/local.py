@@ -39,6 +39,9 @@ from pcsc_bridge.pcsc import SCARD_SCOPE_SYSTEM, EstablishContext, Message, rv_n
 from .backends import make_backend
 
 SD_LISTEN_FDS_START = 3
+# After a ready context is handed out, wait this long for the application to give it back
+# before establishing the next one (the agent's pool waits as long).
+PREPARE_AFTER = 0.05
 _SHARE = {1: "exclusive", 2: "shared", 3: "direct"}
 
 
@@ -129,12 +132,19 @@ class AheadPool(ContextPool):
         self.ready: tuple[BackendStream, int] | None = None
         self.preparing = False
         self.closed = False
+        self._refill: asyncio.TimerHandle | None = None
 
     def take(self, app: AppInfo) -> tuple[BackendStream, int] | None:
         ready, self.ready = self.ready, None
-        self.prepare()
-        if ready is not None and isinstance(ready[0], PolicyStream):
+        if ready is None:
+            self.prepare()
+            return None
+        if isinstance(ready[0], PolicyStream):
             ready[0].app = app
+        # the next one, unless this application gives its context back first (most
+        # release theirs within a few milliseconds: pcsc_scan, opensc-tool, a probe)
+        if self._refill is None:
+            self._refill = asyncio.get_running_loop().call_later(PREPARE_AFTER, self.prepare)
         return ready
 
     def give_back(self, stream: BackendStream, h_context: int) -> bool:
@@ -153,6 +163,9 @@ class AheadPool(ContextPool):
             asyncio.get_running_loop().create_task(stream.close())
 
     def prepare(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
+            self._refill = None
         if not self.preparing and self.ready is None and not self.closed:
             self.preparing = True
             asyncio.get_running_loop().create_task(self._prepare())
@@ -178,6 +191,8 @@ class AheadPool(ContextPool):
 
     async def close(self) -> None:
         self.closed = True
+        if self._refill is not None:
+            self._refill.cancel()
         ready, self.ready = self.ready, None
         if ready is not None:
             await ready[0].close()
