@@ -334,3 +334,41 @@ def test_the_same_clients_on_the_host_pcscds_own_socket(host, release):
         assert app.transmit(card.card, api.echo(b"\xaa")).response == "aa9000"
     finally:
         app.close()
+
+
+def test_an_old_client_on_a_newer_hosts_pcscd(tmp_path):
+    """The other way round: a Debian 13 host (pcscd 2.3.3, 4:5) and an application built
+    on Debian 12's library (1.9.9, 4:4: this machine's pyscard). pcscd's own socket refuses
+    it; the local socket in front of the same pcscd serves it."""
+    from matrix.bridged import ChrootPcscdTarget
+    from matrix.pcsclite import client_envs
+    observer = {c.release: c for c in client_envs()}["trixie"]
+    pcscd = ChrootPcscdTarget("trixie", str(tmp_path), observer)
+    sock = tmp_path / "box" / "pcscd.comm"
+    local = None
+    try:
+        pcscd.start()
+        pcscd.reset()
+        local = start_local(str(tmp_path), ["--socket", str(sock), "--backend", "pcscd",
+                                            "--pcscd-socket", pcscd.socket])
+        wait_path(str(sock))
+        wait_log(local, "dialect=4:5")
+        direct = App(pcscd.socket)
+        try:
+            assert direct.establish().rv == E_SERVICE_STOPPED
+        finally:
+            direct.close()
+        app = App(str(sock))
+        try:
+            ctx = app.establish()
+            assert ctx.rv == api.OK
+            assert app.list_readers(ctx.context).readers == [R0, R1]
+            card = app.connect(ctx.context, R0, api.SHARED, api.ANY)
+            assert card.rv == api.OK
+            assert app.transmit(card.card, api.echo(b"\xaa")).response == "aa9000"
+        finally:
+            app.close()
+    finally:
+        if local is not None:
+            local.stop()
+        pcscd.stop()
