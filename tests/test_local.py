@@ -358,6 +358,8 @@ def test_an_old_client_on_a_newer_hosts_pcscd(tmp_path):
             assert direct.establish().rv == E_SERVICE_STOPPED
         finally:
             direct.close()
+        log = Path(tmp_path / "pcscd-trixie.log").read_text(errors="replace")
+        assert "Communication protocol mismatch" in log, log[-2000:]
         app = App(str(sock))
         try:
             ctx = app.establish()
