@@ -240,6 +240,9 @@ def _account(kind: str):
     return parse
 
 
+parse_user, parse_group = _account("user"), _account("group")   # for command-line flags
+
+
 def _auto_bool(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

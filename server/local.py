@@ -355,8 +355,8 @@ def load(args) -> config.LocalConfig:
     if args.socket:
         values = {"path": os.path.abspath(args.socket)}
         for flag, key, parse in (("mode", "mode", config.parse_file_mode),
-                                 ("owner", "owner", config._account("user")),
-                                 ("group", "group", config._account("group"))):
+                                 ("owner", "owner", config.parse_user),
+                                 ("group", "group", config.parse_group)):
             if getattr(args, flag) is not None:
                 try:
                     values[key] = parse(getattr(args, flag))
@@ -377,11 +377,13 @@ def load(args) -> config.LocalConfig:
 
 
 def _flag(cfg: config.LocalConfig, key: str, value) -> config.LocalConfig:
-    section, _, rest = key.partition(".")
-    if section == "log":
-        return dataclasses.replace(cfg, log=config.LogConfig(**{rest: value}))
-    backend = dataclasses.replace(cfg.backend, **{rest.split(".")[1]: value})
-    return dataclasses.replace(cfg, backend=backend)
+    """A flag's value on the built-in defaults (no file): log.level, local.backend.*."""
+    if key == "log.level":
+        return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, level=value))
+    name = key.rsplit(".", 1)[1]
+    if name == "socket":
+        value = os.path.abspath(value)
+    return dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, **{name: value}))
 
 
 def run(args) -> int:
