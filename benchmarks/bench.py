@@ -18,6 +18,8 @@ Paths, every one ending at the same pcscd, vpcd reader and test card on 127.0.0.
            its configuration are not touched)
   pyrelay  app → benchmarks/pyrelay.py ═ mutual TLS ═ pyrelay.py → pcscd: the bridge's way
            with no protocol at all, the least a Python relay costs here (latency only)
+  local    app → `pcsc-bridge local`'s socket → pcscd: the translating socket for
+           containers, one process on the host (latency only)
 
 Every path runs one instance per guest (16 agents, 16 socat / stunnel clients, 16 ssh -R
 sessions) against one shared host side (one server, one socat / stunnel listener, one
@@ -67,7 +69,7 @@ PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 PCSCD_SOCKET = "/run/pcscd/pcscd.comm"
 READER = "Virtual PCD 00 00"
 CARD_PORT = 35963
-PATHS = ("direct", "bridge", "bridge-pyscard", "socat", "stunnel", "ssh", "pyrelay")
+PATHS = ("direct", "bridge", "bridge-pyscard", "socat", "stunnel", "ssh", "pyrelay", "local")
 SESSION_STEPS = ("establish", "list readers", "connect", "10 APDUs", "disconnect", "release")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -593,8 +595,24 @@ class PyRelay(Route):
         return self._wait_socket(sock, proc, f"pyrelay guest {tag}")
 
 
+class Local(Route):
+    """`pcsc-bridge local`: one process on the host, its own socket in front of pcscd, the
+    application's dialect translated there (latency only: there is no link)."""
+
+    name = "local"
+    latency_only = True
+
+    def start_instance(self, tag: str, port: int) -> str:
+        sock = str(self.dir / "pcscd.comm")
+        proc = self.procs.start("local", [PYTHON, "-m", "pcsc_bridge", "local", "--socket",
+                                          sock, "--backend", "pcscd", "--pcscd-socket",
+                                          PCSCD_SOCKET])
+        self.host.append(proc.pid)
+        return self._wait_socket(sock, proc, "pcsc-bridge local")
+
+
 PATH_CLASSES = {c.name: c for c in (Direct, Bridge, BridgePyscard, Socat, Stunnel, Ssh,
-                                     PyRelay)}
+                                     PyRelay, Local)}
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -1213,7 +1231,8 @@ def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
     if errors:
         out += ["", "Errors:", *errors]
     out += ["", "Targets (pcsc-bridge):", "", *targets(by.get("bridge"), direct, stunnel),
-            *pyscard_targets(by.get("bridge-pyscard"), by.get("bridge"))]
+            *pyscard_targets(by.get("bridge-pyscard"), by.get("bridge")),
+            *local_targets(by.get("local"), direct)]
     floor = get(by.get("pyrelay"), "transmit", "p50_us")
     if floor and get(stunnel, "transmit", "p50_us") and get(by.get("bridge"), "transmit", "p50_us"):
         out += ["", (f"Reference: a relay in Python that only copies bytes (pyrelay) has a "
@@ -1221,6 +1240,22 @@ def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
                      f"pcsc-bridge's is {ratio(by['bridge']['transmit']['p50_us'], floor)} "
                      "pyrelay's.")]
     return "\n".join(out)
+
+
+def local_targets(local: dict | None, direct: dict | None) -> list[str]:
+    """`pcsc-bridge local` against direct pcscd, in the same run."""
+    if not local or not direct or "unavailable" in local:
+        return []
+    out = []
+    for label, key, limit in (("Transmit p50", "transmit", 2.0),
+                              ("Establish+Release p50", "estrel", 1.2)):
+        a, b = get(local, key, "p50_us"), get(direct, key, "p50_us")
+        if a is None or not b:
+            out.append(f"- local socket {label} ≤ {limit:g}× direct: not measured")
+            continue
+        out.append(f"- local socket {label} ≤ {limit:g}× direct: {a / b:.2f}× — "
+                   f"{'met' if a / b <= limit else 'MISSED'}")
+    return out
 
 
 def pyscard_targets(pyscard: dict | None, bridge: dict | None) -> list[str]:

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "status": "pcsc_bridge.server.admin:register_status",
     "kick": "pcsc_bridge.server.admin:register_kick",
     "check": "pcsc_bridge.check",
+    "local": "pcsc_bridge.server.local",
     "emulate": "pcsc_bridge.server.emulate",
     "virtual": "pcsc_bridge.server.control",
 }

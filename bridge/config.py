@@ -240,6 +240,9 @@ def _account(kind: str):
     return parse
 
 
+parse_user, parse_group = _account("user"), _account("group")   # for command-line flags
+
+
 def _auto_bool(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -518,7 +521,45 @@ class ClientConfig:
             object.__setattr__(self, "server_name", self.server.host)
 
 
-SECTIONS = {"log": LogConfig, "server": ServerConfig, "client": ClientConfig}
+@dataclass(frozen=True, kw_only=True)
+class LocalSocket:
+    """One socket of ``pcsc-bridge local`` (``local.sockets[]``): its path, its file's
+    mode, owner and group, and the policy its applications get, with a guest's keys and
+    meaning (``policy``)."""
+    path: str = _f(PATH)
+    mode: int = _f(_Leaf(parse_file_mode), 0o666)
+    owner: str | int | None = _f(_Leaf(_account("user")), None, nullable=True)
+    group: str | int | None = _f(_Leaf(_account("group")), None, nullable=True)
+    readers: tuple[str, ...] = _f(_ListOf(STRING, single_ok=True), ("*",))
+    exclusive: bool = _f(BOOL, True)
+    direct: bool = _f(BOOL, False)
+    control: str | tuple[int, ...] = _f(_Leaf(_control, typed=True), "none")
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(readers=self.readers, exclusive=self.exclusive, direct=self.direct,
+                      control=self.control)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalConfig:
+    """``pcsc-bridge local``: translating sockets on this host over one backend."""
+    log: LogConfig = field(default_factory=LogConfig)     # the file's top-level log:
+    backend: BackendConfig = field(default_factory=BackendConfig, metadata=_m(BackendConfig))
+    virtual: VirtualConfig = field(default_factory=VirtualConfig, metadata=_m(VirtualConfig))
+    sockets: tuple[LocalSocket, ...] = _f(_ListOf(LocalSocket), ())
+
+    def __post_init__(self):
+        paths = [s.path for s in self.sockets]
+        for path in paths:
+            if paths.count(path) > 1:
+                raise FieldError("sockets", f"{path} is listed twice")
+            if path == self.backend.socket:
+                raise FieldError("sockets", f"{path} is the backend's pcscd socket")
+
+
+SECTIONS = {"log": LogConfig, "server": ServerConfig, "client": ClientConfig,
+            "local": LocalConfig}
 
 
 def config_keys(kind: Any = None, prefix: str = "") -> list[str]:
@@ -679,7 +720,7 @@ class _Loader:
         line = {n: k.start_mark.line + 1 for n, (k, _) in top.items()}
         log = self.section(LogConfig, top.get("log", (None, None))[1], "log", line.get("log"))
         out = {}
-        for name in ("server", "client"):
+        for name in ("server", "client", "local"):
             if name in top:
                 out[name] = self.section(SECTIONS[name], top[name][1], name, line[name],
                                          log=log)
@@ -730,6 +771,11 @@ def load_server_config(path: str, overrides: Mapping[str, Any] | None = None) ->
 def load_client_config(path: str, overrides: Mapping[str, Any] | None = None) -> ClientConfig:
     """The whole file checked; its ``client:`` section (required) and ``log:``."""
     return _Loader(path, overrides).load("client")
+
+
+def load_local_config(path: str, overrides: Mapping[str, Any] | None = None) -> LocalConfig:
+    """The whole file checked; its ``local:`` section (required) and ``log:``."""
+    return _Loader(path, overrides).load("local")
 
 
 def apply_overrides(cfg, overrides: Mapping[str, Any]):

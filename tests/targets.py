@@ -11,6 +11,7 @@ Registered here:
   bridge    pcscd ← pcsc-bridge server ← mutual TLS ← pcsc-bridge client (processes)
   bridge-select  the same, server and agent on selectors.SelectSelector (Windows' selector)
   bridge-pyscard the same, the server's backend pyscard (PC/SC API → libpcsclite → pcscd)
+  local     pcscd ← pcsc-bridge local (one process, a translating socket of its own)
 
 More targets: ``register(name, factory)`` where ``factory(targets: Targets) -> Target``; a
 factory may wrap another target's socket with ``targets.get("pcscd")`` and take a private
@@ -600,6 +601,49 @@ class BridgeTarget(Target):
         self.inner.remove(i)
 
 
+def write_local_config(directory, sockets: str, backend="pcscd", name="local.yaml",
+                       backend_socket=None):
+    """A file with a local: section; ``sockets``: the YAML list of local.sockets."""
+    path = os.path.join(directory, name)
+    sock = f", socket: {backend_socket}" if backend_socket else ""
+    Path(path).write_text(f"""\
+log: {{level: info}}
+local:
+  backend: {{type: {backend}{sock}}}
+  sockets:
+{sockets}""")
+    return path
+
+
+class LocalTarget(Target):
+    """``inner``'s readers and cards through `pcsc-bridge local`'s socket (a process). Its
+    policy lets applications do all they may on the host, as the bridge target's does."""
+
+    name = "local"
+
+    def __init__(self, inner: Target, directory: str):
+        super().__init__(os.path.join(directory, "pcscd.comm"), inner.readers)
+        self.inner, self.dir = inner, directory
+        self.proc = None
+
+    def start(self) -> None:
+        conf = write_local_config(self.dir, f"    - {{path: {self.socket}, direct: true, "
+                                  "exclusive: true, control: all}\n")
+        self.proc = Process(["local", "-c", conf], os.path.join(self.dir, "local.log"))
+        wait_path(self.socket)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.proc is not None:
+            self.proc.stop()
+
+    def insert(self, i: int, atr: bytes | None = None) -> None:
+        self.inner.insert(i, atr)
+
+    def remove(self, i: int) -> None:
+        self.inner.remove(i)
+
+
 class Targets:
     """The session's targets: each started on first ``get`` and stopped by ``stop``."""
 
@@ -650,3 +694,4 @@ register("bridge-select", lambda ts: BridgeTarget(ts.get("pcscd"), ts.workdir("b
 # the server on the host's PC/SC API through pyscard (here: libpcsclite, then pcscd)
 register("bridge-pyscard", lambda ts: BridgeTarget(
     ts.get("pcscd"), ts.workdir("bridge-pyscard"), backend="pyscard"))
+register("local", lambda ts: LocalTarget(ts.get("pcscd"), ts.workdir("local")))

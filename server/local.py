@@ -1,0 +1,449 @@
+"""`pcsc-bridge local`: pcsc-lite sockets on this host that answer every application in
+its own dialect, for containers, flatpaks and old clients.
+
+One process serves every socket of the ``local:`` section over one backend (the server's:
+the host's pcscd, pyscard or the virtual readers), in-process: no TLS, no second process.
+Each socket is a ``Facade`` (bridge/facade.py) over a ``PolicyView`` of the shared backend:
+its applications see only the readers its policy shows them, and their calls are checked
+against it with the guests' ``Policy`` (bridge/config.py), so a container gets the error
+codes a guest gets. A context established ahead on each socket (``AheadPool``) answers the
+next application's SCardEstablishContext at once, as the agent's does.
+
+Sockets handed over by systemd (socket activation: LISTEN_FDS) are used as they are; the
+others are made here. SIGHUP reads the file again: policies apply at once (to applications
+connected now too), sockets come and go, mode, owner and group follow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import platform
+import signal
+import socket
+import stat
+
+from pcsc_bridge import __version__, config, log, netio
+from pcsc_bridge.backend import (
+    AppInfo,
+    Backend,
+    BackendError,
+    BackendStream,
+    ContextPool,
+    ReaderModel,
+)
+from pcsc_bridge.facade import Facade, bind_unix
+from pcsc_bridge.pcsc import SCARD_SCOPE_SYSTEM, EstablishContext, Message, rv_name
+
+from .backends import make_backend
+
+SD_LISTEN_FDS_START = 3
+# After a ready context is handed out, wait this long for the application to give it back
+# before establishing the next one (the agent's pool waits as long).
+PREPARE_AFTER = 0.05
+_SHARE = {1: "exclusive", 2: "shared", 3: "direct"}
+
+
+class PolicyView(Backend):
+    """One socket's view of a shared backend: the readers ``policy`` shows (its own
+    ReaderModel, following the backend's), and every call checked against ``policy``
+    before the backend sees it; a refused call is answered with the policy's code."""
+
+    def __init__(self, backend: Backend, policy: config.Policy, label: str):
+        self.inner = backend
+        self.policy = policy
+        self.label = label
+        self.name = backend.name
+        self.model = ReaderModel()
+        self.repeats = log.Repeats()
+        self._unlisten = backend.model.listen(self._follow)
+        self._follow()
+
+    @property
+    def dialect(self) -> int | None:
+        return self.inner.dialect
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def _follow(self) -> None:
+        self.model.update(self.policy.filter(self.inner.model.states))
+
+    def reconfigure(self, policy: config.Policy) -> None:
+        """A reload's policy: calls are checked against it from now on, and the readers
+        applications see follow it at once."""
+        self.policy = policy
+        self._follow()
+
+    async def open_stream(self, app: AppInfo) -> BackendStream:
+        return PolicyStream(self, await self.inner.open_stream(app), app)
+
+    async def close(self) -> None:
+        self._unlisten()
+
+    def denied(self, msg: Message, rv: int, app: AppInfo) -> None:
+        share = getattr(msg, "dwShareMode", None)
+        self.repeats(log.info, "policy.denied", (type(msg), rv, app.uid), socket=self.label,
+                     app=app.id, pid=app.pid, uid=app.uid, call=type(msg).__name__,
+                     rv=rv_name(rv), reader=getattr(msg, "szReader", None),
+                     share=_SHARE.get(share, share) if share is not None else None)
+
+
+class PolicyStream(BackendStream):
+    """An application's stream on the shared backend, its calls checked by its socket's
+    policy (the one in force when each call is made)."""
+
+    __slots__ = ("app", "inner", "pipeline", "view")
+
+    def __init__(self, view: PolicyView, inner: BackendStream, app: AppInfo):
+        self.view, self.inner, self.app = view, inner, app
+        self.pipeline = inner.pipeline
+
+    def submit(self, msg: Message, done, *flags) -> None:
+        rv = self.view.policy.check(msg)
+        if rv:
+            self.view.denied(msg, rv, self.app)
+            asyncio.get_running_loop().call_soon(done, msg.failed(rv), None)
+            return
+        self.inner.submit(msg, done, *flags)
+
+    def watch(self, lost) -> None:
+        self.inner.watch(lost)
+
+    def pause_reading(self) -> None:
+        self.inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.inner.resume_reading()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class AheadPool(ContextPool):
+    """One context established ahead on its own stream of ``backend``, handed to the next
+    application whose first call is SCardEstablishContext; a released one is kept for the
+    next (the agent's ReadyContexts, for a backend on this host). pcscd's answer to
+    ESTABLISH carries nothing but the handle, and a context given back holds no card."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.ready: tuple[BackendStream, int] | None = None
+        self.preparing = False
+        self.closed = False
+        self._refill: asyncio.TimerHandle | None = None
+
+    def take(self, app: AppInfo) -> tuple[BackendStream, int] | None:
+        ready, self.ready = self.ready, None
+        if ready is None:
+            self.prepare()
+            return None
+        if isinstance(ready[0], PolicyStream):
+            ready[0].app = app
+        # the next one, unless this application gives its context back first (most
+        # release theirs within a few milliseconds: pcsc_scan, opensc-tool, a probe)
+        if self._refill is None:
+            self._refill = asyncio.get_running_loop().call_later(PREPARE_AFTER, self.prepare)
+        return ready
+
+    def give_back(self, stream: BackendStream, h_context: int) -> bool:
+        if self.ready is not None or self.closed:
+            return False
+        self._keep(stream, h_context)
+        return True
+
+    def _keep(self, stream: BackendStream, h_context: int) -> None:
+        self.ready = (stream, h_context)
+        stream.watch(lambda: self._lost(stream))   # pcscd restarted: the context is gone
+
+    def _lost(self, stream: BackendStream) -> None:
+        if self.ready is not None and self.ready[0] is stream:
+            self.ready = None
+            asyncio.get_running_loop().create_task(stream.close())
+
+    def prepare(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
+            self._refill = None
+        if not self.preparing and self.ready is None and not self.closed:
+            self.preparing = True
+            asyncio.get_running_loop().create_task(self._prepare())
+
+    async def _prepare(self) -> None:
+        try:
+            stream = await self.backend.open_stream(AppInfo())
+        except BackendError:
+            self.preparing = False     # the backend is down: the next application retries
+            return
+        answer = asyncio.get_running_loop().create_future()
+        try:
+            stream.submit(EstablishContext(SCARD_SCOPE_SYSTEM),
+                          lambda reply, error: answer.done() or answer.set_result(reply))
+            reply = await answer
+        except BackendError:
+            reply = None
+        self.preparing = False
+        if reply is not None and reply.rv == 0 and self.ready is None and not self.closed:
+            self._keep(stream, reply.hContext)
+        else:
+            await stream.close()
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._refill is not None:
+            self._refill.cancel()
+        ready, self.ready = self.ready, None
+        if ready is not None:
+            await ready[0].close()
+
+
+def systemd_sockets() -> dict[str, socket.socket]:
+    """The listening Unix sockets systemd passed (socket activation), by path."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    out = {}
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        sock = socket.socket(fileno=fd)
+        path = sock.getsockname() if sock.family == socket.AF_UNIX else None
+        if not isinstance(path, str) or not path:
+            raise config.ConfigError(f"systemd passed file descriptor {fd}, which is not "
+                                     "a Unix socket with a path (ListenStream=/PATH)")
+        sock.setblocking(False)
+        out[path] = sock
+    return out
+
+
+class Served:
+    """One socket being served: its configuration, its view, its façade and listener."""
+
+    def __init__(self, cfg: config.LocalSocket, backend: Backend, sock: socket.socket,
+                 passed: bool):
+        self.cfg = cfg
+        self.passed = passed          # made by systemd: its mode, owner and group rule
+        self.view = PolicyView(backend, cfg.policy, cfg.path)
+        self.pool = AheadPool(self.view)
+        self.facade = Facade(self.view, pool=self.pool)
+        self.listener = netio.UnixServer(sock, self.facade.protocol_factory)
+        self.pool.prepare()
+
+    async def close(self) -> None:
+        self.listener.close()
+        await self.facade.close()
+        await self.pool.close()
+        await self.view.close()
+        if not self.passed:
+            try:
+                if stat.S_ISSOCK(os.lstat(self.cfg.path).st_mode):
+                    os.unlink(self.cfg.path)
+            except OSError:
+                pass
+
+
+class Local:
+    """Every socket of a LocalConfig over one backend."""
+
+    def __init__(self, cfg: config.LocalConfig, backend: Backend,
+                 passed: dict[str, socket.socket] | None = None):
+        self.config = cfg
+        self.backend = backend
+        self.passed = dict(passed or {})
+        self.served: dict[str, Served] = {}
+
+    def start(self) -> None:
+        for sc in self.config.sockets:
+            self._serve(sc)
+
+    def _serve(self, sc: config.LocalSocket) -> None:
+        sock = self.passed.get(sc.path)
+        if sock is None:
+            sock = bind_unix(sc.path, sc.mode, sc.owner, sc.group)
+        self.served[sc.path] = Served(sc, self.backend, sock, sock is self.passed.get(sc.path))
+        log.info("local.listen", socket=sc.path, by="systemd" if sc.path in self.passed
+                 else "pcsc-bridge", mode=None if sc.path in self.passed else f"{sc.mode:04o}",
+                 readers=",".join(sc.readers), exclusive=sc.exclusive, direct=sc.direct,
+                 control=sc.control if isinstance(sc.control, str)
+                 else ",".join(f"0x{c:08X}" for c in sc.control))
+
+    async def reload(self, cfg: config.LocalConfig) -> None:
+        """A new configuration: policies apply at once, sockets no longer listed close,
+        new ones open, mode, owner and group follow. The backend stays as it started."""
+        gone = [p for p in self.served if p not in {s.path for s in cfg.sockets}]
+        kept_passed = [p for p in gone if self.served[p].passed]
+        if kept_passed:
+            log.error("local.reload_failed", error=f"{', '.join(kept_passed)} came from "
+                      "systemd (its .socket unit); remove it there", kept="the running "
+                      "configuration")
+            return
+        if cfg.backend != self.config.backend or cfg.virtual != self.config.virtual:
+            log.warning("local.backend_unchanged", reason="backend: and virtual: apply at "
+                        "the next start")
+        for path in gone:
+            await self.served.pop(path).close()
+            log.info("local.closed", socket=path)
+        for sc in cfg.sockets:
+            served = self.served.get(sc.path)
+            try:
+                if served is None:
+                    self._serve(sc)
+                    continue
+                if not served.passed and (sc.mode, sc.owner, sc.group) != (
+                        served.cfg.mode, served.cfg.owner, served.cfg.group):
+                    _set_file(sc)
+                served.cfg = sc
+                served.view.reconfigure(sc.policy)
+            except (OSError, KeyError) as exc:
+                log.error("local.reload_failed", socket=sc.path, error=str(exc))
+        self.config = cfg
+        log.info("local.reloaded", sockets=len(self.served))
+
+    async def close(self) -> None:
+        for served in list(self.served.values()):
+            await served.close()
+        self.served.clear()
+
+
+def _set_file(sc: config.LocalSocket) -> None:
+    import grp
+    import pwd
+    os.chmod(sc.path, sc.mode)
+    if sc.owner is not None or sc.group is not None:
+        uid = pwd.getpwnam(sc.owner).pw_uid if isinstance(sc.owner, str) else sc.owner
+        gid = grp.getgrnam(sc.group).gr_gid if isinstance(sc.group, str) else sc.group
+        os.chown(sc.path, -1 if uid is None else uid, -1 if gid is None else gid)
+
+
+# --- the command ---------------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "local", help="serve this host's readers on local pcsc-lite sockets, in every "
+        "application's own protocol version (containers, flatpaks, old clients)",
+        description="Serve this host's readers (pcscd, the PC/SC API or virtual readers) on "
+        "one or more pcsc-lite sockets that answer every application in its own protocol "
+        "version, each socket with a policy as for a guest. Sockets come from --socket, "
+        "the file's local.sockets, or systemd (socket activation).")
+    p.add_argument("-c", "--config", help="YAML file with a local: section")
+    p.add_argument("--socket", metavar="PATH", help="a socket to serve (added to the file's)")
+    p.add_argument("--mode", help="its file mode (octal, default 0666)")
+    p.add_argument("--owner", help="its owner (user name or uid)")
+    p.add_argument("--group", help="its group (group name or gid)")
+    p.add_argument("--reader", action="append", metavar="GLOB",
+                   help="the readers its applications see (repeatable; default: all)")
+    p.add_argument("--backend", choices=("auto", "pcscd", "virtual", "pyscard"))
+    p.add_argument("--pcscd-socket", help="pcscd's socket (backend pcscd)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--check", action="store_true", help="check the configuration as the "
+                   "daemon would at start (and before a reload), start nothing")
+    p.set_defaults(func=run)
+
+
+def load(args) -> config.LocalConfig:
+    """The configuration from the file (if any) and the flags."""
+    over = {k: v for k, v in {"local.backend.type": args.backend,
+                              "local.backend.socket": args.pcscd_socket,
+                              "log.level": args.log_level}.items() if v}
+    if args.config:
+        cfg = config.load_local_config(args.config, over)
+    else:
+        cfg = config.LocalConfig()
+        for key, value in over.items():
+            cfg = _flag(cfg, key, value)
+    if args.socket:
+        values = {"path": os.path.abspath(args.socket)}
+        for flag, key, parse in (("mode", "mode", config.parse_file_mode),
+                                 ("owner", "owner", config.parse_user),
+                                 ("group", "group", config.parse_group)):
+            if getattr(args, flag) is not None:
+                try:
+                    values[key] = parse(getattr(args, flag))
+                except config.BadValue as exc:
+                    raise config.ConfigError(f"command line: --{flag}: {exc}") from None
+        if args.reader:
+            values["readers"] = tuple(args.reader)
+        one = config.LocalSocket(**values)
+        try:
+            cfg = dataclasses.replace(cfg, sockets=tuple(
+                s for s in cfg.sockets if s.path != one.path) + (one,))
+        except config.FieldError as exc:
+            raise config.ConfigError(f"command line: --socket: {exc.message}") from None
+    elif any(getattr(args, f) for f in ("mode", "owner", "group", "reader")):
+        raise config.ConfigError("command line: --mode, --owner, --group and --reader "
+                                 "apply to --socket, which is missing")
+    return cfg
+
+
+def _flag(cfg: config.LocalConfig, key: str, value) -> config.LocalConfig:
+    """A flag's value on the built-in defaults (no file): log.level, local.backend.*."""
+    if key == "log.level":
+        return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, level=value))
+    name = key.rsplit(".", 1)[1]
+    if name == "socket":
+        value = os.path.abspath(value)
+    return dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, **{name: value}))
+
+
+def run(args) -> int:
+    try:
+        cfg = load(args)
+        if args.check:
+            print(f"ok   local: every key and value ({len(cfg.sockets)} socket(s))")
+            return 0
+        log.setup(cfg.log.level, cfg.log.format, cfg.log.timestamps)
+        passed = systemd_sockets()
+        if not cfg.sockets and passed:
+            cfg = dataclasses.replace(cfg, sockets=tuple(
+                config.LocalSocket(path=p) for p in passed))
+        unknown = [p for p in passed if p not in {s.path for s in cfg.sockets}]
+        if unknown:
+            raise config.ConfigError(f"local.sockets: systemd passed {', '.join(unknown)}, "
+                                     "which the configuration does not list")
+        if not cfg.sockets:
+            raise config.ConfigError("no socket to serve: give --socket PATH, list "
+                                     "local.sockets in the file, or start from a .socket unit")
+        netio.run(serve(cfg, passed, args))
+    except (config.ConfigError, ValueError) as exc:
+        print(f"pcsc-bridge local: {exc}", flush=True)
+        return 2
+    except OSError as exc:
+        print(f"pcsc-bridge local: {exc}", flush=True)
+        return 1
+    return 0
+
+
+async def serve(cfg: config.LocalConfig, passed: dict, args=None) -> None:
+    backend = make_backend(cfg)
+    await backend.start()
+    local = Local(cfg, backend, passed)
+    try:
+        local.start()
+    except BaseException:
+        await local.close()
+        await backend.close()
+        raise
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if args is not None and args.config and hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(local, args)))
+    log.sd_notify("READY=1")
+    log.info("local.ready", sockets=len(local.served), backend=backend.name,
+             pcsc=backend.describe(), version=__version__, python=platform.python_version(),
+             selector=netio.selector_class().__name__)
+    await stop.wait()
+    log.sd_notify("STOPPING=1")
+    await local.close()
+    await backend.close()
+
+
+async def _reload(local: Local, args) -> None:
+    try:
+        cfg = load(args)
+    except (config.ConfigError, ValueError) as exc:
+        log.error("local.reload_failed", error=str(exc), kept="the running configuration")
+        return
+    await local.reload(cfg)
