@@ -431,9 +431,10 @@ async def serve(cfg: config.LocalConfig, passed: dict, args=None) -> None:
     if args is not None and args.config and hasattr(signal, "SIGHUP"):
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(local, args)))
     log.sd_notify("READY=1")
+    watchdog = log.start_watchdog(loop)
     log.info("local.ready", sockets=len(local.served), backend=backend.name,
              pcsc=backend.describe(), version=__version__, python=platform.python_version(),
-             selector=netio.selector_class().__name__)
+             selector=netio.selector_class().__name__, watchdog=watchdog and f"{watchdog:g}s")
     await stop.wait()
     log.sd_notify("STOPPING=1")
     await local.close()

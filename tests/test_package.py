@@ -31,7 +31,13 @@ from pathlib import Path
 import pytest
 from matrix.pcsclite import CACHE, MatrixError, _Lock, _remove_tree, _run, apt_mirror, exec_argv
 from pcsc_bridge import manpage
-from targets import free_port, make_pki, write_client_config, write_server_config
+from targets import (
+    free_port,
+    make_pki,
+    write_client_config,
+    write_local_config,
+    write_server_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = CACHE / "bookworm-pkg"
@@ -187,7 +193,7 @@ check etc stat -c '%U %G %a' /etc/pcsc-bridge
 check man zcat /usr/share/man/man1/pcsc-bridge.1.gz
 check python python3 -c 'import pcsc_bridge, sys; print(pcsc_bridge.__file__, sys.version_info[:2])'
 check pycache sh -c 'ls /usr/lib/python3/dist-packages/pcsc_bridge/__pycache__ | head -1'
-for u in server client; do
+for u in server client local; do
     unit=/usr/lib/systemd/system/pcsc-bridge-$u.service
     check exec-$u grep '^Exec' "$unit"
     check verify-$u systemd-analyze verify --man=no "$unit"
@@ -259,7 +265,7 @@ def test_the_deb_installs_and_works_in_a_clean_debian_12(deb, tmp_path):
 
     # the installed units: /usr/bin's command, valid, and as closed as they should be
     exposure = {}
-    for unit in ("server", "client"):
+    for unit in ("server", "client", "local"):
         assert f"ExecStart=/usr/bin/pcsc-bridge {unit} -c /etc/pcsc-bridge/{unit}.yaml" \
             in result(f"exec-{unit}")
         assert result(f"verify-{unit}").strip() == ""
@@ -267,10 +273,12 @@ def test_the_deb_installs_and_works_in_a_clean_debian_12(deb, tmp_path):
                       result(f"security-{unit}"))
         assert m, _read(out, f"security-{unit}")
         exposure[unit] = float(m.group(1))
-    print(f"exposure: server {exposure['server']}, agent {exposure['client']}; "
+    print(f"exposure: server {exposure['server']}, agent {exposure['client']}, local "
+          f"{exposure['local']}; "
           f"install and checks {seconds:.0f}s")
     assert exposure["server"] <= SERVER_EXPOSURE_MAX
     assert exposure["client"] <= AGENT_EXPOSURE_MAX
+    assert exposure["local"] <= AGENT_EXPOSURE_MAX    # a local daemon, as the agent is
 
     result("certs")
     assert result("tls-as-user").strip() == "loaded"
@@ -451,7 +459,9 @@ def _daemon(tmp_path: Path, which: str, env: dict) -> subprocess.Popen:
     ca = make_pki(str(tmp_path))
     port = free_port()
     conf = write_server_config(str(tmp_path), ca, port, backend="virtual") if which == "server" \
-        else write_client_config(str(tmp_path), ca, port, "guest1", str(tmp_path / "app.sock"))
+        else write_client_config(str(tmp_path), ca, port, "guest1", str(tmp_path / "app.sock")) \
+        if which == "client" else write_local_config(
+            str(tmp_path), f"    - path: {tmp_path}/app.sock\n", backend="virtual")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))
            } | env
     return subprocess.Popen([sys.executable, "-m", "pcsc_bridge", which, "-c", conf], env=env,
@@ -459,7 +469,7 @@ def _daemon(tmp_path: Path, which: str, env: dict) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
-@pytest.mark.parametrize("which", ["server", "client"])
+@pytest.mark.parametrize("which", ["server", "client", "local"])
 def test_the_daemons_feed_the_watchdog_from_their_event_loop(tmp_path, which):
     # the agent runs with its server away: it serves its socket and is alive all the same
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
