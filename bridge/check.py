@@ -15,7 +15,7 @@ from . import config, tls
 def register(subparsers) -> None:
     p = subparsers.add_parser("check", help="check a configuration file without starting "
                               "anything", description=" ".join(__doc__.split()))
-    p.add_argument("-c", "--config", required=True, help="a server's or an agent's file")
+    p.add_argument("-c", "--config", required=True, help="a server's, an agent's or a local socket's file")
     p.add_argument("--running", action="store_true",
                    help="the daemon runs already (before a reload): its listen addresses "
                    "are its own, not checked")
@@ -29,7 +29,7 @@ def sections(path: str) -> set[str]:
             data = yaml.safe_load(f)
     except (OSError, yaml.YAMLError):
         return {"server", "client"}    # the loaders say what is wrong, in their words
-    return set(data) & {"server", "client"} if isinstance(data, dict) else set()
+    return set(data) & {"server", "client", "local"} if isinstance(data, dict) else set()
 
 
 class Report:
@@ -91,7 +91,7 @@ def run(args) -> int:
     ok, bad = report.ok, report.bad
     found = sections(args.config)
     if not found:
-        bad(f"{args.config}: no server: or client: section")
+        bad(f"{args.config}: no server:, client: or local: section")
     if "server" in found:
         try:
             s = config.load_server_config(args.config)
@@ -120,5 +120,11 @@ def run(args) -> int:
             else:
                 ok(f"client: the socket {c.socket} can be made in {folder}")
         except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
+            bad(str(exc))
+    if "local" in found:
+        try:
+            loc = config.load_local_config(args.config)
+            ok(f"local: every key and value ({len(loc.sockets)} socket(s))")
+        except (config.ConfigError, ValueError) as exc:
             bad(str(exc))
     return report.end(2)

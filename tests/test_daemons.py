@@ -183,6 +183,15 @@ def test_check_validates_a_configuration_without_starting_anything(tmp_path):
     for path in (server, client):
         done = check(path)
         assert done.returncode == 0 and "all good" in done.stdout, done.stdout
+    # a local socket's file too (pcsc-bridge local)
+    from targets import write_local_config
+    local = Path(write_local_config(str(tmp_path), f"    - path: {tmp_path}/l.sock\n",
+                                    backend="virtual"))
+    done = check(str(local))
+    assert done.returncode == 0 and "local: every key and value (1 socket(s))" in done.stdout
+    local.write_text(local.read_text() + "    - path: relative.sock\n      readerz: []\n")
+    done = check(str(local))
+    assert done.returncode == 2 and "readerz" in done.stdout, done.stdout
     assert f"127.0.0.1:{port} is free" in check(server).stdout
     assert not os.path.exists(tmp_path / "agent.sock")        # nothing was started
     # the mistakes an operator makes: each named, exit status 2
