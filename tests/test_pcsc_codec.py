@@ -2,7 +2,7 @@
 
 What a user needs from it: every request an application writes decodes to what was meant,
 in both byte orders and however the bytes are split; every reply pcscd writes (which has no
-header, so its size follows from the request) decodes in dialects 4:4, 4:5 and 4:6, with the
+header, so its size follows from the request) decodes in dialects 4:2 to 4:6, with the
 unsolicited wake-up after CMD_WAIT_READER_STATE_CHANGE owed exactly once; hostile or broken
 byte streams give ProtocolError and nothing else, and never make a reader hold more than one
 message; and the reader refuses exactly what pcscd refuses (src/winscard_svc.c).
@@ -10,6 +10,7 @@ message; and the reader refuses exactly what pcscd refuses (src/winscard_svc.c).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import struct
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pcsc_bridge import pcsc as p
+from pcsc_bridge.backend import AppInfo
+from pcsc_bridge.server.pcscd import PcscdBackend
 
 SETTINGS = settings(max_examples=80, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -902,3 +905,87 @@ def test_a_connect_names_the_reader_pcscd_names():
     raw[12:12 + 128] = b"R" * 127 + b"X"
     (msg,) = p.RequestReader(p.WIRE).feed(bytes(raw))
     assert msg.szReader == "R" * 127
+
+
+# --- the pcscd backend in front of a 4:3 or 4:2 pcscd -----------------------------------------
+
+class OldPcscd:
+    """A pcscd of protocol 4:``minor`` made of the codec, on a Unix socket: pcsc-lite 1.8's
+    rules (winscard_svc.c of 1.8.8 and 1.8.23): CMD_VERSION of another minor answered
+    SCARD_E_NO_SERVICE with its own; GET_READERS_STATE the 16-entry array; WAIT (8-byte body)
+    registers and sends nothing until a change; anything else it does not know closes."""
+
+    def __init__(self, path: str, minor: int, states):
+        self.path, self.minor, self.states = path, minor, list(states)
+        self.waiting: list = []
+        self.closed_on: list[str] = []     # why a socket was closed
+
+    async def start(self):
+        self.server = await asyncio.start_unix_server(self._serve, self.path)
+
+    def change(self, states) -> None:
+        self.states = list(states)
+        waiting, self.waiting = self.waiting, []
+        for w in waiting:
+            w.write(p.WaitReaderStateChangeReply(0, 0).pack())
+
+    async def _serve(self, r, w):
+        reader = p.RequestReader()
+        try:
+            while data := await r.read(4096):
+                for msg in reader.feed(data):
+                    kind = type(msg)
+                    if kind is p.Version:
+                        ok = (msg.major, msg.minor) == (4, self.minor)
+                        if ok:
+                            reader.dialect = self.minor
+                        w.write(p.encode_reply(p.Version(4, self.minor,
+                                                         0 if ok else p.SCARD_E_NO_SERVICE)))
+                    elif kind is p.GetReadersState:
+                        w.write(p.ReaderStates(p.pad_states(self.states, 16)).pack())
+                    elif kind is p.WaitReaderStateChangeTimed:
+                        self.waiting.append(w)
+                    elif kind is p.EstablishContext:
+                        w.write(p.encode_reply(msg.with_rv(0, hContext=0x1234)))
+                    else:
+                        raise p.ProtocolError(f"{kind.__name__} not expected")
+        except p.ProtocolError as exc:
+            self.closed_on.append(str(exc))
+        w.close()
+
+
+@pytest.mark.parametrize("minor", [2, 3])
+def test_the_pcscd_backend_speaks_4_3_and_4_2_upstream(tmp_path, minor):
+    """Against a pcscd 1.8 (4:2 or 4:3) the backend discovers its dialect, reads its reader
+    states, waits for its changes with the 8-byte WAIT (a 4:4 WAIT would close the socket)
+    and passes card calls as they are."""
+    def reader_state(card):
+        return p.ReaderState("Virtual PCD 00 00", 1 + card, p.SCARD_PRESENT if card
+                             else p.SCARD_ABSENT, 0, b"\x3b\x00" if card else b"")
+
+    async def main():
+        pcscd = OldPcscd(str(tmp_path / "pcscd.comm"), minor, [reader_state(False)])
+        await pcscd.start()
+        backend = PcscdBackend(pcscd.path)
+        await backend.start()
+        try:
+            assert backend.dialect == minor
+            assert backend.describe().endswith(f"(protocol 4:{minor})")
+            assert backend.model.states == (reader_state(False),)
+            async with asyncio.timeout(5):
+                while not pcscd.waiting:          # the watcher registered
+                    await asyncio.sleep(0.01)
+                pcscd.change([reader_state(True)])
+                while backend.model.states != (reader_state(True),):
+                    await asyncio.sleep(0.01)
+                stream = await backend.open_stream(AppInfo())
+                done = asyncio.get_running_loop().create_future()
+                stream.submit(p.EstablishContext(2), lambda r, e: done.set_result((r, e)))
+                assert await done == (p.EstablishContext(2, 0x1234, 0), None)
+                await stream.close()
+            assert pcscd.closed_on == []
+        finally:
+            await backend.close()
+            pcscd.server.close()
+
+    asyncio.run(main())
