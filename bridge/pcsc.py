@@ -49,6 +49,8 @@ MAX_READERS_STATE_ARRAY = 4096
 PROTOCOL_VERSION_MAJOR = 4
 PROTOCOL_MINORS = (2, 3, 4, 5, 6)  # the dialects this codec speaks
 OLD_MINORS = (2, 3)   # 4:2, 4:3: WAIT and STOP carry a body (WaitReaderStateChangeTimed)
+# connect_struct of pcsc-lite up to 1.8.3, which also said 4:2 (MAX_READERNAME 100, not 128)
+CONNECT_SIZE_NAME100 = 124
 
 
 class Cmd(IntEnum):
@@ -637,6 +639,9 @@ def _parse_request(data, pos: int, order: str, old: bool = False):
         raise ProtocolError(f"unsupported command 0x{cmd:02X}")
     cls, want, unpack, limit, send, build = entry
     if size != want:
+        if old and cls is Connect and size == CONNECT_SIZE_NAME100:
+            raise ProtocolError("Connect: body of 124 bytes, a pcsc-lite 1.8.3 or older "
+                                "client (reader names of 100 bytes; its 4:2 is not 1.8.4's)")
         raise ProtocolError(f"{cls.__name__}: body of {size} bytes, expected {want}")
     start = pos + HEADER_SIZE
     end = start + size

@@ -1,7 +1,9 @@
-"""Real pcsc-lite on both sides of the bridge: 3 client libraries × 3 pcscd versions.
+"""Real pcsc-lite on both sides of the bridge: 5 client libraries × 3 pcscd versions.
 
-Clients 1.9.9 (protocol 4:4, the host's), 2.3.3 (4:5, trixie's library on the host) and
-2.5.x (4:6, in the sid chroot) talk to the agent's socket; the server behind it uses pcscd
+Clients 1.8.8 (protocol 4:2) and 1.8.23 (4:3), built from pcsc-lite's sources
+(tests/matrix/oldlib.py) and loaded by the host's pyscard, 1.9.9 (4:4, the host's), 2.3.3
+(4:5, trixie's library on the host) and 2.5.x (4:6, in the sid chroot) talk to the agent's
+socket; the server behind it uses pcscd
 1.9.9 (the host's), 2.3.3 or 2.5.x (chroots), each with vpcd and the project's test card.
 Every pair runs the same scenarios, taken from tests/test_pcsc_api.py: a pair whose client
 and pcscd refuse each other directly (4:4 ↔ 4:5) must work through the bridge like any other.
@@ -34,8 +36,10 @@ pytestmark = pytest.mark.matrix
 
 PCSCDS = ("1.9.9", "2.3.3", "2.5.x")
 CHROOT = {"2.3.3": "trixie", "2.5.x": "sid"}
-CLIENTS = ("1.9.9", "2.3.3", "2.5.x")
-RELEASE = {"1.9.9": "bookworm", "2.3.3": "trixie", "2.5.x": "sid"}
+CLIENTS = ("1.8.8", "1.8.23", "1.9.9", "2.3.3", "2.5.x")
+RELEASE = {"1.8.8": "1.8.8", "1.8.23": "1.8.23", "1.9.9": "bookworm", "2.3.3": "trixie",
+           "2.5.x": "sid"}
+COUNTER = ("4:5", "4:6")   # the clients that fetch the reader-events counter
 PNP = api.PNP
 OK, E_TIMEOUT, E_UNKNOWN_READER = api.OK, api.E_TIMEOUT, api.E_UNKNOWN_READER
 STATE_CHANGED = api.STATE_CHANGED
@@ -143,7 +147,8 @@ def test_bridges_run_under_their_releases_python(bridge):
 
 def test_each_client_speaks_its_own_dialect_to_the_agent(bridge, clients):
     """The agent logs the dialect it serves each application in."""
-    for release, want in (("bookworm", "4:4"), ("trixie", "4:5"), ("sid", "4:6")):
+    for release, want in (("1.8.8", "4:2"), ("1.8.23", "4:3"), ("bookworm", "4:4"),
+                          ("trixie", "4:5"), ("sid", "4:6")):
         app = ClientView(bridge, clients[release]).app()
         try:
             assert app.establish().rv == OK
@@ -190,7 +195,7 @@ def test_pnp_notification_sees_reader_arrival_and_removal(virtual, clients, clie
         assert first.rv == E_TIMEOUT
         known = first.readers[0]["state"] if first.readers else 0
         events = known >> 16
-        if env.protocol != "4:4":  # 4:5+ fetch the reader-events counter
+        if env.protocol in COUNTER:  # 4:5+ fetch the reader-events counter
             assert events != 0
         # a card coming and going is not a reader event
         virtual.insert(1)
@@ -210,7 +215,7 @@ def test_pnp_notification_sees_reader_arrival_and_removal(virtual, clients, clie
         after_add = r.readers[0]["state"]
         assert app.list_readers(ctx).readers == ["Virtual PCD 00 00", "Virtual PCD 00 01",
                                                  "Extra Reader 00 00"]
-        if env.protocol != "4:4":
+        if env.protocol in COUNTER:
             assert after_add >> 16 != events, "the reader-events counter must move"
             # a caller that last looked before the arrival is told at once
             r = app.get_status_change(ctx, 0, [{"reader": PNP, "state": known}])
@@ -223,7 +228,7 @@ def test_pnp_notification_sees_reader_arrival_and_removal(virtual, clients, clie
         r = pending.wait(api.QUICK_S)
         assert r is not None, "reader removal not seen within a second"
         assert r.rv == OK and r.readers[0]["state"] & STATE_CHANGED
-        if env.protocol != "4:4":
+        if env.protocol in COUNTER:
             assert r.readers[0]["state"] >> 16 not in (events, after_add >> 16)
         wait_readers(app, ctx, ["Virtual PCD 00 00", "Virtual PCD 00 01"])
     finally:

@@ -209,6 +209,10 @@ def test_old_dialect_refuses_what_pcscd_18_refuses(dialect, order):
     for size, cmd in ((0, 0x13), (0, 0x14), (0, 0x15), (0, 0x16), (0, 0x17)):
         with pytest.raises(p.ProtocolError):
             p.RequestReader(order, dialect).feed(struct.pack(order + "II", size, cmd))
+    # a 1.8.0-1.8.3 client also says 4:2 but has 100-byte reader names: told apart (and
+    # refused, with the reason) at its first SCardConnect
+    with pytest.raises(p.ProtocolError, match="1.8.3 or older"):
+        p.RequestReader(order, dialect).feed(struct.pack(order + "II", 124, 0x04))
     # and the 4:4+ reader refuses the 8-byte WAIT as pcscd 1.8.24+ does
     with pytest.raises(p.ProtocolError):
         p.RequestReader(order).feed(p.encode_request(p.WaitReaderStateChangeTimed(), order))
