@@ -146,7 +146,7 @@ def test_bridges_run_under_their_releases_python(bridge):
 
 
 def test_each_client_speaks_its_own_dialect_to_the_agent(bridge, clients):
-    """The agent logs the dialect it serves each application in."""
+    """The agent logs the dialect it serves each application in; the server refuses none."""
     for release, want in (("1.8.8", "4:2"), ("1.8.23", "4:3"), ("bookworm", "4:4"),
                           ("trixie", "4:5"), ("sid", "4:6")):
         app = ClientView(bridge, clients[release]).app()
@@ -158,6 +158,8 @@ def test_each_client_speaks_its_own_dialect_to_the_agent(bridge, clients):
         while f"dialect={want}" not in bridge.agent.output():
             assert time.monotonic() < deadline, f"no 4:{want} application in the agent log"
             time.sleep(0.05)
+    # the server sees no dialect older than 4:4: the agent opened those streams as 4:4
+    assert "stream.refused" not in bridge.server.output()
 
 
 # --- reader arrival and removal, and more than 16 readers: the virtual backend -----------
