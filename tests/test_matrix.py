@@ -10,6 +10,10 @@ and pcscd refuse each other directly (4:4 ↔ 4:5) must work through the bridge 
 The bridges in front of the chroots' pcscd run under the chroots' own python3 (3.13 and the
 newest), so the same scenarios also prove pcsc-bridge on those Pythons.
 
+Behind the bridge there may also be pcscd 1.8.8 (4:2) or 1.8.23 (4:3), built from source:
+the pcscd backend speaks their dialect, and a 1.9.9 client, which they refuse directly,
+passes the same scenarios through it.
+
 Reader arrival and removal (\\\\?PnP?\\Notification) and more than 16 readers need the
 virtual backend (Debian's pcscd does not add vpcd readers at run time): its server runs in
 this process, so the test can add and remove readers while applications wait.
@@ -25,7 +29,13 @@ import time
 
 import pytest
 import test_pcsc_api as api
-from matrix.bridged import ChrootPcscdTarget, ClientView, VirtualBridge, bridge_to
+from matrix.bridged import (
+    ChrootPcscdTarget,
+    ClientView,
+    OldPcscdTarget,
+    VirtualBridge,
+    bridge_to,
+)
 from matrix.pcsclite import client_envs, info
 from pcsc_bridge import pcsc
 from pcsc_bridge.backend import Backend, ReaderModel, TaskStream
@@ -132,6 +142,59 @@ def pyscard_pair(request, targets, clients):
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_every_dialect_through_the_pyscard_backend(pyscard_pair, scenario):
     SCENARIOS[scenario](pyscard_pair)
+
+
+# --- a pcscd of 4:2 or 4:3 behind the bridge: the backend speaks its dialect upstream ------
+
+OLD_PCSCDS = ("1.8.8", "1.8.23")
+
+
+@pytest.fixture(scope="module", params=OLD_PCSCDS, ids=lambda v: f"pcscd-{v}")
+def old_bridge(request, targets, clients):
+    tag = request.param
+    inner = OldPcscdTarget(tag, targets.workdir(f"pcscd-{tag}"), clients[tag])
+    try:
+        inner.start()
+        b = bridge_to(inner, targets.workdir(f"bridge-{tag}"), tag)
+    except BaseException:
+        inner.stop()
+        raise
+    yield b
+    b.stop()
+    inner.stop()
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_a_pcscd_of_pcsc_lite_18_behind_the_bridge(old_bridge, clients, scenario):
+    """pcscd 1.8.8 (4:2) and 1.8.23 (4:3) refuse a 1.9.9 client directly (test_matrix_env);
+    through the bridge, whose pcscd backend speaks their dialect (the 8-byte WAIT, no array
+    after it), it passes the same scenarios."""
+    assert f"dialect=4:{'2' if old_bridge.name.endswith('1.8.8') else '3'}" \
+        in old_bridge.server.output()
+    view = ClientView(old_bridge, clients["bookworm"])
+    view.reset()
+    try:
+        if scenario == "transaction" and old_bridge.name.endswith("1.8.8"):
+            end_without_transaction_succeeds(view)
+        else:
+            SCENARIOS[scenario](view)
+    finally:
+        view.close_apps()
+
+
+def end_without_transaction_succeeds(target):
+    """pcscd before 1.8.9 answers SCardEndTransaction without a transaction with SUCCESS
+    (1.8.9 made it SCARD_E_NOT_TRANSACTED, which the transaction scenario checks): the
+    bridge passes pcscd's answer on. The rest of that scenario, here."""
+    a, card_a = api.connected(target)
+    b, card_b = api.connected(target)
+    assert a.begin(card_a).rv == OK
+    pending = api.begin_blocked(target, b, card_b)
+    assert pending.wait(api.BLOCKED_S) is None, "the second transaction must wait"
+    assert a.end(card_a, api.LEAVE).rv == OK
+    assert pending.wait(api.QUICK_S).rv == OK
+    assert b.end(card_b, api.LEAVE).rv == OK
+    assert b.end(card_b, api.LEAVE).rv == OK      # pcscd 1.8.8: no NOT_TRANSACTED
 
 
 def test_bridges_run_under_their_releases_python(bridge):

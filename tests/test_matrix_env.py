@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from matrix.oldlib import OldPcscd
 from matrix.pcsclite import ChrootPcscd, HostPcscd, client_envs
 from testcard import TestCard
 
@@ -33,6 +34,7 @@ PROTOCOL = {"bookworm": "4:4", "trixie": "4:5", "sid": "4:6"}
 CLIENT_PROTOCOL = {**PROTOCOL, "1.8.8": "4:2", "1.8.23": "4:3"}
 READERS = ["Virtual PCD 00 00", "Virtual PCD 00 01"]
 SERVICE_STOPPED = 0x8010001E
+NO_SERVICE = 0x8010001D
 PROBE_TIMEOUT_S = 30
 
 
@@ -127,6 +129,21 @@ def test_old_clients_are_refused_by_every_pcscd_directly(clients, servers, relea
     version, and the old client's SCardEstablishContext returns that code."""
     out = probe(clients[release], servers[server].socket)
     assert (out["establish"], out["readers"]) == (SERVICE_STOPPED, None)
+
+
+@pytest.mark.parametrize("tag", OLD)
+def test_old_pcscd_serves_only_its_own_client(clients, tag, tmp_path):
+    """pcscd 1.8.8 and 1.8.23, built from their tags, answer CMD_VERSION with 4:2 and 4:3,
+    serve their own client library, and refuse every other one here with
+    SCARD_E_NO_SERVICE (0x8010001D; pcscd took SCARD_E_SERVICE_STOPPED only in 1.8.26)."""
+    with OldPcscd(tag, tmp_path / "pcscd.log") as pcscd:
+        assert pcscd.protocol == CLIENT_PROTOCOL[tag]
+        for release, client in clients.items():
+            out = probe(client, pcscd.socket)
+            if release == tag:
+                assert (out["establish"], out["readers"]) == (0, READERS)
+            else:
+                assert (out["establish"], out["readers"]) == (NO_SERVICE, None), release
 
 
 @pytest.mark.parametrize("server", ["trixie", "sid"])
