@@ -11,9 +11,11 @@ reads reader.conf), makes src/libpcsclite.la and src/pcscd and keeps libpcsclite
 pcscd, in $PCSC_BRIDGE_CACHE (default ~/.cache/pcsc-bridge) /libpcsclite-TAG/, with
 pcsc-bridge.json saying what it is (tag, commit, protocol read from that tag's
 src/winscard_msg.h). A client uses the library through LD_LIBRARY_PATH; ``OldPcscd`` runs
-the pcscd (its socket in DIR/run, its reader.conf.d in DIR: vpcd on its own ports). Serialised with a file lock, built in DIR.partial and renamed when whole;
-a missing source, tag or tool fails with its name. Debian packages the build needs:
-git, autoconf, automake, libtool, flex, pkg-config, make, gcc (scripts/setup installs them).
+the pcscd (its socket in DIR/run, its reader.conf.d in DIR: vpcd on its own ports).
+Serialised with a file lock, built in DIR.partial and renamed when whole; a missing source,
+tag or tool fails with its name. Debian packages the build needs: git, autoconf, automake,
+libtool, flex, pkg-config, make, gcc (scripts/setup installs them); the pcscd runs
+vsmartcard-vpcd's driver.
 """
 
 from __future__ import annotations
