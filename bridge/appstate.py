@@ -1,7 +1,7 @@
 """One application's pcsc-lite session, as the agent (or the emulator) serves it; sans-IO.
 
-``AppState`` decides everything per application socket: the dialect it speaks (4:4, 4:5
-or 4:6, from CMD_VERSION); the requests answered here from the reader model, in that
+``AppState`` decides everything per application socket: the dialect it speaks (4:2 to
+4:6, from CMD_VERSION); the requests answered here from the reader model, in that
 dialect (CMD_VERSION, the reader-state array, CMD_WAIT_READER_STATE_CHANGE and its
 wake-up, CMD_STOP_WAITING_READER_STATE_CHANGE, CMD_GET_READER_EVENTS, the 4:6 SIZE/ARRAY
 pair, SCARD_CANCEL); the card calls handed to the backend, in order (one at a time, or
@@ -69,9 +69,11 @@ from .pcsc import (
     ReleaseContext,
     RequestReader,
     StopWaitingReaderStateChange,
+    StopWaitingReaderStateChangeTimed,
     Version,
     WaitReaderStateChange,
     WaitReaderStateChangeReply,
+    WaitReaderStateChangeTimed,
     encode_reply,
     pad_states,
     rv_name,
@@ -79,7 +81,9 @@ from .pcsc import (
 from .wire import CALL_EARLY, CALL_IF
 
 NEWEST_MINOR = 6
-DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 (1.8.24–2.2), 4:5 (2.3–2.4), 4:6 (2.5–)
+# pcsc-lite 4:2 (1.8.4–1.8.8), 4:3 (1.8.9–1.8.23), 4:4 (1.8.24–2.2), 4:5 (2.3–2.4),
+# 4:6 (2.5–); docs/pcsc-protocol.md
+DIALECTS = (2, 3, 4, 5, 6)
 ESTABLISH_SCOPES = frozenset({SCARD_SCOPE_USER, SCARD_SCOPE_TERMINAL, SCARD_SCOPE_SYSTEM,
                               SCARD_SCOPE_GLOBAL})   # what pcscd accepts
 # the card calls whose success changes the application's contexts or card handles
@@ -92,7 +96,7 @@ AHEAD = 2     # a BeginTransaction answered already, sent ahead of the handle's 
 
 
 def negotiate(major: int, minor: int) -> tuple[Version, int | None]:
-    """pcscd 2.4.1+'s rule, extended: serve 4:4 to 4:6 each in its own dialect; offer 4:6
+    """pcscd 2.4.1+'s rule, extended: serve 4:2 to 4:6 each in its own dialect; offer 4:6
     to a newer client (pcsc-lite 2.5+ clients then retry with it); refuse anything else."""
     if major == 4 and minor in DIALECTS:
         return Version(major, minor, 0), minor
@@ -157,6 +161,8 @@ class AppState:
         self.unshared: list[str] = []
         self.paused = False                    # the application does not read
         self.dialect: int | None = None        # set by CMD_VERSION
+        # 4:2, 4:3: the reader-state array as this application last read it
+        self.seen: bytes | None = None
         self.waiting = False       # registered for a wake-up (WAIT sent, not answered)
         self.hold_wakeup = 0       # 4:6: SIZE + ARRAY still owed after WAIT
         self.wakeup_rv: int | None = None      # a wake-up held back while hold_wakeup
@@ -466,25 +472,37 @@ class AppState:
                                             "refused": "unsupported protocol version"})
         else:
             self.dialect = dialect
+            self.reader.dialect = dialect     # 4:2, 4:3: other WAIT and STOP requests
 
     def _states16(self, _msg=None) -> None:
-        self.shell.send(self._packed(PCSCLITE_MAX_READERS_CONTEXTS))
+        packed = self._packed(PCSCLITE_MAX_READERS_CONTEXTS)
+        if self.dialect in (2, 3):
+            self.seen = packed
+        self.shell.send(packed)
 
-    def _wait(self, _msg) -> None:
+    def _wait(self, msg) -> None:
         self.waiting = True
         self.wakeup_rv = None
         if (self.dialect or 4) >= 6:
             self.hold_wakeup = 2      # its SIZE and ARRAY are answered before any wake-up
+        elif type(msg) is WaitReaderStateChangeTimed:
+            # 4:2, 4:3: registered, nothing sent; the client read the array before (GET_
+            # READERS_STATE). A change since then, which pcscd 1.8 would have let pass
+            # unseen until the client's own timeout, wakes it at once.
+            if self.seen is not None \
+                    and self._packed(PCSCLITE_MAX_READERS_CONTEXTS) != self.seen:
+                self._wake(0)
         else:
             self._states16()
 
-    def _stop(self, _msg) -> None:
+    def _stop(self, msg) -> None:
         self.hold_wakeup = 0
         if not self.waiting:
             return                    # the wake-up was sent already: it is the answer
         self.waiting = False
         rv, self.wakeup_rv = self.wakeup_rv or 0, None
-        self._reply(WaitReaderStateChangeReply(0, rv))
+        # 4:2, 4:3: pcscd writes the client's struct back (its timeOut kept)
+        self._reply(WaitReaderStateChangeReply(getattr(msg, "timeOut", 0), rv))
 
     def _cancel(self, msg: Cancel) -> None:
         # pcscd: an unknown context is INVALID_HANDLE; a known one is SUCCESS, and woken
@@ -509,7 +527,8 @@ class AppState:
 
     _LOCAL: ClassVar[dict] = {
         Version: _version, GetReadersState: _states16, WaitReaderStateChange: _wait,
-        StopWaitingReaderStateChange: _stop, Cancel: _cancel, GetReaderEvents: _events,
+        StopWaitingReaderStateChange: _stop, WaitReaderStateChangeTimed: _wait,
+        StopWaitingReaderStateChangeTimed: _stop, Cancel: _cancel, GetReaderEvents: _events,
         GetReadersStateSize: _size, GetReadersStateArray: _array,
     }
 

@@ -47,7 +47,10 @@ PCSCLITE_MAX_READERS_CONTEXTS = 16
 # fixed limit; this bounds what one reply may make us buffer).
 MAX_READERS_STATE_ARRAY = 4096
 PROTOCOL_VERSION_MAJOR = 4
-PROTOCOL_MINORS = (4, 5, 6)  # the dialects this codec speaks
+PROTOCOL_MINORS = (2, 3, 4, 5, 6)  # the dialects this codec speaks
+OLD_MINORS = (2, 3)   # 4:2, 4:3: WAIT and STOP carry a body (WaitReaderStateChangeTimed)
+# connect_struct of pcsc-lite up to 1.8.3, which also said 4:2 (MAX_READERNAME 100, not 128)
+CONNECT_SIZE_NAME100 = 124
 
 
 class Cmd(IntEnum):
@@ -430,6 +433,25 @@ class GetReadersStateArray(Message):
     pass
 
 
+@message(Cmd.CMD_WAIT_READER_STATE_CHANGE, "II")
+class WaitReaderStateChangeTimed(Message):
+    """4:2 and 4:3 (pcsc-lite up to 1.8.23): CMD_WAIT_READER_STATE_CHANGE carries a struct
+    wait_reader_state_change, the client's timeout (pcscd ignores it); no array follows."""
+    timeOut: int = 0
+    rv: int = 0
+
+
+@message(Cmd.CMD_STOP_WAITING_READER_STATE_CHANGE, "II")
+class StopWaitingReaderStateChangeTimed(WaitReaderStateChangeTimed):
+    """4:2 and 4:3: CMD_STOP_WAITING_READER_STATE_CHANGE carries the same struct; pcscd
+    writes it back with ``rv`` set (the same 8 bytes as WaitReaderStateChangeReply)."""
+
+
+def wait_request(dialect: int) -> Message:
+    """CMD_WAIT_READER_STATE_CHANGE as a client of protocol 4:``dialect`` sends it."""
+    return WaitReaderStateChangeTimed() if dialect in OLD_MINORS else WaitReaderStateChange()
+
+
 # --- replies that are not the request's struct ------------------------------------------
 
 @message(Cmd.CMD_WAIT_READER_STATE_CHANGE, "II")
@@ -538,6 +560,22 @@ REQUESTS: dict[int, type[Message]] = {
         GetReadersState, WaitReaderStateChange, StopWaitingReaderStateChange,
         GetReaderEvents, GetReadersStateSize, GetReadersStateArray)
 }
+# 4:2 and 4:3: WAIT and STOP carry a body, and the commands of 4:5 and 4:6 do not exist
+# (pcscd 1.8 closes the socket on them).
+OLD_REQUESTS: dict[int, type[Message]] = {
+    **{cmd: cls for cmd, cls in REQUESTS.items() if cmd not in (
+        Cmd.CMD_GET_READER_EVENTS, Cmd.CMD_GET_READERS_STATE_SIZE,
+        Cmd.CMD_GET_READERS_STATE_ARRAY)},
+    Cmd.CMD_WAIT_READER_STATE_CHANGE: WaitReaderStateChangeTimed,
+    Cmd.CMD_STOP_WAITING_READER_STATE_CHANGE: StopWaitingReaderStateChangeTimed,
+}
+
+
+def requests(dialect: int | None = None) -> dict[int, type[Message]]:
+    """The requests of protocol 4:``dialect`` (None: not known yet, 4:4 and later)."""
+    return OLD_REQUESTS if dialect in OLD_MINORS else REQUESTS
+
+
 # Commands pcscd refuses by closing the socket.
 REFUSED = {Cmd.SCARD_LIST_READERS, Cmd.SCARD_GET_STATUS_CHANGE, Cmd.SCARD_CANCEL_TRANSACTION}
 # Requests whose reply is their own struct written back (the rest: see ReplyReader.expect).
@@ -547,9 +585,10 @@ _OWN_STRUCT_REPLY = frozenset(REQUESTS) - {
     Cmd.CMD_GET_READERS_STATE_SIZE}
 
 
-def decode_request(cmd: int, body, order: str = NATIVE) -> Message:
+def decode_request(cmd: int, body, order: str = NATIVE, dialect: int | None = None
+                   ) -> Message:
     """A request body (without trailing data) into its message, checked like pcscd."""
-    cls = REQUESTS.get(cmd)
+    cls = requests(dialect).get(cmd)
     if cls is None:
         raise ProtocolError(f"unsupported command 0x{cmd:02X}")
     if len(body) != cls.SIZE:
@@ -567,12 +606,12 @@ def _check_limit(cls, values) -> None:
             raise ProtocolError(f"{cls.__name__}: {name} {values[i]} > {limit}")
 
 
-def _request_table(order: str) -> dict:
+def _request_table(order: str, dialect: int | None) -> dict:
     """cmd -> what reading its request needs, looked up once per request: the class, the
     body's size, its unpacker, the bounded field (index, limit) and the data length's
     index (Transmit, Control). Commands pcscd refuses are not in it."""
     table = {}
-    for cmd, cls in REQUESTS.items():
+    for cmd, cls in requests(dialect).items():
         if cmd in REFUSED:
             continue
         limit = (cls._LIMIT[0], cls._LIMIT[2]) if cls._LIMIT else None
@@ -581,22 +620,28 @@ def _request_table(order: str) -> dict:
     return table
 
 
-_REQUEST_TABLES = {order: _request_table(order) for order in ORDERS}
+# per byte order and request set: (order, False) up to CMD_VERSION and for 4:4+,
+# (order, True) for 4:2 and 4:3
+_REQUEST_TABLES = {(order, old): _request_table(order, OLD_MINORS[0] if old else None)
+                   for order in ORDERS for old in (False, True)}
 _HEADER_UNPACK = {order: _HEADER[order].unpack_from for order in ORDERS}
 
 
-def _parse_request(data, pos: int, order: str):
+def _parse_request(data, pos: int, order: str, old: bool = False):
     """The request at ``data[pos:]``: (message, end) once it is whole, None while it is
     not; ProtocolError as soon as its header (or its bounded length) shows it never will
     be one pcscd accepts."""
     if len(data) - pos < HEADER_SIZE:
         return None
     size, cmd = _HEADER_UNPACK[order](data, pos)
-    entry = _REQUEST_TABLES[order].get(cmd)
+    entry = _REQUEST_TABLES[order, old].get(cmd)
     if entry is None:
         raise ProtocolError(f"unsupported command 0x{cmd:02X}")
     cls, want, unpack, limit, send, build = entry
     if size != want:
+        if old and cls is Connect and size == CONNECT_SIZE_NAME100:
+            raise ProtocolError("Connect: body of 124 bytes, a pcsc-lite 1.8.3 or older "
+                                "client (reader names of 100 bytes; its 4:2 is not 1.8.4's)")
         raise ProtocolError(f"{cls.__name__}: body of {size} bytes, expected {want}")
     start = pos + HEADER_SIZE
     end = start + size
@@ -630,10 +675,12 @@ class RequestReader:
     ``next_request()`` one at a time (None until one is complete), so a caller that must
     not take more (flow control) leaves the rest as bytes; ``buffered`` counts them. A
     chunk that arrives with nothing buffered is kept as it is: no copy when it is one
-    whole request."""
+    whole request. ``dialect``: the minor the application announced (set it after its
+    CMD_VERSION); 4:2 and 4:3 read other WAIT and STOP requests (``requests``)."""
 
-    def __init__(self, order: str = NATIVE):
+    def __init__(self, order: str = NATIVE, dialect: int | None = None):
         self.order = order
+        self.dialect = dialect
         self._data: bytes | bytearray = b""
         self._pos = 0
         self.buffered = 0             # bytes received and not yet taken as requests
@@ -665,7 +712,7 @@ class RequestReader:
         if pos == len(data):
             return None
         try:
-            got = _parse_request(data, pos, self.order)
+            got = _parse_request(data, pos, self.order, self.dialect in OLD_MINORS)
         except ProtocolError:
             self._data, self._pos, self.buffered = b"", 0, 0
             raise
@@ -728,7 +775,7 @@ class ReplyReader:
 
     def __init__(self, dialect: int = 4, order: str = NATIVE):
         self.order = order
-        self.dialect = dialect  # minor version: 4, 5 or 6
+        self.dialect = dialect  # minor version: 2 to 6
         self._data: bytes | bytearray = b""
         self._pos = 0
         self._expected: deque = deque()
@@ -740,7 +787,7 @@ class ReplyReader:
         if cmd in _OWN_STRUCT_REPLY:
             self._expected.append((type(request), request))
         elif cmd == Cmd.CMD_WAIT_READER_STATE_CHANGE:
-            if self.dialect < 6:
+            if self.dialect in (4, 5):    # 4:2, 4:3 and 4:6 dump nothing
                 self._expected.append((ReaderStates, PCSCLITE_MAX_READERS_CONTEXTS))
             self.waiting = True
         elif cmd == Cmd.CMD_STOP_WAITING_READER_STATE_CHANGE:

@@ -271,7 +271,8 @@ class LinkStream(BackendStream):
                     raise BackendError("the server is going away")
                 sid = conn.next_stream_id
                 app = self.app
-                data = conn.send(Open(sid, 4, app.dialect or 4, app.pid, app.uid)) \
+                # 4:2 and 4:3 card calls are 4:4's: the server sees no older dialect
+                data = conn.send(Open(sid, 4, max(app.dialect or 4, 4), app.pid, app.uid)) \
                     + conn.call(sid, payload)
                 self.id = sid
         except LocalProtocolError:

@@ -5,9 +5,9 @@ error its parser promises for bad input (which is caught here), never hang, and 
 keep more than a bounded amount of memory. ``fuzz/run`` drives them, coverage-guided with
 atheris where it is installed, with hypothesis otherwise.
 
-  pcsc-app-4:4 / 4:5 / 4:6   an application's bytes on the agent's socket (AppState, the
+  pcsc-app-4:2 ... 4:6       an application's bytes on the agent's socket (AppState, the
                              RequestReader behind it), after CMD_VERSION in that dialect
-  pcsc-pcscd-4:4 / 4:5 / 4:6 pcscd's replies as the server reads them (ReplyReader), for
+  pcsc-pcscd-4:2 ... 4:6     pcscd's replies as the server reads them (ReplyReader), for
                              requests the input itself picks
   wire-server / wire-client  bridge frames as the server (from a guest) and the agent
                              (from the server) read them, after the peer's HELLO
@@ -97,6 +97,7 @@ _ASKED = [pcsc.Version(4, 4), pcsc.EstablishContext(0), pcsc.Connect(1, "R", 2, 
           pcsc.Transmit(1, 2, 8, 0, 2, 8, 300), pcsc.Control(1, 0x42000D48, 0, 300),
           pcsc.Status(1), pcsc.GetAttrib(1, 0x90303, b"", 264), pcsc.GetReadersState(),
           pcsc.WaitReaderStateChange(), pcsc.StopWaitingReaderStateChange(),
+          pcsc.WaitReaderStateChangeTimed(), pcsc.StopWaitingReaderStateChangeTimed(),
           pcsc.GetReaderEvents(), pcsc.GetReadersStateSize(), pcsc.GetReadersStateArray(),
           pcsc.Cancel(1), pcsc.Reconnect(1, 2, 3, 0)]
 
@@ -176,8 +177,8 @@ def control_target():
 
 
 TARGETS = {
-    **{f"pcsc-app-4:{m}": (lambda m=m: app_target(m)) for m in (4, 5, 6)},
-    **{f"pcsc-pcscd-4:{m}": (lambda m=m: pcscd_target(m)) for m in (4, 5, 6)},
+    **{f"pcsc-app-4:{m}": (lambda m=m: app_target(m)) for m in pcsc.PROTOCOL_MINORS},
+    **{f"pcsc-pcscd-4:{m}": (lambda m=m: pcscd_target(m)) for m in pcsc.PROTOCOL_MINORS},
     "wire-server": lambda: wire_target("server"),
     "wire-client": lambda: wire_target("client"),
     "config-server": lambda: config_target("server"),
@@ -189,7 +190,7 @@ TARGETS = {
 SEEDS = {
     "pcsc-app": [bytes([8]) + pcsc.encode_request(m) for m in (
         pcsc.GetReadersState(), pcsc.EstablishContext(0), pcsc.WaitReaderStateChange(),
-        pcsc.Transmit(1, 2, 8, 2, 2, 8, 258, 0, b"\x00\xa4"), pcsc.Cancel(1),
+        pcsc.WaitReaderStateChangeTimed(), pcsc.Transmit(1, 2, 8, 2, 2, 8, 258, 0, b"\x00\xa4"), pcsc.Cancel(1),
         pcsc.GetReadersStateSize(), pcsc.ReleaseContext(1))],
     "pcsc-pcscd": [bytes([0, 3]) + pcsc.Transmit(1, 2, 8, 0, 2, 8, 2, 0, b"\x90\x00").pack()
                    + b"\x90\x00", bytes([0, 1]) + pcsc.EstablishContext(0, 5, 0).pack()],

@@ -1,9 +1,10 @@
 """The pcscd backend: each application stream gets its own socket to the host's pcscd.
 
 pcscd keeps its own per-socket rules (contexts, handles, cleanup when a socket closes), so
-a stream maps one to one onto a pcscd connection. The backend speaks pcscd's dialect,
-discovered with CMD_VERSION when it starts and again whenever pcscd comes back after a
-restart (it may have been upgraded). Reader states come from a watcher socket registered
+a stream maps one to one onto a pcscd connection. The backend speaks pcscd's dialect (4:2
+to 4:6: card calls are the same in all of them; the reader-state reads and the wait
+differ), discovered with CMD_VERSION when it starts and again whenever pcscd comes back
+after a restart (it may have been upgraded). Reader states come from a watcher socket registered
 for events (CMD_WAIT_READER_STATE_CHANGE) and a poller socket that reads the array;
 ``refresh()`` re-reads it after calls that can change it (connect, disconnect,
 transactions, a failed transmit or status), before their reply goes back, so no one reads
@@ -37,12 +38,13 @@ from pcsc_bridge.pcsc import (
     Status,
     Transmit,
     Version,
-    WaitReaderStateChange,
     encode_request,
     rv_name,
+    wait_request,
 )
 
 NEWEST = 6
+SPOKEN = (2, 3, 4, 5, 6)   # pcscd 1.8.4 (4:2) to 2.5 (4:6)
 # Calls after which the reader-state array may have changed.
 REFRESH_AFTER = frozenset({Connect, Reconnect, Disconnect, BeginTransaction, EndTransaction,
                            ReleaseContext})
@@ -246,10 +248,10 @@ class PcscdBackend(Backend):
             conn.close()
         if reply.rv == 0:
             return NEWEST
-        if reply.major == 4 and reply.minor in (4, 5):
+        if reply.major == 4 and reply.minor in SPOKEN:
             return reply.minor
         raise BackendError(f"pcscd speaks protocol {reply.major}:{reply.minor}, "
-                           f"not one of 4:4, 4:5, 4:6")
+                           f"not one of 4:2 to 4:6")
 
     async def _open(self, again: bool = True) -> PcscdConnection:
         dialect = self.dialect
@@ -333,8 +335,8 @@ class PcscdBackend(Backend):
                 self.up.set()
                 self._refill()
                 while True:
-                    watcher.send(WaitReaderStateChange())
-                    if watcher.reader.dialect < 6:
+                    watcher.send(wait_request(watcher.reader.dialect))
+                    if watcher.reader.dialect in (4, 5):
                         await watcher.next_reply()  # the array dump; refresh reads it all
                     await self.refresh()  # catches changes made before we registered
                     wake = await watcher.next_reply()

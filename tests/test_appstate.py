@@ -1,7 +1,7 @@
 """The per-application state machine (bridge/appstate.py) against a model of pcscd.
 
-A hypothesis stateful test plays one pcsc-lite application of each dialect (4:4, 4:5,
-4:6) against an ``AppState``, with a second application that sends SCARD_CANCEL, a
+A hypothesis stateful test plays one pcsc-lite application of each dialect (4:2 to 4:6)
+against an ``AppState``, with a second application that sends SCARD_CANCEL, a
 backend that answers card calls when the test decides (or fails them), reader changes at
 any moment, requests pipelined and split anywhere, and the application leaving. After
 every step:
@@ -20,8 +20,10 @@ every step:
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -100,6 +102,7 @@ class PcscdModel:
         self.contexts: set[int] = set()
         self.cards: dict[int, int] = {}
         self.kept: int | None = None
+        self.seen: p.ReaderStates | None = None   # 4:2, 4:3: the array last read
 
     def local(self, msg) -> list | None:
         """The replies of a request answered without the backend; None for a card call."""
@@ -110,7 +113,23 @@ class PcscdModel:
                 self.dialect = dialect
             return [reply]
         if kind is p.GetReadersState:
-            return [p.ReaderStates(p.pad_states(m.states, 16))]
+            states = p.ReaderStates(p.pad_states(m.states, 16))
+            if self.dialect <= 3:
+                self.seen = states
+            return [states]
+        if kind is p.WaitReaderStateChangeTimed:
+            # pcscd 1.8: registered, nothing sent; the bridge wakes at once a client whose
+            # last array is out of date (pcscd 1.8 let that change pass until the timeout)
+            self.waiting, self.held = True, None
+            if self.seen is not None and self.seen != p.ReaderStates(p.pad_states(m.states,
+                                                                                   16)):
+                return self.wake(0)
+            return []
+        if kind is p.StopWaitingReaderStateChangeTimed:
+            if not self.waiting:
+                return []
+            self.waiting = False
+            return [p.WaitReaderStateChangeReply(msg.timeOut, 0)]   # its struct, rv set
         if kind is p.WaitReaderStateChange:
             self.waiting, self.held = True, None
             if self.dialect >= 6:
@@ -194,7 +213,7 @@ class Canceller:
 
 
 class AppMachine(RuleBasedStateMachine):
-    @initialize(dialect=st.sampled_from([4, 5, 6]), pool=st.booleans(),
+    @initialize(dialect=st.sampled_from([2, 3, 4, 5, 6]), pool=st.booleans(),
                 states=READER_SETS, ready=st.booleans())
     def start(self, dialect, pool, states, ready):
         self.model = ReaderModel(states)
@@ -313,11 +332,15 @@ class AppMachine(RuleBasedStateMachine):
     def _request(self, data, kind: str) -> list:
         """What a pcsc-lite client sends for one of its operations."""
         if kind == "version":          # its own, or one the bridge refuses
-            return [p.Version(4, data.draw(st.sampled_from([self.dialect, 2, 3, 7])))]
+            return [p.Version(4, data.draw(st.sampled_from([self.dialect, 1, 7])))]
+        old = self.dialect <= 3         # 4:2, 4:3: WAIT and STOP carry the timeout
+        timeout = data.draw(st.integers(0, 2**32 - 1)) if old else 0
         if kind == "status_change":    # SCardGetStatusChange registers, then (4:6) reads
-            return [p.WaitReaderStateChange()]   # the array: "list_readers"
+            return [p.WaitReaderStateChangeTimed(timeout) if old    # the array:
+                    else p.WaitReaderStateChange()]                  # "list_readers"
         if kind == "stop":             # its timeout expired
-            return [p.StopWaitingReaderStateChange()]
+            return [p.StopWaitingReaderStateChangeTimed(timeout) if old
+                    else p.StopWaitingReaderStateChange()]
         if kind == "list_readers":
             return ([p.GetReaderEvents()] if self.dialect >= 5 else []) + (
                 [p.GetReadersStateSize(), p.GetReadersStateArray()] if self.dialect >= 6
@@ -481,6 +504,53 @@ def test_a_46_wakeup_waits_for_size_and_array_and_a_cancel_wins():
     assert out == [p.encode_reply(p.ReadersStateSize(16)), model.packed(16),
                    p.encode_reply(p.WaitReaderStateChangeReply(0, p.SCARD_E_CANCELLED))]
     assert _sent(run(p.StopWaitingReaderStateChange())) == []   # woken already: no answer
+
+
+@pytest.mark.parametrize("dialect", [2, 3])
+def test_a_43_wait_is_answered_the_old_way(dialect):
+    """4:2/4:3 (pcsc-lite 1.8.4-1.8.23): WAIT carries the client's timeout and gets no array
+    (the client read it with GET_READERS_STATE first); the wake-up is the 8-byte struct; STOP
+    gets the client's struct back with rv set, and nothing once the wake-up has gone."""
+    model, _, state, shell, run = _session(dialect)
+    assert _sent(run(p.GetReadersState())) == [model.packed(16)]
+    wait = p.WaitReaderStateChangeTimed(60000)
+    assert p.encode_request(wait)[:8] == struct.pack("=II", 8, 0x13)   # a body of 8
+    assert run(wait) == []                        # registered, nothing sent
+    model.update([_reader("A", True)])
+    state.changed()
+    assert _sent(shell.take()) == [p.encode_reply(p.WaitReaderStateChangeReply(0, OK))]
+    assert _sent(run(p.StopWaitingReaderStateChangeTimed(60000))) == []   # woken already
+    assert _sent(run(p.GetReadersState())) == [model.packed(16)]
+    assert run(wait) == []
+    assert _sent(run(p.StopWaitingReaderStateChangeTimed(60000))) == [   # its timeout
+        p.encode_reply(p.WaitReaderStateChangeReply(60000, OK))]
+    # 4:4's bodyless WAIT is not a 4:2/4:3 request: pcscd 1.8 closes on the size
+    assert [c[0] for c in run(p.WaitReaderStateChange())] == ["close"]
+
+
+@pytest.mark.parametrize("dialect", [2, 3])
+def test_a_43_wait_after_a_change_it_did_not_read_wakes_at_once(dialect):
+    """pcscd 1.8 let a change between the client's GET_READERS_STATE and its WAIT pass
+    unseen until the client's timeout (the race 4:4 closed); the bridge compares the model
+    with the array the application last read and wakes it at once."""
+    model, _, state, shell, run = _session(dialect)
+    run(p.GetReadersState())
+    model.update([_reader("A", True)])
+    state.changed()                               # not waiting yet: nothing to wake
+    assert shell.take() == []
+    assert _sent(run(p.WaitReaderStateChangeTimed(1000))) == [
+        p.encode_reply(p.WaitReaderStateChangeReply(0, OK))]
+    assert not state.waiting
+
+
+@pytest.mark.parametrize("dialect", [2, 3])
+def test_commands_of_later_dialects_close_a_43_socket(dialect):
+    """pcscd 1.8 knows no CMD_GET_READER_EVENTS (4:5) nor SIZE/ARRAY (4:6): it closes."""
+    for msg in (p.GetReaderEvents(), p.GetReadersStateSize(), p.GetReadersStateArray()):
+        run = _session(dialect)[-1]
+        calls = run(msg)
+        assert [c[0] for c in calls] == ["close"]
+        assert "unsupported command" in calls[0][1]
 
 
 def test_a_release_with_a_card_handle_waits_for_the_backend():

@@ -1,12 +1,18 @@
-"""Real pcsc-lite on both sides of the bridge: 3 client libraries × 3 pcscd versions.
+"""Real pcsc-lite on both sides of the bridge: 5 client libraries × 3 pcscd versions.
 
-Clients 1.9.9 (protocol 4:4, the host's), 2.3.3 (4:5, trixie's library on the host) and
-2.5.x (4:6, in the sid chroot) talk to the agent's socket; the server behind it uses pcscd
+Clients 1.8.8 (protocol 4:2) and 1.8.23 (4:3), built from pcsc-lite's sources
+(tests/matrix/oldlib.py) and loaded by the host's pyscard, 1.9.9 (4:4, the host's), 2.3.3
+(4:5, trixie's library on the host) and 2.5.x (4:6, in the sid chroot) talk to the agent's
+socket; the server behind it uses pcscd
 1.9.9 (the host's), 2.3.3 or 2.5.x (chroots), each with vpcd and the project's test card.
 Every pair runs the same scenarios, taken from tests/test_pcsc_api.py: a pair whose client
 and pcscd refuse each other directly (4:4 ↔ 4:5) must work through the bridge like any other.
 The bridges in front of the chroots' pcscd run under the chroots' own python3 (3.13 and the
 newest), so the same scenarios also prove pcsc-bridge on those Pythons.
+
+Behind the bridge there may also be pcscd 1.8.8 (4:2) or 1.8.23 (4:3), built from source:
+the pcscd backend speaks their dialect, and a 1.9.9 client, which they refuse directly,
+passes the same scenarios through it.
 
 Reader arrival and removal (\\\\?PnP?\\Notification) and more than 16 readers need the
 virtual backend (Debian's pcscd does not add vpcd readers at run time): its server runs in
@@ -23,7 +29,13 @@ import time
 
 import pytest
 import test_pcsc_api as api
-from matrix.bridged import ChrootPcscdTarget, ClientView, VirtualBridge, bridge_to
+from matrix.bridged import (
+    ChrootPcscdTarget,
+    ClientView,
+    OldPcscdTarget,
+    VirtualBridge,
+    bridge_to,
+)
 from matrix.pcsclite import client_envs, info
 from pcsc_bridge import pcsc
 from pcsc_bridge.backend import Backend, ReaderModel, TaskStream
@@ -34,8 +46,10 @@ pytestmark = pytest.mark.matrix
 
 PCSCDS = ("1.9.9", "2.3.3", "2.5.x")
 CHROOT = {"2.3.3": "trixie", "2.5.x": "sid"}
-CLIENTS = ("1.9.9", "2.3.3", "2.5.x")
-RELEASE = {"1.9.9": "bookworm", "2.3.3": "trixie", "2.5.x": "sid"}
+CLIENTS = ("1.8.8", "1.8.23", "1.9.9", "2.3.3", "2.5.x")
+RELEASE = {"1.8.8": "1.8.8", "1.8.23": "1.8.23", "1.9.9": "bookworm", "2.3.3": "trixie",
+           "2.5.x": "sid"}
+COUNTER = ("4:5", "4:6")   # the clients that fetch the reader-events counter
 PNP = api.PNP
 OK, E_TIMEOUT, E_UNKNOWN_READER = api.OK, api.E_TIMEOUT, api.E_UNKNOWN_READER
 STATE_CHANGED = api.STATE_CHANGED
@@ -130,6 +144,59 @@ def test_every_dialect_through_the_pyscard_backend(pyscard_pair, scenario):
     SCENARIOS[scenario](pyscard_pair)
 
 
+# --- a pcscd of 4:2 or 4:3 behind the bridge: the backend speaks its dialect upstream ------
+
+OLD_PCSCDS = ("1.8.8", "1.8.23")
+
+
+@pytest.fixture(scope="module", params=OLD_PCSCDS, ids=lambda v: f"pcscd-{v}")
+def old_bridge(request, targets, clients):
+    tag = request.param
+    inner = OldPcscdTarget(tag, targets.workdir(f"pcscd-{tag}"), clients[tag])
+    try:
+        inner.start()
+        b = bridge_to(inner, targets.workdir(f"bridge-{tag}"), tag)
+    except BaseException:
+        inner.stop()
+        raise
+    yield b
+    b.stop()
+    inner.stop()
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_a_pcscd_of_pcsc_lite_18_behind_the_bridge(old_bridge, clients, scenario):
+    """pcscd 1.8.8 (4:2) and 1.8.23 (4:3) refuse a 1.9.9 client directly (test_matrix_env);
+    through the bridge, whose pcscd backend speaks their dialect (the 8-byte WAIT, no array
+    after it), it passes the same scenarios."""
+    assert f"dialect=4:{'2' if old_bridge.name.endswith('1.8.8') else '3'}" \
+        in old_bridge.server.output()
+    view = ClientView(old_bridge, clients["bookworm"])
+    view.reset()
+    try:
+        if scenario == "transaction" and old_bridge.name.endswith("1.8.8"):
+            end_without_transaction_succeeds(view)
+        else:
+            SCENARIOS[scenario](view)
+    finally:
+        view.close_apps()
+
+
+def end_without_transaction_succeeds(target):
+    """pcscd before 1.8.9 answers SCardEndTransaction without a transaction with SUCCESS
+    (1.8.9 made it SCARD_E_NOT_TRANSACTED, which the transaction scenario checks): the
+    bridge passes pcscd's answer on. The rest of that scenario, here."""
+    a, card_a = api.connected(target)
+    b, card_b = api.connected(target)
+    assert a.begin(card_a).rv == OK
+    pending = api.begin_blocked(target, b, card_b)
+    assert pending.wait(api.BLOCKED_S) is None, "the second transaction must wait"
+    assert a.end(card_a, api.LEAVE).rv == OK
+    assert pending.wait(api.QUICK_S).rv == OK
+    assert b.end(card_b, api.LEAVE).rv == OK
+    assert b.end(card_b, api.LEAVE).rv == OK      # pcscd 1.8.8: no NOT_TRANSACTED
+
+
 def test_bridges_run_under_their_releases_python(bridge):
     """A bridge in front of a chroot's pcscd is that release's install: its server and agent
     run under the release's python3 (Debian 13: 3.13; sid: the newest) with its PyYAML and
@@ -142,8 +209,9 @@ def test_bridges_run_under_their_releases_python(bridge):
 
 
 def test_each_client_speaks_its_own_dialect_to_the_agent(bridge, clients):
-    """The agent logs the dialect it serves each application in."""
-    for release, want in (("bookworm", "4:4"), ("trixie", "4:5"), ("sid", "4:6")):
+    """The agent logs the dialect it serves each application in; the server refuses none."""
+    for release, want in (("1.8.8", "4:2"), ("1.8.23", "4:3"), ("bookworm", "4:4"),
+                          ("trixie", "4:5"), ("sid", "4:6")):
         app = ClientView(bridge, clients[release]).app()
         try:
             assert app.establish().rv == OK
@@ -153,6 +221,8 @@ def test_each_client_speaks_its_own_dialect_to_the_agent(bridge, clients):
         while f"dialect={want}" not in bridge.agent.output():
             assert time.monotonic() < deadline, f"no 4:{want} application in the agent log"
             time.sleep(0.05)
+    # the server sees no dialect older than 4:4: the agent opened those streams as 4:4
+    assert "stream.refused" not in bridge.server.output()
 
 
 # --- reader arrival and removal, and more than 16 readers: the virtual backend -----------
@@ -190,7 +260,7 @@ def test_pnp_notification_sees_reader_arrival_and_removal(virtual, clients, clie
         assert first.rv == E_TIMEOUT
         known = first.readers[0]["state"] if first.readers else 0
         events = known >> 16
-        if env.protocol != "4:4":  # 4:5+ fetch the reader-events counter
+        if env.protocol in COUNTER:  # 4:5+ fetch the reader-events counter
             assert events != 0
         # a card coming and going is not a reader event
         virtual.insert(1)
@@ -210,7 +280,7 @@ def test_pnp_notification_sees_reader_arrival_and_removal(virtual, clients, clie
         after_add = r.readers[0]["state"]
         assert app.list_readers(ctx).readers == ["Virtual PCD 00 00", "Virtual PCD 00 01",
                                                  "Extra Reader 00 00"]
-        if env.protocol != "4:4":
+        if env.protocol in COUNTER:
             assert after_add >> 16 != events, "the reader-events counter must move"
             # a caller that last looked before the arrival is told at once
             r = app.get_status_change(ctx, 0, [{"reader": PNP, "state": known}])
@@ -223,7 +293,7 @@ def test_pnp_notification_sees_reader_arrival_and_removal(virtual, clients, clie
         r = pending.wait(api.QUICK_S)
         assert r is not None, "reader removal not seen within a second"
         assert r.rv == OK and r.readers[0]["state"] & STATE_CHANGED
-        if env.protocol != "4:4":
+        if env.protocol in COUNTER:
             assert r.readers[0]["state"] >> 16 not in (events, after_add >> 16)
         wait_readers(app, ctx, ["Virtual PCD 00 00", "Virtual PCD 00 01"])
     finally:

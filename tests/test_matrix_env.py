@@ -1,8 +1,11 @@
-"""The cross-version matrix is what it claims: real pcsc-lite 1.9.9, 2.3.3 and 2.5.x.
+"""The cross-version matrix is what it claims: real pcsc-lite 1.8.8, 1.8.23, 1.9.9, 2.3.3
+and 2.5.x.
 
 Each pcscd answers CMD_VERSION with its own protocol; each client environment sends its own
-protocol in SCardEstablishContext; and the nine client × server pairs behave as the versions
-do (4:4 and 4:5 refuse each other with SCARD_E_SERVICE_STOPPED, 4:6 talks to both).
+protocol in SCardEstablishContext; and the client × server pairs behave as the versions do
+(4:4 and 4:5 refuse each other with SCARD_E_SERVICE_STOPPED, 4:6 talks to both; the 1.8.8
+(4:2) and 1.8.23 (4:3) clients, built from pcsc-lite's sources, are refused by all three
+pcscd with SCARD_E_SERVICE_STOPPED: only the bridge serves them, tests/test_matrix.py).
 The chroots are built into ~/.cache/pcsc-bridge on first use (about a minute each).
 """
 
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from matrix.oldlib import OldPcscd
 from matrix.pcsclite import ChrootPcscd, HostPcscd, client_envs
 from testcard import TestCard
 
@@ -25,9 +29,12 @@ pytestmark = pytest.mark.matrix
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASES = ("bookworm", "trixie", "sid")
+OLD = ("1.8.8", "1.8.23")   # client libraries only (tests/matrix/oldlib.py)
 PROTOCOL = {"bookworm": "4:4", "trixie": "4:5", "sid": "4:6"}
+CLIENT_PROTOCOL = {**PROTOCOL, "1.8.8": "4:2", "1.8.23": "4:3"}
 READERS = ["Virtual PCD 00 00", "Virtual PCD 00 01"]
 SERVICE_STOPPED = 0x8010001E
+NO_SERVICE = 0x8010001D
 PROBE_TIMEOUT_S = 30
 
 
@@ -85,14 +92,14 @@ def recording_server(path: str, seen: list) -> threading.Thread:
     return t
 
 
-@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("release", RELEASES + OLD)
 def test_client_sends_its_protocol(clients, release, tmp_path):
     client = clients[release]
     seen = []
     t = recording_server(str(tmp_path / "recorder.comm"), seen)
     out = probe(client, str(tmp_path / "recorder.comm"))
     t.join(PROBE_TIMEOUT_S)
-    assert seen == [(12, 0x11, PROTOCOL[release])] == [(12, 0x11, client.protocol)]
+    assert seen == [(12, 0x11, CLIENT_PROTOCOL[release])] == [(12, 0x11, client.protocol)]
     assert out["establish"] != 0  # refused: 2.5 reports SCARD_E_NO_SERVICE, older STOPPED
     libs = {os.path.basename(p): os.path.dirname(p) for p in out["libs"]}
     if release == "trixie":  # the host's python really loaded trixie's library, both parts
@@ -100,6 +107,8 @@ def test_client_sends_its_protocol(clients, release, tmp_path):
                                      client.env["LD_LIBRARY_PATH"])
     elif release == "bookworm":
         assert list(libs) == ["libpcsclite.so.1.0.0"]
+    elif release in OLD:     # the library built from that tag
+        assert libs == {"libpcsclite.so.1": client.env["LD_LIBRARY_PATH"]}
 
 
 @pytest.mark.parametrize("server", RELEASES)
@@ -110,6 +119,31 @@ def test_cross_version_establish(clients, servers, release, server):
         assert (out["establish"], out["readers"]) == (SERVICE_STOPPED, None)
     else:
         assert (out["establish"], out["readers"]) == (0, READERS)
+
+
+@pytest.mark.parametrize("server", RELEASES)
+@pytest.mark.parametrize("release", OLD)
+def test_old_clients_are_refused_by_every_pcscd_directly(clients, servers, release, server):
+    """pcscd 1.9.9 and 2.3.3 accept only their own protocol, 2.5's backward mode starts at
+    4:4: each answers the 4:2 or 4:3 CMD_VERSION with SCARD_E_SERVICE_STOPPED and its own
+    version, and the old client's SCardEstablishContext returns that code."""
+    out = probe(clients[release], servers[server].socket)
+    assert (out["establish"], out["readers"]) == (SERVICE_STOPPED, None)
+
+
+@pytest.mark.parametrize("tag", OLD)
+def test_old_pcscd_serves_only_its_own_client(clients, tag, tmp_path):
+    """pcscd 1.8.8 and 1.8.23, built from their tags, answer CMD_VERSION with 4:2 and 4:3,
+    serve their own client library, and refuse every other one here with
+    SCARD_E_NO_SERVICE (0x8010001D; pcscd took SCARD_E_SERVICE_STOPPED only in 1.8.26)."""
+    with OldPcscd(tag, tmp_path / "pcscd.log") as pcscd:
+        assert pcscd.protocol == CLIENT_PROTOCOL[tag]
+        for release, client in clients.items():
+            out = probe(client, pcscd.socket)
+            if release == tag:
+                assert (out["establish"], out["readers"]) == (0, READERS)
+            else:
+                assert (out["establish"], out["readers"]) == (NO_SERVICE, None), release
 
 
 @pytest.mark.parametrize("server", ["trixie", "sid"])

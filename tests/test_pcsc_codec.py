@@ -2,7 +2,7 @@
 
 What a user needs from it: every request an application writes decodes to what was meant,
 in both byte orders and however the bytes are split; every reply pcscd writes (which has no
-header, so its size follows from the request) decodes in dialects 4:4, 4:5 and 4:6, with the
+header, so its size follows from the request) decodes in dialects 4:2 to 4:6, with the
 unsolicited wake-up after CMD_WAIT_READER_STATE_CHANGE owed exactly once; hostile or broken
 byte streams give ProtocolError and nothing else, and never make a reader hold more than one
 message; and the reader refuses exactly what pcscd refuses (src/winscard_svc.c).
@@ -10,6 +10,7 @@ message; and the reader refuses exactly what pcscd refuses (src/winscard_svc.c).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import struct
 from dataclasses import dataclass
@@ -18,12 +19,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pcsc_bridge import pcsc as p
+from pcsc_bridge.backend import AppInfo
+from pcsc_bridge.server.pcscd import PcscdBackend
 
 SETTINGS = settings(max_examples=80, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PER_CLASS = settings(SETTINGS, max_examples=30)  # for tests run once per message class
 ORDERS = p.ORDERS   # little- and big-endian: NATIVE is one of them, WIRE little
-DIALECTS = (4, 5, 6)
+DIALECTS = (2, 3, 4, 5, 6)
+DUMPS = (4, 5)   # the dialects whose WAIT gets the 16-entry array at once
+
+
+def stop_request(dialect):
+    """CMD_STOP_WAITING_READER_STATE_CHANGE as a 4:``dialect`` client sends it."""
+    return p.StopWaitingReaderStateChangeTimed(0) if dialect in p.OLD_MINORS \
+        else p.StopWaitingReaderStateChange()
 MAX_EXT = p.MAX_BUFFER_SIZE_EXTENDED  # 65548
 # Declared limit of one request: header + largest body (getset_struct) + Transmit/Control data.
 MAX_MESSAGE = p.HEADER_SIZE + 280 + MAX_EXT
@@ -157,6 +167,77 @@ def test_request_round_trip(cls, data, order):
     assert reader.buffered == 0
     body_only = p._replace(msg, data=b"") if hasattr(msg, "data") else msg
     assert p.decode_request(cls.CMD, raw[8:8 + cls.SIZE], order) == body_only
+
+
+# 4:2 (pcsc-lite 1.8.4-1.8.8) and 4:3 (1.8.9-1.8.23), winscard_msg.h and winscard_svc.c of
+# those tags: WAIT and STOP carry struct wait_reader_state_change {u32 timeOut; u32 rv},
+# 0x15-0x17 do not exist; every other struct is 4:4's (MAX_READERNAME 128 since 1.8.4).
+OLD_BODY_SIZES = {**{c: n for c, n in BODY_SIZES.items() if c < 0x15}, 0x13: 8, 0x14: 8}
+
+
+def test_old_dialects_have_pcsc_lite_18s_struct_sizes():
+    assert p.OLD_MINORS == (2, 3)
+    for dialect in (2, 3):
+        assert {int(c): cls.SIZE for c, cls in p.requests(dialect).items()} == OLD_BODY_SIZES
+    assert p.requests(4) is p.requests(None) is p.REQUESTS
+    raw = p.encode_request(p.WaitReaderStateChangeTimed(60000, 0), p.WIRE)
+    assert raw == struct.pack("<IIII", 8, 0x13, 60000, 0)
+    assert p.encode_request(p.StopWaitingReaderStateChangeTimed(5), p.WIRE) == struct.pack(
+        "<IIII", 8, 0x14, 5, 0)
+
+
+@pytest.mark.parametrize("dialect", [2, 3])
+@pytest.mark.parametrize("cls", list(p.OLD_REQUESTS.values()), ids=lambda c: c.__name__)
+@PER_CLASS
+@given(data=st.data(), order=st.sampled_from(ORDERS))
+def test_old_dialect_request_round_trip(dialect, cls, data, order):
+    msg = data.draw(request(cls))
+    raw = p.encode_request(msg, order)
+    assert struct.unpack_from(order + "II", raw) == (OLD_BODY_SIZES[cls.CMD], cls.CMD)
+    reader = p.RequestReader(order, dialect)
+    assert reader.feed(raw) == [msg]
+    assert reader.buffered == 0
+    assert p.encode_request(msg, order) == raw
+    body_only = p._replace(msg, data=b"") if hasattr(msg, "data") else msg
+    assert p.decode_request(cls.CMD, raw[8:8 + cls.SIZE], order, dialect) == body_only
+
+
+@pytest.mark.parametrize("dialect", [2, 3])
+@pytest.mark.parametrize("order", ORDERS)
+def test_old_dialect_refuses_what_pcscd_18_refuses(dialect, order):
+    # a bodyless (4:4) WAIT or STOP is the wrong size; 4:5/4:6 commands are unknown
+    for size, cmd in ((0, 0x13), (0, 0x14), (0, 0x15), (0, 0x16), (0, 0x17)):
+        with pytest.raises(p.ProtocolError):
+            p.RequestReader(order, dialect).feed(struct.pack(order + "II", size, cmd))
+    # a 1.8.0-1.8.3 client also says 4:2 but has 100-byte reader names: told apart (and
+    # refused, with the reason) at its first SCardConnect
+    with pytest.raises(p.ProtocolError, match="1.8.3 or older"):
+        p.RequestReader(order, dialect).feed(struct.pack(order + "II", 124, 0x04))
+    # and the 4:4+ reader refuses the 8-byte WAIT as pcscd 1.8.24+ does
+    with pytest.raises(p.ProtocolError):
+        p.RequestReader(order).feed(p.encode_request(p.WaitReaderStateChangeTimed(), order))
+
+
+@pytest.mark.parametrize("dialect", [2, 3])
+def test_replies_are_the_sizes_a_18_client_reads(dialect):
+    """What pcsc-lite 1.8's winscard_clnt.c reads after each request: its own struct, the
+    16-entry array (2944 bytes) after GET_READERS_STATE, nothing after WAIT, then one 8-byte
+    wait_reader_state_change (the wake-up, or STOP's answer)."""
+    sizes = {p.Version: 12, p.EstablishContext: 12, p.ReleaseContext: 8, p.Connect: 152,
+             p.Reconnect: 24, p.Disconnect: 12, p.BeginTransaction: 8, p.EndTransaction: 12,
+             p.Transmit: 32, p.Control: 24, p.Status: 8, p.Cancel: 8, p.GetAttrib: 280,
+             p.SetAttrib: 280}
+    for cls, size in sizes.items():
+        assert len(p.encode_reply(cls().failed(p.SCARD_E_NO_SMARTCARD))) == size, cls
+    reader = p.ReplyReader(dialect)
+    reader.expect(p.GetReadersState())
+    array = p.ReaderStates(p.pad_states([p.ReaderState("R", 1, 0x22)], 16))
+    assert len(array.pack()) == 2944
+    assert reader.feed(array.pack()) == [array]
+    reader.expect(p.wait_request(dialect))
+    assert reader.feed(b"") == [] and reader.pending == 1     # nothing owed but the 8 bytes
+    wake = p.WaitReaderStateChangeReply(0, 0)
+    assert reader.feed(wake.pack()) == [wake] and reader.pending == 0
 
 
 @SETTINGS
@@ -408,19 +489,18 @@ def exchange(draw, dialect, order, kinds=None):
         size, arr = p.ReadersStateSize(n), draw(states(n))
         return Exchange([p.GetReadersStateSize(), p.GetReadersStateArray()],
                         size.pack(order) + arr.pack(order), [size, arr])
+    stop, wait = stop_request(dialect), p.wait_request(dialect)
     if kind == "lone_stop":  # STOP while not registered: pcscd answers nothing
-        return Exchange([p.StopWaitingReaderStateChange()], b"", [])
+        return Exchange([stop], b"", [])
     # WAIT: 4:4/4:5 get the 16-entry dump at once; then one 8-byte message, whichever.
-    dump = [draw(states(p.PCSCLITE_MAX_READERS_CONTEXTS))] if dialect < 6 else []
+    dump = [draw(states(p.PCSCLITE_MAX_READERS_CONTEXTS))] if dialect in DUMPS else []
     wake = draw(wake_up)
     raw = b"".join(d.pack(order) for d in dump) + wake.pack(order)
     if kind == "wait_stop":  # STOP written before the wake-up: pcscd answers STOP instead
-        return Exchange([p.WaitReaderStateChange(), p.StopWaitingReaderStateChange()], raw,
-                        dump + [wake], barrier=True)
+        return Exchange([wait, stop], raw, dump + [wake], barrier=True)
     if kind == "wait_late_stop":  # timeout and wake-up crossed: STOP gets no answer
-        return Exchange([p.WaitReaderStateChange()], raw, dump + [wake],
-                        late=(p.StopWaitingReaderStateChange(),), barrier=True)
-    return Exchange([p.WaitReaderStateChange()], raw, dump + [wake], barrier=True)
+        return Exchange([wait], raw, dump + [wake], late=(stop,), barrier=True)
+    return Exchange([wait], raw, dump + [wake], barrier=True)
 
 
 def script(exchanges):
@@ -537,7 +617,7 @@ def test_reply_session_one_byte_at_a_time(dialect, order):
         steps += [(p.GetReadersStateSize(), [p.ReadersStateSize(16)]),
                   (p.GetReadersStateArray(), [array])]
     wake = p.WaitReaderStateChangeReply(0, 0)
-    steps.append((p.WaitReaderStateChange(), ([array] if dialect < 6 else []) + [wake]))
+    steps.append((p.wait_request(dialect), ([array] if dialect in DUMPS else []) + [wake]))
     steps.append((p.ReleaseContext(77), [p.ReleaseContext(77, 0)]))
     reader = p.ReplyReader(dialect, order)
     for req, replies in steps:
@@ -611,9 +691,9 @@ def test_reader_names_keep_non_utf8_bytes():
 
 def _wait(dialect, order):
     reader = p.ReplyReader(dialect, order)
-    reader.expect(p.WaitReaderStateChange())
+    reader.expect(p.wait_request(dialect))
     dump = p.ReaderStates(p.pad_states([p.ReaderState("R", 2, 0x22)], 16))
-    dumped = [dump] if dialect < 6 else []  # 4:6 gets no dump
+    dumped = [dump] if dialect in DUMPS else []  # 4:2, 4:3, 4:6 get no dump
     assert reader.feed(b"".join(d.pack(order) for d in dumped)) == dumped
     assert reader.pending == 1  # the 8-byte message owed
     return reader
@@ -635,7 +715,7 @@ def test_wake_up_arrives_later_and_once(dialect, order):
 @pytest.mark.parametrize("order", ORDERS)
 def test_stop_before_the_wake_up_gets_one_answer(dialect, order):
     reader = _wait(dialect, order)
-    reader.expect(p.StopWaitingReaderStateChange())
+    reader.expect(stop_request(dialect))
     assert reader.pending == 1
     answer = p.WaitReaderStateChangeReply(0, p.SCARD_S_SUCCESS)
     assert reader.feed(answer.pack(order)) == [answer]
@@ -653,7 +733,7 @@ def test_stop_after_the_wake_up_is_owed_nothing(dialect, order):
     reader = _wait(dialect, order)
     wake = p.WaitReaderStateChangeReply(0, p.SCARD_E_CANCELLED)
     assert reader.feed(wake.pack(order)) == [wake]
-    reader.expect(p.StopWaitingReaderStateChange())  # crossed the wake-up; pcscd is silent
+    reader.expect(stop_request(dialect))  # crossed the wake-up; pcscd is silent
     reader.expect(p.Status(4))
     status = p.Status(4, p.SCARD_S_SUCCESS)
     assert reader.feed(status.pack(order)) == [status]
@@ -665,7 +745,7 @@ def test_stop_after_the_wake_up_is_owed_nothing(dialect, order):
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_stop_without_wait_is_owed_nothing(dialect):
     reader = p.ReplyReader(dialect)
-    reader.expect(p.StopWaitingReaderStateChange())
+    reader.expect(stop_request(dialect))
     assert reader.pending == 0
     with pytest.raises(p.ProtocolError):
         reader.feed(p.WaitReaderStateChangeReply(0, 0).pack())
@@ -829,3 +909,87 @@ def test_a_connect_names_the_reader_pcscd_names():
     raw[12:12 + 128] = b"R" * 127 + b"X"
     (msg,) = p.RequestReader(p.WIRE).feed(bytes(raw))
     assert msg.szReader == "R" * 127
+
+
+# --- the pcscd backend in front of a 4:3 or 4:2 pcscd -----------------------------------------
+
+class OldPcscd:
+    """A pcscd of protocol 4:``minor`` made of the codec, on a Unix socket: pcsc-lite 1.8's
+    rules (winscard_svc.c of 1.8.8 and 1.8.23): CMD_VERSION of another minor answered
+    SCARD_E_NO_SERVICE with its own; GET_READERS_STATE the 16-entry array; WAIT (8-byte body)
+    registers and sends nothing until a change; anything else it does not know closes."""
+
+    def __init__(self, path: str, minor: int, states):
+        self.path, self.minor, self.states = path, minor, list(states)
+        self.waiting: list = []
+        self.closed_on: list[str] = []     # why a socket was closed
+
+    async def start(self):
+        self.server = await asyncio.start_unix_server(self._serve, self.path)
+
+    def change(self, states) -> None:
+        self.states = list(states)
+        waiting, self.waiting = self.waiting, []
+        for w in waiting:
+            w.write(p.WaitReaderStateChangeReply(0, 0).pack())
+
+    async def _serve(self, r, w):
+        reader = p.RequestReader()
+        try:
+            while data := await r.read(4096):
+                for msg in reader.feed(data):
+                    kind = type(msg)
+                    if kind is p.Version:
+                        ok = (msg.major, msg.minor) == (4, self.minor)
+                        if ok:
+                            reader.dialect = self.minor
+                        w.write(p.encode_reply(p.Version(4, self.minor,
+                                                         0 if ok else p.SCARD_E_NO_SERVICE)))
+                    elif kind is p.GetReadersState:
+                        w.write(p.ReaderStates(p.pad_states(self.states, 16)).pack())
+                    elif kind is p.WaitReaderStateChangeTimed:
+                        self.waiting.append(w)
+                    elif kind is p.EstablishContext:
+                        w.write(p.encode_reply(msg.with_rv(0, hContext=0x1234)))
+                    else:
+                        raise p.ProtocolError(f"{kind.__name__} not expected")
+        except p.ProtocolError as exc:
+            self.closed_on.append(str(exc))
+        w.close()
+
+
+@pytest.mark.parametrize("minor", [2, 3])
+def test_the_pcscd_backend_speaks_4_3_and_4_2_upstream(tmp_path, minor):
+    """Against a pcscd 1.8 (4:2 or 4:3) the backend discovers its dialect, reads its reader
+    states, waits for its changes with the 8-byte WAIT (a 4:4 WAIT would close the socket)
+    and passes card calls as they are."""
+    def reader_state(card):
+        return p.ReaderState("Virtual PCD 00 00", 1 + card, p.SCARD_PRESENT if card
+                             else p.SCARD_ABSENT, 0, b"\x3b\x00" if card else b"")
+
+    async def main():
+        pcscd = OldPcscd(str(tmp_path / "pcscd.comm"), minor, [reader_state(False)])
+        await pcscd.start()
+        backend = PcscdBackend(pcscd.path)
+        await backend.start()
+        try:
+            assert backend.dialect == minor
+            assert backend.describe().endswith(f"(protocol 4:{minor})")
+            assert backend.model.states == (reader_state(False),)
+            async with asyncio.timeout(5):
+                while not pcscd.waiting:          # the watcher registered
+                    await asyncio.sleep(0.01)
+                pcscd.change([reader_state(True)])
+                while backend.model.states != (reader_state(True),):
+                    await asyncio.sleep(0.01)
+                stream = await backend.open_stream(AppInfo())
+                done = asyncio.get_running_loop().create_future()
+                stream.submit(p.EstablishContext(2), lambda r, e: done.set_result((r, e)))
+                assert await done == (p.EstablishContext(2, 0x1234, 0), None)
+                await stream.close()
+            assert pcscd.closed_on == []
+        finally:
+            await backend.close()
+            pcscd.server.close()
+
+    asyncio.run(main())

@@ -1,6 +1,7 @@
 """Targets for the version matrix (tests/test_matrix.py), in the shape of tests/targets.py.
 
   ChrootPcscdTarget  a chroot's pcscd (2.3.3 or 2.5.x) with vpcd and the project's test cards
+  OldPcscdTarget     the same for a pcscd built from pcsc-lite 1.8.8 or 1.8.23 (oldlib.py)
   ClientView         another target seen through one client library (1.9.9, 2.3.3, 2.5.x):
                      its ``app()`` starts tests/scard_worker.py in that client's environment
   VirtualBridge      a pcsc-bridge server process with the virtual backend and its control
@@ -34,6 +35,7 @@ from targets import (
     write_server_config,
 )
 
+from .oldlib import OldPcscd
 from .pcsclite import ChrootPcscd, ClientEnv, python_argv
 
 
@@ -97,6 +99,19 @@ class ChrootPcscdTarget(Target):
             f"{c.port}={c.inserted}" for c in self.cards)
 
 
+class OldPcscdTarget(ChrootPcscdTarget):
+    """pcscd of pcsc-lite ``tag`` (1.8.8: 4:2, 1.8.23: 4:3), built from source, on this
+    machine, with a test card per vpcd reader; ``observer``: a client of the same tag."""
+
+    def __init__(self, tag: str, log_dir: str, observer: ClientEnv):
+        self.pcscd = OldPcscd(tag, os.path.join(log_dir, f"pcscd-{tag}.log"))
+        Target.__init__(self, self.pcscd.socket)
+        from testcard import TestCard
+        self.cards = [TestCard(p) for p in self.pcscd.vpcd_ports]
+        self.observer = observer
+        self.name = f"pcscd-{tag}"
+
+
 class ClientView(Target):
     """``inner``'s socket and cards, with applications of client library ``client``."""
 
@@ -143,7 +158,7 @@ def package_tree(directory: str) -> str:
 def bridge_to(inner: Target, directory: str, pcscd_name: str) -> BridgeTarget:
     """Server (backend pcscd on ``inner.socket``) ← TLS ← agent, started; for a chroot's
     pcscd, both under the chroot's python3, inside it."""
-    if isinstance(inner, ChrootPcscdTarget):
+    if isinstance(inner, ChrootPcscdTarget) and isinstance(inner.pcscd, ChrootPcscd):
         python = python_argv(inner.pcscd.release.name, package_tree(
             os.path.join(directory, "python-path")), binds=[ROOT, directory])
         b = BridgeTarget(inner, directory, backend_socket="/run/pcscd/pcscd.comm",

@@ -487,14 +487,18 @@ class ClientEnv:
 
 
 def client_envs(python: str = sys.executable) -> list[ClientEnv]:
-    """Clients of libpcsclite 1.9.9 (host), 2.3.3 (trixie's library, host python) and 2.5.x
-    (sid's python3-pyscard in the sid chroot; builds the chroots if needed)."""
+    """Clients of libpcsclite 1.8.8 and 1.8.23 (built from source, host python: oldlib.py),
+    1.9.9 (host), 2.3.3 (trixie's library, host python) and 2.5.x (sid's python3-pyscard
+    in the sid chroot; builds the chroots and libraries if needed)."""
+    from .oldlib import old_client_envs
+    old = old_client_envs(python)
     host = _host_version()
     trixie = ensure_chroot("trixie")
     t = _manifest(trixie)
     sid = ensure_chroot("sid")
     s = _manifest(sid)
     return [
+        *old,
         ClientEnv(host, host, "4:4", (python,), {}, _same_path, "bookworm"),
         ClientEnv(t["version"], t["version"], t["protocol"], (python,),
                   {"LD_LIBRARY_PATH": str(trixie / "pcsc-bridge-lib")}, _same_path, "trixie"),
