@@ -4,7 +4,9 @@
     python3 tests/matrix/oldlib.py rebuild 1.8.23          throw one away and build it again
 
 The source is a git repository of pcsc-lite with its release tags (bare or not):
-$PCSC_LITE_GIT, by default /work/.mirror/LudovicRousseau+PCSC/repo. A build takes the tag's
+$PCSC_LITE_GIT, by default $PCSC_BRIDGE_CACHE/pcsc-lite.git (a clone of
+https://github.com/LudovicRousseau/PCSC: `git clone --bare URL ~/.cache/pcsc-bridge/pcsc-lite.git`,
+once; only needed while a build is missing). A build takes the tag's
 tree (`git archive TAG`), runs autoreconf and configure with what neither needs turned off
 (libudev, libusb, USB readers, libsystemd, polkit; serial readers stay: they are how pcscd
 reads reader.conf), makes src/libpcsclite.la and src/pcscd and keeps libpcsclite.so.1 and
@@ -37,7 +39,7 @@ else:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from pcsclite import CACHE, ClientEnv, MatrixError, _Lock, _remove_tree, log, server_protocol
 
-SOURCE = os.environ.get("PCSC_LITE_GIT", "/work/.mirror/LudovicRousseau+PCSC/repo")
+SOURCE = os.environ.get("PCSC_LITE_GIT", str(CACHE / "pcsc-lite.git"))
 TAGS = ("1.8.8", "1.8.23")   # the last releases of protocol 4:2 and of 4:3
 BUILD_FORMAT = 2  # bump to make existing builds rebuild
 # vpcd's two readers of each pcscd (the host's use 35963/4, the chroots' 35971/2 and 35981/2)
