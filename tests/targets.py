@@ -628,7 +628,8 @@ class LocalTarget(Target):
 
     def start(self) -> None:
         conf = write_local_config(self.dir, f"    - {{path: {self.socket}, direct: true, "
-                                  "exclusive: true, control: all}\n")
+                                  "exclusive: true, control: all}\n",
+                                  backend_socket=self.inner.socket)
         self.proc = Process(["local", "-c", conf], os.path.join(self.dir, "local.log"))
         wait_path(self.socket)
 

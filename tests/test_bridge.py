@@ -118,6 +118,10 @@ def test_three_guests_and_the_host_share_one_card(bridge):
     # Begin waiting; the agent answers it at once and sends it ahead, so there the first
     # APDU under it is what waits (docs/wire-protocol.md)
     assert apps[0].SCardBeginTransaction(cards[0]) == [0]
+    # an APDU under it: the lock is guest1's now (an early Begin's lock is taken on the
+    # host when it gets there, which under load may be after the others' Begin)
+    hr, resp = apps[0].SCardTransmit(cards[0], s.SCARD_PROTOCOL_T1, [0x80, 0xEE, 0, 0, 1, 0])
+    assert (hr, resp) == (0, [0, 0x90, 0])
     waiting, sent = {}, {0: False}        # job; whether the job is the APDU
     for j in range(1, len(apps)):
         job = apps[j].start("SCardBeginTransaction", cards[j])
@@ -128,7 +132,8 @@ def test_three_guests_and_the_host_share_one_card(bridge):
         waiting[j] = job
     assert sent == {0: False, 1: True, 2: True, 3: False}   # guests 2 and 3; the host
     time.sleep(0.5)
-    assert all(apps[j].wait(w, 0.05) is None for j, w in waiting.items())
+    early = {j: r for j, w in waiting.items() if (r := apps[j].wait(w, 0.05)) is not None}
+    assert not early, f"answered while guest1 holds the transaction: {early}"
     holder = 0
     while True:
         if not sent[holder]:

@@ -1,4 +1,5 @@
-"""Real pcsc-lite on both sides of the bridge: 5 client libraries × 3 pcscd versions.
+"""Real pcsc-lite on both sides of the bridge: 5 client libraries × 3 pcscd versions,
+through the bridge (agent and server) and through a local socket (`pcsc-bridge local`).
 
 Clients 1.8.8 (protocol 4:2) and 1.8.23 (4:3), built from pcsc-lite's sources
 (tests/matrix/oldlib.py) and loaded by the host's pyscard, 1.9.9 (4:4, the host's), 2.3.3
@@ -40,7 +41,7 @@ from matrix.pcsclite import client_envs, info
 from pcsc_bridge import pcsc
 from pcsc_bridge.backend import Backend, ReaderModel, TaskStream
 from pcsc_bridge.facade import Facade
-from targets import App, BridgeTarget
+from targets import App, BridgeTarget, LocalTarget
 
 pytestmark = pytest.mark.matrix
 
@@ -127,6 +128,36 @@ def pair(request, bridge, clients):
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_pair(pair, scenario):
     SCENARIOS[scenario](pair)
+
+
+@pytest.fixture(scope="module", params=PCSCDS, ids=lambda v: f"pcscd-{v}")
+def local(request, pcscds, targets):
+    """`pcsc-bridge local` (this host's Python) in front of each pcscd."""
+    inner = pcscds(request.param)
+    t = LocalTarget(inner, targets.workdir(f"local-{request.param}"))
+    t.name = f"local-{request.param}"
+    try:
+        t.start()
+    except BaseException:
+        t.stop()
+        raise
+    yield t
+    t.stop()
+
+
+@pytest.fixture(params=CLIENTS, ids=lambda v: f"client-{v}")
+def local_pair(request, local, clients):
+    view = ClientView(local, clients[RELEASE[request.param]])
+    view.reset()
+    yield view
+    view.close_apps()
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_pair_through_the_local_socket(local_pair, scenario):
+    """Every client dialect in front of every pcscd through a local socket: what a
+    container with its own libpcsclite meets (docs/containers.md)."""
+    SCENARIOS[scenario](local_pair)
 
 
 @pytest.fixture(params=CLIENTS, ids=lambda v: f"client-{v}")
