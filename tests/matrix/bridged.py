@@ -158,7 +158,7 @@ def package_tree(directory: str) -> str:
 def bridge_to(inner: Target, directory: str, pcscd_name: str) -> BridgeTarget:
     """Server (backend pcscd on ``inner.socket``) ← TLS ← agent, started; for a chroot's
     pcscd, both under the chroot's python3, inside it."""
-    if isinstance(inner, ChrootPcscdTarget) and isinstance(inner.pcscd, ChrootPcscd):
+    if isinstance(inner, ChrootPcscdTarget) and type(inner.pcscd) is ChrootPcscd:  # not 1.8's
         python = python_argv(inner.pcscd.release.name, package_tree(
             os.path.join(directory, "python-path")), binds=[ROOT, directory])
         b = BridgeTarget(inner, directory, backend_socket="/run/pcscd/pcscd.comm",

@@ -34,10 +34,26 @@ import time
 from pathlib import Path
 
 if __package__:
-    from .pcsclite import CACHE, ClientEnv, MatrixError, _Lock, _remove_tree, log, server_protocol
+    from .pcsclite import (
+        CACHE,
+        ChrootPcscd,
+        ClientEnv,
+        MatrixError,
+        _Lock,
+        _remove_tree,
+        log,
+    )
 else:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from pcsclite import CACHE, ClientEnv, MatrixError, _Lock, _remove_tree, log, server_protocol
+    from pcsclite import (
+        CACHE,
+        ChrootPcscd,
+        ClientEnv,
+        MatrixError,
+        _Lock,
+        _remove_tree,
+        log,
+    )
 
 SOURCE = os.environ.get("PCSC_LITE_GIT", str(CACHE / "pcsc-lite.git"))
 TAGS = ("1.8.8", "1.8.23")   # the last releases of protocol 4:2 and of 4:3
@@ -194,72 +210,35 @@ def _connectable(path: Path) -> bool:
             return False
 
 
-class OldPcscd:
+class OldPcscd(ChrootPcscd):
     """pcscd of pcsc-lite ``tag`` (built first if missing) with vpcd's readers on its own
-    ports, as a context manager, in the shape of pcsclite.ChrootPcscd. One per tag on a
-    machine at a time (a file lock); it gets SIGTERM if the process that started it dies."""
+    ports, as a context manager: pcsclite.ChrootPcscd run from the build folder instead
+    of a chroot. One per tag on a machine at a time (a file lock); it gets SIGTERM if the
+    process that started it dies."""
 
     def __init__(self, tag: str, log_path: str | os.PathLike | None = None):
         self.tag, self.log_path = tag, log_path
         self.root = lib_dir(tag)
-        self.vpcd_ports = VPCD_PORTS[tag]
-        self.socket = str(self.root / "run/pcscd.comm")
-        self.version = tag
         self.proc: subprocess.Popen | None = None
         self._lock: _Lock | None = None
+        self._protocol: str | None = None
 
-    @property
-    def protocol(self) -> str:
-        return server_protocol(self.socket)
+    label = version = property(lambda self: self.tag)
+    socket = property(lambda self: str(self.root / "run/pcscd.comm"))
+    vpcd_ports = property(lambda self: VPCD_PORTS[self.tag])
 
-    def start(self) -> OldPcscd:
+    def _prepare(self) -> None:
         ensure_lib(self.tag)
-        self._lock = _Lock(CACHE / f"libpcsclite-{self.tag}.pcscd.lock", START_TIMEOUT_S * 8)
-        self._lock.__enter__()
-        try:
-            if _connectable(Path(self.socket)):
-                raise MatrixError(f"a pcscd not started here already serves {self.socket}")
-            for stale in ("pcscd.comm", "pcscd.pid"):
-                (self.root / "run" / stale).unlink(missing_ok=True)
-            out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _PDEATHSIG, str(self.root / "pcscd"), "-f"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-            if out is not subprocess.DEVNULL:
-                out.close()
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not _connectable(Path(self.socket)):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise MatrixError(f"pcscd {self.tag} did not start (exit "
-                                      f"{self.proc.poll()}, log {self.log_path})")
-                time.sleep(0.05)
-            log("matrix.pcscd_started", release=self.tag, pid=self.proc.pid,
-                socket=self.socket)
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
-    def stop(self) -> None:
-        try:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.proc = None
-        finally:
-            if self._lock is not None:
-                self._lock.__exit__()
-                self._lock = None
+    def _lock_path(self) -> Path:
+        return CACHE / f"libpcsclite-{self.tag}.pcscd.lock"
 
-    def __enter__(self):
-        return self.start()
+    def _clean(self) -> None:
+        for stale in ("pcscd.comm", "pcscd.pid"):
+            (self.root / "run" / stale).unlink(missing_ok=True)
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def _argv(self) -> list[str]:
+        return [sys.executable, "-c", _PDEATHSIG, str(self.root / "pcscd"), "-f"]
 
 
 # exec pcscd with SIGTERM on its parent's death (ctypes prctl, then execv)

@@ -358,27 +358,43 @@ class ChrootPcscd:
             self._protocol = server_protocol(self.socket)
         return self._protocol
 
-    def start(self) -> ChrootPcscd:
+    @property
+    def label(self) -> str:
+        return self.release.name
+
+    # what differs for a pcscd that is not a Debian release's (tests/matrix/oldlib.py)
+    def _prepare(self) -> None:
         ensure_chroot(self.release.name)
-        self._lock = _Lock(CACHE / f"{self.release.name}.pcscd.lock", START_TIMEOUT_S * 8)
+
+    def _lock_path(self) -> Path:
+        return CACHE / f"{self.release.name}.pcscd.lock"
+
+    def _clean(self) -> None:
+        (self.root / "run/pcscd").mkdir(parents=True, exist_ok=True)
+
+    def _argv(self) -> list[str]:
+        return exec_argv(self.root, ["pcscd", "-f", "--disable-polkit"], pdeathsig=True)
+
+    def start(self) -> ChrootPcscd:
+        self._prepare()
+        self._lock = _Lock(self._lock_path(), START_TIMEOUT_S * 8)
         self._lock.__enter__()
         try:
             if _connectable(self.socket):
                 raise MatrixError(f"a pcscd not started here already serves {self.socket}")
-            (self.root / "run/pcscd").mkdir(parents=True, exist_ok=True)
+            self._clean()
             out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-            self.proc = subprocess.Popen(
-                exec_argv(self.root, ["pcscd", "-f", "--disable-polkit"], pdeathsig=True),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self._argv(), stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
             if out is not subprocess.DEVNULL:
                 out.close()
             deadline = time.monotonic() + START_TIMEOUT_S
             while not _connectable(self.socket):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise MatrixError(f"{self.release.name} pcscd did not start "
+                    raise MatrixError(f"pcscd {self.label} did not start "
                                       f"(exit {self.proc.poll()}, log {self.log_path})")
                 time.sleep(0.05)
-            log("matrix.pcscd_started", release=self.release.name, pid=self.proc.pid,
+            log("matrix.pcscd_started", release=self.label, pid=self.proc.pid,
                 socket=self.socket)
         except BaseException:
             self.stop()
