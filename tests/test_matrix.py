@@ -117,12 +117,17 @@ def bridge(request, pcscds, targets):
     b.stop()
 
 
-@pytest.fixture(params=CLIENTS, ids=lambda v: f"client-{v}")
-def pair(request, bridge, clients):
-    view = ClientView(bridge, clients[RELEASE[request.param]])
+def _view(target, client):
+    """``target`` as an application of ``client`` meets it, from the common start state."""
+    view = ClientView(target, client)
     view.reset()
     yield view
     view.close_apps()
+
+
+@pytest.fixture(params=CLIENTS, ids=lambda v: f"client-{v}")
+def pair(request, bridge, clients):
+    yield from _view(bridge, clients[RELEASE[request.param]])
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -147,10 +152,7 @@ def local(request, pcscds, targets):
 
 @pytest.fixture(params=CLIENTS, ids=lambda v: f"client-{v}")
 def local_pair(request, local, clients):
-    view = ClientView(local, clients[RELEASE[request.param]])
-    view.reset()
-    yield view
-    view.close_apps()
+    yield from _view(local, clients[RELEASE[request.param]])
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -164,10 +166,7 @@ def test_pair_through_the_local_socket(local_pair, scenario):
 def pyscard_pair(request, targets, clients):
     """A client library in front of the bridge whose server's backend is pyscard (the
     host's libpcsclite, then the host's pcscd 1.9.9)."""
-    view = ClientView(targets.get("bridge-pyscard"), clients[RELEASE[request.param]])
-    view.reset()
-    yield view
-    view.close_apps()
+    yield from _view(targets.get("bridge-pyscard"), clients[RELEASE[request.param]])
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
