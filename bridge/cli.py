@@ -65,3 +65,18 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_daemon(name: str, body) -> int:
+    """A daemon's exit status: ``body()`` runs it; a configuration, certificate or value
+    error is printed and exits 2, a system error (a socket, a file) 1, a clean stop 0."""
+    from . import config, tls
+    try:
+        body()
+    except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
+        print(f"pcsc-bridge {name}: {exc}", flush=True)
+        return 2
+    except OSError as exc:
+        print(f"pcsc-bridge {name}: {exc}", flush=True)
+        return 1
+    return 0

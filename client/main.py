@@ -8,6 +8,7 @@ import platform
 import signal
 
 from pcsc_bridge import __version__, config, log, netio, tls
+from pcsc_bridge.cli import run_daemon
 from pcsc_bridge.facade import Facade
 
 from .agent import RemoteBackend
@@ -100,14 +101,8 @@ async def serve(cfg: config.ClientConfig, path: str | None = None,
 def run(args) -> int:
     over = {k: v for k, v in {"client.server": args.server, "client.socket": args.socket,
                               "log.level": args.log_level}.items() if v}
-    try:
+    def body():
         cfg = config.load_client_config(args.config, over)
         log.setup(cfg.log.level, cfg.log.format, cfg.log.timestamps)
         netio.run(serve(cfg, args.config, over))
-    except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
-        print(f"pcsc-bridge client: {exc}", flush=True)
-        return 2
-    except OSError as exc:
-        print(f"pcsc-bridge client: {exc}", flush=True)
-        return 1
-    return 0
+    return run_daemon("client", body)

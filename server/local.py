@@ -33,6 +33,7 @@ from pcsc_bridge.backend import (
     ContextPool,
     ReaderModel,
 )
+from pcsc_bridge.cli import run_daemon
 from pcsc_bridge.facade import Facade, bind_unix
 from pcsc_bridge.pcsc import SCARD_SCOPE_SYSTEM, EstablishContext, Message, rv_name
 
@@ -387,31 +388,27 @@ def _flag(cfg: config.LocalConfig, key: str, value) -> config.LocalConfig:
 
 
 def run(args) -> int:
-    try:
-        cfg = load(args)
-        if args.check:
-            print(f"ok   local: every key and value ({len(cfg.sockets)} socket(s))")
-            return 0
-        log.setup(cfg.log.level, cfg.log.format, cfg.log.timestamps)
-        passed = systemd_sockets()
-        if not cfg.sockets and passed:
-            cfg = dataclasses.replace(cfg, sockets=tuple(
-                config.LocalSocket(path=p) for p in passed))
-        unknown = [p for p in passed if p not in {s.path for s in cfg.sockets}]
-        if unknown:
-            raise config.ConfigError(f"local.sockets: systemd passed {', '.join(unknown)}, "
-                                     "which the configuration does not list")
-        if not cfg.sockets:
-            raise config.ConfigError("no socket to serve: give --socket PATH, list "
-                                     "local.sockets in the file, or start from a .socket unit")
-        netio.run(serve(cfg, passed, args))
-    except (config.ConfigError, ValueError) as exc:
-        print(f"pcsc-bridge local: {exc}", flush=True)
-        return 2
-    except OSError as exc:
-        print(f"pcsc-bridge local: {exc}", flush=True)
-        return 1
-    return 0
+    if args.check:
+        return run_daemon("local", lambda: print(
+            f"ok   local: every key and value ({len(load(args).sockets)} socket(s))"))
+    return run_daemon("local", lambda: _run(args))
+
+
+def _run(args) -> None:
+    cfg = load(args)
+    log.setup(cfg.log.level, cfg.log.format, cfg.log.timestamps)
+    passed = systemd_sockets()
+    if not cfg.sockets and passed:
+        cfg = dataclasses.replace(cfg, sockets=tuple(
+            config.LocalSocket(path=p) for p in passed))
+    unknown = [p for p in passed if p not in {s.path for s in cfg.sockets}]
+    if unknown:
+        raise config.ConfigError(f"local.sockets: systemd passed {', '.join(unknown)}, "
+                                 "which the configuration does not list")
+    if not cfg.sockets:
+        raise config.ConfigError("no socket to serve: give --socket PATH, list "
+                                 "local.sockets in the file, or start from a .socket unit")
+    netio.run(serve(cfg, passed, args))
 
 
 async def serve(cfg: config.LocalConfig, passed: dict, args=None) -> None:

@@ -7,6 +7,7 @@ import platform
 import signal
 
 from pcsc_bridge import __version__, config, log, netio, tls
+from pcsc_bridge.cli import run_daemon
 
 from .backends import make_backend
 from .host import Server
@@ -102,16 +103,10 @@ def on_signals(loop: asyncio.AbstractEventLoop, stop, reload) -> str:
 
 
 def run(args) -> int:
-    try:
+    def body():
         cfg = config.load_server_config(args.config, overrides(args))
         log.setup(cfg.log.level, cfg.log.format, cfg.log.timestamps)
         server = build(cfg)
         server.source = (args.config, overrides(args))
         netio.run(serve(server))
-    except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:
-        print(f"pcsc-bridge server: {exc}", flush=True)
-        return 2
-    except OSError as exc:
-        print(f"pcsc-bridge server: {exc}", flush=True)
-        return 1
-    return 0
+    return run_daemon("server", body)
