@@ -253,7 +253,7 @@ def _in_child(check, *args):
 def _child_main(argv: list[str]) -> int:
     """The child of ``_in_child``: run one check, print its refusal or its result (if
     not None) as JSON."""
-    check = {f.__name__: f for f in (_check_files, _expiry)}[argv[0]]
+    check = {f.__name__: f for f in (_check_files, _expiry, _revoked)}[argv[0]]
     args = json.loads(argv[1])
     try:
         result = check(*args)
@@ -403,15 +403,9 @@ def client_context(cert: str, key: str, ca: str, min_version: str = "1.3",
     return ctx
 
 
-_SERIALS = ("import json, sys\n"
-            "from cryptography import x509\n"
-            "data = open(sys.argv[1], 'rb').read()\n"
-            "out = []\n"
-            "for block in data.split(b'-----END X509 CRL-----')[:-1]:\n"
-            "    c = x509.load_pem_x509_crl(block + b'-----END X509 CRL-----\\n')\n"
-            "    issuer = [a.value for a in c.issuer]\n"
-            "    out += [[issuer, r.serial_number] for r in c]\n"
-            "print(json.dumps(out))\n")
+def _revoked(crl: str) -> list:
+    """Every (issuer's attribute values, serial) that CRL lists (in the child)."""
+    return [[[a.value for a in c.issuer], r.serial_number] for c in _crls(crl) for r in c]
 
 
 def revoked_serials(crl: str) -> set[tuple]:
@@ -419,14 +413,7 @@ def revoked_serials(crl: str) -> set[tuple]:
     attribute values in order, as ``issuer_key`` gives them for a peer certificate, so
     two CAs' CRLs side by side never mix), read in a child process (this one never loads
     cryptography); a CRL that does not read is a TLSConfigError."""
-    try:
-        done = subprocess.run([sys.executable, "-c", _SERIALS, crl], capture_output=True,
-                              timeout=CHECK_TIMEOUT, check=False)
-        if done.returncode == 0:
-            return {(tuple(issuer), serial) for issuer, serial in json.loads(done.stdout)}
-    except (OSError, subprocess.SubprocessError, ValueError, TypeError):
-        pass
-    raise TLSConfigError(f"cannot read the revoked serial numbers of {crl}", crl)
+    return {(tuple(issuer), serial) for issuer, serial in _in_child(_revoked, crl)}
 
 
 def serial_of(cert: dict) -> int:
