@@ -170,6 +170,7 @@ class GuestSession(asyncio.Protocol):
         self.parked: list[tuple] = []  # (stream, msg, seq)
         self._gate_timer: asyncio.TimerHandle | None = None
         self.handles: dict[int, CardUse] = {}   # hCard -> its reader, context, use
+        self.cutting = False   # a reload took a card of this guest's (CardUse.cut)
         self.pings = 0                # PINGs sent (their tokens)
         self.repeats = log.Repeats()  # what this guest can make us log over and over
         self._sent_states = None
@@ -379,7 +380,7 @@ class GuestSession(asyncio.Protocol):
             return
         stream.arrived = arrived
         rv = stream.last_rv if flags & CALL_IF else 0
-        use = self.handles.get(getattr(msg, "hCard", None))
+        use = self.handles.get(getattr(msg, "hCard", None)) if self.cutting else None
         if not rv and use is not None and use.cut:
             # its card was taken by a reload: pcscd's answers for a reader that went away
             # (SCardDisconnect succeeds, the rest fail)
@@ -739,6 +740,7 @@ class GuestSession(asyncio.Protocol):
             # the card is released now (other guests may want the reader), and the
             # application's calls on the handle fail from now on
             self._card_used(use, "taken by a reload (policy)")
+            self.cutting = True
             use.cut = SCARD_E_READER_UNAVAILABLE if rv == SCARD_E_UNKNOWN_READER else rv
             stream.queue.appendleft((Disconnect(h, SCARD_LEAVE_CARD), QUIET, 0, monotonic()))
             self._next(stream)
