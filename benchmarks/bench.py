@@ -962,7 +962,7 @@ class Dialects:
                                   text=True).stdout
         host_path = next(line.split("=>")[1].split()[0] for line in host_lib.splitlines()
                          if "libpcsclite.so" in line)
-        for c in pcsclite.client_envs(PYTHON):
+        for c in pcsclite.client_envs(PYTHON).values():
             # argv_prefix ends with the Python interpreter its scripts run with: drop it,
             # the client binary runs in its place (inside the chroot for a chroot's library)
             prefix = list(c.argv_prefix[:-1])

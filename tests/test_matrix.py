@@ -79,7 +79,7 @@ SCENARIOS = {
 
 @pytest.fixture(scope="module")
 def clients():
-    return {c.release: c for c in client_envs()}
+    return client_envs()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ def servers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clients():
-    return {c.release: c for c in client_envs()}
+    return client_envs()
 
 
 def probe(client, sock: str) -> dict:
@@ -163,3 +164,19 @@ def wait_present(client, sock, want, timeout=10.0):
     while (seen := probe(client, sock)["present"]) != want:
         assert time.monotonic() < deadline, f"readers show {seen}, not {want}"
         time.sleep(0.1)
+
+
+def test_without_a_pcsc_lite_source_the_18_builds_say_what_to_provide(tmp_path):
+    """No tarball folder and no git repository: building 1.8.8 fails with one sentence
+    naming what to provide, and nothing is left half-built in the cache."""
+    env = {**os.environ, "PCSC_LITE_SRC": str(tmp_path / "empty"),
+           "PCSC_LITE_GIT": str(tmp_path / "no-clone"), "PCSC_BRIDGE_CACHE": str(tmp_path / "c")}
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, "tests/matrix/oldlib.py", "build", "1.8.8"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "pcsc-lite 1.8.8's source is missing: put pcsc-lite-1.8.8.tar.gz" in lines[0]
+    assert str(tmp_path / "empty") in lines[0] and "PCSC_LITE_GIT" in lines[0]
+    assert not (tmp_path / "c" / "libpcsclite-1.8.8").exists()

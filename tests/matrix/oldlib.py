@@ -3,11 +3,16 @@
     python3 tests/matrix/oldlib.py build [1.8.8 1.8.23]   build what is missing (idempotent)
     python3 tests/matrix/oldlib.py rebuild 1.8.23          throw one away and build it again
 
-The source is a git repository of pcsc-lite with its release tags (bare or not):
-$PCSC_LITE_GIT, by default $PCSC_BRIDGE_CACHE/pcsc-lite.git (a clone of
-https://github.com/LudovicRousseau/PCSC: `git clone --bare URL ~/.cache/pcsc-bridge/pcsc-lite.git`,
-once; only needed while a build is missing). A build takes the tag's
-tree (`git archive TAG`), runs autoreconf and configure with what neither needs turned off
+The source of each tag is, in this order: a release source tarball
+pcsc-lite-TAG.tar.gz (or .tar.bz2, .tar.xz) in the folder $PCSC_LITE_SRC, by default
+../shared/pcsc-lite beside the repository when it exists (tarballs made with
+`git archive --prefix=pcsc-lite-TAG/ TAG` from pcsc-lite's tags, or the release tarballs);
+else a git repository of pcsc-lite with its release tags (bare or not): $PCSC_LITE_GIT, by
+default $PCSC_BRIDGE_CACHE/pcsc-lite.git (a clone of pcsc-lite's repository; only needed
+while a build is missing). When neither has the tag, its build fails with one sentence
+saying what to provide, and only the tests that use that tag fail.
+A build takes the tag's
+tree, runs autoreconf and configure with what neither needs turned off
 (libudev, libusb, USB readers, libsystemd, polkit; serial readers stay: they are how pcscd
 reads reader.conf), makes src/libpcsclite.la and src/pcscd and keeps libpcsclite.so.1 and
 pcscd, in $PCSC_BRIDGE_CACHE (default ~/.cache/pcsc-bridge) /libpcsclite-TAG/, with
@@ -29,6 +34,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -55,7 +61,12 @@ else:  # run as a script
         log,
     )
 
+REPO = Path(__file__).resolve().parents[2]
 SOURCE = os.environ.get("PCSC_LITE_GIT", str(CACHE / "pcsc-lite.git"))
+_SHARED_SRC = REPO.parent / "shared" / "pcsc-lite"
+SRC = Path(os.environ["PCSC_LITE_SRC"]) if os.environ.get("PCSC_LITE_SRC") else \
+    _SHARED_SRC if _SHARED_SRC.is_dir() else None
+TARBALLS = (".tar.gz", ".tar.bz2", ".tar.xz")
 TAGS = ("1.8.8", "1.8.23")   # the last releases of protocol 4:2 and of 4:3
 BUILD_FORMAT = 2  # bump to make existing builds rebuild
 # vpcd's two readers of each pcscd (the host's use 35963/4, the chroots' 35971/2 and 35981/2)
@@ -64,7 +75,7 @@ START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 LOCK_TIMEOUT_S = 900.0
 # tool -> the Debian package that has it
-TOOLS = {"git": "git", "autoreconf": "autoconf", "automake": "automake",
+TOOLS = {"autoreconf": "autoconf", "automake": "automake",
          "libtoolize": "libtool", "flex": "flex", "pkg-config": "pkg-config", "make": "make",
          "gcc": "gcc"}
 CONFIGURE = ("--disable-libudev", "--disable-libusb", "--disable-usb", "--disable-libsystemd",
@@ -85,6 +96,23 @@ def _manifest(root: Path) -> dict | None:
         and (root / "pcscd").exists() else None
 
 
+def _tarball(tag: str) -> Path | None:
+    for suffix in TARBALLS if SRC is not None else ():
+        path = SRC / f"pcsc-lite-{tag}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _git_dir() -> str | None:
+    src = Path(SOURCE)
+    if (src / ".git").exists():
+        return str(src / ".git")
+    if (src / "HEAD").exists() and (src / "objects").exists():
+        return str(src)
+    return None
+
+
 def _git(*args: str) -> str:
     r = subprocess.run(["git", f"--git-dir={_git_dir()}", *args], capture_output=True,
                        text=True, check=False)
@@ -93,15 +121,45 @@ def _git(*args: str) -> str:
     return r.stdout
 
 
-def _git_dir() -> str:
-    src = Path(SOURCE)
-    if (src / ".git").exists():
-        return str(src / ".git")
-    if (src / "HEAD").exists() and (src / "objects").exists():
-        return str(src)
-    raise MatrixError(f"no pcsc-lite git repository at {SOURCE} (set PCSC_LITE_GIT to one "
-                      f"with pcsc-lite's tags, e.g. a clone of "
-                      f"https://github.com/LudovicRousseau/PCSC)")
+def source_of(tag: str) -> str:
+    """Where ``tag``'s source comes from (a tarball's path or a git repository's), or a
+    MatrixError saying in one sentence what to provide."""
+    tarball = _tarball(tag)
+    if tarball is not None:
+        return str(tarball)
+    if _git_dir() is not None and shutil.which("git"):
+        return SOURCE
+    folder = f"$PCSC_LITE_SRC ({SRC})" if SRC is not None else \
+        f"$PCSC_LITE_SRC (unset, and no {_SHARED_SRC})"
+    raise MatrixError(f"pcsc-lite {tag}'s source is missing: put pcsc-lite-{tag}.tar.gz "
+                      f"(git archive --prefix=pcsc-lite-{tag}/ {tag}) in the folder "
+                      f"{folder}, or point $PCSC_LITE_GIT (now {SOURCE}) at a git "
+                      f"repository of pcsc-lite with its tags")
+
+
+def _unpack(tag: str, tree: Path) -> str:
+    """``tag``'s source tree into ``tree``; returns the commit it was made from (as
+    `git archive` records it in the tarball), or "" when unknown."""
+    source = source_of(tag)
+    if source != SOURCE:
+        with tarfile.open(source) as tar:
+            commit = tar.pax_headers.get("comment", "")
+            tops = {m.name.split("/", 1)[0] for m in tar.getmembers()}
+            if len(tops) != 1:
+                raise MatrixError(f"{source}: not one top folder (pcsc-lite-{tag}/)")
+            if hasattr(tarfile, "data_filter"):   # Python 3.11.4 and later
+                tar.extractall(tree.parent, filter="tar")
+            else:
+                tar.extractall(tree.parent)
+        (tree.parent / tops.pop()).rename(tree)
+        return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else ""
+    tree.mkdir()
+    archive = subprocess.run(["git", f"--git-dir={_git_dir()}", "archive", tag],
+                             capture_output=True, check=False)
+    if archive.returncode:
+        raise MatrixError(f"git archive {tag}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return _git("rev-parse", f"{tag}^{{commit}}").strip()
 
 
 def check_tools() -> None:
@@ -112,9 +170,9 @@ def check_tools() -> None:
                           + ", ".join(missing) + " (scripts/setup installs them as root)")
 
 
-def protocol_of(tag: str) -> str:
+def protocol_of(tree: Path, tag: str) -> str:
     """PROTOCOL_VERSION_MAJOR:MINOR of the tag's src/winscard_msg.h."""
-    text = _git("show", f"{tag}:src/winscard_msg.h")
+    text = (tree / "src/winscard_msg.h").read_text(errors="replace")
     major = re.search(r"#define PROTOCOL_VERSION_MAJOR (\d+)", text)
     minor = re.search(r"#define PROTOCOL_VERSION_MINOR (\d+)", text)
     if not (major and minor):
@@ -123,16 +181,11 @@ def protocol_of(tag: str) -> str:
 
 
 def _build(tag: str, work: Path) -> None:
-    commit = _git("rev-parse", f"{tag}^{{commit}}").strip()
-    protocol = protocol_of(tag)
+    source = source_of(tag)
     with tempfile.TemporaryDirectory(prefix=f"pcsc-lite-{tag}-") as tmp:
         tree = Path(tmp) / "src"
-        tree.mkdir()
-        archive = subprocess.run(["git", f"--git-dir={_git_dir()}", "archive", tag],
-                                 capture_output=True, check=False)
-        if archive.returncode:
-            raise MatrixError(f"git archive {tag}: {archive.stderr.decode().strip()}")
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+        commit = _unpack(tag, tree)
+        protocol = protocol_of(tree, tag)
         final = lib_dir(tag)   # where pcscd will find its socket folder and reader.conf.d
         paths = (f"--enable-ipcdir={final / 'run'}", f"--enable-confdir={final / 'reader.conf.d'}")
         for argv in (["autoreconf", "--force", "--install"],
@@ -151,7 +204,7 @@ def _build(tag: str, work: Path) -> None:
             f"LIBPATH {VPCD_DRIVER}\nCHANNELID 0x{port:04X}\n")
     (work / "pcsc-bridge.json").write_text(json.dumps({
         "format": BUILD_FORMAT, "version": tag, "protocol": protocol, "commit": commit,
-        "source": SOURCE, "configure": [*CONFIGURE, *paths],
+        "source": source, "configure": [*CONFIGURE, *paths],
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
 
 
@@ -170,14 +223,14 @@ def ensure_lib(tag: str, rebuild: bool = False) -> Path:
     if not rebuild and _manifest(root):
         return root
     check_tools()
-    _git_dir()
+    source_of(tag)
     with _Lock(CACHE / f"libpcsclite-{tag}.lock", LOCK_TIMEOUT_S):
         if not rebuild and _manifest(root):
             return root
         work = root.with_name(root.name + ".partial")
         _remove_tree(work)
         t0 = time.monotonic()
-        log("matrix.build_lib", tag=tag, source=SOURCE)
+        log("matrix.build_lib", tag=tag, source=source_of(tag))
         _build(tag, work)
         _remove_tree(root)   # the one replaced, of an older BUILD_FORMAT, or half of one
         work.rename(root)
@@ -191,14 +244,11 @@ def info(tag: str) -> dict:
     return m
 
 
-def old_client_envs(python: str = sys.executable) -> list[ClientEnv]:
-    """pyscard on this machine's Python with the client library of each of ``TAGS``."""
-    envs = []
-    for tag in TAGS:
-        m = info(tag)
-        envs.append(ClientEnv(tag, tag, m["protocol"], (python,),
-                              {"LD_LIBRARY_PATH": str(lib_dir(tag))}, release=tag))
-    return envs
+def old_client_env(tag: str, python: str = sys.executable) -> ClientEnv:
+    """pyscard on this machine's Python with the client library of pcsc-lite ``tag``."""
+    m = info(tag)
+    return ClientEnv(tag, tag, m["protocol"], (python,), {"LD_LIBRARY_PATH": str(lib_dir(tag))},
+                     release=tag)
 
 
 def _connectable(path: Path) -> bool:

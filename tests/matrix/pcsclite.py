@@ -26,7 +26,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -502,25 +502,55 @@ class ClientEnv:
     release: str = ""
 
 
-def client_envs(python: str = sys.executable) -> list[ClientEnv]:
+class ClientEnvs(Mapping):
     """Clients of libpcsclite 1.8.8 and 1.8.23 (built from source, host python: oldlib.py),
     1.9.9 (host), 2.3.3 (trixie's library, host python) and 2.5.x (sid's python3-pyscard
-    in the sid chroot; builds the chroots and libraries if needed)."""
-    from .oldlib import old_client_envs
-    old = old_client_envs(python)
-    host = _host_version()
-    trixie = ensure_chroot("trixie")
-    t = _manifest(trixie)
-    sid = ensure_chroot("sid")
-    s = _manifest(sid)
-    return [
-        *old,
-        ClientEnv(host, host, "4:4", (python,), {}, _same_path, "bookworm"),
-        ClientEnv(t["version"], t["version"], t["protocol"], (python,),
-                  {"LD_LIBRARY_PATH": str(trixie / "pcsc-bridge-lib")}, _same_path, "trixie"),
-        ClientEnv(s["version"], s["version"], s["protocol"],
-                  tuple(exec_argv(sid, ["python3"], binds=[TESTS])), {}, _same_path, "sid"),
-    ]
+    in the sid chroot), by release name. Each is made (its chroot or library built if
+    missing) when first asked for, so a test that needs one never waits for, or fails
+    with, another."""
+
+    RELEASES = ("1.8.8", "1.8.23", "bookworm", "trixie", "sid")
+
+    def __init__(self, python: str = sys.executable):
+        self.python = python
+        self._made: dict[str, ClientEnv] = {}
+
+    def __iter__(self):
+        return iter(self.RELEASES)
+
+    def __len__(self) -> int:
+        return len(self.RELEASES)
+
+    def __getitem__(self, release: str) -> ClientEnv:
+        if release not in self._made:
+            self._made[release] = self._make(release)
+        return self._made[release]
+
+    def _make(self, release: str) -> ClientEnv:
+        python = self.python
+        if release in ("1.8.8", "1.8.23"):
+            from .oldlib import old_client_env
+            return old_client_env(release, python)
+        if release == "bookworm":
+            host = _host_version()
+            return ClientEnv(host, host, "4:4", (python,), {}, _same_path, "bookworm")
+        if release == "trixie":
+            root = ensure_chroot("trixie")
+            t = _manifest(root)
+            return ClientEnv(t["version"], t["version"], t["protocol"], (python,),
+                             {"LD_LIBRARY_PATH": str(root / "pcsc-bridge-lib")}, _same_path,
+                             "trixie")
+        if release == "sid":
+            root = ensure_chroot("sid")
+            s = _manifest(root)
+            return ClientEnv(s["version"], s["version"], s["protocol"],
+                             tuple(exec_argv(root, ["python3"], binds=[TESTS])), {},
+                             _same_path, "sid")
+        raise KeyError(release)
+
+
+def client_envs(python: str = sys.executable) -> ClientEnvs:
+    return ClientEnvs(python)
 
 
 def python_argv(release: str, path: str, binds=()) -> list[str]:
