@@ -427,6 +427,13 @@ class Policy:
         return 0
 
 
+# each daemon's admin socket unless its file says otherwise: in the folder its systemd unit
+# makes (RuntimeDirectory=); a default that cannot be made only costs a warning
+ADMIN_SOCKETS = {"server": "/run/pcsc-bridge/admin.sock",
+                 "client": "/run/pcsc-bridge-agent/admin.sock",
+                 "local": "/run/pcsc-bridge-local/admin.sock"}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     log: LogConfig = field(default_factory=LogConfig)     # the file's top-level log:
@@ -437,8 +444,9 @@ class ServerConfig:
     ca: str = _f(PATH)
     crl: str | None = _f(PATH, None, nullable=True)
     tls_min_version: str = _f(TLS_VERSION, "1.3")
-    # `pcsc-bridge status` / `kick` ask the running server on this socket (mode 0600)
-    admin_socket: str | None = _f(PATH, None, nullable=True)
+    # `pcsc-bridge status`, `kick` and `reload` ask the running server on this socket
+    # (mode 0600); null: none
+    admin_socket: str | None = _f(PATH, ADMIN_SOCKETS["server"], nullable=True)
     # Prometheus text endpoint (GET /metrics, plain HTTP), HOST:PORT; null: none
     metrics_listen: HostPort | None = field(default=None, metadata=_m(
         _Leaf(HostPort.parse), nullable=True))
@@ -513,8 +521,8 @@ class ClientConfig:
     # SCardBeginTransaction, SCardEndTransaction and SCardDisconnect(LEAVE) answered before
     # the server has (a server of wire revision 2; docs/wire-protocol.md, "Shortcuts")
     early_answers: bool = _f(BOOL, True)
-    # `pcsc-bridge status` asks the running agent on this socket (mode 0600)
-    admin_socket: str | None = _f(PATH, None, nullable=True)
+    # `pcsc-bridge status` and `reload` ask the running agent on this socket (mode 0600)
+    admin_socket: str | None = _f(PATH, ADMIN_SOCKETS["client"], nullable=True)
 
     def __post_init__(self):
         if self.server_name is None:
@@ -548,6 +556,8 @@ class LocalConfig:
     backend: BackendConfig = field(default_factory=BackendConfig, metadata=_m(BackendConfig))
     virtual: VirtualConfig = field(default_factory=VirtualConfig, metadata=_m(VirtualConfig))
     sockets: tuple[LocalSocket, ...] = _f(_ListOf(LocalSocket), ())
+    # `pcsc-bridge status` and `reload` ask the running daemon on this socket (mode 0600)
+    admin_socket: str | None = _f(PATH, ADMIN_SOCKETS["local"], nullable=True)
 
     def __post_init__(self):
         paths = [s.path for s in self.sockets]
