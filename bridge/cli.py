@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "doctor": "pcsc_bridge.doctor",
     "status": "pcsc_bridge.server.admin:register_status",
     "kick": "pcsc_bridge.server.admin:register_kick",
+    "reload": "pcsc_bridge.server.admin:register_reload",
     "check": "pcsc_bridge.check",
     "local": "pcsc_bridge.server.local",
     "emulate": "pcsc_bridge.server.emulate",

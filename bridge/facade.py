@@ -14,10 +14,12 @@ bounded memory and never slows the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import stat
 import struct
+import tempfile
 import time
 
 from . import log, netio
@@ -42,57 +44,127 @@ class Facade:
         self.users: dict = {}         # uid -> its application sockets
         self.repeats = log.Repeats()
         self._server: netio.UnixServer | None = None
+        self._path: str | None = None
+        self._inode: int | None = None
 
     def protocol_factory(self):
         return AppSession(self)
 
     async def serve_unix(self, path: str, mode: int = 0o666, owner=None, group=None):
         sock = bind_unix(path, mode, owner, group)
+        self._path, self._inode = path, socket_inode(path)
         self._server = netio.UnixServer(sock, self.protocol_factory)
         log.info("socket.listen", path=path, mode=f"{mode:04o}")
         return self._server
 
     async def close(self):
+        """Stop serving: the listener closed, its socket file removed (if it is still the
+        one made here), every application's connection closed."""
         if self._server:
             self._server.close()
+            if self._path is not None:
+                unlink_unix(self._path, self._inode)
         for s in list(self.sessions):
             s.transport.close()
 
 
-def bind_unix(path: str, mode: int = 0o666, owner=None, group=None) -> socket.socket:
-    """A listening Unix socket at ``path``. A stale socket file (no one listening) is
-    replaced; a live socket or any other file is refused with a clear error."""
+def bind_unix(path: str, mode: int = 0o666, owner=None, group=None, *,
+              replace: bool = False) -> socket.socket:
+    """A listening Unix socket at ``path`` with ``mode``, ``owner`` and ``group``, made so
+    that no one can turn them onto another file: the socket is bound and given its mode
+    and owner in a private folder (0700) beside ``path``, then renamed onto ``path`` (a
+    rename replaces a link, it never follows one). The folders holding ``path`` must be
+    writable by no one but root and this process's user (sshd's StrictModes), else an
+    OSError says which folder and why. A stale socket file (no one listening) is replaced,
+    a live socket too with ``replace`` (a reload's new mode or owner); anything else at
+    ``path`` is refused with a clear error. ``unlink_unix`` removes it again."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    check_folder(parent)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(1)
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale: nobody is listening
-        except OSError as exc:
-            raise OSError(f"{path}: cannot tell whether the socket is in use ({exc})") from exc
-        else:
+        if not replace and _listening(path):
             raise OSError(f"{path} is in use by a running service; refusing to replace it")
-        finally:
-            probe.close()
+    private = tempfile.mkdtemp(prefix=".", dir=parent)     # 0700, ours alone
+    staged = os.path.join(private, "s")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, mode)
-    if owner is not None or group is not None:
-        import grp
-        import pwd
-        uid = pwd.getpwnam(owner).pw_uid if isinstance(owner, str) else (owner or -1)
-        gid = grp.getgrnam(group).gr_gid if isinstance(group, str) else (group or -1)
-        os.chown(path, uid, gid)
-    sock.listen(128)
+    try:
+        sock.bind(staged)
+        os.chmod(staged, mode)
+        if owner is not None or group is not None:
+            import grp
+            import pwd
+            uid = pwd.getpwnam(owner).pw_uid if isinstance(owner, str) else owner
+            gid = grp.getgrnam(group).gr_gid if isinstance(group, str) else group
+            os.chown(staged, -1 if uid is None else uid, -1 if gid is None else gid)
+        sock.listen(128)
+        os.rename(staged, path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(staged)
+        os.rmdir(private)
     sock.setblocking(False)
     return sock
+
+
+def _listening(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError as exc:
+        raise OSError(f"{path}: cannot tell whether the socket is in use ({exc})") from exc
+    finally:
+        probe.close()
+    return True
+
+
+def check_folder(folder: str) -> None:
+    """Refuse (OSError) a socket folder that anyone but root and this process's user could
+    change: one of ``folder`` and the folders above it owned by another user, or writable
+    by group or others without the sticky bit (as /tmp has)."""
+    me = os.geteuid() if hasattr(os, "geteuid") else None
+    if me is None:      # no Unix ownership to check (Windows)
+        return
+    d = os.path.realpath(folder)
+    while True:
+        st = os.stat(d)
+        if st.st_uid not in (0, me):
+            raise OSError(f"{d} belongs to uid {st.st_uid}, who could replace the socket: "
+                          f"put it in a folder of root's or of this service's user")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            raise OSError(f"{d} is writable by {'group' if st.st_mode & stat.S_IWGRP else 'others'}"
+                          f" (mode {stat.S_IMODE(st.st_mode):04o}), who could replace the "
+                          "socket: remove that write permission or use another folder")
+        if d == os.path.dirname(d):
+            return
+        d = os.path.dirname(d)
+
+
+def socket_inode(path: str) -> int | None:
+    """The inode of the socket file at ``path`` now (to remove only that one later)."""
+    try:
+        return os.lstat(path).st_ino
+    except OSError:
+        return None
+
+
+def unlink_unix(path: str, inode: int | None) -> None:
+    """Remove the socket file at ``path`` if it is still the one with ``inode``."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if inode is not None and st.st_ino == inode and stat.S_ISSOCK(st.st_mode):
+            os.unlink(path)
 
 
 _UCRED = struct.Struct("3i")

@@ -26,11 +26,18 @@ def _command(pid) -> str | None:
 
 
 class AgentAdmin(ControlServer):
-    COMMANDS: ClassVar[dict] = {"status": "status"}
+    COMMANDS: ClassVar[dict] = {"status": "status", "reload": "reload"}
 
-    def __init__(self, backend, facade, path: str):
+    def __init__(self, backend, facade, path: str, reload=None):
         super().__init__(None, path)
-        self.agent, self.facade = backend, facade
+        self.agent, self.facade, self.reload = backend, facade, reload
+
+    async def _reload(self, args: list[str]) -> dict:
+        if args:
+            raise Refused("usage: reload")
+        if self.reload is None:
+            raise Refused("this agent was started without a configuration file")
+        return {"role": "agent", "changed": await self.reload()}
 
     def _status(self, args: list[str]) -> dict:
         if args:

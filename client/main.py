@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import dataclasses
+import hashlib
 import platform
 import signal
 
 from pcsc_bridge import __version__, config, log, netio, tls
 from pcsc_bridge.cli import run_daemon
 from pcsc_bridge.facade import Facade
+from pcsc_bridge.server.control import ReloadFailed, quietly, start_admin
 
 from .agent import RemoteBackend
 
@@ -36,21 +38,54 @@ def build(cfg: config.ClientConfig) -> tuple[RemoteBackend, Facade]:
     return backend, Facade(backend, pool=backend.pool, sockets_per_user=cfg.sockets_per_user)
 
 
-def reload(path: str, over: dict, backend: RemoteBackend) -> None:
-    """SIGHUP: the configuration file is read again and the certificate, key and CA in it
-    are used from the next connection on (a renewed certificate, a new CA). What else
-    changed needs a restart; the log says so. A file that does not load changes nothing."""
-    try:
-        cfg = config.load_client_config(path, over)
-        backend.ssl_context = tls.client_context(cfg.cert, cfg.key, cfg.ca,
-                                                 cfg.tls_min_version)
-    except (config.ConfigError, tls.TLSConfigError, ValueError, OSError) as exc:
-        log.error("agent.reload_failed", error=str(exc), kept="the running configuration")
-        return
-    log.info("agent.reloaded", config=path, applies="certificate, key and CA, from the "
-             "next connection; other keys at the next start")
-    backend.files = (cfg.cert, cfg.ca)
-    tls.warn_expiry(cfg.cert, cfg.ca, None, cfg.log.expiry_warning_days)
+class AgentReload:
+    """SIGHUP or ``pcsc-bridge reload``: the configuration file is read again and the
+    certificate, key and CA in it are used from the next connection on (a renewed
+    certificate, a new CA). What else changed needs a restart; the answer and the log say
+    so. A file that does not load changes nothing (ReloadFailed)."""
+
+    def __init__(self, path: str, over: dict, cfg: config.ClientConfig,
+                 backend: RemoteBackend):
+        self.path, self.over, self.cfg, self.backend = path, over, cfg, backend
+        self.digests = _digests(cfg)
+
+    async def __call__(self) -> list[str]:
+        try:
+            cfg = config.load_client_config(self.path, self.over)
+            context = await asyncio.to_thread(tls.client_context, cfg.cert, cfg.key, cfg.ca,
+                                              cfg.tls_min_version)
+        except (config.ConfigError, tls.TLSConfigError, ValueError, OSError) as exc:
+            log.error("agent.reload_failed", error=str(exc), kept="the running configuration")
+            raise ReloadFailed(str(exc)) from None
+        self.backend.ssl_context = context
+        self.backend.files = (cfg.cert, cfg.ca)
+        digests = _digests(cfg)
+        changed = [f"{name}: {getattr(cfg, name)} replaced, used from the next connection"
+                   for name in ("cert", "key", "ca") if digests[name] != self.digests[name]
+                   or getattr(cfg, name) != getattr(self.cfg, name)]
+        restart = [f.name for f in dataclasses.fields(cfg) if f.name not in ("cert", "key", "ca")
+                   and getattr(cfg, f.name) != getattr(self.cfg, f.name)]
+        if restart:
+            changed.append(f"needs a restart to apply: {', '.join(restart)}")
+            log.warning("agent.restart_needed", keys=",".join(restart),
+                        reason="these apply at the next start")
+        self.cfg, self.digests = dataclasses.replace(self.cfg, cert=cfg.cert, key=cfg.key,
+                                                     ca=cfg.ca), digests
+        log.info("agent.reloaded", config=self.path, changes=len(changed))
+        await asyncio.to_thread(tls.warn_expiry, cfg.cert, cfg.ca, None,
+                                cfg.log.expiry_warning_days)
+        return changed
+
+
+def _digests(cfg: config.ClientConfig) -> dict[str, str]:
+    out = {}
+    for name in ("cert", "key", "ca"):
+        try:
+            with open(getattr(cfg, name), "rb") as f:
+                out[name] = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            out[name] = ""
+    return out
 
 
 async def watch_expiry(backend: RemoteBackend, days: int, every: float = tls.DAY) -> None:
@@ -67,16 +102,18 @@ async def serve(cfg: config.ClientConfig, path: str | None = None,
     backend, facade = build(cfg)
     await backend.start()
     await facade.serve_unix(cfg.socket, cfg.socket_mode, cfg.socket_owner, cfg.socket_group)
+    reload = AgentReload(path, over or {}, cfg, backend) if path is not None else None
     admin = None
     if cfg.admin_socket:
         from .admin import AgentAdmin
-        admin = await AgentAdmin(backend, facade, cfg.admin_socket).start()
+        admin = await start_admin(AgentAdmin(backend, facade, cfg.admin_socket, reload),
+                                  config.ADMIN_SOCKETS["client"])
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if path is not None and hasattr(signal, "SIGHUP"):
-        loop.add_signal_handler(signal.SIGHUP, reload, path, over or {}, backend)
+    if reload is not None and hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(quietly(reload())))
     log.sd_notify("READY=1")
     watchdog = log.start_watchdog(loop)
     log.info("agent.ready", socket=cfg.socket, server=str(cfg.server), version=__version__,
@@ -92,10 +129,6 @@ async def serve(cfg: config.ClientConfig, path: str | None = None,
             await admin.close()
         await facade.close()
         await backend.close()
-        try:
-            os.unlink(cfg.socket)
-        except OSError:
-            pass
 
 
 def run(args) -> int:

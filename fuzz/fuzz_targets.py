@@ -166,7 +166,7 @@ def control_target():
                 text = line.decode("utf-8")
             except UnicodeDecodeError:
                 continue
-            answer = server.execute(text)
+            answer = await server.execute(text)
             assert answer.startswith(("ok ", "error: ")), answer
             assert len(backend.readers) <= 256
             await asyncio.sleep(0)            # what the command set off runs

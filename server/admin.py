@@ -1,7 +1,10 @@
 """The server's admin socket (``server.admin_socket``, mode 0600), and the commands that
-use it: ``pcsc-bridge status`` (who is connected, since when, how much) and ``pcsc-bridge
+use it: ``pcsc-bridge status`` (who is connected, since when, how much), ``pcsc-bridge
 kick GUEST`` (disconnect a guest now; its applications get SCARD_E_NO_SERVICE and the
-agent connects again unless the guest's certificate is revoked or its policy refuses it).
+agent connects again unless the guest's certificate is revoked or its policy refuses it)
+and ``pcsc-bridge reload`` (the server, the agent or ``local`` reads its files again and
+says what changed, or why nothing did). The agent's and ``local``'s admin sockets take
+the same lines.
 One command per line, one answer per line (``ok <JSON>`` or ``error: <why>``), as on the
 virtual readers' control socket (server/control.py)."""
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shlex
 import sys
 from typing import ClassVar
 
@@ -17,9 +21,11 @@ from pcsc_bridge.wire import Reason
 
 from .control import ControlServer, Refused, send_command
 
+RELOAD_TIMEOUT = 120.0   # seconds `pcsc-bridge reload` waits for the daemon's answer
+
 
 class AdminServer(ControlServer):
-    COMMANDS: ClassVar[dict] = {"status": "status", "kick": "kick GUEST"}
+    COMMANDS: ClassVar[dict] = {"status": "status", "kick": "kick GUEST", "reload": "reload"}
 
     def __init__(self, server, path: str):
         super().__init__(None, path)
@@ -52,6 +58,11 @@ class AdminServer(ControlServer):
             session.fail("disconnected by the operator (pcsc-bridge kick)", Reason.POLICY)
         return {"guest": args[0], "sessions": len(sessions)}
 
+    async def _reload(self, args: list[str]) -> dict:
+        if args:
+            raise Refused("usage: reload")
+        return {"role": "server", "changed": await self.server.reload()}
+
 
 # --- the commands ----------------------------------------------------------------------------
 def _common(p) -> None:
@@ -81,40 +92,64 @@ def register_kick(subparsers) -> None:
     p.set_defaults(func=run_kick)
 
 
-def _admin_socket(path: str, name: str) -> str | None:
-    """The admin socket a configuration file names: the server's, or on a guest the
-    agent's (a file with both sections: the server's)."""
+def register_reload(subparsers) -> None:
+    p = subparsers.add_parser(
+        "reload", help="make the running server, agent or local daemon read its files again",
+        description="Ask the running daemon whose file this is (server:, else local:, else "
+        "client:) to read its configuration and TLS files again, wait until it has checked "
+        "and applied them, and print what changed. Exit status 0: applied; 2: the daemon "
+        "refused the files and goes on with the configuration it had; 1: no daemon "
+        "answered. systemd's `systemctl reload` runs this.")
+    _common(p)
+    p.set_defaults(func=run_reload)
+
+
+def _admin_socket(path: str, name: str, refused: list | None = None) -> str | None:
+    """The admin socket a configuration file names: the server's, else ``local``'s, else
+    on a guest the agent's."""
     from pcsc_bridge.check import sections
     try:
-        if "server" in sections(path):
+        found = sections(path)
+        if "server" in found:
             cfg, key = config.load_server_config(path), "server.admin_socket"
+        elif "local" in found:
+            cfg, key = config.load_local_config(path), "local.admin_socket"
         else:
             cfg, key = config.load_client_config(path), "client.admin_socket"
     except config.ConfigError as exc:
-        print(f"pcsc-bridge {name}: {exc}", file=sys.stderr)
+        more = "; the running daemon was not asked and goes on as it was" \
+            if name == "reload" else ""
+        print(f"pcsc-bridge {name}: {exc}{more}", file=sys.stderr)
+        if refused is not None:
+            refused.append(str(exc))
         return None
     if not cfg.admin_socket:
         print(f"pcsc-bridge {name}: {path} sets no {key}", file=sys.stderr)
     return cfg.admin_socket
 
 
-def _ask(args, line: str, name: str) -> dict | None:
+def _ask(args, line: str, name: str, timeout: float | None = None,
+         refused: list | None = None) -> dict | None:
+    """The daemon's answer to ``line``, or None (the reason printed; an answer that
+    refuses the command is added to ``refused``)."""
     path = args.socket
     if path is None:
         if not args.config:
             print(f"pcsc-bridge {name}: give -c FILE or --socket PATH", file=sys.stderr)
             return None
-        path = _admin_socket(args.config, name)
+        path = _admin_socket(args.config, name, refused)
         if not path:
             return None
     try:
-        answer = send_command(path, line)
+        answer = send_command(path, line, *(() if timeout is None else (timeout,)))
     except OSError as exc:
         print(f"pcsc-bridge {name}: {path}: {exc.strerror or exc} (is the server or agent "
               "running, and are you its user?)", file=sys.stderr)
         return None
     if not answer.startswith("ok "):
         print(f"pcsc-bridge {name}: {answer or 'no answer'}", file=sys.stderr)
+        if answer and refused is not None:
+            refused.append(answer)
         return None
     return json.loads(answer[3:])
 
@@ -127,6 +162,8 @@ def run_status(args) -> int:
         print(json.dumps(st, indent=1))
     elif st.get("role") == "agent":
         _print_agent(st)
+    elif st.get("role") == "local":
+        _print_local(st)
     else:
         _print_server(st)
     return 0
@@ -140,6 +177,15 @@ def _print_server(st: dict) -> None:
     for g in st["guests"]:
         print(f"guest   {g['guest']} from {g['peer']} since {g['since']}: {g['streams']} "
               f"stream(s), {g['calls']} call(s), {g['errors']} error(s), wire {g['wire']}")
+
+
+def _print_local(st: dict) -> None:
+    print(f"backend {st['backend']}: {st['pcsc']}")
+    for r in st["readers"]:
+        print(f"reader  {r['name']}: {'card' if r['card'] else 'no card'}")
+    for sc in st["sockets"]:
+        print(f"socket  {sc['path']}: {sc['applications']} application(s), readers "
+              f"{', '.join(sc['readers'])}")
 
 
 def _print_agent(st: dict) -> None:
@@ -160,8 +206,20 @@ def _print_agent(st: dict) -> None:
               f"{a['contexts']} context(s), {cards}")
 
 
+def run_reload(args) -> int:
+    refused = []
+    out = _ask(args, "reload", "reload", RELOAD_TIMEOUT, refused)
+    if out is None:
+        return 2 if refused else 1
+    changes = out["changed"]
+    print(f"{out['role']}: reloaded" + ("" if changes else ", nothing changed"))
+    for line in changes:
+        print(f"  {line}")
+    return 0
+
+
 def run_kick(args) -> int:
-    out = _ask(args, f"kick {json.dumps(args.guest)}", "kick")
+    out = _ask(args, shlex.join(["kick", args.guest]), "kick")
     if out is None:
         return 1
     print(f"disconnected {out['guest']} ({out['sessions']} session(s))")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import inspect
 import json
-import os
 import shlex
 import socket
 import sys
@@ -19,7 +20,7 @@ import sys
 from pcsc_bridge import log
 from pcsc_bridge.card import Card
 from pcsc_bridge.config import BadValue, parse_atr, parse_reader_name
-from pcsc_bridge.facade import bind_unix
+from pcsc_bridge.facade import bind_unix, socket_inode, unlink_unix
 
 from .virtual import VirtualBackend
 
@@ -37,6 +38,10 @@ COMMANDS = {
 
 class Refused(Exception):
     """A command that cannot be carried out; str() is the answer's plain words."""
+
+
+class ReloadFailed(Exception):
+    """A reload that applied nothing (a file that does not load or check); str() says why."""
 
 
 class Garbage(Exception):
@@ -65,7 +70,7 @@ class ControlServer:
 
     async def start(self) -> ControlServer:
         sock = bind_unix(self.path, 0o600)  # owner only: it can pull any card out
-        self._inode = os.stat(self.path).st_ino
+        self._inode = socket_inode(self.path)
         self._server = await asyncio.start_unix_server(self._client, sock=sock,
                                                        limit=MAX_CONTROL_LINE)
         log.info("control.listen", path=self.path, mode="0600")
@@ -76,11 +81,7 @@ class ControlServer:
             self._server.close()
         for w in list(self._writers):
             w.close()
-        try:
-            if self._inode is not None and os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-        except OSError:
-            pass
+        unlink_unix(self.path, self._inode)
         self._server = self._inode = None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -93,7 +94,7 @@ class ControlServer:
                     raise Garbage(f"line longer than {MAX_CONTROL_LINE} bytes") from None
                 if not line:
                     return
-                writer.write(self.execute(_text(line)).encode() + b"\n")
+                writer.write((await self.execute(_text(line))).encode() + b"\n")
                 await writer.drain()
         except Garbage as exc:
             log.warning("control.dropped", reason=str(exc))
@@ -104,8 +105,8 @@ class ControlServer:
             self._writers.discard(writer)
             writer.close()
 
-    def execute(self, line: str) -> str:
-        """One command line's answer."""
+    async def execute(self, line: str) -> str:
+        """One command line's answer (a command may be a coroutine: ``reload``)."""
         try:
             words = shlex.split(line)
         except ValueError as exc:  # "No closing quotation"
@@ -118,6 +119,10 @@ class ControlServer:
             return f'error: unknown command "{shown}"; commands: ' + ", ".join(self.COMMANDS)
         try:
             answer = getattr(self, "_" + name.replace("-", "_"))(args)
+            if inspect.isawaitable(answer):
+                answer = await answer
+        except ReloadFailed as exc:
+            return f"error: {exc}"
         except Refused as exc:
             log.info("control.refused", command=line.strip(), reason=str(exc))
             return f"error: {exc}"
@@ -195,6 +200,27 @@ class ControlServer:
         if args:
             raise Refused("list takes no arguments")
         return [self._describe(i) for i in range(len(self.backend.readers))]
+
+
+async def quietly(reload) -> None:
+    """A reload started by a signal: a failure is logged by the reload, nothing more."""
+    with contextlib.suppress(ReloadFailed):
+        await reload
+
+
+async def start_admin(admin: ControlServer, default: str) -> ControlServer | None:
+    """``admin`` started; if its socket cannot be made at the built-in ``default`` path
+    (not root, no such folder), a warning and None: the daemon serves without one. A
+    path the file names must work."""
+    try:
+        return await admin.start()
+    except OSError as exc:
+        if admin.path != default:
+            raise OSError(f"admin_socket {admin.path}: {exc.strerror or exc}") from None
+        log.warning("admin.unavailable", path=admin.path, error=exc.strerror or str(exc),
+                    hint="status and reload need it: set admin_socket to a path this user "
+                    "may create (or null to say there is none)")
+        return None
 
 
 def _text(line: bytes) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import socket
 import time
 
@@ -12,6 +13,7 @@ from pcsc_bridge import __version__, config, log, netio, tls
 from pcsc_bridge.backend import Backend
 from pcsc_bridge.wire import Reason
 
+from .control import ReloadFailed
 from .metrics import Metrics, MetricsEndpoint
 from .session import GuestSession
 
@@ -38,6 +40,8 @@ class Server:
         self.source: tuple | None = None   # (config path, overrides): reload re-reads it
         self.metrics = Metrics(self)       # counters: kept across reloads
         self.endpoint: MetricsEndpoint | None = None   # server.metrics_listen
+        self._reloading = asyncio.Lock()   # one reload at a time (SIGHUP, admin, files)
+        self._digests = file_digests(tls_config.files)
 
     # --- hooks used by sessions -----------------------------------------------------------
     def identity(self, ssl_object) -> str:
@@ -139,28 +143,56 @@ class Server:
             return
         netio.Transport(tls_sock, session)
 
-    async def reload(self) -> None:
-        """Re-read certificates, key, CA and CRL (SIGHUP, or a change to them) for new
-        connections, and the configuration file's guests: policies (``source``); then
-        apply both to the guests connected now: one whose policy no longer allows it, or
-        whose certificate the new CRL lists or that has expired, is disconnected; the
-        others get the new policy (their readers' view at once, their calls from now
-        on). A failed reload keeps the previous files and policies in use."""
+    async def reload(self) -> list[str]:
+        """Re-read certificates, key, CA and CRL (SIGHUP, ``pcsc-bridge reload``, or a
+        change to them) for new connections, and the configuration file's guests:
+        policies (``source``); then apply both to the guests connected now: one whose
+        policy no longer allows it, or whose certificate the new CRL lists or that has
+        expired, is disconnected; the others get the new policy (their readers' view at
+        once, their calls from now on). Returns what changed, one sentence each. A failed
+        reload raises ReloadFailed and keeps the previous files and policies in use."""
+        async with self._reloading:
+            return await self._reload()
+
+    async def _reload(self) -> list[str]:
         self._stamp = self.tls.stamp()
         try:   # the files are checked in a child process: not on the loop's time
-            loaded = await asyncio.to_thread(self.tls.load)
-            guests, metrics_listen = self.config.guests, self.config.metrics_listen
-            if self.source is not None:
-                new = config.load_server_config(*self.source)
-                guests, metrics_listen = new.guests, new.metrics_listen
+            new = config.load_server_config(*self.source) if self.source is not None \
+                else self.config
+            files = tls.ServerFiles(new.cert, new.key, new.ca, new.crl, new.tls_min_version)
+            loaded, digests = await asyncio.to_thread(
+                lambda: (self.tls.load(files), file_digests(files)))
         except (tls.TLSConfigError, config.ConfigError) as exc:
             log.error("server.reload_failed", error=str(exc),
                       kept="previous certificates and policies")
-            return
+            raise ReloadFailed(str(exc)) from None
+        changed = [f"{name}: {path} replaced" + (
+            f" ({len(loaded[2])} revoked certificate(s), was {len(self.tls.revoked)})"
+            if name == "crl" else "")
+            for name, path in _tls_files(files)
+            if digests.get(name) != self._digests.get(name)
+            or path != getattr(self.tls.files, name)]
+        if files.min_version != self.tls.files.min_version:
+            changed.append(f"tls_min_version: {files.min_version}")
+        self._digests = digests
+        old = self.config.guests
+        for name in sorted(set(old) | set(new.guests)):
+            if name not in old:
+                changed.append(f"guest {name}: policy added")
+            elif name not in new.guests:
+                changed.append(f"guest {name}: policy removed")
+            elif old[name] != new.guests[name]:
+                changed.append(f"guest {name}: policy changed")
         self.tls.use(*loaded)
-        self.config = dataclasses.replace(self.config, guests=guests)
-        if metrics_listen != self.config.metrics_listen:
-            await self._move_endpoint(metrics_listen)
+        self.config = dataclasses.replace(self.config, guests=new.guests, cert=new.cert,
+                                          key=new.key, ca=new.ca, crl=new.crl,
+                                          tls_min_version=new.tls_min_version)
+        if new.metrics_listen != self.config.metrics_listen \
+                and await self._move_endpoint(new.metrics_listen):
+            changed.append(f"metrics_listen: {new.metrics_listen or 'off'}")
+        restart = [key for key in ("listen", "admin_socket", "backend", "virtual", "limits",
+                                   "reload_check", "log")
+                   if getattr(new, key) != getattr(self.config, key)]
         now = time.time()
         for session in list(self.sessions):
             policy = self.config.policy_for(session.guest)
@@ -172,12 +204,18 @@ class Server:
                 log.warning("guest.disconnected_on_reload", guest=session.guest,
                             serial=f"{session.serial:x}", peer=session.peer, reason=why)
                 session.fail(f"{why} (server reloaded)", Reason.POLICY)
+                changed.append(f"guest {session.guest} disconnected: {why}")
             else:
                 session.reconfigure(policy)
-        log.info("server.reloaded", guests=len(self.sessions))
+        if restart:
+            log.warning("server.restart_needed", keys=",".join(restart),
+                        reason="these apply at the next start")
+            changed.append(f"needs a restart to apply: {', '.join(restart)}")
+        log.info("server.reloaded", guests=len(self.sessions), changes=len(changed))
         await self.warn_expiry()
+        return changed
 
-    async def _move_endpoint(self, address) -> None:
+    async def _move_endpoint(self, address) -> bool:
         """The metrics endpoint to ``address`` (None: off). If the new address cannot be
         listened on, the endpoint stays where it was (and the log says why)."""
         old, self.endpoint = self.endpoint, None
@@ -192,10 +230,11 @@ class Server:
             if old is not None:
                 with contextlib.suppress(config.ConfigError):
                     self.endpoint = await MetricsEndpoint(self.metrics, old.address).start()
-            return
+            return False
         self.config = dataclasses.replace(self.config, metrics_listen=address)
         if address is None:
             log.info("metrics.closed", address=str(old.address))
+        return True
 
     async def watch_files(self, every: float) -> None:
         """Reload when the TLS files change (looked at every ``every`` seconds): how an
@@ -205,7 +244,8 @@ class Server:
             await asyncio.sleep(every)
             if self.tls.stamp() != self._stamp:
                 log.info("server.files_changed", reloading="certificates, key, ca, crl")
-                await self.reload()
+                with contextlib.suppress(ReloadFailed):
+                    await self.reload()
 
     async def close(self) -> None:
         """Graceful stop (SIGTERM): no new connections; every guest gets a GOAWAY, calls
@@ -278,3 +318,20 @@ def listening_sockets(host: str, port: int, key: str = "server.listen") -> list[
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _tls_files(files: tls.ServerFiles) -> list[tuple[str, str]]:
+    return [(name, getattr(files, name)) for name in ("cert", "key", "ca", "crl")
+            if getattr(files, name)]
+
+
+def file_digests(files: tls.ServerFiles) -> dict[str, str]:
+    """What each TLS file holds now (SHA-256 of its bytes), to tell a reload what changed."""
+    out = {}
+    for name, path in _tls_files(files):
+        try:
+            with open(path, "rb") as f:
+                out[name] = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            out[name] = ""
+    return out

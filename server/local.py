@@ -22,7 +22,7 @@ import os
 import platform
 import signal
 import socket
-import stat
+from typing import ClassVar
 
 from pcsc_bridge import __version__, config, log, netio
 from pcsc_bridge.backend import (
@@ -34,10 +34,11 @@ from pcsc_bridge.backend import (
     ReaderModel,
 )
 from pcsc_bridge.cli import run_daemon
-from pcsc_bridge.facade import Facade, bind_unix
+from pcsc_bridge.facade import Facade, bind_unix, socket_inode, unlink_unix
 from pcsc_bridge.pcsc import SCARD_SCOPE_SYSTEM, EstablishContext, Message, rv_name
 
 from .backends import make_backend
+from .control import ControlServer, Refused, ReloadFailed, quietly, start_admin
 
 SD_LISTEN_FDS_START = 3
 # After a ready context is handed out, wait this long for the application to give it back
@@ -229,7 +230,16 @@ class Served:
         self.pool = AheadPool(self.view)
         self.facade = Facade(self.view, pool=self.pool)
         self.listener = netio.UnixServer(sock, self.facade.protocol_factory)
+        self.inode = None if passed else socket_inode(cfg.path)
         self.pool.prepare()
+
+    def rebind(self, cfg: config.LocalSocket) -> None:
+        """A new mode, owner or group: a new socket file made as at start (bind_unix)
+        takes the path's place; the applications connected now stay."""
+        sock = bind_unix(cfg.path, cfg.mode, cfg.owner, cfg.group, replace=True)
+        self.listener.close()
+        self.listener = netio.UnixServer(sock, self.facade.protocol_factory)
+        self.inode = socket_inode(cfg.path)
 
     async def close(self) -> None:
         self.listener.close()
@@ -237,11 +247,7 @@ class Served:
         await self.pool.close()
         await self.view.close()
         if not self.passed:
-            try:
-                if stat.S_ISSOCK(os.lstat(self.cfg.path).st_mode):
-                    os.unlink(self.cfg.path)
-            except OSError:
-                pass
+            unlink_unix(self.cfg.path, self.inode)
 
 
 class Local:
@@ -269,52 +275,60 @@ class Local:
                  control=sc.control if isinstance(sc.control, str)
                  else ",".join(f"0x{c:08X}" for c in sc.control))
 
-    async def reload(self, cfg: config.LocalConfig) -> None:
+    async def reload(self, cfg: config.LocalConfig) -> list[str]:
         """A new configuration: policies apply at once, sockets no longer listed close,
-        new ones open, mode, owner and group follow. The backend stays as it started."""
+        new ones open, mode, owner and group follow. The backend stays as it started.
+        Returns what changed; a configuration that cannot apply raises ReloadFailed and
+        changes nothing."""
         gone = [p for p in self.served if p not in {s.path for s in cfg.sockets}]
         kept_passed = [p for p in gone if self.served[p].passed]
         if kept_passed:
-            log.error("local.reload_failed", error=f"{', '.join(kept_passed)} came from "
-                      "systemd (its .socket unit); remove it there", kept="the running "
-                      "configuration")
-            return
-        if cfg.backend != self.config.backend or cfg.virtual != self.config.virtual:
-            log.warning("local.backend_unchanged", reason="backend: and virtual: apply at "
-                        "the next start")
+            why = (f"{', '.join(kept_passed)} came from systemd (its .socket unit); remove "
+                   "it there")
+            log.error("local.reload_failed", error=why, kept="the running configuration")
+            raise ReloadFailed(why)
+        changed = []
+        restart = [key for key in ("backend", "virtual", "admin_socket")
+                   if getattr(cfg, key) != getattr(self.config, key)]
+        if restart:
+            log.warning("local.restart_needed", keys=",".join(restart),
+                        reason="these apply at the next start")
         for path in gone:
             await self.served.pop(path).close()
             log.info("local.closed", socket=path)
+            changed.append(f"socket {path}: closed")
+        failed = []
         for sc in cfg.sockets:
             served = self.served.get(sc.path)
             try:
                 if served is None:
                     self._serve(sc)
+                    changed.append(f"socket {sc.path}: opened")
                     continue
                 if not served.passed and (sc.mode, sc.owner, sc.group) != (
                         served.cfg.mode, served.cfg.owner, served.cfg.group):
-                    _set_file(sc)
+                    served.rebind(sc)
+                    changed.append(f"socket {sc.path}: mode {sc.mode:04o}, owner "
+                                   f"{sc.owner}, group {sc.group}")
+                if sc.policy != served.cfg.policy:
+                    changed.append(f"socket {sc.path}: policy changed")
                 served.cfg = sc
                 served.view.reconfigure(sc.policy)
             except (OSError, KeyError) as exc:
                 log.error("local.reload_failed", socket=sc.path, error=str(exc))
-        self.config = cfg
-        log.info("local.reloaded", sockets=len(self.served))
+                failed.append(f"socket {sc.path}: {exc}")
+        self.config = dataclasses.replace(cfg, **{k: getattr(self.config, k) for k in restart})
+        if restart:
+            changed.append(f"needs a restart to apply: {', '.join(restart)}")
+        log.info("local.reloaded", sockets=len(self.served), changes=len(changed))
+        if failed:
+            raise ReloadFailed("; ".join(failed + [f"applied: {c}" for c in changed]))
+        return changed
 
     async def close(self) -> None:
         for served in list(self.served.values()):
             await served.close()
         self.served.clear()
-
-
-def _set_file(sc: config.LocalSocket) -> None:
-    import grp
-    import pwd
-    os.chmod(sc.path, sc.mode)
-    if sc.owner is not None or sc.group is not None:
-        uid = pwd.getpwnam(sc.owner).pw_uid if isinstance(sc.owner, str) else sc.owner
-        gid = grp.getgrnam(sc.group).gr_gid if isinstance(sc.group, str) else sc.group
-        os.chown(sc.path, -1 if uid is None else uid, -1 if gid is None else gid)
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -415,18 +429,28 @@ async def serve(cfg: config.LocalConfig, passed: dict, args=None) -> None:
     backend = make_backend(cfg)
     await backend.start()
     local = Local(cfg, backend, passed)
+    control = admin = None
     try:
         local.start()
+        if cfg.virtual.control and backend.name == "virtual":
+            control = await ControlServer(backend, cfg.virtual.control).start()
+        elif cfg.virtual.control:
+            log.warning("control.unused", path=cfg.virtual.control, backend=backend.name,
+                        reason="only the virtual backend has a control socket")
+        if cfg.admin_socket:
+            admin = await start_admin(LocalAdmin(local, args), config.ADMIN_SOCKETS["local"])
     except BaseException:
-        await local.close()
-        await backend.close()
+        for part in (control, admin, local, backend):
+            if part is not None:
+                await part.close()
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if args is not None and args.config and hasattr(signal, "SIGHUP"):
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(local, args)))
+        loop.add_signal_handler(signal.SIGHUP,
+                                lambda: loop.create_task(quietly(reload(local, args))))
     log.sd_notify("READY=1")
     watchdog = log.start_watchdog(loop)
     log.info("local.ready", sockets=len(local.served), backend=backend.name,
@@ -434,14 +458,47 @@ async def serve(cfg: config.LocalConfig, passed: dict, args=None) -> None:
              selector=netio.selector_class().__name__, watchdog=watchdog and f"{watchdog:g}s")
     await stop.wait()
     log.sd_notify("STOPPING=1")
+    for part in (control, admin):
+        if part is not None:
+            await part.close()
     await local.close()
     await backend.close()
 
 
-async def _reload(local: Local, args) -> None:
+async def reload(local: Local, args) -> list[str]:
+    """The file read again (SIGHUP, ``pcsc-bridge reload``) and applied (Local.reload)."""
     try:
         cfg = load(args)
     except (config.ConfigError, ValueError) as exc:
         log.error("local.reload_failed", error=str(exc), kept="the running configuration")
-        return
-    await local.reload(cfg)
+        raise ReloadFailed(str(exc)) from None
+    return await local.reload(cfg)
+
+
+class LocalAdmin(ControlServer):
+    """``local.admin_socket``: ``status`` (the sockets, their applications) and
+    ``reload``, as on the server's and the agent's."""
+
+    COMMANDS: ClassVar[dict] = {"status": "status", "reload": "reload"}
+
+    def __init__(self, local: Local, args):
+        super().__init__(None, local.config.admin_socket)
+        self.local, self.args = local, args
+
+    def _status(self, args: list[str]) -> dict:
+        if args:
+            raise Refused("usage: status")
+        backend = self.local.backend
+        return {"role": "local", "backend": backend.name, "pcsc": backend.describe(),
+                "readers": [{"name": st.readerName, "card": bool(st.cardAtr)}
+                            for st in backend.model.states if st.readerName],
+                "sockets": [{"path": path, "applications": len(served.facade.sessions),
+                             "readers": list(served.cfg.readers)}
+                            for path, served in sorted(self.local.served.items())]}
+
+    async def _reload(self, args: list[str]) -> dict:
+        if args:
+            raise Refused("usage: reload")
+        if self.args is None or not self.args.config:
+            raise Refused("this daemon was started without a configuration file (-c)")
+        return {"role": "local", "changed": await reload(self.local, self.args)}

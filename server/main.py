@@ -10,6 +10,7 @@ from pcsc_bridge import __version__, config, log, netio, tls
 from pcsc_bridge.cli import run_daemon
 
 from .backends import make_backend
+from .control import quietly, start_admin
 from .host import Server
 
 
@@ -54,7 +55,8 @@ async def serve(server: Server) -> None:
         await server.start()
         if server.config.admin_socket:
             from .admin import AdminServer
-            admin = await AdminServer(server, server.config.admin_socket).start()
+            admin = await start_admin(AdminServer(server, server.config.admin_socket),
+                                       config.ADMIN_SOCKETS["server"])
     except BaseException:
         if control:
             await control.close()
@@ -62,7 +64,7 @@ async def serve(server: Server) -> None:
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = on_signals(loop, stop.set, lambda: loop.create_task(server.reload()))
+    signals = on_signals(loop, stop.set, lambda: loop.create_task(quietly(server.reload())))
     watch = loop.create_task(server.watch_files(server.config.reload_check)) \
         if server.config.reload_check else None
     log.sd_notify("READY=1")

@@ -499,8 +499,15 @@ server:
   crl: {ca}/crl.pem
   backend: {{type: {backend}{sock}}}
   limits: {{keepalive_interval: 1s, keepalive_timeout: 3s}}
-{extra}""")
+{admin_line(directory, name, extra)}{extra}""")
     return path
+
+
+def admin_line(directory, name, extra) -> str:
+    """Each test daemon's admin socket in its own folder, unless ``extra`` names one."""
+    if "admin_socket:" in extra:
+        return ""
+    return f"  admin_socket: {os.path.join(directory, name + '.admin')}\n"
 
 
 def write_client_config(directory, ca, port, guest, sock, name=None, extra=""):
@@ -516,7 +523,7 @@ client:
   socket: {sock}
   reconnect: {{initial: 0.2s, max: 1s}}
   keepalive: {{interval: 1s, timeout: 3s}}
-{extra}""")
+{admin_line(directory, os.path.basename(path), extra)}{extra}""")
     return path
 
 
@@ -610,7 +617,7 @@ def write_local_config(directory, sockets: str, backend="pcscd", name="local.yam
 log: {{level: info}}
 local:
   backend: {{type: {backend}{sock}}}
-  sockets:
+{admin_line(directory, name, "")}  sockets:
 {sockets}""")
     return path
 

@@ -227,13 +227,14 @@ def test_check_validates_a_configuration_without_starting_anything(tmp_path):
 def test_status_and_kick_on_the_admin_socket(tmp_path):
     from test_bridge import Bridge, establish
     admin = str(tmp_path / "admin.sock")
-    b = Bridge(str(tmp_path), guests=("guest1", "guest2"), backend="virtual",
+    b = Bridge(str(tmp_path), guests=("guest1",), backend="virtual",
                extra=f"  admin_socket: {admin}\n")
+    own_pki_client(b.ca, "gäst")   # pcsc-bridge certs takes ASCII names; other CAs do not
     try:
         b.start_server()
         wait_path(admin)
         assert oct(os.stat(admin).st_mode & 0o777) == "0o600"    # owner only
-        socks = {g: b.start_agent(g) for g in ("guest1", "guest2")}
+        socks = {g: b.start_agent(g) for g in ("guest1", "gäst")}
         apps = {g: b.app(sock) for g, sock in socks.items()}
         for app in apps.values():
             establish(app)
@@ -243,7 +244,7 @@ def test_status_and_kick_on_the_admin_socket(tmp_path):
                                    admin], capture_output=True, text=True, check=False)
         done = pb("status")
         assert done.returncode == 0, done.stderr
-        assert "guest   guest1 from 127.0.0.1:" in done.stdout and "guest2" in done.stdout
+        assert "guest   guest1 from 127.0.0.1:" in done.stdout and "gäst" in done.stdout
         assert "backend virtual" in done.stdout and "reader  " in done.stdout
         done = pb("kick", "guest1")
         assert done.returncode == 0 and "disconnected guest1 (1 session(s))" in done.stdout
@@ -253,12 +254,43 @@ def test_status_and_kick_on_the_admin_socket(tmp_path):
         while "disconnected by the operator" not in agent_log.read_text():
             assert time.monotonic() < deadline, agent_log.read_text()[-2000:]
             time.sleep(0.05)
-        establish(apps["guest2"])
+        establish(apps["gäst"])
         assert "kick" in Path(tmp_path, "server.log").read_text()
+        done = pb("kick", "gäst")                # a name that is not ASCII
+        assert done.returncode == 0 and "disconnected gäst (1 session(s))" in done.stdout, \
+            done.stderr
         done = pb("kick", "nobody")
         assert done.returncode == 1 and "no guest 'nobody' is connected" in done.stderr
     finally:
         b.stop()
+
+
+def own_pki_client(ca_dir: str, name: str) -> None:
+    """A client certificate for ``name`` from the CA in ``ca_dir``, made as another
+    PKI would (any UTF-8 common name), as NAME.pem and NAME-key.pem beside it."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    ca = x509.load_pem_x509_certificate(Path(ca_dir, "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key(Path(ca_dir, "ca-key.pem").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+            .sign(ca_key, hashes.SHA256()))
+    Path(ca_dir, f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    Path(ca_dir, f"{name}-key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    os.chmod(Path(ca_dir, f"{name}-key.pem"), 0o600)
 
 
 def test_status_on_a_guest_shows_the_link_and_its_applications(tmp_path):
@@ -459,3 +491,89 @@ def test_log_lines_carry_the_time_off_journald_and_can_be_json(tmp_path):
     record = json.loads(first_line({}))
     assert record["event"] == "socket.listen" and record["level"] == "INFO" and record["time"]
     assert record["path"] == sock
+
+
+def test_the_admin_socket_is_on_by_default(tmp_path):
+    # config.example.yaml shows /run/pcsc-bridge/admin.sock as the default: a file that
+    # does not mention admin_socket gets it, so `status -c` works with a minimal file
+    from test_bridge import Bridge
+    from pcsc_bridge import config
+    default = config.ADMIN_SOCKETS["server"]
+    if os.path.exists(default):
+        pytest.fail(f"{default} exists: another server is running on this machine")
+    b = Bridge(str(tmp_path), guests=("guest1",), backend="virtual")
+    try:
+        conf = Path(write_server_config(str(tmp_path), b.ca, b.port, backend="virtual"))
+        conf.write_text("".join(line for line in conf.read_text().splitlines(True)
+                                if not line.strip().startswith("admin_socket:")))
+        from conftest import Process
+        b.server = Process(["server", "-c", str(conf)], str(tmp_path / "server.log"))
+        wait_path(default)
+        done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "status", "-c",
+                               str(conf)], capture_output=True, text=True, check=False)
+        assert done.returncode == 0 and "backend virtual" in done.stdout, done.stderr
+    finally:
+        b.stop()
+    assert not os.path.exists(default)        # removed at stop
+
+
+def test_a_default_admin_socket_that_cannot_be_made_is_a_warning(tmp_path):
+    # a user trying the server by hand (no /run/pcsc-bridge of theirs) still gets a server
+    import asyncio
+    from pcsc_bridge.server.control import ControlServer, start_admin
+    path = "/proc/self/no-such-folder/admin.sock"
+
+    async def go():
+        return await start_admin(ControlServer(None, path), default=path)
+    assert asyncio.run(go()) is None
+
+    async def named():                         # a path the file names must work
+        return await start_admin(ControlServer(None, path), default="/elsewhere")
+    with pytest.raises(OSError, match="admin_socket /proc/self/no-such-folder"):
+        asyncio.run(named())
+
+
+def test_emulate_removes_its_sockets_when_stopped(tmp_path):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        sock, control = tmp_path / "emu.sock", tmp_path / "emu.control"
+        proc = subprocess.Popen([sys.executable, "-m", "pcsc_bridge", "emulate", "--socket",
+                                 str(sock), "--control", str(control)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_path(str(control))
+            assert sock.is_socket()
+            proc.send_signal(sig)
+            assert proc.wait(10) == 0
+        finally:
+            proc.kill()
+        assert not sock.exists() and not control.exists(), sig
+
+
+def test_local_makes_its_virtual_control_socket(tmp_path):
+    from conftest import App, Process
+    from targets import write_local_config
+    sock, control = tmp_path / "box" / "pcscd.comm", tmp_path / "control"
+    conf = write_local_config(str(tmp_path), f"    - {{path: {sock}}}\n", backend="virtual")
+    Path(conf).write_text(Path(conf).read_text().replace(
+        "local:\n", f"local:\n  virtual: {{control: {control}}}\n"))
+    local = Process(["local", "-c", conf], str(tmp_path / "local.log"))
+    app = None
+    try:
+        wait_path(str(control))
+        assert os.stat(control).st_mode & 0o777 == 0o600
+        done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "virtual", "--control",
+                               str(control), "remove", "0"], capture_output=True, text=True,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        app = App(str(sock))
+        from smartcard import scard as s
+        hr, ctx = app.SCardEstablishContext(s.SCARD_SCOPE_USER)
+        assert hr == 0
+        hr, states = app.SCardGetStatusChange(ctx, 0, [("Virtual PCD 00 00",
+                                                        s.SCARD_STATE_UNAWARE, [])])
+        assert states[0][1] & s.SCARD_STATE_EMPTY, states
+    finally:
+        if app is not None:
+            app.close()
+        local.stop()
+    assert not control.exists()

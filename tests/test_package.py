@@ -331,7 +331,7 @@ install -o pcsc-bridge -g pcsc-bridge -m 600 ca/guest1-key.pem guest-key.pem
 printf '%s\n' 'server:' "  listen: [\"127.0.0.1:$port\"]" \
     '  cert: /etc/pcsc-bridge/host.pem' '  key: /etc/pcsc-bridge/host-key.pem' \
     '  ca: /etc/pcsc-bridge/ca.pem' '  crl: /etc/pcsc-bridge/crl.pem' \
-    '  backend: {type: pcscd}' '  admin_socket: /run/pcsc-bridge/admin.sock' > server.yaml
+    '  backend: {type: pcscd}' > server.yaml
 printf '%s\n' 'client:' "  server: \"127.0.0.1:$port\"" '  server_name: localhost' \
     '  cert: /etc/pcsc-bridge/guest.pem' '  key: /etc/pcsc-bridge/guest-key.pem' \
     '  ca: /etc/pcsc-bridge/ca.pem' > client.yaml
@@ -373,6 +373,15 @@ print("%02X%02X" % c.transmit([0x00, 0xA4, 0x04, 0x00, 0x00])[1:])'
 check status pcsc-bridge status -c /etc/pcsc-bridge/server.yaml
 check reload-server systemctl reload pcsc-bridge-server
 check reload-client systemctl reload pcsc-bridge-client
+check reload-answer pcsc-bridge reload -c /etc/pcsc-bridge/client.yaml
+# a file that does not load: systemctl reload fails, the daemons serve on as they were
+cp /etc/pcsc-bridge/server.yaml /etc/pcsc-bridge/client.yaml /tmp/
+echo '  limits: {max_guests: many}' >> /etc/pcsc-bridge/server.yaml
+sed -i 's/guest-key.pem/missing-key.pem/' /etc/pcsc-bridge/client.yaml
+check reload-server-broken systemctl reload pcsc-bridge-server
+check reload-client-broken systemctl reload pcsc-bridge-client
+cp /tmp/server.yaml /tmp/client.yaml /etc/pcsc-bridge/
+check status-after-broken pcsc-bridge status -c /etc/pcsc-bridge/client.yaml
 for u in server client; do
     check security-$u systemd-analyze security --no-pager pcsc-bridge-$u
 done
@@ -416,6 +425,14 @@ def test_the_units_run_hardened_under_systemd(deb, tmp_path):
     for step in ("start-pcscd", "start-server-pcscd", "start-server", "start-client",
                  "reload-server", "reload-client"):
         result(step)
+    # systemctl reload returned once the daemon had applied the files (ExecReload is
+    # `pcsc-bridge reload`), and fails when they do not load; the daemons go on
+    assert result("reload-answer") == "agent: reloaded, nothing changed\n"
+    for unit in ("server", "client"):
+        assert _read(out, f"reload-{unit}-broken.rc").strip() != "0", \
+            _read(out, f"reload-{unit}-broken")
+    assert "server  127.0.0.1:" in result("status-after-broken")
+    assert "connected since" in result("status-after-broken")
     assert "backend pcscd: pcsc-lite pcscd at /run/pcscd/pcscd.comm" in result("status-pcscd")
     for unit in ("server", "client"):       # its own user, no capabilities, a syscall filter
         creds = dict(line.split(":\t") for line in result(f"creds-{unit}").splitlines())
