@@ -23,13 +23,14 @@ def register(subparsers) -> None:
 
 
 def sections(path: str) -> set[str]:
+    """Which of server:, client: and local: the file at PATH has. A file that cannot be
+    read, is not UTF-8, is not YAML or is out of bounds: the loaders' ConfigError."""
     import yaml
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return {"server", "client"}    # the loaders say what is wrong, in their words
-    return set(data) & {"server", "client", "local"} if isinstance(data, dict) else set()
+    root = config.read_yaml(path)
+    if not isinstance(root, yaml.MappingNode):
+        return set()
+    return {k.value for k, _ in root.value if isinstance(k, yaml.ScalarNode)} \
+        & {"server", "client", "local"}
 
 
 class Report:
@@ -89,7 +90,11 @@ _RENEW = {"certificate": "renew it (docs/certificates.md, Renew)",
 def run(args) -> int:
     report = Report()
     ok, bad = report.ok, report.bad
-    found = sections(args.config)
+    try:
+        found = sections(args.config)
+    except config.ConfigError as exc:
+        bad(str(exc))
+        return report.end(2)
     if not found:
         bad(f"{args.config}: no server:, client: or local: section")
     if "server" in found:
