@@ -397,9 +397,12 @@ def server_context(cert: str, key: str, ca: str, crl: str | None = None,
 def client_context(cert: str, key: str, ca: str, min_version: str = "1.3",
                    crl: str | None = None) -> ssl.SSLContext:
     """The guest agent's context: presents the guest's certificate, checks the server's
-    against CA and its name (pass server_hostname= when connecting); ALPN pcsc-bridge/1."""
+    against CA and its name (pass server_hostname= when connecting); ALPN pcsc-bridge/1.
+    The name must be in the certificate's subjectAltName: its CN does not count (RFC 6125;
+    `pcsc-bridge certs server` always writes the names it is given there)."""
     ctx = _context(ssl.PROTOCOL_TLS_CLIENT, cert, key, ca, crl, min_version, "client")
     ctx.check_hostname = True
+    ctx.hostname_checks_common_name = False
     return ctx
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ipaddress
 import os
 import queue
 import socket
@@ -404,3 +405,90 @@ print("loaded:", sorted(m for m in sys.modules if m.startswith("cryptography")))
     assert out.returncode == 0, out.stderr
     assert f"refused: key file {ca.path('server-key.pem')} does not belong" in out.stdout
     assert "loaded: []" in out.stdout, out.stdout
+
+
+def _small_pki(tmp_path: Path, server_sans: list) -> dict[str, str]:
+    """A CA, a server certificate whose CN is "bridge.test" (with SERVER_SANS as its
+    subjectAltName, none when empty) and a guest "carol", made here with cryptography
+    alone, not with the project's CA tooling (which never makes a server certificate
+    without names). The files' paths by name."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    now = dt.datetime.now(UTC)
+
+    def make(cn, issuer=None, ca=False, eku=None, sans=()):
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        issuer_name, signer = (issuer[0].subject, issuer[1]) if issuer else (name, key)
+        b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(hours=1))
+             .not_valid_after(now + dt.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False), True)
+        if eku:
+            b = b.add_extension(x509.ExtendedKeyUsage([eku]), False)
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(list(sans)), False)
+        return b.sign(signer, hashes.SHA256()), key
+
+    ca = make("test CA", ca=True)
+    made = {"ca": ca,
+            "server": make("bridge.test", ca, eku=ExtendedKeyUsageOID.SERVER_AUTH,
+                           sans=server_sans),
+            "carol": make("carol", ca, eku=ExtendedKeyUsageOID.CLIENT_AUTH)}
+    paths = {}
+    for name, (cert, key) in made.items():
+        paths[name] = str(tmp_path / f"{name}.pem")
+        paths[f"{name}-key"] = str(tmp_path / f"{name}-key.pem")
+        Path(paths[name]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        Path(paths[f"{name}-key"]).write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        os.chmod(paths[f"{name}-key"], 0o600)
+    return paths
+
+
+@pytest.mark.parametrize("sans, admitted", [
+    ([], False),                                       # the CN alone names the server
+    ([x509.DNSName("bridge.test")], True),
+    ([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], False),
+])
+def test_the_guest_takes_the_server_name_from_the_subject_alt_name_only(
+        tmp_path, serve, sans, admitted):
+    """A server certificate without the name in its subjectAltName is refused even when
+    its CN is that name (it used to be taken by the CN when there was no DNS name)."""
+    p = _small_pki(tmp_path, sans)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(p["server"], p["server-key"])
+    server.load_verify_locations(p["ca"])
+    server.verify_mode = ssl.CERT_REQUIRED
+    server.set_alpn_protocols([tls.ALPN])
+    srv = serve(types.SimpleNamespace(context=server, is_revoked=lambda cert: False))
+    guest = tls.client_context(p["carol"], p["carol-key"], p["ca"])
+    if admitted:
+        with srv.connect(guest, name="bridge.test") as c:
+            assert echo(c) == b"hello" and tls.peer_identity(c) == "bridge.test"
+        assert srv.result()[:2] == ("ok", "carol")
+    else:
+        with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+            srv.connect(guest, name="bridge.test")
+        assert srv.result()[0] == "refused"
+    assert guest.check_hostname and not guest.hostname_checks_common_name
+
+
+def test_the_projects_server_certificates_always_carry_a_subject_alt_name(pki):
+    """What keeps the guest's SAN-only name check from refusing the project's own servers:
+    `pcsc-bridge certs server` writes its names into the subjectAltName, and makes no
+    server certificate without one."""
+    from pcsc_bridge.certs.ca import CertError
+    ca, _ = pki
+    cert = x509.load_pem_x509_certificate(Path(ca.path("server.pem")).read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    with pytest.raises(CertError, match="needs at least one --dns NAME or --ip ADDR"):
+        ca.issue("server", "bare")
