@@ -271,7 +271,12 @@ class GuestSession(asyncio.Protocol):
         try:
             events = conn.receive_data(data)
         except WireError as exc:
-            self._dispatch(exc.events)
+            # The connection is over: the events decoded before the error (exc.events)
+            # are not acted on. Answering them is not possible any more (after a wire
+            # error only GOAWAY may be sent: a HELLO decoded in the same read must not
+            # be answered, nor a PING, an OPEN or a CALL), and a call whose reply can
+            # never be delivered is not started. The guest gets GOAWAY with the reason,
+            # the log one line, whether the bad frame came in HELLO's read or a later one.
             self.fail(f"protocol error: {exc}", exc.code)
             return
         if conn.frames != frames:
@@ -531,7 +536,8 @@ class GuestSession(asyncio.Protocol):
             self._drained()
 
     def _close_stream(self, stream: GuestStream, code: int, text: str):
-        self._write(self.conn.send(Close(stream.id, code, text)))
+        if not self.closed:    # after our GOAWAY (a wire error) only the close follows
+            self._write(self.conn.send(Close(stream.id, code, text)))
         self._end_stream(stream)
 
     async def _open_and_submit(self, stream: GuestStream, msg: Message):

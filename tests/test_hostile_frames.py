@@ -1,0 +1,145 @@
+"""A guest whose valid HELLO is followed, in the same read, by a frame that breaks the
+wire rules gets what it would get for that frame in a later read: a GOAWAY naming the
+reason, one log line on the server naming the guest and the reason, no traceback; and
+every other guest keeps working.
+
+Real server process (virtual backend), real mutual TLS on 127.0.0.1, a bare wire client
+with a guest certificate (tests/test_bridge.py's WireClient)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+import pytest
+from pcsc_bridge import wire
+from pcsc_bridge.pcsc import WIRE, EstablishContext, encode_request
+from test_bridge import Bridge, WireClient
+
+_OPEN = struct.pack("<HHII", 4, 4, os.getpid(), os.getuid())
+
+
+def _hello_bytes() -> bytes:
+    return wire.Connection("client").send(wire.Hello(software="hostile"))
+
+
+# what follows the HELLO in the same write, and the reason the GOAWAY must carry
+BAD = {
+    "length_below_5": (wire.HEAD.pack(4, wire.FrameType.CALL, 1) + b"\0" * 8,
+                       "frame length 4 outside"),
+    "length_zero": (b"\0" * 12, "frame length 0 outside"),
+    "length_all_ones": (wire.HEAD.pack(0xFFFFFFFF, wire.FrameType.CALL, 1),
+                        "frame length 4294967295 outside"),
+    "oversize": (wire.HEAD.pack(200_000, wire.FrameType.CALL, 1) + b"\0" * 64,
+                 "frame length 200000 outside"),
+    "unknown_type": (wire.encode_frame(99, 1, b"x"), "unknown frame type 99"),
+    "reply_from_guest": (wire.encode_frame(wire.FrameType.REPLY, 1, b"\0" * 8),
+                         "REPLY sent by a client"),
+    "state_from_guest": (wire.encode_frame(wire.FrameType.STATE, 0, b"\0" * 4),
+                         "STATE sent by a client"),
+    "second_hello": (_hello_bytes(), "second HELLO"),
+    # frames the server answers, decoded before the bad one in the same read
+    "ping_then_bad": (wire.encode_frame(wire.FrameType.PING, 0, b"\1" * 8)
+                      + wire.encode_frame(98, 1, b""), "unknown frame type 98"),
+    "stream_error_then_bad": (wire.encode_frame(wire.FrameType.OPEN, 2, _OPEN)
+                              + wire.encode_frame(97, 1, b""), "unknown frame type 97"),
+    "bad_call_then_bad": (wire.encode_frame(wire.FrameType.OPEN, 1, _OPEN)
+                          + wire.encode_frame(wire.FrameType.CALL, 1, b"\0" * 3)
+                          + wire.encode_frame(96, 1, b""), "unknown frame type 96"),
+}
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory):
+    b = Bridge(str(tmp_path_factory.mktemp("hostile-frames")), guests=("guest1", "guest2"),
+               backend="virtual")
+    b.start_server()
+    yield b
+    b.stop()
+
+
+def _goaway(client: WireClient, timeout=5.0):
+    """The events the server sent before closing; the GOAWAY among them."""
+    client.sock.settimeout(timeout)
+    events = []
+    while True:
+        try:
+            data = client.sock.recv(65536)
+        except OSError:
+            break
+        if not data:
+            break
+        events += client.conn.receive_data(data)
+    return events
+
+
+def _lines(bridge, text, event):
+    return [line for line in bridge.server.output().splitlines()
+            if text in line and (event in line or "guest." not in line)]
+
+
+def _honest_guest_works(bridge):
+    g = WireClient(bridge, "guest2")
+    try:
+        g.send(wire.Hello(software="honest"))
+        g.next(wire.Hello)
+        g.send(wire.Open(1, 4, 4, os.getpid(), os.getuid()),
+               wire.Call(1, encode_request(EstablishContext(2), WIRE)))
+        assert g.next(wire.Opened) == wire.Opened(1)
+        reply = EstablishContext.unpack(g.next(wire.Reply).payload, WIRE)
+        assert reply.rv == 0 and reply.hContext
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["same_read", "later_read"])
+@pytest.mark.parametrize("kind", list(BAD))
+def test_hello_and_a_bad_frame_in_one_read_get_a_goaway(bridge, kind, later):
+    bad, reason = BAD[kind]
+    c = WireClient(bridge, "guest1")
+    try:
+        if later:                                 # HELLO answered first, then the frame
+            c.send(wire.Hello(software="hostile"))
+            c.next(wire.Hello)
+            c.send_raw(bad)
+        else:
+            c.send_raw(_hello_bytes() + bad)      # one write: one TLS record, one read
+        events = _goaway(c)
+    finally:
+        c.close()
+    goaways = [e for e in events if isinstance(e, wire.GoAway)]
+    assert len(goaways) == 1, events
+    assert reason in goaways[0].text, goaways[0]
+    assert goaways[0].code in (wire.Reason.PROTOCOL_ERROR, wire.Reason.LIMIT)
+    # a guest whose HELLO was answered is dropped; one refused in HELLO's read
+    event = "guest.dropped" if later else "guest.refused"
+    deadline = time.monotonic() + 5
+    while not _lines(bridge, reason, event):
+        assert time.monotonic() < deadline, bridge.server.output()
+        time.sleep(0.05)
+    time.sleep(0.2)
+    lines = _lines(bridge, reason, event)
+    assert len(lines) == 1, lines
+    assert "guest=guest1" in lines[0], lines
+    out = bridge.server.output()
+    assert "Traceback" not in out and "Fatal error" not in out, out
+    _honest_guest_works(bridge)
+
+
+def test_many_such_connections_log_a_bounded_number_of_lines(bridge):
+    before = len(bridge.server.output().splitlines())
+    bad, reason = BAD["unknown_type"][0], "unknown frame type 99"
+    for _ in range(30):
+        c = WireClient(bridge, "guest1")
+        try:
+            c.send_raw(_hello_bytes() + bad)
+            assert any(isinstance(e, wire.GoAway) for e in _goaway(c))
+        finally:
+            c.close()
+    time.sleep(0.3)
+    out = bridge.server.output()
+    assert "Traceback" not in out and "Fatal error" not in out
+    assert len(out.splitlines()) - before <= 3, out.splitlines()[before:]
+    assert reason in out
+    _honest_guest_works(bridge)
