@@ -38,9 +38,11 @@ from typing import Any, ClassVar, Protocol
 
 from .backend import ReaderModel
 from .pcsc import (
+    MAX_BUFFER_SIZE_EXTENDED,
     NATIVE,
     PCSCLITE_MAX_READERS_CONTEXTS,
     SCARD_E_CANCELLED,
+    SCARD_E_INSUFFICIENT_BUFFER,
     SCARD_E_INVALID_HANDLE,
     SCARD_E_SERVICE_STOPPED,
     SCARD_E_SHARING_VIOLATION,
@@ -53,6 +55,7 @@ from .pcsc import (
     BeginTransaction,
     Cancel,
     Connect,
+    Control,
     Disconnect,
     EndTransaction,
     EstablishContext,
@@ -70,6 +73,7 @@ from .pcsc import (
     RequestReader,
     StopWaitingReaderStateChange,
     StopWaitingReaderStateChangeTimed,
+    Transmit,
     Version,
     WaitReaderStateChange,
     WaitReaderStateChangeReply,
@@ -93,6 +97,43 @@ _ACCOUNTED = frozenset({EstablishContext, ReleaseContext, Connect, Reconnect, Di
 OWED = 0      # its answer is owed: the application waits for it
 BEHIND = 1    # answered already; only a failure is news (a log line)
 AHEAD = 2     # a BeginTransaction answered already, sent ahead of the handle's calls
+
+
+# the reply field libpcsclite's client hands the application as the length of the data
+# returned, even when the call failed (winscard_clnt.c: *pcbRecvLength, *lpBytesReturned),
+# and the request's field giving the size of the application's buffer
+_RETURNED = {Transmit: ("pcbRecvLength", "pcbRecvLength"),
+             Control: ("dwBytesReturned", "cbRecvLength")}
+
+
+def failed_reply(msg: Message, rv: int) -> Message:
+    """The reply pcscd gives when the card call ``msg`` fails with ``rv``: the request's
+    struct written back with ``rv``, no data, and, for SCardTransmit and SCardControl, no
+    returned length (pcscd's SCardTransmit and SCardControl set it to 0 before anything
+    can fail). The client library hands that length to the application as is: left as
+    the request's, an application (pyscard asks for 65,548 bytes) took its own receive
+    buffer, unwritten, for the response."""
+    reply = msg.failed(rv)
+    fields = _RETURNED.get(type(msg))
+    if fields is not None and getattr(reply, fields[0]):
+        reply = reply.with_rv(rv, **{fields[0]: 0})
+    return reply
+
+
+def pcscd_reply(msg: Message, reply: Message) -> Message:
+    """``reply`` (to ``msg``) as pcscd could have sent it, as far as the client library
+    hands a length to the application: a failed SCardTransmit or SCardControl returns
+    no data, except SCARD_E_INSUFFICIENT_BUFFER's needed length, which is larger than
+    the application's buffer and at most pcscd's own (MAX_BUFFER_SIZE_EXTENDED).
+    ``reply`` itself when it is one already (the usual case: nothing is re-packed)."""
+    fields = _RETURNED.get(type(reply)) if reply.rv else None
+    if fields is None:
+        return reply
+    n = getattr(reply, fields[0])
+    if not n or (reply.rv == SCARD_E_INSUFFICIENT_BUFFER
+                 and getattr(msg, fields[1]) < n <= MAX_BUFFER_SIZE_EXTENDED):
+        return reply
+    return reply.with_rv(reply.rv, **{fields[0]: 0, "data": b""})
 
 
 def negotiate(major: int, minor: int) -> tuple[Version, int | None]:
@@ -273,9 +314,11 @@ class AppState:
             self.shell.close(f"{type(msg).__name__} refused at a limit", limit)
             return
         elif reply is None:
-            self.shell.send(encode_reply(msg.failed(rv), NATIVE))
+            self.shell.send(encode_reply(failed_reply(msg, rv), NATIVE))
+        elif failed:              # held to what pcscd could answer, whoever built it
+            self.shell.send(encode_reply(pcscd_reply(msg, reply), NATIVE))
         else:
-            if type(msg) in _ACCOUNTED and reply.rv == 0:
+            if type(msg) in _ACCOUNTED:
                 self._account(msg, reply)
             self.shell.send(encode_reply(reply, NATIVE))
         if self.request is not None or self.reader.buffered:
@@ -313,7 +356,7 @@ class AppState:
                 if self._pipelined(msg, h):
                     return
                 if h in self.lock_failed:       # the Begin sent ahead failed: pcscd's
-                    self._reply(msg.failed(self.lock_failed.pop(h)))   # answer is this
+                    self._reply(failed_reply(msg, self.lock_failed.pop(h)))   # answer
                     return
                 if h in self.ahead:    # the lock and this call share one round trip
                     self.pending = msg

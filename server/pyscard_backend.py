@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from pcsc_bridge import log
+from pcsc_bridge.appstate import failed_reply
 from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream, ReaderModel
 from pcsc_bridge.pcsc import (
     MAX_READERNAME,
@@ -441,7 +442,7 @@ class PyscardStream(BackendStream):
             rv = rv_of(rv)
             return msg.with_rv(rv), None if rv else context
         if host is None:
-            return msg.failed(SCARD_E_INVALID_HANDLE), None
+            return failed_reply(msg, SCARD_E_INVALID_HANDLE), None
         if kind is ReleaseContext:
             return msg.with_rv(rv_of(s.SCardReleaseContext(host))), None
         if kind is Connect:
@@ -455,7 +456,7 @@ class PyscardStream(BackendStream):
             rv, response = s.SCardTransmit(host, msg.ioSendPciProtocol, list(msg.data))
             rv = rv_of(rv)
             if rv:
-                return msg.failed(rv), None
+                return failed_reply(msg, rv), None
             if len(response) > msg.pcbRecvLength:
                 return msg.with_rv(SCARD_E_INSUFFICIENT_BUFFER, pcbRecvLength=len(response),
                                    data=b""), None
@@ -466,7 +467,7 @@ class PyscardStream(BackendStream):
             rv, response = s.SCardControl(host, code, list(msg.data))
             rv = rv_of(rv)
             if rv:
-                return msg.failed(rv), None
+                return failed_reply(msg, rv), None
             response = bytes(response)
             if msg.dwControlCode == self.platform.PCSC_LITE_CTL + CM_IOCTL_GET_FEATURE_REQUEST:
                 response = self.platform.features(response)
@@ -499,7 +500,7 @@ class PyscardStream(BackendStream):
         if kind is SetAttrib:
             return msg.with_rv(rv_of(s.SCardSetAttrib(host, msg.dwAttrId,
                                                       list(msg.pbAttr[:msg.cbAttrLen])))), None
-        return msg.failed(SCARD_E_UNSUPPORTED_FEATURE), None
+        return failed_reply(msg, SCARD_E_UNSUPPORTED_FEATURE), None
 
     # --- on the event loop --------------------------------------------------------------
     def _account(self, msg: Message, reply: Message, new: int | None,

@@ -25,6 +25,7 @@ from functools import partial
 from time import monotonic
 
 from pcsc_bridge import log, tls
+from pcsc_bridge.appstate import failed_reply, pcscd_reply
 from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream
 from pcsc_bridge.config import Limits, Policy
 from pcsc_bridge.keepalive import PING, Dead, Keepalive
@@ -414,7 +415,7 @@ class GuestSession(asyncio.Protocol):
             self._released(seq)
             self.counters.error(type(msg), rv)
             self.metrics.latency[type(msg)].observe(monotonic() - arrived)
-            self._reply(stream, encode_reply(msg.failed(rv), WIRE))
+            self._reply(stream, encode_reply(failed_reply(msg, rv), WIRE))
             self._next(stream)
             return
         stream.running = True
@@ -609,7 +610,7 @@ class GuestSession(asyncio.Protocol):
                 # no backend stream (pcscd down): this call fails, the stream lives on
                 stream.last_rv = error.rv
                 self.metrics.latency[kind].observe(monotonic() - stream.arrived)
-                self._reply(stream, encode_reply(msg.failed(error.rv), WIRE))
+                self._reply(stream, encode_reply(failed_reply(msg, error.rv), WIRE))
                 self._next(stream)
                 return
             # at a limit, or the backend stream broke: this stream ends
@@ -617,6 +618,8 @@ class GuestSession(asyncio.Protocol):
                                else Reason.BACKEND, text)
             return
         stream.last_rv = reply.rv
+        if reply.rv:              # a failure says "no data" as pcscd's does, whatever
+            reply = pcscd_reply(msg, reply)   # the backend (the PC/SC API) answered
         self.metrics.latency[kind].observe(monotonic() - stream.arrived)
         if kind is Transmit:
             use = self.handles.get(msg.hCard)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pcsc_bridge import log
+from pcsc_bridge.appstate import failed_reply
 from pcsc_bridge.backend import AppInfo, Backend, BackendStream, ReaderModel, TaskStream
 from pcsc_bridge.card import Card
 from pcsc_bridge.pcsc import (
@@ -476,18 +477,20 @@ class VirtualStream(TaskStream):
         return m.with_rv(0)
 
     async def do_Transmit(self, m: Transmit):
+        # a failure returns no data: pcbRecvLength 0, as pcscd's SCardTransmit sets it
+        # (the client library hands it to the application even then)
         if m.pcbRecvLength < 2:
-            return m.with_rv(SCARD_E_INSUFFICIENT_BUFFER, data=b"")
+            return failed_reply(m, SCARD_E_INSUFFICIENT_BUFFER)
         h = self._handle(m.hCard)
         rv = self._card_checks(h, m.hCard)
         if rv:
-            return m.with_rv(rv, data=b"")
+            return failed_reply(m, rv)
         r = h.reader
         if m.ioSendPciProtocol != SCARD_PROTOCOL_RAW:
             if r.card is None:
-                return m.with_rv(SCARD_E_NO_SMARTCARD, data=b"")
+                return failed_reply(m, SCARD_E_NO_SMARTCARD)
             if m.ioSendPciProtocol not in (SCARD_PROTOCOL_ANY_OLD, r.protocol):
-                return m.with_rv(SCARD_E_PROTO_MISMATCH, data=b"")
+                return failed_reply(m, SCARD_E_PROTO_MISMATCH)
         card = r.card
         response, delay = card.process(m.data)
         if delay:
@@ -504,9 +507,8 @@ class VirtualStream(TaskStream):
     async def do_Control(self, m: Control):
         h = self._handle(m.hCard)
         if h is None:
-            return m.with_rv(SCARD_E_INVALID_HANDLE, data=b"")
-        rv = h.reader.check_sharing(m.hCard) or SCARD_E_UNSUPPORTED_FEATURE
-        return m.with_rv(rv, dwBytesReturned=0, data=b"")
+            return failed_reply(m, SCARD_E_INVALID_HANDLE)
+        return failed_reply(m, h.reader.check_sharing(m.hCard) or SCARD_E_UNSUPPORTED_FEATURE)
 
     async def do_Status(self, m: Status):
         h = self._handle(m.hCard)

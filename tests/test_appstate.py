@@ -81,9 +81,24 @@ class Backend:
                                p.SCARD_E_INVALID_HANDLE)
         if kind is p.Transmit:
             if msg.hCard not in self.cards:
+                # careless: the request's pcbRecvLength left in (pcscd writes 0 there)
                 return msg.failed(p.SCARD_E_INVALID_HANDLE)
             return msg.with_rv(OK, pcbRecvLength=len(msg.data) + 2, data=msg.data + b"\x90\0")
         return msg.with_rv(OK)
+
+
+def pcscd_answer(msg: p.Message, reply: p.Message | None, fail: int | None) -> p.Message:
+    """What pcscd writes for the card call ``msg`` the backend answered with ``reply``
+    (or failed with ``fail``): a failed SCardTransmit returns no data, pcbRecvLength 0
+    (winscard.c sets it before anything can fail; the client library hands it to the
+    application even then)."""
+    if reply is None:
+        reply = msg.failed(fail)
+    if isinstance(reply, p.Transmit) and reply.rv:
+        return p.Transmit(reply.hCard, reply.ioSendPciProtocol, reply.ioSendPciLength,
+                          reply.cbSendLength, reply.ioRecvPciProtocol,
+                          reply.ioRecvPciLength, 0, reply.rv)
+    return reply
 
 
 class PcscdModel:
@@ -386,7 +401,7 @@ class AppMachine(RuleBasedStateMachine):
             self.model_busy = False
             self._model_run()
         else:
-            self._settle(msg, reply if reply is not None else msg.failed(fail))
+            self._settle(msg, pcscd_answer(msg, reply, fail))
         self.state.answered(reply, fail)
 
     @rule(states=READER_SETS)
