@@ -71,7 +71,8 @@ if __name__ == "__main__":
 def run_daemon(name: str, body) -> int:
     """A daemon's exit status: ``body()`` runs it; a configuration, certificate or value
     error is printed and exits 2, a system error (a socket, a file) 1, a clean stop 0."""
-    from . import config, tls
+    from . import config, netio, tls
+    netio.raise_descriptor_limit()
     try:
         body()
     except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:

@@ -365,6 +365,10 @@ class Limits:
     # unsent bytes for one guest above which it is not read until it reads
     write_buffer: int = _f(_Leaf(parse_size), 262144)
     handshake_timeout: float = _f(DURATION, 10.0)
+    # connections that have not finished TLS, in all and from one source address: at a
+    # bound the oldest such connection is dropped (no peer can hold the descriptors)
+    max_handshakes: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 64)
+    handshakes_per_address: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 8)
     keepalive_interval: float = _f(DURATION, 5.0)
     keepalive_timeout: float = _f(DURATION, 15.0)
     call_timeout: float | None = _f(DURATION, None, nullable=True)
@@ -542,6 +546,9 @@ class LocalSocket:
     exclusive: bool = _f(BOOL, True)
     direct: bool = _f(BOOL, False)
     control: str | tuple[int, ...] = _f(_Leaf(_control, typed=True), "none")
+    # application connections on this socket at once (beyond: closed at once, as pcscd
+    # closes a client beyond its own limit)
+    max_connections: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 512)
 
     @property
     def policy(self) -> Policy:
@@ -556,6 +563,9 @@ class LocalConfig:
     backend: BackendConfig = field(default_factory=BackendConfig, metadata=_m(BackendConfig))
     virtual: VirtualConfig = field(default_factory=VirtualConfig, metadata=_m(VirtualConfig))
     sockets: tuple[LocalSocket, ...] = _f(_ListOf(LocalSocket), ())
+    # application connections one local user (uid) may hold over all the sockets: one
+    # user cannot take the descriptors the users of the other sockets need
+    sockets_per_user: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 256)
     # `pcsc-bridge status` and `reload` ask the running daemon on this socket (mode 0600)
     admin_socket: str | None = _f(PATH, ADMIN_SOCKETS["local"], nullable=True)
 

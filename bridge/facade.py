@@ -33,15 +33,18 @@ class Facade:
     application's session (for SCARD_CANCEL, which arrives on another socket)."""
 
     def __init__(self, backend: Backend, pool: ContextPool | None = None,
-                 sockets_per_user: int | None = None):
+                 sockets_per_user: int | None = None, max_sockets: int | None = None,
+                 users: dict | None = None):
         self.backend = backend
         self.pool = pool
         self.contexts: dict[int, AppSession] = {}
         self.sessions: set[AppSession] = set()
         # a local user's application sockets at most (None: no bound): one user cannot
-        # take the file descriptors every other user's applications need
+        # take the file descriptors every other user's applications need; ``users`` may
+        # be shared by several façades (local's sockets: one count per user over all)
         self.sockets_per_user = sockets_per_user
-        self.users: dict = {}         # uid -> its application sockets
+        self.users: dict = {} if users is None else users   # uid -> its application sockets
+        self.max_sockets = max_sockets   # application sockets at once (None: no bound)
         self.repeats = log.Repeats()
         self._server: netio.UnixServer | None = None
         self._path: str | None = None
@@ -204,11 +207,15 @@ class AppSession(asyncio.Protocol):
         facade.sessions.add(self)
         self._unlisten = facade.backend.model.listen(self.state.changed)
         held = facade.users[self.info.uid] = facade.users.get(self.info.uid, 0) + 1
-        if facade.sockets_per_user is not None and held > facade.sockets_per_user:
+        limit = f"sockets_per_user={facade.sockets_per_user}" \
+            if facade.sockets_per_user is not None and held > facade.sockets_per_user \
+            else f"max_connections={facade.max_sockets}" \
+            if facade.max_sockets is not None and len(facade.sessions) > facade.max_sockets \
+            else None
+        if limit:
             # closed at once, as pcscd closes a client beyond its own limit
-            facade.repeats(log.warning, "app.refused", ("sockets", self.info.uid),
-                           uid=self.info.uid, pid=self.info.pid,
-                           limit=f"sockets_per_user={facade.sockets_per_user}")
+            facade.repeats(log.warning, "app.refused", (limit, self.info.uid),
+                           uid=self.info.uid, pid=self.info.pid, limit=limit)
             self.state.closed = True
             transport.close()
 

@@ -425,18 +425,59 @@ class Transport(asyncio.Transport):
         return self._protocol
 
 
+class Backoff:
+    """Accept errors (out of file descriptors, mostly): each failure pauses accepting
+    longer (``first`` doubling up to ``most`` seconds) and a success starts again; one log
+    line per ``window`` seconds says how many failed meanwhile, never one per failure."""
+
+    def __init__(self, event: str, first: float = 0.05, most: float = 2.0,
+                 window: float = 10.0):
+        self.event, self.first, self.most = event, first, most
+        self.delay = 0.0
+        self.repeats = log.Repeats(window)
+
+    def failed(self, exc: OSError) -> float:
+        """The pause before accepting again."""
+        self.delay = min(self.most, self.delay * 2 or self.first)
+        self.repeats(log.error, self.event, self.event, error=exc.strerror or str(exc),
+                     pause=f"{self.delay:g}s")
+        return self.delay
+
+    def ok(self) -> None:
+        self.delay = 0.0
+
+
+def raise_descriptor_limit() -> tuple[int, int] | None:
+    """The soft limit on open files raised to the hard one (systemd's default soft limit
+    is 1024): the bounds on connections, not the limit, decide who gets a descriptor.
+    Returns (soft, hard) now, or None where there is no such limit (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):     # macOS: hard may be "unlimited" but capped
+            pass
+    return soft, hard
+
+
 class UnixServer:
     """Accepts connections on a listening non-blocking socket: a ``Transport`` and a
-    protocol from ``factory`` each."""
+    protocol from ``factory`` each; or, with ``on_accept``, hands it the socket."""
 
-    RETRY = 0.1      # after an accept error (out of file descriptors): pause, keep serving
     BURST = 16       # connections accepted per readiness event at most
 
-    def __init__(self, listener: socket.socket, factory):
+    def __init__(self, listener: socket.socket, factory=None, on_accept=None):
         self._loop = asyncio.get_running_loop()
         self._sock = listener
         self._factory = factory
+        self._on_accept = on_accept or self._transport
         self._closed = False
+        self._backoff = Backoff("socket.accept_failed")
         self._loop.add_reader(listener.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -446,14 +487,17 @@ class UnixServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.error("socket.accept_failed", error=str(exc))
                 self._loop.remove_reader(self._sock.fileno())
-                self._loop.call_later(self.RETRY, self._resume)
+                self._loop.call_later(self._backoff.failed(exc), self._resume)
                 return
+            self._backoff.ok()
             sock.setblocking(False)
-            # a pcsc-lite client writes its first request right after connecting: usually
-            # it is there already, and is answered without waiting for the next poll
-            Transport(sock, self._factory())._read_ready()
+            self._on_accept(sock)
+
+    def _transport(self, sock: socket.socket) -> None:
+        # a pcsc-lite client writes its first request right after connecting: usually
+        # it is there already, and is answered without waiting for the next poll
+        Transport(sock, self._factory())._read_ready()
 
     def _resume(self) -> None:
         if not self._closed:

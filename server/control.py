@@ -17,7 +17,7 @@ import shlex
 import socket
 import sys
 
-from pcsc_bridge import log
+from pcsc_bridge import log, netio
 from pcsc_bridge.card import Card
 from pcsc_bridge.config import BadValue, parse_atr, parse_reader_name
 from pcsc_bridge.facade import bind_unix, socket_inode, unlink_unix
@@ -27,6 +27,8 @@ from .virtual import VirtualBackend
 MAX_CONTROL_LINE = 1024     # bytes in one command line (a longer one closes the connection)
 MAX_READERS = 256           # readers add-reader lets the backend grow to
 CONTROL_TIMEOUT = 10.0      # seconds `pcsc-bridge virtual` waits for the answer
+MAX_CONTROL_CONNECTIONS = 8  # connections at once (more are told so and closed)
+CONTROL_IDLE = 30.0          # seconds a connection may wait between lines
 COMMANDS = {
     "insert": "insert READER [ATR]",
     "remove": "remove READER",
@@ -64,45 +66,63 @@ class ControlServer:
     def __init__(self, backend: VirtualBackend | None, path: str):
         self.backend = backend
         self.path = path
-        self._server: asyncio.AbstractServer | None = None
+        self._server: netio.UnixServer | None = None
         self._inode: int | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._clients: set[asyncio.Task] = set()
+        self._repeats = log.Repeats()
 
     async def start(self) -> ControlServer:
         sock = bind_unix(self.path, 0o600)  # owner only: it can pull any card out
         self._inode = socket_inode(self.path)
-        self._server = await asyncio.start_unix_server(self._client, sock=sock,
-                                                       limit=MAX_CONTROL_LINE)
+        self._server = netio.UnixServer(sock, on_accept=self._accepted)
         log.info("control.listen", path=self.path, mode="0600")
         return self
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for w in list(self._writers):
-            w.close()
+        for task in list(self._clients):
+            task.cancel()
         unlink_unix(self.path, self._inode)
         self._server = self._inode = None
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self._writers.add(writer)
+    def _accepted(self, sock) -> None:
+        if len(self._clients) >= MAX_CONTROL_CONNECTIONS:
+            self._repeats(log.warning, "control.refused", "busy", path=self.path,
+                          reason=f"{MAX_CONTROL_CONNECTIONS} connections already")
+            with contextlib.suppress(OSError):
+                sock.send(b"error: too many connections; try again\n")
+            sock.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._client(sock))
+        self._clients.add(task)
+        task.add_done_callback(self._clients.discard)
+
+    async def _client(self, sock) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=sock,
+                                                                limit=MAX_CONTROL_LINE)
+        except OSError:
+            sock.close()
+            return
         try:
             while True:
                 try:
-                    line = await reader.readline()
+                    line = await asyncio.wait_for(reader.readline(), CONTROL_IDLE)
                 except ValueError:  # the limit: no newline within MAX_CONTROL_LINE bytes
                     raise Garbage(f"line longer than {MAX_CONTROL_LINE} bytes") from None
+                except asyncio.TimeoutError:
+                    return          # idle: the slot goes to the next one
                 if not line:
                     return
                 writer.write((await self.execute(_text(line))).encode() + b"\n")
                 await writer.drain()
         except Garbage as exc:
-            log.warning("control.dropped", reason=str(exc))
+            self._repeats(log.warning, "control.dropped", str(exc), reason=str(exc))
             writer.write(f"error: {exc}; closing the connection\n".encode())
         except ConnectionError:
             pass
         finally:
-            self._writers.discard(writer)
             writer.close()
 
     async def execute(self, line: str) -> str:
@@ -124,7 +144,8 @@ class ControlServer:
         except ReloadFailed as exc:
             return f"error: {exc}"
         except Refused as exc:
-            log.info("control.refused", command=line.strip(), reason=str(exc))
+            self._repeats(log.info, "control.refused", "refused", command=line.strip()[:100],
+                          reason=str(exc))
             return f"error: {exc}"
         return "ok " + json.dumps(answer)
 

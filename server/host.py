@@ -41,6 +41,9 @@ class Server:
         self.metrics = Metrics(self)       # counters: kept across reloads
         self.endpoint: MetricsEndpoint | None = None   # server.metrics_listen
         self._reloading = asyncio.Lock()   # one reload at a time (SIGHUP, admin, files)
+        # connections accepted whose TLS handshake is under way -> source address,
+        # oldest first (bounded: _make_room)
+        self.unverified: dict[asyncio.Task, str] = {}
         self._digests = file_digests(tls_config.files)
 
     # --- hooks used by sessions -----------------------------------------------------------
@@ -108,14 +111,44 @@ class Server:
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        backoff = netio.Backoff("server.accept_failed")
         while True:
             try:
                 sock, peer = await loop.sock_accept(listener)
             except OSError as exc:   # e.g. out of file descriptors: keep serving the others
-                log.error("server.accept_failed", error=str(exc))
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(backoff.failed(exc))
                 continue
-            loop.create_task(self.handshake(sock, peer))
+            backoff.ok()
+            address = peer[0] if isinstance(peer, tuple) else str(peer)
+            if self._make_room(address):
+                await asyncio.sleep(0)     # the dropped one closes its socket now
+            task = loop.create_task(self.handshake(sock, peer))
+            self.unverified[task] = address
+            task.add_done_callback(self._verified)
+
+    def _verified(self, task: asyncio.Task) -> None:
+        self.unverified.pop(task, None)
+
+    def _make_room(self, address: str) -> bool:
+        """Connections that have not finished TLS are bounded, in all
+        (limits.max_handshakes) and per source address (limits.handshakes_per_address):
+        at a bound, the oldest such connection (of that address first) is dropped, so
+        idle connections from anywhere cannot keep guests with certificates out."""
+        same = [t for t, a in self.unverified.items() if a == address]
+        if len(same) >= self.limits.handshakes_per_address:
+            victim, limit = same[0], f"handshakes_per_address={self.limits.handshakes_per_address}"
+        elif len(self.unverified) >= self.limits.max_handshakes:
+            victim, limit = next(iter(self.unverified)), \
+                f"max_handshakes={self.limits.max_handshakes}"
+        else:
+            return False
+        dropped = self.unverified.pop(victim)
+        victim.cancel()
+        self.metrics.handshakes_dropped += 1
+        self.refusals(log.warning, "tcp.dropped", "tcp.dropped", peer=dropped,
+                      reason="no TLS handshake yet and a newer connection needed the room",
+                      limit=limit)
+        return True
 
     async def handshake(self, sock: socket.socket, peer) -> None:
         """TLS on an accepted connection, with the current context (so SIGHUP's new
@@ -124,7 +157,12 @@ class Server:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = GuestSession(self)   # handshake_timeout runs from here to its HELLO
         try:
-            if not await _first_byte(sock, self.limits.handshake_timeout):
+            try:
+                first = await _first_byte(sock, self.limits.handshake_timeout)
+            except BaseException:      # a timeout, or dropped for a newer connection
+                sock.close()
+                raise
+            if not first:
                 # closed without a byte: a port probe or health check, not a guest
                 log.debug("tcp.probe", peer=peer)
                 sock.close()
@@ -157,8 +195,8 @@ class Server:
     async def _reload(self) -> list[str]:
         self._stamp = self.tls.stamp()
         try:   # the files are checked in a child process: not on the loop's time
-            new = config.load_server_config(*self.source) if self.source is not None \
-                else self.config
+            new = await asyncio.to_thread(config.load_server_config, *self.source) \
+                if self.source is not None else self.config
             files = tls.ServerFiles(new.cert, new.key, new.ca, new.crl, new.tls_min_version)
             loaded, digests = await asyncio.to_thread(
                 lambda: (self.tls.load(files), file_digests(files)))

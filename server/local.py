@@ -223,12 +223,13 @@ class Served:
     """One socket being served: its configuration, its view, its façade and listener."""
 
     def __init__(self, cfg: config.LocalSocket, backend: Backend, sock: socket.socket,
-                 passed: bool):
+                 passed: bool, users: dict, sockets_per_user: int):
         self.cfg = cfg
         self.passed = passed          # made by systemd: its mode, owner and group rule
         self.view = PolicyView(backend, cfg.policy, cfg.path)
         self.pool = AheadPool(self.view)
-        self.facade = Facade(self.view, pool=self.pool)
+        self.facade = Facade(self.view, pool=self.pool, sockets_per_user=sockets_per_user,
+                             max_sockets=cfg.max_connections, users=users)
         self.listener = netio.UnixServer(sock, self.facade.protocol_factory)
         self.inode = None if passed else socket_inode(cfg.path)
         self.pool.prepare()
@@ -259,6 +260,7 @@ class Local:
         self.backend = backend
         self.passed = dict(passed or {})
         self.served: dict[str, Served] = {}
+        self.users: dict = {}         # uid -> its application sockets, over every socket
 
     def start(self) -> None:
         for sc in self.config.sockets:
@@ -268,7 +270,8 @@ class Local:
         sock = self.passed.get(sc.path)
         if sock is None:
             sock = bind_unix(sc.path, sc.mode, sc.owner, sc.group)
-        self.served[sc.path] = Served(sc, self.backend, sock, sock is self.passed.get(sc.path))
+        self.served[sc.path] = Served(sc, self.backend, sock, sock is self.passed.get(sc.path),
+                                      self.users, self.config.sockets_per_user)
         log.info("local.listen", socket=sc.path, by="systemd" if sc.path in self.passed
                  else "pcsc-bridge", mode=None if sc.path in self.passed else f"{sc.mode:04o}",
                  readers=",".join(sc.readers), exclusive=sc.exclusive, direct=sc.direct,
@@ -313,6 +316,8 @@ class Local:
                 if sc.policy != served.cfg.policy:
                     changed.append(f"socket {sc.path}: policy changed")
                 served.cfg = sc
+                served.facade.max_sockets = sc.max_connections
+                served.facade.sockets_per_user = cfg.sockets_per_user
                 served.view.reconfigure(sc.policy)
             except (OSError, KeyError) as exc:
                 log.error("local.reload_failed", socket=sc.path, error=str(exc))

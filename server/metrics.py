@@ -89,6 +89,7 @@ class Metrics:
         self.readers: dict[str, ReaderCounters] = {}
         self.latency = {kind: Histogram() for kind in CARD_CALLS}
         self.tls_refused = 0   # connections refused at the TLS handshake (no name yet)
+        self.handshakes_dropped = 0   # dropped before TLS for a newer one (max_handshakes)
 
     def guest(self, name: str) -> GuestCounters:
         """The counters of guest ``name`` (a certificate the CA signed: a bounded set)."""
@@ -145,6 +146,10 @@ class Metrics:
         family("tls_refused_total", "counter",
                "Connections refused at the TLS handshake (no guest name known).",
                [("", (), self.tls_refused)])
+        family("handshakes_dropped_total", "counter",
+               "Connections dropped before finishing TLS to make room for newer ones "
+               "(limits.max_handshakes, limits.handshakes_per_address).",
+               [("", (), self.handshakes_dropped)])
         family("guest_connected", "gauge", "Sessions of this guest connected now.",
                [("", (("guest", g),), connected.get(g, 0)) for g, _ in guests])
         family("guest_streams", "gauge", "Applications of this guest with a stream now.",

@@ -479,6 +479,10 @@ def test_log_lines_carry_the_time_off_journald_and_can_be_json(tmp_path):
                                             if k != "JOURNAL_STREAM"}, **env})
         try:
             wait_path(sock)
+            deadline = time.monotonic() + 10      # the line is written after the socket
+            while not (tmp_path / "agent.log").read_text().endswith("\n"):
+                assert time.monotonic() < deadline, "no log line"
+                time.sleep(0.02)
         finally:
             proc.terminate()
             proc.wait(10)
@@ -496,8 +500,8 @@ def test_log_lines_carry_the_time_off_journald_and_can_be_json(tmp_path):
 def test_the_admin_socket_is_on_by_default(tmp_path):
     # config.example.yaml shows /run/pcsc-bridge/admin.sock as the default: a file that
     # does not mention admin_socket gets it, so `status -c` works with a minimal file
-    from test_bridge import Bridge
     from pcsc_bridge import config
+    from test_bridge import Bridge
     default = config.ADMIN_SOCKETS["server"]
     if os.path.exists(default):
         pytest.fail(f"{default} exists: another server is running on this machine")
@@ -520,6 +524,7 @@ def test_the_admin_socket_is_on_by_default(tmp_path):
 def test_a_default_admin_socket_that_cannot_be_made_is_a_warning(tmp_path):
     # a user trying the server by hand (no /run/pcsc-bridge of theirs) still gets a server
     import asyncio
+
     from pcsc_bridge.server.control import ControlServer, start_admin
     path = "/proc/self/no-such-folder/admin.sock"
 

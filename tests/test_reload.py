@@ -58,7 +58,7 @@ def test_reload_the_server(tmp_path):
         assert done.returncode == 2, (done.stdout, done.stderr)
         assert done.stderr.startswith("pcsc-bridge reload: error: ")
         assert app.SCardListReaders(ctx, [])[1] == [R1]
-        hr, card, _ = app.SCardConnect(ctx, R1, s.SCARD_SHARE_SHARED, ANY)
+        hr, _, _ = app.SCardConnect(ctx, R1, s.SCARD_SHARE_SHARED, ANY)
         assert hr == 0
         assert b.server.proc.poll() is None
         assert "server.reload_failed" in b.server.output()
