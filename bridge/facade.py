@@ -273,9 +273,9 @@ class AppSession(asyncio.Protocol):
 
     def close(self, reason: str, limit: str | None) -> None:
         # a local user can have this happen at will: once per window per user and limit
-        # (or protocol error), with a count
+        # (or protocol error), with a count; never keyed by what the application sent
         event = "app.refused" if limit else "app.protocol_error"
-        self.facade.repeats(log.warning, event, (event, self.info.uid, limit or reason),
+        self.facade.repeats(log.warning, event, (event, self.info.uid, limit),
                             app=self.info.id, pid=self.info.pid, uid=self.info.uid,
                             reason=reason if limit else None, error=None if limit else reason,
                             limit=limit)

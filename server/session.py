@@ -228,7 +228,10 @@ class GuestSession(asyncio.Protocol):
         event = "guest.refused" if not self.ready else "guest.dropped"
         if not self.ready and not self.closed and self.counters is not None:
             self.counters.refused += 1
-        self.server.refusals(log.warning, event, (event, self.guest, reason),
+        # keyed by who (the certificate's name, else the address) and why in our terms
+        # (the GOAWAY code, the limit): never by text the peer's bytes chose
+        who = self.guest if self.guest != "?" else self.peer.rpartition(":")[0]
+        self.server.refusals(log.warning, event, (event, who, code, limit),
                              guest=self.guest, peer=self.peer, reason=reason, limit=limit)
         if self.transport is None or self.closed:
             return

@@ -143,3 +143,24 @@ def test_many_such_connections_log_a_bounded_number_of_lines(bridge):
     assert len(out.splitlines()) - before <= 3, out.splitlines()[before:]
     assert reason in out
     _honest_guest_works(bridge)
+
+
+def test_hellos_with_varying_values_log_a_bounded_number_of_lines(bridge):
+    """The limiter's key is who and why in the server's terms, never the peer's text:
+    50 HELLOs each refused for a different max_frame value give one log line."""
+    before = len(bridge.server.output().splitlines())
+    for i in range(50):
+        props = b'{"role":"client","software":"hostile","max_frame":%d}' % (1000 + i)
+        c = WireClient(bridge, "guest1")
+        try:
+            c.send_raw(wire.encode_frame(wire.FrameType.HELLO, 0,
+                                         struct.pack('<HH', 2, 0) + props))
+            assert any(isinstance(e, wire.GoAway) for e in _goaway(c))
+        finally:
+            c.close()
+    time.sleep(0.3)
+    new = bridge.server.output().splitlines()[before:]
+    refused = [line for line in new if "guest.refused" in line]
+    assert len(refused) <= 1, refused     # one (or none: within the window of the last)
+    assert len(new) <= 3, new
+    _honest_guest_works(bridge)

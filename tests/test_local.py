@@ -374,3 +374,26 @@ def test_an_old_client_on_a_newer_hosts_pcscd(tmp_path):
         if local is not None:
             local.stop()
         pcscd.stop()
+
+
+def test_unknown_commands_from_one_user_log_a_bounded_number_of_lines(tmp_path):
+    # the log limiter's key is the event and the user, never the command the application
+    # chose: 200 different unknown commands give one app.protocol_error line
+    import socket
+    import struct
+    sock = str(tmp_path / "box" / "pcscd.comm")
+    local = start_local(str(tmp_path), ["--socket", sock, "--backend", "virtual"])
+    try:
+        wait_path(sock)
+        wait_log(local, "local.ready")
+        for command in range(0x1000, 0x1000 + 200):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(sock)
+                s.sendall(struct.pack("<II", 0, command))
+                assert s.recv(64) == b""            # the daemon closes it
+        time.sleep(0.3)
+        lines = [x for x in local.output().splitlines() if "app.protocol_error" in x]
+        assert len(lines) == 1, lines
+    finally:
+        local.stop()
