@@ -37,6 +37,7 @@ from .pcsc import (
     Connect,
     Control,
     Reconnect,
+    SetAttrib,
 )
 from .wire import DEFAULT_MAX_FRAME, DEFAULT_MAX_STREAMS, MAX_MAX_FRAME, MIN_MAX_FRAME
 
@@ -390,7 +391,8 @@ class Policy:
     """One guest's policy (``server.guests.<name>``), consulted where its calls meet the
     backend. A guest sees only the readers its globs match (others do not exist for it:
     connecting to one gives SCARD_E_UNKNOWN_READER, as for any unknown name). Exclusive
-    and direct share modes and SCardControl codes can be withheld; a withheld call gets
+    and direct share modes, SCardControl codes and SCardSetAttrib (allowed with ``direct``
+    or ``control: all`` only) can be withheld; a withheld call gets
     SCARD_W_SECURITY_VIOLATION, the code pcscd itself uses when its access policy says no.
     """
     readers: tuple[str, ...] = _f(_ListOf(STRING, single_ok=True), ("*",))  # glob patterns
@@ -422,6 +424,10 @@ class Policy:
                     self.control != "none" and msg.dwControlCode in self.control):
                 return 0
             return SCARD_W_SECURITY_VIOLATION
+        if kind is SetAttrib:
+            # it writes to the reader's driver (IFDHSetCapabilities) as SCardControl
+            # does: only for a client trusted with the driver (direct mode or every code)
+            return 0 if self.direct or self.control == "all" else SCARD_W_SECURITY_VIOLATION
         return 0
 
     def _share(self, mode: int) -> int:

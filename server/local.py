@@ -22,9 +22,12 @@ import os
 import platform
 import signal
 import socket
+import time
+from functools import partial
 from typing import ClassVar
 
 from pcsc_bridge import __version__, config, log, netio
+from pcsc_bridge.appstate import failed_reply
 from pcsc_bridge.backend import (
     AppInfo,
     Backend,
@@ -34,8 +37,17 @@ from pcsc_bridge.backend import (
     ReaderModel,
 )
 from pcsc_bridge.cli import run_daemon
+from pcsc_bridge.enforce import HANDLE_CALLS, SHARE, CardUse, Enforcer
 from pcsc_bridge.facade import Facade, bind_unix, socket_inode, unlink_unix
-from pcsc_bridge.pcsc import SCARD_SCOPE_SYSTEM, EstablishContext, Message, rv_name
+from pcsc_bridge.pcsc import (
+    SCARD_LEAVE_CARD,
+    SCARD_SCOPE_SYSTEM,
+    Disconnect,
+    EstablishContext,
+    Message,
+    Transmit,
+    rv_name,
+)
 
 from .backends import make_backend
 from .control import ControlServer, Refused, ReloadFailed, quietly, start_admin
@@ -44,23 +56,28 @@ SD_LISTEN_FDS_START = 3
 # After a ready context is handed out, wait this long for the application to give it back
 # before establishing the next one (the agent's pool waits as long).
 PREPARE_AFTER = 0.05
-_SHARE = {1: "exclusive", 2: "shared", 3: "direct"}
 
 
 class PolicyView(Backend):
-    """One socket's view of a shared backend: the readers ``policy`` shows (its own
-    ReaderModel, following the backend's), and every call checked against ``policy``
-    before the backend sees it; a refused call is answered with the policy's code."""
+    """One socket's view of a shared backend: the readers its policy shows (its own
+    ReaderModel, following the backend's), and every call checked by the socket's
+    Enforcer (bridge/enforce.py, the one the server's guests have) before the backend
+    sees it; a refused call is answered with the policy's code, a reload's policy takes
+    back the cards it would not grant."""
 
     def __init__(self, backend: Backend, policy: config.Policy, label: str):
         self.inner = backend
-        self.policy = policy
+        self.enforcer = Enforcer(policy)
         self.label = label
         self.name = backend.name
         self.model = ReaderModel()
         self.repeats = log.Repeats()
         self._unlisten = backend.model.listen(self._follow)
         self._follow()
+
+    @property
+    def policy(self) -> config.Policy:
+        return self.enforcer.policy
 
     @property
     def dialect(self) -> int | None:
@@ -73,10 +90,15 @@ class PolicyView(Backend):
         self.model.update(self.policy.filter(self.inner.model.states))
 
     def reconfigure(self, policy: config.Policy) -> None:
-        """A reload's policy: calls are checked against it from now on, and the readers
-        applications see follow it at once."""
-        self.policy = policy
+        """A reload's policy: calls are checked against it from now on, the readers
+        applications see follow it at once, and a card it would not grant is released on
+        the host now (its application's later calls get what pcscd gives for a reader
+        that went away)."""
+        taken = self.enforcer.reconfigure(policy)
         self._follow()
+        for h, use in taken:
+            self.audit(use, "taken by a reload (policy)")
+            use.owner.take_back(h)
 
     async def open_stream(self, app: AppInfo) -> BackendStream:
         return PolicyStream(self, await self.inner.open_stream(app), app)
@@ -89,26 +111,62 @@ class PolicyView(Backend):
         self.repeats(log.info, "policy.denied", (type(msg), rv, app.uid), socket=self.label,
                      app=app.id, pid=app.pid, uid=app.uid, call=type(msg).__name__,
                      rv=rv_name(rv), reader=getattr(msg, "szReader", None),
-                     share=_SHARE.get(share, share) if share is not None else None)
+                     share=SHARE.get(share, share) if share is not None else None)
+
+    def audit(self, use: CardUse, end: str) -> None:
+        """One line per card use, as the server's (``audit.card``), naming the socket."""
+        app = use.owner.app
+        log.info("audit.card", socket=self.label, app=app.id, pid=app.pid, uid=app.uid,
+                 **use.audit(), start=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                     time.gmtime(use.start)),
+                 seconds=round(time.time() - use.start, 3), apdus=use.apdus, end=end)
 
 
 class PolicyStream(BackendStream):
     """An application's stream on the shared backend, its calls checked by its socket's
-    policy (the one in force when each call is made)."""
+    Enforcer (with the policy in force when each call is made)."""
 
-    __slots__ = ("app", "inner", "pipeline", "view")
+    __slots__ = ("app", "busy", "inner", "pipeline", "takebacks", "view")
 
     def __init__(self, view: PolicyView, inner: BackendStream, app: AppInfo):
         self.view, self.inner, self.app = view, inner, app
         self.pipeline = inner.pipeline
+        self.busy = 0            # calls with the backend
+        self.takebacks: list[int] = []   # card handles a reload took, to release
 
     def submit(self, msg: Message, done, *flags) -> None:
-        rv = self.view.policy.check(msg)
-        if rv:
-            self.view.denied(msg, rv, self.app)
-            asyncio.get_running_loop().call_soon(done, msg.failed(rv), None)
+        verdict = self.view.enforcer.check(msg)
+        if verdict.rv or verdict.answered:
+            if verdict.denied:
+                self.view.denied(msg, verdict.rv, self.app)
+            asyncio.get_running_loop().call_soon(done, failed_reply(msg, verdict.rv), None)
             return
-        self.inner.submit(msg, done, *flags)
+        self.busy += 1
+        self.inner.submit(msg, partial(self._answered, msg, done), *flags)
+
+    def _answered(self, msg: Message, done, reply: Message | None, error) -> None:
+        self.busy -= 1
+        if error is None and reply.rv == 0 and (type(msg) is Transmit
+                                                or type(msg) in HANDLE_CALLS):
+            for use, how in self.view.enforcer.answered(msg, reply, self, time.time()):
+                self.view.audit(use, how)
+        done(reply, error)
+        if self.takebacks and not self.busy:
+            self._release()
+
+    def take_back(self, h_card: int) -> None:
+        self.takebacks.append(h_card)
+        if not self.busy:
+            self._release()
+
+    def _release(self) -> None:
+        handles, self.takebacks = self.takebacks, []
+        for h in handles:
+            self.busy += 1
+            self.inner.submit(Disconnect(h, SCARD_LEAVE_CARD), self._released)
+
+    def _released(self, reply, error) -> None:
+        self.busy -= 1
 
     def watch(self, lost) -> None:
         self.inner.watch(lost)
@@ -120,6 +178,8 @@ class PolicyStream(BackendStream):
         self.inner.resume_reading()
 
     async def close(self) -> None:
+        for use, how in self.view.enforcer.gone(self):
+            self.view.audit(use, how)
         await self.inner.close()
 
 

@@ -28,11 +28,10 @@ from pcsc_bridge import log, tls
 from pcsc_bridge.appstate import failed_reply, pcscd_reply
 from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream
 from pcsc_bridge.config import Limits, Policy
+from pcsc_bridge.enforce import HANDLE_CALLS, SHARE, CardUse, Enforcer
 from pcsc_bridge.keepalive import PING, Dead, Keepalive
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
-    SCARD_E_READER_UNAVAILABLE,
-    SCARD_E_UNKNOWN_READER,
     SCARD_LEAVE_CARD,
     WIRE,
     BeginTransaction,
@@ -82,7 +81,6 @@ CARD_CALLS = frozenset({EstablishContext, ReleaseContext, Connect, Reconnect, Di
                         GetAttrib, SetAttrib})
 DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 .. 4:6; card calls are the same in all of them
 # Which reader each card handle is on: the order of CALL_EARLY calls is per reader.
-_HANDLES = frozenset({Connect, Disconnect, ReleaseContext})
 # How long a CALL_EARLY call holds back the guest's later calls on its reader at most:
 # pcscd answers within PCSCLITE_LOCK_POLL_RATE (a Begin meeting another transaction says
 # so after 100 ms), but a PC/SC library (the pyscard backend) may keep a Begin waiting for
@@ -91,24 +89,6 @@ GATE_HOLD_S = 0.1
 QUIET = 1 << 16   # in a stream's queue: the server's own call (a wire flag is one byte)
 
 
-_SHARE = {1: "exclusive", 2: "shared", 3: "direct"}
-_PROTOCOL = {0: "none", 1: "T0", 2: "T1", 4: "raw", 0x10000: "raw"}
-
-
-class CardUse:
-    """One card handle of a guest's application, for the audit line when it ends."""
-
-    __slots__ = ("apdus", "context", "counters", "cut", "protocol", "reader", "share",
-                 "start", "stream")
-
-    def __init__(self, reader: str, context: int, stream: int, share: int, protocol: int,
-                 counters):
-        self.reader, self.context, self.stream = reader, context, stream
-        self.share, self.protocol = share, protocol
-        self.start = time.time()
-        self.apdus = 0
-        self.counters = counters   # the reader's (metrics), or None
-        self.cut = 0      # a reload's policy took the card: what its calls get from then on
 
 
 class GuestStream:
@@ -170,8 +150,7 @@ class GuestSession(asyncio.Protocol):
         self.gates: dict[int, tuple] = {}   # seq -> (stream id, reader, until when)
         self.parked: list[tuple] = []  # (stream, msg, seq)
         self._gate_timer: asyncio.TimerHandle | None = None
-        self.handles: dict[int, CardUse] = {}   # hCard -> its reader, context, use
-        self.cutting = False   # a reload took a card of this guest's (CardUse.cut)
+        self.enforcer: Enforcer | None = None   # its policy and card handles (HELLO on)
         self.pings = 0                # PINGs sent (their tokens)
         self.repeats = log.Repeats()  # what this guest can make us log over and over
         self._sent_states = None
@@ -202,6 +181,7 @@ class GuestSession(asyncio.Protocol):
         if alpn != ALPN:
             return self.fail(f"peer did not negotiate ALPN {ALPN} (got {alpn})")
         self.policy = self.server.config.policy_for(self.guest)
+        self.enforcer = Enforcer(self.policy)
         self.conn = Connection("server", self.limits.max_frame, self.policy.max_streams)
         if self.server.tls.is_revoked(cert):
             return self.fail(f"its certificate (serial {self.serial:x}) is revoked; a new "
@@ -389,27 +369,22 @@ class GuestSession(asyncio.Protocol):
             return
         stream.arrived = arrived
         rv = stream.last_rv if flags & CALL_IF else 0
-        use = self.handles.get(getattr(msg, "hCard", None)) if self.cutting else None
-        if not rv and use is not None and use.cut:
-            # its card was taken by a reload: pcscd's answers for a reader that went away
-            # (SCardDisconnect succeeds, the rest fail)
-            if type(msg) is Disconnect:
-                self.handles.pop(msg.hCard, None)
+        if not rv:
+            verdict = self.enforcer.check(msg)
+            if verdict.answered:      # a Disconnect of a card a reload took: done
                 stream.last_rv = 0
                 self._released(seq)
                 self._reply(stream, encode_reply(msg.failed(0), WIRE))
                 self._next(stream)
                 return
-            rv = use.cut
-        if not rv:
-            rv = self.policy.check(msg)
-            if rv:
+            rv = verdict.rv
+            if verdict.denied:
                 share = getattr(msg, "dwShareMode", None)
                 reader = self._reader_of(msg)
                 self.repeats(log.info, "policy.denied", type(msg), guest=self.guest,
                              stream=stream.id, call=type(msg).__name__, rv=rv_name(rv),
                              reader=reader,
-                             share=_SHARE.get(share, share) if share is not None else None)
+                             share=SHARE.get(share, share) if share is not None else None)
                 counters = self.metrics.reader(reader) if reader else None
                 if counters is not None:
                     counters.denials += 1
@@ -437,7 +412,7 @@ class GuestSession(asyncio.Protocol):
         if kind is ReleaseContext:
             return "*"
         h = getattr(msg, "hCard", None)
-        use = self.handles.get(h) if h is not None else None
+        use = self.enforcer.handles.get(h) if h is not None else None
         return use.reader if use is not None else None
 
     def _gated(self, sid: int, msg: Message, seq: int) -> bool:
@@ -517,9 +492,10 @@ class GuestSession(asyncio.Protocol):
         """Forget the stream and close its backend stream (a call under way is dropped:
         the backend sees its socket close, as when an application dies)."""
         self.streams.pop(stream.id, None)
-        for h in [h for h, u in self.handles.items() if u.stream == stream.id]:
-            self._card_used(self.handles.pop(h), "application gone"
-                            if not self.closed else "guest gone")
+        if self.enforcer is not None:
+            for use, how in self.enforcer.gone(stream.id, "application gone"
+                                               if not self.closed else "guest gone"):
+                self._card_used(use, how)
         stream.ended = True
         if stream.running:
             stream.running = False
@@ -625,17 +601,19 @@ class GuestSession(asyncio.Protocol):
             reply = pcscd_reply(msg, reply)   # the backend (the PC/SC API) answered
         self.metrics.latency[kind].observe(monotonic() - stream.arrived)
         if kind is Transmit:
-            use = self.handles.get(msg.hCard)
+            use = self.enforcer.handles.get(msg.hCard)
             if use is not None:
-                use.apdus += 1
                 counters = use.counters
                 if counters is not None:
                     counters.calls += 1
                     counters.apdus += 1
         else:
             self._reader_call(msg, kind, reply.rv)
-            if reply.rv == 0 and kind in _HANDLES:
-                self._handles(stream, msg, reply)
+        if reply.rv == 0 and (kind is Transmit or kind in HANDLE_CALLS):
+            for use, how in self.enforcer.answered(
+                    msg, reply, stream.id, time.time(),
+                    self.metrics.reader(msg.szReader) if kind is Connect else None):
+                self._card_used(use, how)
         self._reply(stream, encode_reply(reply, WIRE))
         self._next(stream)
 
@@ -649,32 +627,14 @@ class GuestSession(asyncio.Protocol):
                 counters.uses += rv == 0
             return
         h = getattr(msg, "hCard", None)
-        use = self.handles.get(h) if h is not None else None
+        use = self.enforcer.handles.get(h) if h is not None else None
         if use is not None and use.counters is not None:
             use.counters.calls += 1
 
-    def _handles(self, stream: GuestStream, msg: Message, reply: Message):
-        """Which reader each card handle is on (CALL_EARLY's order is per reader), and
-        the audit line of each card use when it ends."""
-        kind = type(msg)
-        if kind is Connect:
-            self.handles[reply.hCard] = CardUse(
-                msg.szReader, msg.hContext, stream.id, msg.dwShareMode,
-                reply.dwActiveProtocol, self.metrics.reader(msg.szReader))
-        elif kind is Disconnect:
-            self._card_used(self.handles.pop(msg.hCard, None), "disconnected")
-        else:
-            for h in [h for h, u in self.handles.items() if u.context == msg.hContext]:
-                self._card_used(self.handles.pop(h), "context released")
-
-    def _card_used(self, use: CardUse | None, end: str) -> None:
+    def _card_used(self, use: CardUse, end: str) -> None:
         """One line per card use (``audit.card``): who, which reader, how, how long, how
         many APDUs, how it ended."""
-        if use is None or use.cut:    # audited when it was cut
-            return
-        log.info("audit.card", guest=self.guest, stream=use.stream, reader=use.reader,
-                 share=_SHARE.get(use.share, use.share),
-                 protocol=_PROTOCOL.get(use.protocol, use.protocol),
+        log.info("audit.card", guest=self.guest, stream=use.owner, **use.audit(),
                  start=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(use.start)),
                  seconds=round(time.time() - use.start, 3), apdus=use.apdus, end=end)
 
@@ -742,20 +702,15 @@ class GuestSession(asyncio.Protocol):
         and its view of the readers follows it at once (STATE)."""
         self.policy = policy
         self._push_states()
-        for h, use in self.handles.items():
-            stream = self.streams.get(use.stream)
-            if use.cut or stream is None:
-                continue
-            rv = policy.check(Connect(use.context, use.reader, use.share, use.protocol))
-            if not rv:
-                continue
+        for h, use in self.enforcer.reconfigure(policy):
             # the card is released now (other guests may want the reader), and the
-            # application's calls on the handle fail from now on
+            # application's calls on the handle fail from now on (Enforcer.check)
             self._card_used(use, "taken by a reload (policy)")
-            self.cutting = True
-            use.cut = SCARD_E_READER_UNAVAILABLE if rv == SCARD_E_UNKNOWN_READER else rv
-            stream.queue.appendleft((Disconnect(h, SCARD_LEAVE_CARD), QUIET, 0, monotonic()))
-            self._next(stream)
+            stream = self.streams.get(use.owner)
+            if stream is not None:
+                stream.queue.appendleft((Disconnect(h, SCARD_LEAVE_CARD), QUIET, 0,
+                                         monotonic()))
+                self._next(stream)
 
     def _push_states(self):
         """The model changed: STATE goes out with the next REPLY (one write, one TLS
