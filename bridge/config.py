@@ -19,6 +19,7 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -439,9 +440,11 @@ class Policy:
 
 # each daemon's admin socket unless its file says otherwise: in the folder its systemd unit
 # makes (RuntimeDirectory=); a default that cannot be made only costs a warning
+# (none where there are no Unix sockets: Windows)
 ADMIN_SOCKETS = {"server": "/run/pcsc-bridge/admin.sock",
                  "client": "/run/pcsc-bridge-agent/admin.sock",
-                 "local": "/run/pcsc-bridge-local/admin.sock"}
+                 "local": "/run/pcsc-bridge-local/admin.sock"} \
+    if hasattr(socket, "AF_UNIX") else dict.fromkeys(("server", "client", "local"))
 
 
 @dataclass(frozen=True, kw_only=True)

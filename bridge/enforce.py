@@ -11,6 +11,7 @@ use, which SCardControl codes, whether SCardSetAttrib. No socket, task or clock 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable
 
 from .config import Policy
@@ -46,10 +47,13 @@ class CardUse:
         self.counters = counters   # the reader's metrics, or None
         self.cut = 0      # a reload's policy took the card: what its calls get from then on
 
-    def audit(self) -> dict:
-        """The fields of its audit line (without the end and the duration)."""
+    def audit(self, end: str, now: float) -> dict:
+        """The fields of its ``audit.card`` line, once it ended (``end``: how) at ``now``:
+        which reader, how, since when, how long, how many APDUs."""
         return {"reader": self.reader, "share": SHARE.get(self.share, self.share),
-                "protocol": PROTOCOL.get(self.protocol, self.protocol)}
+                "protocol": PROTOCOL.get(self.protocol, self.protocol),
+                "start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.start)),
+                "seconds": round(now - self.start, 3), "apdus": self.apdus, "end": end}
 
 
 class Verdict:

@@ -130,10 +130,15 @@ class Link(asyncio.Protocol):
         try:
             events = conn.receive_data(data)
         except WireError as exc:
-            self._dispatch(exc.events)
             log.error("link.protocol_error", error=str(exc))
             with contextlib.suppress(LocalProtocolError):
                 self.write(self.conn.send(GoAway(self.conn.last_stream_id, exc.code, str(exc))))
+            # what was decoded before the bad frame still reaches the applications; an
+            # answer of ours (a PONG) can no longer be sent, and is not
+            handlers = self._handlers
+            for event in exc.events:
+                with contextlib.suppress(LocalProtocolError):
+                    handlers[type(event)](event)
             self.drop(f"protocol error from the server: {exc}")
             return
         if conn.frames != frames:

@@ -174,7 +174,8 @@ class Server:
         except OSError as exc:   # ssl.SSLError and TimeoutError are OSErrors too
             reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
                 or str(exc) or type(exc).__name__
-            self.refusals(log.warning, "guest.refused", ("tls", peer.rpartition(":")[0]),
+            # OpenSSL's reason (a fixed set of its own words), not text the peer wrote
+            self.refusals(log.warning, "guest.refused", (peer.rpartition(":")[0], reason),
                           peer=peer, stage="tls", reason=reason)
             self.metrics.tls_refused += 1
             sock.close()

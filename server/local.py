@@ -117,9 +117,7 @@ class PolicyView(Backend):
         """One line per card use, as the server's (``audit.card``), naming the socket."""
         app = use.owner.app
         log.info("audit.card", socket=self.label, app=app.id, pid=app.pid, uid=app.uid,
-                 **use.audit(), start=time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                     time.gmtime(use.start)),
-                 seconds=round(time.time() - use.start, 3), apdus=use.apdus, end=end)
+                 **use.audit(end, time.time()))
 
 
 class PolicyStream(BackendStream):

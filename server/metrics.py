@@ -128,7 +128,7 @@ class Metrics:
             streams[s.guest] = streams.get(s.guest, 0) + len(s.streams)
         in_use = dict.fromkeys(self.readers, 0)
         for s in server.sessions:
-            for use in s.handles.values():
+            for use in s.enforcer.handles.values() if s.enforcer is not None else ():
                 if use.reader in in_use:
                     in_use[use.reader] += 1
         guests = sorted(self.guests.items())

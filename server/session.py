@@ -634,9 +634,8 @@ class GuestSession(asyncio.Protocol):
     def _card_used(self, use: CardUse, end: str) -> None:
         """One line per card use (``audit.card``): who, which reader, how, how long, how
         many APDUs, how it ended."""
-        log.info("audit.card", guest=self.guest, stream=use.owner, **use.audit(),
-                 start=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(use.start)),
-                 seconds=round(time.time() - use.start, 3), apdus=use.apdus, end=end)
+        log.info("audit.card", guest=self.guest, stream=use.owner,
+                 **use.audit(end, time.time()))
 
     def _backend_lost(self, stream: GuestStream):
         """The backend ended an idle stream's connection (pcscd restarted): its contexts

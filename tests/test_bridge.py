@@ -716,7 +716,7 @@ def test_the_pyscard_server_runs_as_on_windows(pcscd, tmp_path):
     wrapper = tmp_path / "windows_like.py"
     wrapper.write_text(WINDOWS_LIKE)
     b = Bridge(str(tmp_path), guests=("guest1", "guest2"), backend="pyscard",
-               extra="  reload_check: 0.5s\n")
+               extra="  reload_check: 0.5s\n  admin_socket: null\n")   # no AF_UNIX there
     try:
         b.start_server(python=(sys.executable, str(wrapper)))
         app = b.app(b.start_agent("guest1"))

@@ -50,9 +50,17 @@ BAD = {
 }
 
 
+def _guest(kind: str, later: bool) -> str:
+    return f"{kind.replace('_', '-')}-{'later' if later else 'same'}"
+
+
 @pytest.fixture(scope="module")
 def bridge(tmp_path_factory):
-    b = Bridge(str(tmp_path_factory.mktemp("hostile-frames")), guests=("guest1", "guest2"),
+    # a guest of its own for each case: the log limiter writes one line per guest and
+    # reason code in 10 s, so cases of one guest would hide each other's line
+    b = Bridge(str(tmp_path_factory.mktemp("hostile-frames")),
+               guests=("guest1", "guest2", *(_guest(k, later) for k in BAD
+                                             for later in (False, True))),
                backend="virtual")
     b.start_server()
     yield b
@@ -74,9 +82,10 @@ def _goaway(client: WireClient, timeout=5.0):
     return events
 
 
-def _lines(bridge, text, event):
+def _lines(bridge, text, event, guest):
     return [line for line in bridge.server.output().splitlines()
-            if text in line and (event in line or "guest." not in line)]
+            if text in line and f"guest={guest} " in line
+            and (event in line or "guest." not in line)]
 
 
 def _honest_guest_works(bridge):
@@ -97,7 +106,8 @@ def _honest_guest_works(bridge):
 @pytest.mark.parametrize("kind", list(BAD))
 def test_hello_and_a_bad_frame_in_one_read_get_a_goaway(bridge, kind, later):
     bad, reason = BAD[kind]
-    c = WireClient(bridge, "guest1")
+    guest = _guest(kind, later)
+    c = WireClient(bridge, guest)
     try:
         if later:                                 # HELLO answered first, then the frame
             c.send(wire.Hello(software="hostile"))
@@ -115,13 +125,13 @@ def test_hello_and_a_bad_frame_in_one_read_get_a_goaway(bridge, kind, later):
     # a guest whose HELLO was answered is dropped; one refused in HELLO's read
     event = "guest.dropped" if later else "guest.refused"
     deadline = time.monotonic() + 5
-    while not _lines(bridge, reason, event):
+    while not _lines(bridge, reason, event, guest):
         assert time.monotonic() < deadline, bridge.server.output()
         time.sleep(0.05)
     time.sleep(0.2)
-    lines = _lines(bridge, reason, event)
+    lines = _lines(bridge, reason, event, guest)
     assert len(lines) == 1, lines
-    assert "guest=guest1" in lines[0], lines
+    assert f"guest={guest}" in lines[0], lines
     out = bridge.server.output()
     assert "Traceback" not in out and "Fatal error" not in out, out
     _honest_guest_works(bridge)

@@ -371,6 +371,29 @@ c.connect()
 print(toHexString(c.getATR()).replace(" ", ""))
 print("%02X%02X" % c.transmit([0x00, 0xA4, 0x04, 0x00, 0x00])[1:])'
 check status pcsc-bridge status -c /etc/pcsc-bridge/server.yaml
+# descriptors under the unit: the soft limit raised to systemd's hard one, and 300 idle
+# TCP connections from 200 addresses do not keep an application of the guest out
+check limits sh -c 'grep "Max open files" /proc/$(systemctl show -P MainPID pcsc-bridge-server)/limits'
+check idle-tcp python3 -c '
+import re, socket, subprocess
+port = int(re.search(r"127.0.0.1:(\d+)", open("/etc/pcsc-bridge/server.yaml").read()).group(1))
+held = []
+for i in range(300):
+    s = socket.socket()
+    s.bind(("127.0.0.%d" % (2 + i % 200), 0))
+    s.connect(("127.0.0.1", port))
+    held.append(s)
+subprocess.run(["systemctl", "restart", "pcsc-bridge-client"], check=True)
+out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                      "python3", "-c", "from smartcard.System import readers; "
+                      "import time\nfor i in range(100):\n    r = readers()\n    if r: break\n"
+                      "    time.sleep(0.1)\nprint(len(r))"],
+                     capture_output=True, text=True, timeout=60)
+print(out.stdout.strip(), len(held))'
+# a socket folder another user owns is refused, as the service user would meet it
+mkdir -p /run/evil && chown nobody:nogroup /run/evil
+check evil-folder setpriv --reuid=pcsc-bridge --regid=pcsc-bridge --clear-groups \
+    pcsc-bridge local --socket /run/evil/pcscd.comm --backend virtual
 check reload-server systemctl reload pcsc-bridge-server
 check reload-client systemctl reload pcsc-bridge-client
 check reload-answer pcsc-bridge reload -c /etc/pcsc-bridge/client.yaml
@@ -445,6 +468,11 @@ def test_the_units_run_hardened_under_systemd(deb, tmp_path):
     assert names == "['Virtual PCD 00 00', 'Virtual PCD 00 01']"
     assert atr.startswith("3B") and re.fullmatch(r"[0-9A-F]{4}", sw)
     assert "guest   guest1 from 127.0.0.1" in result("status")
+    soft, hard = result("limits").split()[3:5]
+    assert soft == hard and int(soft) > 1024, result("limits")
+    assert result("idle-tcp").split() == ["2", "300"]     # both readers seen, 300 held
+    assert _read(out, "evil-folder.rc").strip() == "1", _read(out, "evil-folder")
+    assert "/run/evil belongs to uid" in _read(out, "evil-folder")
     journal = _read(out, "journal")
     assert "server.reloaded" in journal and "agent.reloaded" in journal
     old, new, restarts, state = result("watchdog").split()
