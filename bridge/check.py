@@ -105,7 +105,7 @@ def run(args) -> int:
             ok(f"server: {s.cert} (for a TLS server), {s.key} (private, its key), {s.ca}"
                + (f", {s.crl}" if s.crl else ""))
             report.expiry(s.cert, s.ca, s.crl, s.log.expiry_warning_days, "server: ")
-            from pcsc_bridge.server.host import listening_sockets
+            from .netio import listening_sockets
             for address in () if args.running else s.listen:
                 for sock in listening_sockets(address.host, address.port):
                     sock.close()

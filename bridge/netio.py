@@ -34,7 +34,7 @@ import selectors
 import socket
 import ssl
 
-from . import log
+from . import config, log
 
 READ_SIZE = 65536          # one recv: the largest pcsc-lite message (65,588 B) fits in two
 HIGH_WATER = 256 * 1024    # write buffer: the protocol pauses above this ...
@@ -515,3 +515,32 @@ def _name(get):
         return get()
     except OSError:
         return None
+
+
+def listening_sockets(host: str, port: int, key: str = "server.listen") -> list[socket.socket]:
+    """One listening TCP socket per address HOST resolves to (IPv4 and IPv6); a
+    ConfigError naming ``key`` if one cannot listen."""
+    socks = []
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        # the operator's to fix, like any configuration error (exit status 2)
+        raise config.ConfigError(f"{key}: cannot listen on "
+                                 f"{_address(host, port)}: {exc.strerror or exc}") from None
+    return socks
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

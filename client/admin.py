@@ -8,8 +8,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import ClassVar
 
+from pcsc_bridge.admin import CommandSocket, Refused
 from pcsc_bridge.pcsc import PROTOCOL_VERSION_MAJOR
-from pcsc_bridge.server.control import ControlServer, Refused
 
 
 def _iso(t: float) -> str:
@@ -25,11 +25,11 @@ def _command(pid) -> str | None:
         return None
 
 
-class AgentAdmin(ControlServer):
+class AgentAdmin(CommandSocket):
     COMMANDS: ClassVar[dict] = {"status": "status", "reload": "reload"}
 
     def __init__(self, backend, facade, path: str, reload=None):
-        super().__init__(None, path)
+        super().__init__(path)
         self.agent, self.facade, self.reload = backend, facade, reload
 
     async def _reload(self, args: list[str]) -> dict:

@@ -9,9 +9,9 @@ import platform
 import signal
 
 from pcsc_bridge import __version__, config, log, netio, tls
+from pcsc_bridge.admin import ReloadFailed, quietly, start_admin
 from pcsc_bridge.cli import run_daemon
 from pcsc_bridge.facade import Facade
-from pcsc_bridge.server.control import ReloadFailed, quietly, start_admin
 
 from .agent import RemoteBackend
 

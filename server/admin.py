@@ -17,18 +17,17 @@ import sys
 from typing import ClassVar
 
 from pcsc_bridge import config
+from pcsc_bridge.admin import CommandSocket, Refused, send_command
 from pcsc_bridge.wire import Reason
-
-from .control import ControlServer, Refused, send_command
 
 RELOAD_TIMEOUT = 120.0   # seconds `pcsc-bridge reload` waits for the daemon's answer
 
 
-class AdminServer(ControlServer):
+class AdminServer(CommandSocket):
     COMMANDS: ClassVar[dict] = {"status": "status", "kick": "kick GUEST", "reload": "reload"}
 
     def __init__(self, server, path: str):
-        super().__init__(None, path)
+        super().__init__(path)
         self.server = server
 
     def _status(self, args: list[str]) -> dict:

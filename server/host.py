@@ -10,10 +10,10 @@ import socket
 import time
 
 from pcsc_bridge import __version__, config, log, netio, tls
+from pcsc_bridge.admin import ReloadFailed
 from pcsc_bridge.backend import Backend
 from pcsc_bridge.wire import Reason
 
-from .control import ReloadFailed
 from .metrics import Metrics, MetricsEndpoint
 from .session import GuestSession
 
@@ -85,7 +85,7 @@ class Server:
     # --- listeners ------------------------------------------------------------------------
     async def start(self) -> None:
         for host, port in self.config.listen:
-            socks = listening_sockets(host, port)
+            socks = netio.listening_sockets(host, port)
             for sock in socks:
                 self.listeners.append(sock)
                 self.accepting.append(asyncio.get_running_loop().create_task(
@@ -328,35 +328,6 @@ async def _first_byte(sock: socket.socket, timeout: float) -> bool:
         return True
     except OSError:
         return False
-
-
-def listening_sockets(host: str, port: int, key: str = "server.listen") -> list[socket.socket]:
-    """One listening TCP socket per address HOST resolves to (IPv4 and IPv6); a
-    ConfigError naming ``key`` if one cannot listen."""
-    socks = []
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(128)
-            sock.setblocking(False)
-    except OSError as exc:
-        for sock in socks:
-            sock.close()
-        # the operator's to fix, like any configuration error (exit status 2)
-        raise config.ConfigError(f"{key}: cannot listen on "
-                                 f"{_address(host, port)}: {exc.strerror or exc}") from None
-    return socks
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _tls_files(files: tls.ServerFiles) -> list[tuple[str, str]]:

@@ -27,6 +27,7 @@ from functools import partial
 from typing import ClassVar
 
 from pcsc_bridge import __version__, config, log, netio
+from pcsc_bridge.admin import CommandSocket, Refused, ReloadFailed, quietly, start_admin
 from pcsc_bridge.appstate import failed_reply
 from pcsc_bridge.backend import (
     AppInfo,
@@ -50,7 +51,7 @@ from pcsc_bridge.pcsc import (
 )
 
 from .backends import make_backend
-from .control import ControlServer, Refused, ReloadFailed, quietly, start_admin
+from .control import ControlServer
 
 SD_LISTEN_FDS_START = 3
 # After a ready context is handed out, wait this long for the application to give it back
@@ -538,14 +539,14 @@ async def reload(local: Local, args) -> list[str]:
     return await local.reload(cfg)
 
 
-class LocalAdmin(ControlServer):
+class LocalAdmin(CommandSocket):
     """``local.admin_socket``: ``status`` (the sockets, their applications) and
     ``reload``, as on the server's and the agent's."""
 
     COMMANDS: ClassVar[dict] = {"status": "status", "reload": "reload"}
 
     def __init__(self, local: Local, args):
-        super().__init__(None, local.config.admin_socket)
+        super().__init__(local.config.admin_socket)
         self.local, self.args = local, args
 
     def _status(self, args: list[str]) -> dict:

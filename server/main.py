@@ -7,10 +7,10 @@ import platform
 import signal
 
 from pcsc_bridge import __version__, config, log, netio, tls
+from pcsc_bridge.admin import quietly, start_admin
 from pcsc_bridge.cli import run_daemon
 
 from .backends import make_backend
-from .control import quietly, start_admin
 from .host import Server
 
 

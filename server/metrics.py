@@ -20,7 +20,7 @@ import platform
 import time
 from bisect import bisect_left
 
-from pcsc_bridge import __version__, log
+from pcsc_bridge import __version__, log, netio
 from pcsc_bridge.pcsc import rv_name
 
 from .session import CARD_CALLS
@@ -245,8 +245,7 @@ class MetricsEndpoint:
     async def start(self) -> MetricsEndpoint:
         """Listen; a ConfigError naming ``server.metrics_listen`` if the address cannot
         be listened on."""
-        from .host import listening_sockets
-        socks = listening_sockets(self.address.host, self.address.port,
+        socks = netio.listening_sockets(self.address.host, self.address.port,
                                   "server.metrics_listen")
         loop = asyncio.get_running_loop()
         for sock in socks:

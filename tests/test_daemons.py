@@ -525,15 +525,15 @@ def test_a_default_admin_socket_that_cannot_be_made_is_a_warning(tmp_path):
     # a user trying the server by hand (no /run/pcsc-bridge of theirs) still gets a server
     import asyncio
 
-    from pcsc_bridge.server.control import ControlServer, start_admin
+    from pcsc_bridge.admin import CommandSocket, start_admin
     path = "/proc/self/no-such-folder/admin.sock"
 
     async def go():
-        return await start_admin(ControlServer(None, path), default=path)
+        return await start_admin(CommandSocket(path), default=path)
     assert asyncio.run(go()) is None
 
     async def named():                         # a path the file names must work
-        return await start_admin(ControlServer(None, path), default="/elsewhere")
+        return await start_admin(CommandSocket(path), default="/elsewhere")
     with pytest.raises(OSError, match="admin_socket /proc/self/no-such-folder"):
         asyncio.run(named())
 

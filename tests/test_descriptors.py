@@ -150,12 +150,12 @@ def test_one_user_cannot_take_every_local_socket(tmp_path):
 
 
 def test_admin_connections_are_bounded_and_idle_ones_closed(tmp_path, monkeypatch):
-    from pcsc_bridge.server import control
+    from pcsc_bridge import admin as control
     monkeypatch.setattr(control, "CONTROL_IDLE", 0.5)
     path = str(tmp_path / "admin.sock")
 
     async def go():
-        admin = await control.ControlServer(None, path).start()
+        admin = await control.CommandSocket(path).start()
         try:
             idle = []
             for _ in range(control.MAX_CONTROL_CONNECTIONS):

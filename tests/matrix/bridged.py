@@ -215,7 +215,7 @@ class VirtualBridge:
 
     def command(self, *words: str) -> object:
         """One control command (``"insert", "0"``); its answer's JSON. Refused: an error."""
-        from pcsc_bridge.server.control import send_command
+        from pcsc_bridge.admin import send_command
         answer = send_command(self.control, shlex.join(words))
         if not answer.startswith("ok "):
             raise AssertionError(f"control {' '.join(words)}: {answer}")
