@@ -37,6 +37,7 @@ from dataclasses import replace
 from typing import Any, ClassVar, Protocol
 
 from .backend import ReaderModel
+from .commands import ACCOUNTED, RETURNED
 from .pcsc import (
     MAX_BUFFER_SIZE_EXTENDED,
     NATIVE,
@@ -55,7 +56,6 @@ from .pcsc import (
     BeginTransaction,
     Cancel,
     Connect,
-    Control,
     Disconnect,
     EndTransaction,
     EstablishContext,
@@ -73,7 +73,6 @@ from .pcsc import (
     RequestReader,
     StopWaitingReaderStateChange,
     StopWaitingReaderStateChangeTimed,
-    Transmit,
     Version,
     WaitReaderStateChange,
     WaitReaderStateChangeReply,
@@ -90,20 +89,10 @@ NEWEST_MINOR = 6
 DIALECTS = (2, 3, 4, 5, 6)
 ESTABLISH_SCOPES = frozenset({SCARD_SCOPE_USER, SCARD_SCOPE_TERMINAL, SCARD_SCOPE_SYSTEM,
                               SCARD_SCOPE_GLOBAL})   # what pcscd accepts
-# the card calls whose success changes the application's contexts or card handles
-_ACCOUNTED = frozenset({EstablishContext, ReleaseContext, Connect, Reconnect, Disconnect,
-                        BeginTransaction, EndTransaction})
 # what a call with the backend is to the application (``AppState.inflight``)
 OWED = 0      # its answer is owed: the application waits for it
 BEHIND = 1    # answered already; only a failure is news (a log line)
 AHEAD = 2     # a BeginTransaction answered already, sent ahead of the handle's calls
-
-
-# the reply field libpcsclite's client hands the application as the length of the data
-# returned, even when the call failed (winscard_clnt.c: *pcbRecvLength, *lpBytesReturned),
-# and the request's field giving the size of the application's buffer
-_RETURNED = {Transmit: ("pcbRecvLength", "pcbRecvLength"),
-             Control: ("dwBytesReturned", "cbRecvLength")}
 
 
 def failed_reply(msg: Message, rv: int) -> Message:
@@ -114,7 +103,7 @@ def failed_reply(msg: Message, rv: int) -> Message:
     the request's, an application (pyscard asks for 65,548 bytes) took its own receive
     buffer, unwritten, for the response."""
     reply = msg.failed(rv)
-    fields = _RETURNED.get(type(msg))
+    fields = RETURNED.get(type(msg))
     if fields is not None and getattr(reply, fields[0]):
         reply = reply.with_rv(rv, **{fields[0]: 0})
     return reply
@@ -126,7 +115,7 @@ def pcscd_reply(msg: Message, reply: Message) -> Message:
     no data, except SCARD_E_INSUFFICIENT_BUFFER's needed length, which is larger than
     the application's buffer and at most pcscd's own (MAX_BUFFER_SIZE_EXTENDED).
     ``reply`` itself when it is one already (the usual case: nothing is re-packed)."""
-    fields = _RETURNED.get(type(reply)) if reply.rv else None
+    fields = RETURNED.get(type(reply)) if reply.rv else None
     if fields is None:
         return reply
     n = getattr(reply, fields[0])
@@ -318,7 +307,7 @@ class AppState:
         elif failed:              # held to what pcscd could answer, whoever built it
             self.shell.send(encode_reply(pcscd_reply(msg, reply), NATIVE))
         else:
-            if type(msg) in _ACCOUNTED:
+            if type(msg) in ACCOUNTED:
                 self._account(msg, reply)
             self.shell.send(encode_reply(reply, NATIVE))
         if self.request is not None or self.reader.buffered:

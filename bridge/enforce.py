@@ -28,8 +28,6 @@ from .pcsc import (
 
 SHARE = {1: "exclusive", 2: "shared", 3: "direct"}
 PROTOCOL = {0: "none", 1: "T0", 2: "T1", 4: "raw", 0x10000: "raw"}
-# what each kind of answer means for the handles held
-HANDLE_CALLS = frozenset({Connect, Reconnect, Disconnect, ReleaseContext})
 
 
 class CardUse:

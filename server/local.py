@@ -38,7 +38,8 @@ from pcsc_bridge.backend import (
     ReaderModel,
 )
 from pcsc_bridge.cli import run_daemon
-from pcsc_bridge.enforce import HANDLE_CALLS, SHARE, CardUse, Enforcer
+from pcsc_bridge.commands import HOLDS
+from pcsc_bridge.enforce import SHARE, CardUse, Enforcer
 from pcsc_bridge.facade import Facade, bind_unix, socket_inode, unlink_unix
 from pcsc_bridge.pcsc import (
     SCARD_LEAVE_CARD,
@@ -146,7 +147,7 @@ class PolicyStream(BackendStream):
     def _answered(self, msg: Message, done, reply: Message | None, error) -> None:
         self.busy -= 1
         if error is None and reply.rv == 0 and (type(msg) is Transmit
-                                                or type(msg) in HANDLE_CALLS):
+                                                or type(msg) in HOLDS):
             for use, how in self.view.enforcer.answered(msg, reply, self, time.time()):
                 self.view.audit(use, how)
         done(reply, error)

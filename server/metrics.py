@@ -21,9 +21,8 @@ import time
 from bisect import bisect_left
 
 from pcsc_bridge import __version__, log, netio
+from pcsc_bridge.commands import CARD_CALLS
 from pcsc_bridge.pcsc import rv_name
-
-from .session import CARD_CALLS
 
 # seconds; card calls take from ~100 µs (virtual card, a cached answer) to seconds (key
 # generation on a card, a transaction waiting for another application's)

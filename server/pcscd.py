@@ -19,24 +19,17 @@ import socket
 
 from pcsc_bridge import log, netio
 from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream, ReaderModel
+from pcsc_bridge.commands import REFRESH_ALWAYS, REFRESH_ON_FAILURE
 from pcsc_bridge.pcsc import (
     DEFAULT_SOCKET,
     NATIVE,
     SCARD_E_NO_SERVICE,
-    BeginTransaction,
-    Connect,
-    Disconnect,
-    EndTransaction,
     GetReadersState,
     GetReadersStateArray,
     GetReadersStateSize,
     Message,
     ProtocolError,
-    Reconnect,
-    ReleaseContext,
     ReplyReader,
-    Status,
-    Transmit,
     Version,
     encode_request,
     rv_name,
@@ -45,13 +38,6 @@ from pcsc_bridge.pcsc import (
 
 NEWEST = 6
 SPOKEN = (2, 3, 4, 5, 6)   # pcscd 1.8.4 (4:2) to 2.5 (4:6)
-# Calls after which the reader-state array may have changed.
-REFRESH_AFTER = frozenset({Connect, Reconnect, Disconnect, BeginTransaction, EndTransaction,
-                           ReleaseContext})
-# Calls that change no reader state when they succeed: pcscd's SCardStatus only checks the
-# handle (pcsc-lite's client takes state and ATR from the reader-state array it read
-# before); a failure (card removed or reset) may go with a change the array shows.
-REFRESH_ON_FAILURE = frozenset({Transmit, Status})
 RETRY_INTERVAL = 1.0
 
 
@@ -111,7 +97,7 @@ class PcscdConnection(asyncio.Protocol):
         self.reader.expect(msg)
         self.done = done
         kind = type(msg)
-        self.refresh_always = kind in REFRESH_AFTER
+        self.refresh_always = kind in REFRESH_ALWAYS
         self.refresh = self.refresh_model if self.refresh_always \
             or kind in REFRESH_ON_FAILURE else None
         self.transport.write(encode_request(msg, NATIVE))

@@ -34,6 +34,7 @@ from typing import ClassVar
 from pcsc_bridge import log
 from pcsc_bridge.appstate import failed_reply
 from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream, ReaderModel
+from pcsc_bridge.commands import REFRESH_ALWAYS, REFRESH_ON_FAILURE
 from pcsc_bridge.pcsc import (
     MAX_READERNAME,
     SCARD_ABSENT,
@@ -75,11 +76,6 @@ RETRY_S = 1.0                 # the PC/SC service is down: try again after this 
 # SCardGetStatusChange's dwEventState bits (the same in pcsc-lite and WinSCard)
 STATE_UNAVAILABLE, STATE_EMPTY, STATE_PRESENT = 0x0008, 0x0010, 0x0020
 STATE_EXCLUSIVE, STATE_INUSE, STATE_MUTE = 0x0080, 0x0100, 0x0200
-# calls after which the reader states may have changed (as the pcscd backend reads them
-# again); a Transmit or Status only when it failed
-CHANGES_STATE = frozenset({Connect, Reconnect, Disconnect, BeginTransaction, EndTransaction,
-                           ReleaseContext})
-CHANGES_ON_FAILURE = frozenset({Transmit, Status})
 CM_IOCTL_GET_FEATURE_REQUEST = 3400
 
 
@@ -382,14 +378,14 @@ class PyscardStream(BackendStream):
         # the states to read again after it (on the thread, before the reply): any other
         # context of this application's will do for a release
         refresh = None
-        if kind in CHANGES_STATE or kind in CHANGES_ON_FAILURE:
+        if kind in REFRESH_ALWAYS or kind in REFRESH_ON_FAILURE:
             refresh = next((backend.host_handle(c, self) for c in self.contexts
                             if kind is not ReleaseContext or c != msg.hContext), None)
 
         def job():
             reply, new = self._call(msg, host, reader)
             states = None
-            if refresh is not None and (kind in CHANGES_STATE or reply.rv):
+            if refresh is not None and (kind in REFRESH_ALWAYS or reply.rv):
                 rv, states = backend.read_states(refresh)
                 states = None if rv else states
             return reply, new, states

@@ -27,27 +27,20 @@ from time import monotonic
 from pcsc_bridge import log, tls
 from pcsc_bridge.appstate import failed_reply, pcscd_reply
 from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream
+from pcsc_bridge.commands import CARD_CALLS, HOLDS
 from pcsc_bridge.config import Limits, Policy
-from pcsc_bridge.enforce import HANDLE_CALLS, SHARE, CardUse, Enforcer
+from pcsc_bridge.enforce import SHARE, CardUse, Enforcer
 from pcsc_bridge.keepalive import PING, Dead, Keepalive
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
     SCARD_LEAVE_CARD,
     WIRE,
-    BeginTransaction,
     Connect,
-    Control,
     Disconnect,
-    EndTransaction,
-    EstablishContext,
-    GetAttrib,
     Message,
     ProtocolError,
     ReaderStates,
-    Reconnect,
     ReleaseContext,
-    SetAttrib,
-    Status,
     Transmit,
     encode_reply,
     read_request,
@@ -74,11 +67,6 @@ from pcsc_bridge.wire import (
     WireError,
 )
 
-# The calls that travel; the agent answers the others (version, reader states, waits,
-# SCARD_CANCEL) from the STATE it holds.
-CARD_CALLS = frozenset({EstablishContext, ReleaseContext, Connect, Reconnect, Disconnect,
-                        BeginTransaction, EndTransaction, Transmit, Control, Status,
-                        GetAttrib, SetAttrib})
 DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 .. 4:6; card calls are the same in all of them
 # Which reader each card handle is on: the order of CALL_EARLY calls is per reader.
 # How long a CALL_EARLY call holds back the guest's later calls on its reader at most:
@@ -609,7 +597,7 @@ class GuestSession(asyncio.Protocol):
                     counters.apdus += 1
         else:
             self._reader_call(msg, kind, reply.rv)
-        if reply.rv == 0 and (kind is Transmit or kind in HANDLE_CALLS):
+        if reply.rv == 0 and (kind is Transmit or kind in HOLDS):
             for use, how in self.enforcer.answered(
                     msg, reply, stream.id, time.time(),
                     self.metrics.reader(msg.szReader) if kind is Connect else None):

@@ -96,3 +96,19 @@ def test_the_graph_is_read():
     assert "pcsc_bridge.enforce" in g["pcsc_bridge.server.session"]
     assert "pcsc_bridge.admin" in g["pcsc_bridge.client.admin"]
     assert "pcsc_bridge.netio" in g["pcsc_bridge.check"]
+
+
+def test_one_command_table_covers_every_pcsc_lite_command():
+    # every command is either a card call (a row of bridge/commands.py) or answered on
+    # the guest (AppState._LOCAL), never both, never neither
+    from pcsc_bridge import commands, pcsc
+    from pcsc_bridge.appstate import AppState
+    local = set(AppState._LOCAL)
+    card = set(commands.CARD_CALLS)
+    requests = set(pcsc.REQUESTS.values()) | {pcsc.WaitReaderStateChangeTimed,
+                                              pcsc.StopWaitingReaderStateChangeTimed}
+    assert not local & card
+    assert local | card == requests, requests ^ (local | card)
+    # the sets every module reads come from the table
+    assert commands.HOLDS <= commands.ACCOUNTED <= commands.CARD_CALLS
+    assert commands.REFRESH_ON_FAILURE == {pcsc.Transmit, pcsc.Status}
