@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import platform
-import signal
 
-from pcsc_bridge import __version__, config, log, netio, tls
-from pcsc_bridge.admin import ReloadFailed, quietly, start_admin
+from pcsc_bridge import config, daemon, log, netio, tls
+from pcsc_bridge.admin import ReloadFailed, start_admin
 from pcsc_bridge.cli import run_daemon
 from pcsc_bridge.facade import Facade
 
@@ -88,15 +86,6 @@ def _digests(cfg: config.ClientConfig) -> dict[str, str]:
     return out
 
 
-async def watch_expiry(backend: RemoteBackend, days: int, every: float = tls.DAY) -> None:
-    """A warning for the agent's certificate or a CA that ends within DAYS days
-    (tls.expiring; tls.expired once past): at start and then once a day (a reload logs
-    them too), for the files in use."""
-    while True:
-        await asyncio.to_thread(tls.warn_expiry, *backend.files, None, days)
-        await asyncio.sleep(every)
-
-
 async def serve(cfg: config.ClientConfig, path: str | None = None,
                 over: dict | None = None) -> None:
     backend, facade = build(cfg)
@@ -108,23 +97,12 @@ async def serve(cfg: config.ClientConfig, path: str | None = None,
         from .admin import AgentAdmin
         admin = await start_admin(AgentAdmin(backend, facade, cfg.admin_socket, reload),
                                   config.ADMIN_SOCKETS["client"])
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if reload is not None and hasattr(signal, "SIGHUP"):
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(quietly(reload())))
-    log.sd_notify("READY=1")
-    watchdog = log.start_watchdog(loop)
-    log.info("agent.ready", socket=cfg.socket, server=str(cfg.server), version=__version__,
-             python=platform.python_version(), selector=netio.selector_class().__name__,
-             watchdog=watchdog and f"{watchdog:g}s")
-    expiry = loop.create_task(watch_expiry(backend, cfg.log.expiry_warning_days))
+    expiry = asyncio.get_running_loop().create_task(
+        daemon.watch_expiry(lambda: (*backend.files, None), cfg.log.expiry_warning_days))
     try:
-        await stop.wait()
+        await daemon.until_stopped("agent", reload, socket=cfg.socket, server=str(cfg.server))
     finally:
         expiry.cancel()
-        log.sd_notify("STOPPING=1")
         if admin is not None:
             await admin.close()
         await facade.close()

@@ -8,10 +8,9 @@ that insert and remove cards while applications use the socket. With a control s
 from __future__ import annotations
 
 import asyncio
-import signal
 import threading
 
-from pcsc_bridge import log, netio
+from pcsc_bridge import daemon, log, netio
 from pcsc_bridge.card import DEFAULT_AIDS, Card
 from pcsc_bridge.facade import Facade
 
@@ -138,12 +137,8 @@ async def _serve_forever(path, names, cards, mode, control_path=None):
     facade = Facade(backend)
     await facade.serve_unix(path, mode)
     control = await ControlServer(backend, control_path).start() if control_path else None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("emulate.ready", socket=path, readers=len(names), control=control_path)
-    await stop.wait()
+    await daemon.until_stopped("emulate", socket=path, readers=len(names),
+                               control=control_path)
     if control:
         await control.close()
     await facade.close()

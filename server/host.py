@@ -9,7 +9,7 @@ import hashlib
 import socket
 import time
 
-from pcsc_bridge import __version__, config, log, netio, tls
+from pcsc_bridge import __version__, config, daemon, log, netio, tls
 from pcsc_bridge.admin import ReloadFailed
 from pcsc_bridge.backend import Backend
 from pcsc_bridge.wire import Reason
@@ -103,11 +103,11 @@ class Server:
         await asyncio.to_thread(tls.warn_expiry, f.cert, f.ca, f.crl,
                                 self.config.log.expiry_warning_days)
 
-    async def watch_expiry(self, every: float = tls.DAY) -> None:
+    def watch_expiry(self, every: float = tls.DAY):
         """The expiry warnings at start and then once a day (a reload logs them too)."""
-        while True:
-            await self.warn_expiry()
-            await asyncio.sleep(every)
+        return daemon.watch_expiry(lambda: (self.tls.files.cert, self.tls.files.ca,
+                                            self.tls.files.crl),
+                                   self.config.log.expiry_warning_days, every)
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()

@@ -19,15 +19,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import platform
-import signal
 import socket
 import time
 from functools import partial
 from typing import ClassVar
 
-from pcsc_bridge import __version__, config, log, netio
-from pcsc_bridge.admin import CommandSocket, Refused, ReloadFailed, quietly, start_admin
+from pcsc_bridge import config, daemon, log, netio
+from pcsc_bridge.admin import CommandSocket, Refused, ReloadFailed, start_admin
 from pcsc_bridge.appstate import failed_reply
 from pcsc_bridge.backend import (
     AppInfo,
@@ -509,20 +507,9 @@ async def serve(cfg: config.LocalConfig, passed: dict, args=None) -> None:
             if part is not None:
                 await part.close()
         raise
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if args is not None and args.config and hasattr(signal, "SIGHUP"):
-        loop.add_signal_handler(signal.SIGHUP,
-                                lambda: loop.create_task(quietly(reload(local, args))))
-    log.sd_notify("READY=1")
-    watchdog = log.start_watchdog(loop)
-    log.info("local.ready", sockets=len(local.served), backend=backend.name,
-             pcsc=backend.describe(), version=__version__, python=platform.python_version(),
-             selector=netio.selector_class().__name__, watchdog=watchdog and f"{watchdog:g}s")
-    await stop.wait()
-    log.sd_notify("STOPPING=1")
+    await daemon.until_stopped(
+        "local", (lambda: reload(local, args)) if args is not None and args.config else None,
+        sockets=len(local.served), backend=backend.name, pcsc=backend.describe())
     for part in (control, admin):
         if part is not None:
             await part.close()

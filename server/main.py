@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import platform
-import signal
 
-from pcsc_bridge import __version__, config, log, netio, tls
-from pcsc_bridge.admin import quietly, start_admin
+from pcsc_bridge import config, daemon, log, netio, tls
+from pcsc_bridge.admin import start_admin
 from pcsc_bridge.cli import run_daemon
 
 from .backends import make_backend
@@ -63,18 +61,10 @@ async def serve(server: Server) -> None:
         await backend.close()
         raise
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = on_signals(loop, stop.set, lambda: loop.create_task(quietly(server.reload())))
     watch = loop.create_task(server.watch_files(server.config.reload_check)) \
         if server.config.reload_check else None
-    log.sd_notify("READY=1")
-    watchdog = log.start_watchdog(loop)
-    log.info("server.ready", backend=backend.name, pcsc=backend.describe(), signals=signals,
-             dialect=server.backend_dialect(), version=__version__,
-             python=platform.python_version(), selector=netio.selector_class().__name__,
-             watchdog=watchdog and f"{watchdog:g}s")
-    await stop.wait()
-    log.sd_notify("STOPPING=1")
+    await daemon.until_stopped("server", server.reload, backend=backend.name,
+                               pcsc=backend.describe(), dialect=server.backend_dialect())
     if watch:
         watch.cancel()
     if control:
@@ -83,25 +73,6 @@ async def serve(server: Server) -> None:
         await admin.close()
     await server.close()
     await backend.close()
-
-
-def on_signals(loop: asyncio.AbstractEventLoop, stop, reload) -> str:
-    """SIGINT and SIGTERM stop, SIGHUP reloads, where the loop takes signal handlers
-    (Unix); where it does not (Windows), Ctrl+C and Ctrl+Break stop (the service
-    manager's stop ends the process) and changed TLS files reload (``reload_check``).
-    Returns how, for the ready line."""
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop)
-        loop.add_signal_handler(signal.SIGHUP, reload)
-        return "SIGTERM, SIGHUP"
-    except (NotImplementedError, AttributeError, RuntimeError):
-        pass
-    for name in ("SIGINT", "SIGBREAK"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name),
-                          lambda *_: loop.call_soon_threadsafe(stop))
-    return "Ctrl+C"
 
 
 def run(args) -> int:
