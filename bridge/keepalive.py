@@ -13,11 +13,10 @@ or the PONG to our PING. A peer is dropped when
   transport above its high-water mark (``blocked``), and we stop reading it meanwhile, so
   its silence then is our own doing and only the stall counts.
 
-The shell calls ``tick(now)`` every ``period`` seconds and acts on the answer; when it
-sends the PING that ``tick`` asks for it calls ``pinged(now, token)``, and ``ponged(token)``
-for every PONG. On the per-message path the shells set ``last_rx`` (a whole frame came)
-and ``sent`` (we wrote) themselves, as ``received`` and ``wrote`` do, to spare a call per
-message.
+netio.KeepaliveTimer calls ``tick(now)`` every ``period`` seconds and acts on the
+answer; when it sends the PING that ``tick`` asks for it calls ``pinged(now, token)``. The
+shells call ``received(now)`` for each whole frame, ``wrote()`` when they write, and
+``ponged(token)`` for every PONG.
 """
 
 from __future__ import annotations

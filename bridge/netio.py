@@ -33,8 +33,10 @@ import os
 import selectors
 import socket
 import ssl
+import time
 
 from . import config, log
+from .keepalive import PING, Dead, Keepalive
 
 READ_SIZE = 65536          # one recv: the largest pcsc-lite message (65,588 B) fits in two
 HIGH_WATER = 256 * 1024    # write buffer: the protocol pauses above this ...
@@ -423,6 +425,38 @@ class Transport(asyncio.Transport):
 
     def get_protocol(self):
         return self._protocol
+
+
+class KeepaliveTimer:
+    """A Keepalive (bridge/keepalive.py) run on the loop, for both ends of the guest's
+    session: ``tick`` every period; a PING it asks for goes out through ``ping(token)``
+    (when ``may_ping()``: after HELLO) and is noted; a dead peer calls ``dead(reason)``,
+    once, and the timer stops. ``cancel()`` stops it."""
+
+    def __init__(self, keepalive: Keepalive, ping, dead, may_ping=lambda: True):
+        self.keepalive, self.ping, self.dead, self.may_ping = keepalive, ping, dead, may_ping
+        self.token = 0                 # PINGs sent
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(
+            keepalive.period, self._tick)
+
+    def _tick(self) -> None:
+        keepalive = self.keepalive
+        verdict = keepalive.tick(time.monotonic())
+        if isinstance(verdict, Dead):
+            self._handle = None
+            self.dead(verdict.reason)
+            return
+        if verdict is PING and self.may_ping():
+            self.token += 1
+            self.ping(self.token)
+            keepalive.pinged(time.monotonic(), self.token)
+        self._handle = self._loop.call_later(keepalive.period, self._tick)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class Backoff:

@@ -18,6 +18,7 @@ import random
 import socket
 import ssl
 import time
+from functools import partial
 from time import monotonic
 
 from pcsc_bridge import __version__, log, netio
@@ -29,7 +30,7 @@ from pcsc_bridge.backend import (
     ContextPool,
     ReaderModel,
 )
-from pcsc_bridge.keepalive import PING, Dead, Keepalive
+from pcsc_bridge.keepalive import Keepalive
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
     SCARD_SCOPE_SYSTEM,
@@ -106,7 +107,7 @@ class Link(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
-        self.keepalive.sent = True    # Keepalive.wrote(), without a call per message
+        self.keepalive.wrote()
 
     # flow control: the server does not read what we send; stop reading what it sends
     def pause_writing(self):
@@ -124,7 +125,7 @@ class Link(asyncio.Protocol):
         frames = conn.frames
         one = conn.receive_one(data)   # a chunk that is one REPLY: the usual case
         if one is not None:
-            self.keepalive.last_rx = monotonic()   # a whole frame: Keepalive.received()
+            self.keepalive.received(monotonic())
             self._reply(*one)
             return
         try:
@@ -142,7 +143,7 @@ class Link(asyncio.Protocol):
             self.drop(f"protocol error from the server: {exc}")
             return
         if conn.frames != frames:
-            self.keepalive.last_rx = monotonic()
+            self.keepalive.received(monotonic())
         self._dispatch(events)
 
     def _dispatch(self, events):
@@ -288,7 +289,7 @@ class LinkStream(BackendStream):
         pending = link.pending
         if pending:               # other calls under way: their CALLs go in one write
             link.transport.write_batched(data)
-            link.keepalive.sent = True
+            link.keepalive.wrote()
         else:
             link.write(data)
         entries = pending.get(self.id)
@@ -596,7 +597,8 @@ class RemoteBackend(Backend):
             log.info("server.connected", server=self.server, guest=hello.extra.get("guest"),
                      backend=hello.extra.get("backend"), backend_dialect=hello.dialect,
                      software=hello.software, wire=link.conn.version)
-            keepalive = asyncio.get_running_loop().create_task(self._keepalive(link))
+            keepalive = netio.KeepaliveTimer(
+                link.keepalive, partial(_ping, link), partial(self._timed_out, link))
             try:
                 await link.closed
             finally:
@@ -610,20 +612,13 @@ class RemoteBackend(Backend):
                 self.error = "connection lost"
             log.warning("server.disconnected", server=self.server)
 
-    async def _keepalive(self, link: Link) -> None:
-        keepalive = link.keepalive
-        n = 0
-        while True:
-            await asyncio.sleep(keepalive.period)
-            verdict = keepalive.tick(time.monotonic())
-            if isinstance(verdict, Dead):
-                log.warning("server.timeout", server=self.server, reason=verdict.reason)
-                link.abort(f"the server stopped answering ({verdict.reason})")
-                return
-            if verdict is PING:
-                n += 1
-                link.write(link.conn.send(Ping(n)))
-                keepalive.pinged(time.monotonic(), n)
+    def _timed_out(self, link: Link, reason: str) -> None:
+        log.warning("server.timeout", server=self.server, reason=reason)
+        link.abort(f"the server stopped answering ({reason})")
+
+
+def _ping(link: Link, token: int) -> None:
+    link.write(link.conn.send(Ping(token)))
 
 
 # what the server's TLS alert says about this guest's certificate, in words

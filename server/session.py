@@ -24,13 +24,13 @@ from collections import deque
 from functools import partial
 from time import monotonic
 
-from pcsc_bridge import log, tls
+from pcsc_bridge import log, netio, tls
 from pcsc_bridge.appstate import failed_reply, pcscd_reply
 from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream
 from pcsc_bridge.commands import CARD_CALLS, HOLDS
 from pcsc_bridge.config import Limits, Policy
 from pcsc_bridge.enforce import SHARE, CardUse, Enforcer
-from pcsc_bridge.keepalive import PING, Dead, Keepalive
+from pcsc_bridge.keepalive import Keepalive
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
     SCARD_LEAVE_CARD,
@@ -139,12 +139,11 @@ class GuestSession(asyncio.Protocol):
         self.parked: list[tuple] = []  # (stream, msg, seq)
         self._gate_timer: asyncio.TimerHandle | None = None
         self.enforcer: Enforcer | None = None   # its policy and card handles (HELLO on)
-        self.pings = 0                # PINGs sent (their tokens)
         self.repeats = log.Repeats()  # what this guest can make us log over and over
         self._sent_states = None
         self._states_due = False      # the model changed; STATE not yet written
         self._unlisten = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: netio.KeepaliveTimer | None = None
         self.closed = False
         self._handlers = {
             Call: self._on_call, Open: self._on_open, Close: self._on_close,
@@ -182,7 +181,9 @@ class GuestSession(asyncio.Protocol):
             return self.fail(refused[0], Reason.LIMIT, limit=refused[1])
         transport.set_write_buffer_limits(self.limits.write_buffer)
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.keepalive.period, self._keepalive)
+        self._timer = netio.KeepaliveTimer(
+            self.keepalive, lambda token: self._write(self.conn.send(Ping(token))),
+            self._dead, lambda: self.ready and not self.closed)
         loop.call_at(self.accepted + self.limits.handshake_timeout, self._handshake_deadline)
 
     def _handshake_deadline(self):
@@ -237,7 +238,7 @@ class GuestSession(asyncio.Protocol):
         frames = conn.frames
         one = conn.receive_one(data)   # a chunk that is one CALL: the usual case
         if one is not None:
-            self.keepalive.last_rx = monotonic()   # a whole frame: Keepalive.received()
+            self.keepalive.received(monotonic())
             self._call(*one)
             return
         try:
@@ -252,7 +253,7 @@ class GuestSession(asyncio.Protocol):
             self.fail(f"protocol error: {exc}", exc.code)
             return
         if conn.frames != frames:
-            self.keepalive.last_rx = monotonic()
+            self.keepalive.received(monotonic())
         self._dispatch(events)
 
     def _dispatch(self, events):
@@ -266,7 +267,7 @@ class GuestSession(asyncio.Protocol):
         if not self.closed:
             self.counters.sent += len(data)
             self.transport.write(data)
-            self.keepalive.sent = True    # Keepalive.wrote(), without a call per message
+            self.keepalive.wrote()
 
     # --- flow control -------------------------------------------------------------------
     def pause_writing(self):
@@ -660,7 +661,7 @@ class GuestSession(asyncio.Protocol):
             self.transport.write_batched(data)
         else:
             self.transport.write(data)
-        self.keepalive.sent = True
+        self.keepalive.wrote()
         if self.going_away:
             self._drained()
 
@@ -725,22 +726,12 @@ class GuestSession(asyncio.Protocol):
         return self.conn.send(StateUpdate(self.backend.model.reader_events,
                                           ReaderStates(states).pack(WIRE)))
 
-    def _keepalive(self):
+    def _dead(self, reason: str) -> None:
         if self.closed:
             return
-        verdict = self.keepalive.tick(time.monotonic())
-        if isinstance(verdict, Dead):
-            log.warning("guest.timeout", guest=self.guest, peer=self.peer,
-                        reason=verdict.reason)
-            self.closed = True
-            self.transport.abort()
-            return
-        if verdict is PING and self.ready:
-            self.pings += 1
-            self._write(self.conn.send(Ping(self.pings)))
-            self.keepalive.pinged(time.monotonic(), self.pings)
-        self._timer = asyncio.get_running_loop().call_later(self.keepalive.period,
-                                                            self._keepalive)
+        log.warning("guest.timeout", guest=self.guest, peer=self.peer, reason=reason)
+        self.closed = True
+        self.transport.abort()
 
 
 def _ignore(_event) -> None:
