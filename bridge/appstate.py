@@ -42,6 +42,7 @@ from .pcsc import (
     MAX_BUFFER_SIZE_EXTENDED,
     NATIVE,
     PCSCLITE_MAX_READERS_CONTEXTS,
+    PROTOCOL_MINORS,
     SCARD_E_CANCELLED,
     SCARD_E_INSUFFICIENT_BUFFER,
     SCARD_E_INVALID_HANDLE,
@@ -86,7 +87,7 @@ from .wire import CALL_EARLY, CALL_IF
 NEWEST_MINOR = 6
 # pcsc-lite 4:2 (1.8.4–1.8.8), 4:3 (1.8.9–1.8.23), 4:4 (1.8.24–2.2), 4:5 (2.3–2.4),
 # 4:6 (2.5–); docs/pcsc-protocol.md
-DIALECTS = (2, 3, 4, 5, 6)
+DIALECTS = PROTOCOL_MINORS
 ESTABLISH_SCOPES = frozenset({SCARD_SCOPE_USER, SCARD_SCOPE_TERMINAL, SCARD_SCOPE_SYSTEM,
                               SCARD_SCOPE_GLOBAL})   # what pcscd accepts
 # what a call with the backend is to the application (``AppState.inflight``)

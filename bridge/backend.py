@@ -198,6 +198,12 @@ class Backend:
         return self.name
 
 
+# After a ready context is handed out, wait this long for the application to give it back
+# (pcsc-lite's client closes its socket after SCardReleaseContext) before establishing a
+# new one (the agent's pool and local's alike).
+PREPARE_AFTER = 0.05
+
+
 class ContextPool:
     """Contexts established ahead, each on its own stream, handed to applications whose
     first call is SCardEstablishContext (the agent keeps one; see docs/wire-protocol.md,

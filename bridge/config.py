@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from . import keepalive
 from .card import DEFAULT_AIDS, DEFAULT_ATR
 from .pcsc import (
     DEFAULT_SOCKET,
@@ -42,6 +43,7 @@ from .pcsc import (
 )
 from .wire import DEFAULT_MAX_FRAME, DEFAULT_MAX_STREAMS, MAX_MAX_FRAME, MIN_MAX_FRAME
 
+WRITE_BUFFER = 256 * 1024     # unsent bytes above which a peer is not read (both ends)
 MAX_READER_NAME = 127          # bytes; pcsc-lite's MAX_READERNAME is 128 with the NUL
 
 
@@ -365,14 +367,14 @@ class Limits:
                                 DEFAULT_MAX_STREAMS)
     max_frame: int = _f(_Leaf(parse_size), DEFAULT_MAX_FRAME)
     # unsent bytes for one guest above which it is not read until it reads
-    write_buffer: int = _f(_Leaf(parse_size), 262144)
+    write_buffer: int = _f(_Leaf(parse_size), WRITE_BUFFER)
     handshake_timeout: float = _f(DURATION, 10.0)
     # connections that have not finished TLS, in all and from one source address: at a
     # bound the oldest such connection is dropped (no peer can hold the descriptors)
     max_handshakes: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 64)
     handshakes_per_address: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 8)
-    keepalive_interval: float = _f(DURATION, 5.0)
-    keepalive_timeout: float = _f(DURATION, 15.0)
+    keepalive_interval: float = _f(DURATION, keepalive.INTERVAL)
+    keepalive_timeout: float = _f(DURATION, keepalive.TIMEOUT)
     call_timeout: float | None = _f(DURATION, None, nullable=True)
     drain_timeout: float = _f(DURATION, 5.0)
 
@@ -497,8 +499,8 @@ class ReconnectConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class KeepaliveConfig:
-    interval: float = _f(DURATION, 5.0)
-    timeout: float = _f(DURATION, 15.0)
+    interval: float = _f(DURATION, keepalive.INTERVAL)
+    timeout: float = _f(DURATION, keepalive.TIMEOUT)
 
     def __post_init__(self):
         if self.timeout <= self.interval:

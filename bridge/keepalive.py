@@ -24,6 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PING = "ping"
+# the defaults of both ends (server.limits.keepalive_*, client.keepalive.*)
+INTERVAL = 5.0
+TIMEOUT = 15.0
 
 
 @dataclass(frozen=True, slots=True)

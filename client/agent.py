@@ -23,6 +23,7 @@ from time import monotonic
 
 from pcsc_bridge import __version__, log, netio
 from pcsc_bridge.backend import (
+    PREPARE_AFTER,
     AppInfo,
     Backend,
     BackendError,
@@ -30,7 +31,7 @@ from pcsc_bridge.backend import (
     ContextPool,
     ReaderModel,
 )
-from pcsc_bridge.keepalive import Keepalive
+from pcsc_bridge.keepalive import INTERVAL, TIMEOUT, Keepalive
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
     SCARD_SCOPE_SYSTEM,
@@ -61,10 +62,6 @@ from pcsc_bridge.wire import (
     WireError,
 )
 
-# After a ready context is handed out, wait this long for the application to give it back
-# (pcsc-lite's client closes its socket after SCardReleaseContext) before establishing a
-# new one on the server.
-PREPARE_AFTER = 0.05
 STREAM_LIMIT = "streams_per_guest"   # the server's limit, as its configuration names it
 
 
@@ -419,7 +416,8 @@ class RemoteBackend(Backend):
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext, server_name: str,
                  connect_timeout=5.0, reconnect_initial=0.5, reconnect_max=30.0,
-                 keepalive_interval=5.0, keepalive_timeout=15.0, call_timeout=None,
+                 keepalive_interval=INTERVAL, keepalive_timeout=TIMEOUT,
+                 call_timeout=None,
                  max_frame=DEFAULT_MAX_FRAME, streams_per_user: int | None = None,
                  early_answers: bool = True):
         self.host, self.port = host, port

@@ -28,6 +28,7 @@ from pcsc_bridge import config, daemon, log, netio
 from pcsc_bridge.admin import CommandSocket, Refused, ReloadFailed, start_admin
 from pcsc_bridge.appstate import failed_reply
 from pcsc_bridge.backend import (
+    PREPARE_AFTER,
     AppInfo,
     Backend,
     BackendError,
@@ -53,9 +54,6 @@ from .backends import make_backend
 from .control import ControlServer
 
 SD_LISTEN_FDS_START = 3
-# After a ready context is handed out, wait this long for the application to give it back
-# before establishing the next one (the agent's pool waits as long).
-PREPARE_AFTER = 0.05
 
 
 class PolicyView(Backend):

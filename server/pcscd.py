@@ -23,6 +23,7 @@ from pcsc_bridge.commands import REFRESH_ALWAYS, REFRESH_ON_FAILURE
 from pcsc_bridge.pcsc import (
     DEFAULT_SOCKET,
     NATIVE,
+    PROTOCOL_MINORS,
     SCARD_E_NO_SERVICE,
     GetReadersState,
     GetReadersStateArray,
@@ -37,7 +38,7 @@ from pcsc_bridge.pcsc import (
 )
 
 NEWEST = 6
-SPOKEN = (2, 3, 4, 5, 6)   # pcscd 1.8.4 (4:2) to 2.5 (4:6)
+SPOKEN = PROTOCOL_MINORS   # pcscd 1.8.4 (4:2) to 2.5 (4:6)
 RETRY_INTERVAL = 1.0
 
 
