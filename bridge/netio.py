@@ -500,8 +500,9 @@ def raise_descriptor_limit() -> tuple[int, int] | None:
 
 
 class UnixServer:
-    """Accepts connections on a listening non-blocking socket: a ``Transport`` and a
-    protocol from ``factory`` each; or, with ``on_accept``, hands it the socket."""
+    """Accepts connections on a listening non-blocking socket (Unix or TCP): a
+    ``Transport`` and a protocol from ``factory`` each; or, with ``on_accept``, hands it
+    the socket. Accept errors (no descriptor left) pause it (``Backoff``)."""
 
     BURST = 16       # connections accepted per readiness event at most
 

@@ -238,7 +238,7 @@ class MetricsEndpoint:
     def __init__(self, metrics: Metrics, address):
         self.metrics = metrics
         self.address = address
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[netio.UnixServer] = []
         self.connections: dict[_Scrape, None] = {}   # oldest first
 
     async def start(self) -> MetricsEndpoint:
@@ -246,19 +246,20 @@ class MetricsEndpoint:
         be listened on."""
         socks = netio.listening_sockets(self.address.host, self.address.port,
                                   "server.metrics_listen")
-        loop = asyncio.get_running_loop()
-        for sock in socks:
-            self.servers.append(await loop.create_server(lambda: _Scrape(self), sock=sock))
+        for sock in socks:   # the project's accept loop: errors back off, one line
+            self.servers.append(netio.UnixServer(sock, on_accept=self._accepted))
         log.info("metrics.listen", address=str(self.address), path="/metrics")
         return self
+
+    def _accepted(self, sock) -> None:
+        loop = asyncio.get_running_loop()
+        loop.create_task(loop.connect_accepted_socket(lambda: _Scrape(self), sock))
 
     async def close(self) -> None:
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
             conn.transport.abort()
-        for server in self.servers:
-            await server.wait_closed()
         self.servers = []
 
 
