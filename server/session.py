@@ -74,7 +74,6 @@ DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 .. 4:6; card calls are the same in all of
 # so after 100 ms), but a PC/SC library (the pyscard backend) may keep a Begin waiting for
 # the lock itself, and the holder's next call must not wait for that Begin.
 GATE_HOLD_S = 0.1
-QUIET = 1 << 16   # in a stream's queue: the server's own call (a wire flag is one byte)
 
 
 
@@ -97,7 +96,7 @@ class GuestStream:
         self.running = False  # a call is with the backend (or the backend stream opens)
         self.ended = False
         self.timer: asyncio.TimerHandle | None = None
-        self.queue: deque = deque()   # (msg, flags, seq, arrived) behind the running call
+        self.queue: deque = deque()   # (msg, flags, seq, arrived, quiet) behind the running call
         self.arrived = 0.0    # when the running call arrived (monotonic; for metrics)
         self.last_rv = 0      # the last call's result: a CALL_IF runs only after success
         self.seq = 0          # the running call's arrival number, if it is CALL_EARLY
@@ -342,16 +341,17 @@ class GuestSession(asyncio.Protocol):
         if flags & CALL_EARLY:
             self.gates[seq] = (sid, self._reader_of(msg), arrived + GATE_HOLD_S)
         if stream.running:
-            stream.queue.append((msg, flags, seq, arrived))
+            stream.queue.append((msg, flags, seq, arrived, False))
         else:
-            self._start(stream, msg, flags, seq, arrived)
+            self._start(stream, msg, flags, seq, arrived, False)
 
     def _start(self, stream: GuestStream, msg: Message, flags: int, seq: int,
-               arrived: float):
+               arrived: float, quiet: bool):
         """The stream's next call: a CALL_IF after a failure, or a call the policy
         forbids, is answered here (the first with that failure); a call waits for the
-        CALL_EARLY calls on its reader received before it; then it goes to the backend."""
-        if flags & QUIET:
+        CALL_EARLY calls on its reader received before it; then it goes to the backend.
+        ``quiet``: the server's own call (a card a reload took, released): no REPLY."""
+        if quiet:
             stream.running = stream.quiet = True
             self.calls += 1
             self._submit(stream, msg, seq)
@@ -492,7 +492,7 @@ class GuestSession(asyncio.Protocol):
         if stream.timer:
             stream.timer.cancel()
         queue, stream.queue = stream.queue, deque()
-        for _msg, _flags, seq, _arrived in queue:
+        for _msg, _flags, seq, _arrived, _quiet in queue:
             self.gates.pop(seq, None)
         for _stream, _msg, seq in [p for p in self.parked if p[0] is stream]:
             self.gates.pop(seq, None)    # parked, never to run
@@ -696,8 +696,8 @@ class GuestSession(asyncio.Protocol):
             self._card_used(use, "taken by a reload (policy)")
             stream = self.streams.get(use.owner)
             if stream is not None:
-                stream.queue.appendleft((Disconnect(h, SCARD_LEAVE_CARD), QUIET, 0,
-                                         monotonic()))
+                stream.queue.appendleft((Disconnect(h, SCARD_LEAVE_CARD), 0, 0,
+                                         monotonic(), True))
                 self._next(stream)
 
     def _push_states(self):

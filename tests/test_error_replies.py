@@ -256,7 +256,7 @@ def test_the_session_answers_a_call_on_a_card_a_reload_took_with_no_data():
         _reply=lambda stream, payload: replies.append(payload))
     stream = SimpleNamespace(last_rv=0, arrived=0.0)
     for msg in (TRANSMIT, CONTROL):
-        sm.GuestSession._start(fake, stream, msg, 0, 1, 0.0)
+        sm.GuestSession._start(fake, stream, msg, 0, 1, 0.0, False)
         got = p.read_reply(replies[-1], msg, sm.WIRE)
         assert got.rv == p.SCARD_E_READER_UNAVAILABLE and _returned(got) == 0
         assert len(replies[-1]) == type(msg).SIZE
