@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -495,6 +496,21 @@ class ServerTLS:
                 st = None
             out.append((st.st_mtime_ns, st.st_size) if st else None)
         return tuple(out)
+
+
+def file_digests(paths: dict[str, str | None]) -> dict[str, str]:
+    """What each named file holds now (SHA-256 of its bytes; "" if unreadable), so that a
+    reload can say which files changed."""
+    out = {}
+    for name, path in paths.items():
+        if not path:
+            continue
+        try:
+            with open(path, "rb") as f:
+                out[name] = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            out[name] = ""
+    return out
 
 
 if __name__ == "__main__":

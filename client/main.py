@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 
 from pcsc_bridge import config, daemon, log, netio, tls
 from pcsc_bridge.admin import ReloadFailed, start_admin
@@ -45,7 +44,7 @@ class AgentReload:
     def __init__(self, path: str, over: dict, cfg: config.ClientConfig,
                  backend: RemoteBackend):
         self.path, self.over, self.cfg, self.backend = path, over, cfg, backend
-        self.digests = _digests(cfg)
+        self.digests = tls.file_digests({n: getattr(cfg, n) for n in ('cert', 'key', 'ca')})
 
     async def __call__(self) -> list[str]:
         try:
@@ -57,7 +56,7 @@ class AgentReload:
             raise ReloadFailed(str(exc)) from None
         self.backend.ssl_context = context
         self.backend.files = (cfg.cert, cfg.ca)
-        digests = _digests(cfg)
+        digests = tls.file_digests({n: getattr(cfg, n) for n in ('cert', 'key', 'ca')})
         changed = [f"{name}: {getattr(cfg, name)} replaced, used from the next connection"
                    for name in ("cert", "key", "ca") if digests[name] != self.digests[name]
                    or getattr(cfg, name) != getattr(self.cfg, name)]
@@ -73,17 +72,6 @@ class AgentReload:
         await asyncio.to_thread(tls.warn_expiry, cfg.cert, cfg.ca, None,
                                 cfg.log.expiry_warning_days)
         return changed
-
-
-def _digests(cfg: config.ClientConfig) -> dict[str, str]:
-    out = {}
-    for name in ("cert", "key", "ca"):
-        try:
-            with open(getattr(cfg, name), "rb") as f:
-                out[name] = hashlib.sha256(f.read()).hexdigest()
-        except OSError:
-            out[name] = ""
-    return out
 
 
 async def serve(cfg: config.ClientConfig, path: str | None = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import socket
 import time
 
@@ -44,7 +43,7 @@ class Server:
         # connections accepted whose TLS handshake is under way -> source address,
         # oldest first (bounded: _make_room)
         self.unverified: dict[asyncio.Task, str] = {}
-        self._digests = file_digests(tls_config.files)
+        self._digests = tls.file_digests(dict(_tls_files(tls_config.files)))
 
     # --- hooks used by sessions -----------------------------------------------------------
     def identity(self, ssl_object) -> str:
@@ -200,7 +199,7 @@ class Server:
                 if self.source is not None else self.config
             files = tls.ServerFiles(new.cert, new.key, new.ca, new.crl, new.tls_min_version)
             loaded, digests = await asyncio.to_thread(
-                lambda: (self.tls.load(files), file_digests(files)))
+                lambda: (self.tls.load(files), tls.file_digests(dict(_tls_files(files)))))
         except (tls.TLSConfigError, config.ConfigError) as exc:
             log.error("server.reload_failed", error=str(exc),
                       kept="previous certificates and policies")
@@ -333,15 +332,3 @@ async def _first_byte(sock: socket.socket, timeout: float) -> bool:
 def _tls_files(files: tls.ServerFiles) -> list[tuple[str, str]]:
     return [(name, getattr(files, name)) for name in ("cert", "key", "ca", "crl")
             if getattr(files, name)]
-
-
-def file_digests(files: tls.ServerFiles) -> dict[str, str]:
-    """What each TLS file holds now (SHA-256 of its bytes), to tell a reload what changed."""
-    out = {}
-    for name, path in _tls_files(files):
-        try:
-            with open(path, "rb") as f:
-                out[name] = hashlib.sha256(f.read()).hexdigest()
-        except OSError:
-            out[name] = ""
-    return out
