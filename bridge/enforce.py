@@ -94,7 +94,9 @@ class Enforcer:
     def answered(self, msg: Message, reply: Message, owner: Hashable, now: float,
                  counters=None) -> list[tuple[CardUse, str]]:
         """A successful answer to ``msg``: the handles it made or ended. Returns the uses
-        that ended, with how (for their audit lines)."""
+        that ended, with how (for their audit lines); a card connected while a reload
+        withdrew it ends at once: its use has ``cut`` set, and the shell releases
+        ``reply.hCard`` on the host as after ``reconfigure``."""
         kind = type(msg)
         if kind is Transmit:
             use = self.handles.get(msg.hCard)
@@ -102,9 +104,13 @@ class Enforcer:
                 use.apdus += 1
             return []
         if kind is Connect:
-            self.handles[reply.hCard] = CardUse(msg.szReader, msg.hContext, owner,
-                                                msg.dwShareMode, reply.dwActiveProtocol,
-                                                now, counters)
+            use = self.handles[reply.hCard] = CardUse(
+                msg.szReader, msg.hContext, owner, msg.dwShareMode,
+                reply.dwActiveProtocol, now, counters)
+            rv = self.policy.check(msg)
+            if rv:   # a reload came while it connected: the card is taken back at once
+                self._cut(use, rv)
+                return [(use, "taken by a reload (policy)")]
         elif kind is Reconnect:
             use = self.handles.get(msg.hCard)
             if use is not None:
@@ -139,7 +145,10 @@ class Enforcer:
                 continue
             rv = policy.check(Connect(use.context, use.reader, use.share, use.protocol))
             if rv:
-                use.cut = SCARD_E_READER_UNAVAILABLE if rv == SCARD_E_UNKNOWN_READER else rv
+                self._cut(use, rv)
                 taken.append((h, use))
-        self.cutting = self.cutting or bool(taken)
         return taken
+
+    def _cut(self, use: CardUse, rv: int) -> None:
+        use.cut = SCARD_E_READER_UNAVAILABLE if rv == SCARD_E_UNKNOWN_READER else rv
+        self.cutting = True

@@ -38,8 +38,8 @@ class AdminServer(CommandSocket):
             "guest": x.guest, "peer": x.peer,
             "since": dt.datetime.fromtimestamp(x.since, dt.timezone.utc).isoformat(
                 timespec="seconds"),
-            "streams": len(x.streams), "calls": x.seq, "errors": x.errors_total,
-            "wire": x.conn.version if x.conn is not None else None,
+            "streams": len(x.state.streams), "calls": x.state.seq,
+            "errors": x.state.errors_total, "wire": x.state.conn.version,
         } for x in sorted(s.sessions, key=lambda x: (x.guest, x.since)) if x.ready]
         model = s.backend.model
         readers = [{"name": st.readerName, "card": bool(st.cardAtr)}

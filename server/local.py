@@ -146,6 +146,8 @@ class PolicyStream(BackendStream):
                                                 or type(msg) in HOLDS):
             for use, how in self.view.enforcer.answered(msg, reply, self, time.time()):
                 self.view.audit(use, how)
+                if use.cut:
+                    self.takebacks.append(reply.hCard)
         done(reply, error)
         if self.takebacks and not self.busy:
             self._release()

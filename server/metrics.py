@@ -124,10 +124,10 @@ class Metrics:
         streams = dict.fromkeys(self.guests, 0)
         for s in ready:
             connected[s.guest] = connected.get(s.guest, 0) + 1
-            streams[s.guest] = streams.get(s.guest, 0) + len(s.streams)
+            streams[s.guest] = streams.get(s.guest, 0) + len(s.state.streams)
         in_use = dict.fromkeys(self.readers, 0)
         for s in server.sessions:
-            for use in s.enforcer.handles.values() if s.enforcer is not None else ():
+            for use in s.state.enforcer.handles.values() if s.state is not None else ():
                 if use.reader in in_use:
                     in_use[use.reader] += 1
         guests = sorted(self.guests.items())

@@ -238,28 +238,21 @@ def test_the_pyscard_backend_fails_a_call_with_no_data(msg):
 
 # --- the server's session --------------------------------------------------------------
 def test_the_session_answers_a_call_on_a_card_a_reload_took_with_no_data():
-    from pcsc_bridge import config
-    from pcsc_bridge.enforce import Enforcer
-    from pcsc_bridge.server import session as sm
-    replies = []
-    enforcer = Enforcer(config.Policy())        # a card of R, which a reload then hides
-    connect = p.Connect(1, "R", p.SCARD_SHARE_SHARED, 3)
-    enforcer.answered(connect, p.Connect(1, "R", p.SCARD_SHARE_SHARED, 3, hCard=7),
-                      "stream", 0.0)
-    assert [h for h, _ in enforcer.reconfigure(config.Policy(readers=("other",)))] == [7]
-    fake = SimpleNamespace(
-        enforcer=enforcer,
-        counters=SimpleNamespace(error=lambda *a: None),
-        metrics=SimpleNamespace(latency={p.Transmit: SimpleNamespace(observe=lambda t: 0),
-                                         p.Control: SimpleNamespace(observe=lambda t: 0)}),
-        _released=lambda seq: None, _next=lambda stream: None,
-        _reply=lambda stream, payload: replies.append(payload))
-    stream = SimpleNamespace(last_rv=0, arrived=0.0)
+    from pcsc_bridge.config import Policy
+    from test_gueststate import Harness
+    h = Harness()
+    h.open(1)
+    h.call(1, p.Connect(1, "R0", p.SCARD_SHARE_SHARED, 3))
+    h.answer(1, 0, 7)                           # a card of R0, which a reload then hides
+    h.state.reconfigure(Policy(readers=("R1",), max_streams=64), h.now)
+    assert type(h.answer(1)) is p.Disconnect     # released on the host, no REPLY
     for msg in (TRANSMIT, CONTROL):
-        sm.GuestSession._start(fake, stream, msg, 0, 1, 0.0, False)
-        got = p.read_reply(replies[-1], msg, sm.WIRE)
+        h.call(1, msg)
+        raw = h.replies(1)[-1]
+        got = p.read_reply(raw, msg, p.WIRE)
         assert got.rv == p.SCARD_E_READER_UNAVAILABLE and _returned(got) == 0
-        assert len(replies[-1]) == type(msg).SIZE
+        assert len(raw) == type(msg).SIZE
+    assert len(h.replies(1)) == 3 and not h.backend
 
 
 # --- end to end: pyscard through agent and server ----------------------------------------
