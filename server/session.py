@@ -28,9 +28,9 @@ from pcsc_bridge import log, netio, tls
 from pcsc_bridge.appstate import failed_reply, pcscd_reply
 from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream
 from pcsc_bridge.commands import CARD_CALLS, HOLDS
-from pcsc_bridge.config import Limits, Policy
 from pcsc_bridge.enforce import SHARE, CardUse, Enforcer
 from pcsc_bridge.keepalive import Keepalive
+from pcsc_bridge.limits import Limits
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
     SCARD_LEAVE_CARD,
@@ -46,6 +46,7 @@ from pcsc_bridge.pcsc import (
     read_request,
     rv_name,
 )
+from pcsc_bridge.policy import Policy
 from pcsc_bridge.wire import (
     ALPN,
     CALL_EARLY,

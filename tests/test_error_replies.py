@@ -238,15 +238,15 @@ def test_the_pyscard_backend_fails_a_call_with_no_data(msg):
 
 # --- the server's session --------------------------------------------------------------
 def test_the_session_answers_a_call_on_a_card_a_reload_took_with_no_data():
-    from pcsc_bridge import config
+    from pcsc_bridge import policy
     from pcsc_bridge.enforce import Enforcer
     from pcsc_bridge.server import session as sm
     replies = []
-    enforcer = Enforcer(config.Policy())        # a card of R, which a reload then hides
+    enforcer = Enforcer(policy.Policy())        # a card of R, which a reload then hides
     connect = p.Connect(1, "R", p.SCARD_SHARE_SHARED, 3)
     enforcer.answered(connect, p.Connect(1, "R", p.SCARD_SHARE_SHARED, 3, hCard=7),
                       "stream", 0.0)
-    assert [h for h, _ in enforcer.reconfigure(config.Policy(readers=("other",)))] == [7]
+    assert [h for h, _ in enforcer.reconfigure(policy.Policy(readers=("other",)))] == [7]
     fake = SimpleNamespace(
         enforcer=enforcer,
         counters=SimpleNamespace(error=lambda *a: None),
