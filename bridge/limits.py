@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import keepalive
+from .framing import DEFAULT_MAX_FRAME, DEFAULT_MAX_STREAMS, MAX_MAX_FRAME, MIN_MAX_FRAME
 from .values import DURATION, FieldError, _f, _integer, _Leaf, parse_size
-from .wire import DEFAULT_MAX_FRAME, DEFAULT_MAX_STREAMS, MAX_MAX_FRAME, MIN_MAX_FRAME
 
 WRITE_BUFFER = 256 * 1024     # unsent bytes above which a peer is not read (both ends)
 

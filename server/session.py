@@ -29,6 +29,25 @@ from pcsc_bridge.appstate import failed_reply, pcscd_reply
 from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream
 from pcsc_bridge.commands import CARD_CALLS, HOLDS
 from pcsc_bridge.enforce import SHARE, CardUse, Enforcer
+from pcsc_bridge.framing import (
+    ALPN,
+    CALL_EARLY,
+    CALL_IF,
+    Call,
+    Close,
+    GoAway,
+    Hello,
+    LocalProtocolError,
+    Open,
+    Opened,
+    Ping,
+    Pong,
+    Reason,
+    Refused,
+    StateUpdate,
+    StreamError,
+    WireError,
+)
 from pcsc_bridge.keepalive import Keepalive
 from pcsc_bridge.limits import Limits
 from pcsc_bridge.pcsc import (
@@ -47,26 +66,7 @@ from pcsc_bridge.pcsc import (
     rv_name,
 )
 from pcsc_bridge.policy import Policy
-from pcsc_bridge.wire import (
-    ALPN,
-    CALL_EARLY,
-    CALL_IF,
-    Call,
-    Close,
-    Connection,
-    GoAway,
-    Hello,
-    LocalProtocolError,
-    Open,
-    Opened,
-    Ping,
-    Pong,
-    Reason,
-    Refused,
-    StateUpdate,
-    StreamError,
-    WireError,
-)
+from pcsc_bridge.wire import Connection
 
 DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 .. 4:6; card calls are the same in all of them
 # Which reader each card handle is on: the order of CALL_EARLY calls is per reader.
