@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Protocol
 
 from .backend import ReaderModel
 from .commands import ACCOUNTED, RETURNED
+from .framing import CALL_EARLY, CALL_IF
 from .pcsc import (
     MAX_BUFFER_SIZE_EXTENDED,
     NATIVE,
@@ -82,7 +83,6 @@ from .pcsc import (
     pad_states,
     rv_name,
 )
-from .wire import CALL_EARLY, CALL_IF
 
 NEWEST_MINOR = 6
 # pcsc-lite 4:2 (1.8.4–1.8.8), 4:3 (1.8.9–1.8.23), 4:4 (1.8.24–2.2), 4:5 (2.3–2.4),

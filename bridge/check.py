@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import config, tls
+from . import config, tls, yamlfile
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,7 @@ def sections(path: str) -> set[str]:
     """Which of server:, client: and local: the file at PATH has. A file that cannot be
     read, is not UTF-8, is not YAML or is out of bounds: the loaders' ConfigError."""
     import yaml
-    root = config.read_yaml(path)
+    root = yamlfile.read_yaml(path)
     if not isinstance(root, yaml.MappingNode):
         return set()
     return {k.value for k, _ in root.value if isinstance(k, yaml.ScalarNode)} \

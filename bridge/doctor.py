@@ -13,7 +13,8 @@ import sys
 import tempfile
 
 from . import __version__, config, tls
-from .wire import Connection, GoAway, Hello, Reason
+from .framing import GoAway, Hello, Reason
+from .wire import Connection
 
 LIST_READERS = """
 from smartcard import scard as s

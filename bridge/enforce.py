@@ -4,7 +4,7 @@ A *client* is a guest of the server or a socket of ``pcsc-bridge local``; both s
 (server/session.py, server/local.py) hand every call to ``Enforcer.check`` before the
 backend sees it and every successful answer to ``Enforcer.answered``, and a reload's
 policy to ``Enforcer.reconfigure``, which says which card handles to take back. The rules
-live in ``config.Policy``: which readers exist for the client, which share modes it may
+live in ``policy.Policy``: which readers exist for the client, which share modes it may
 use, which SCardControl codes, whether SCardSetAttrib. No socket, task or clock here
 (``now`` is passed in), so the same decisions are made for both and tested without I/O.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable
 
-from .config import Policy
 from .pcsc import (
     SCARD_E_READER_UNAVAILABLE,
     SCARD_E_UNKNOWN_READER,
@@ -25,6 +24,7 @@ from .pcsc import (
     ReleaseContext,
     Transmit,
 )
+from .policy import Policy
 
 SHARE = {1: "exclusive", 2: "shared", 3: "direct"}
 PROTOCOL = {0: "none", 1: "T0", 2: "T1", 4: "raw", 0x10000: "raw"}

@@ -35,11 +35,11 @@ import socket
 import ssl
 import time
 
-from . import config, log
+from . import config, limits, log
 from .keepalive import PING, Dead, Keepalive
 
 READ_SIZE = 65536          # one recv: the largest pcsc-lite message (65,588 B) fits in two
-HIGH_WATER = config.WRITE_BUFFER   # write buffer: the protocol pauses above this ...
+HIGH_WATER = limits.WRITE_BUFFER   # write buffer: the protocol pauses above this ...
 LOW_WATER = 64 * 1024      # ... and resumes at or below this
 SELECTOR_ENV = "PCSC_BRIDGE_SELECTOR"
 SELECTORS = ("default", "select", "poll", "epoll", "kqueue")

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .wire import ALPN
+from .framing import ALPN
 
 if TYPE_CHECKING:
     from cryptography import x509

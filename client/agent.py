@@ -31,22 +31,9 @@ from pcsc_bridge.backend import (
     ContextPool,
     ReaderModel,
 )
-from pcsc_bridge.keepalive import INTERVAL, TIMEOUT, Keepalive
-from pcsc_bridge.pcsc import (
-    SCARD_E_NO_SERVICE,
-    SCARD_SCOPE_SYSTEM,
-    WIRE,
-    EstablishContext,
-    Message,
-    ProtocolError,
-    ReaderStates,
-    encode_request,
-    read_reply,
-)
-from pcsc_bridge.wire import (
+from pcsc_bridge.framing import (
     DEFAULT_MAX_FRAME,
     Close,
-    Connection,
     GoAway,
     Hello,
     LocalProtocolError,
@@ -61,6 +48,19 @@ from pcsc_bridge.wire import (
     StreamError,
     WireError,
 )
+from pcsc_bridge.keepalive import INTERVAL, TIMEOUT, Keepalive
+from pcsc_bridge.pcsc import (
+    SCARD_E_NO_SERVICE,
+    SCARD_SCOPE_SYSTEM,
+    WIRE,
+    EstablishContext,
+    Message,
+    ProtocolError,
+    ReaderStates,
+    encode_request,
+    read_reply,
+)
+from pcsc_bridge.wire import Connection
 
 STREAM_LIMIT = "streams_per_guest"   # the server's limit, as its configuration names it
 

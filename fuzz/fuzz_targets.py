@@ -22,7 +22,7 @@ import os
 import struct
 import tempfile
 
-from pcsc_bridge import config, pcsc, wire
+from pcsc_bridge import config, framing, pcsc, wire
 from pcsc_bridge.appstate import AppState
 from pcsc_bridge.backend import ReaderModel
 from pcsc_bridge.card import Card
@@ -120,8 +120,8 @@ def pcscd_target(minor: int):
 
 def wire_target(role: str):
     peer = wire.Connection("client" if role == "server" else "server")
-    hello = peer.send(wire.Hello(software="fuzz"))
-    prefix = hello + (peer.send(wire.Open(1)) + peer.call(1, b"\0" * 8)
+    hello = peer.send(framing.Hello(software="fuzz"))
+    prefix = hello + (peer.send(framing.Open(1)) + peer.call(1, b"\0" * 8)
                       if role == "server" else b"")
 
     def target(data: bytes) -> None:
@@ -131,7 +131,7 @@ def wire_target(role: str):
             for i in range(0, len(data), 61):
                 conn.receive_data(data[i:i + 61])
                 assert conn.buffered < conn.max_frame
-        except wire.WireError:
+        except framing.WireError:
             pass
         conn.receive_one(data)                     # the per-call shortcut: any input
     return target
@@ -194,8 +194,8 @@ SEEDS = {
         pcsc.GetReadersStateSize(), pcsc.ReleaseContext(1))],
     "pcsc-pcscd": [bytes([0, 3]) + pcsc.Transmit(1, 2, 8, 0, 2, 8, 2, 0, b"\x90\x00").pack()
                    + b"\x90\x00", bytes([0, 1]) + pcsc.EstablishContext(0, 5, 0).pack()],
-    "wire": [wire.encode_frame(wire.FrameType.PING, 0, struct.pack("<Q", 1)),
-             wire.encode_frame(wire.FrameType.CALL, 1, pcsc.encode_request(pcsc.Status(1)))],
+    "wire": [framing.encode_frame(framing.FrameType.PING, 0, struct.pack("<Q", 1)),
+             framing.encode_frame(framing.FrameType.CALL, 1, pcsc.encode_request(pcsc.Status(1)))],
     "config": [b"server:\n  cert: a\n  key: b\n  ca: c\n  listen: [\"[::1]:8443\"]\n",
                b"client:\n  server: host:8443\n  cert: a\n  key: b\n  ca: c\n"],
     "control": [b"list\ninsert 0 3B00\nadd-reader 'X Y' card\nremove-reader 1\n"],

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from pcsc_bridge import config
 from pcsc_bridge.admin import CommandSocket, Refused, send_command
-from pcsc_bridge.wire import Reason
+from pcsc_bridge.framing import Reason
 
 RELOAD_TIMEOUT = 120.0   # seconds `pcsc-bridge reload` waits for the daemon's answer
 

@@ -14,7 +14,7 @@ import sys
 
 from pcsc_bridge.admin import CommandSocket, Refused, send_command
 from pcsc_bridge.card import Card
-from pcsc_bridge.config import BadValue, parse_atr, parse_reader_name
+from pcsc_bridge.values import BadValue, parse_atr, parse_reader_name
 
 from .virtual import VirtualBackend
 

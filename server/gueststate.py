@@ -37,9 +37,27 @@ from pcsc_bridge import log
 from pcsc_bridge.appstate import failed_reply, pcscd_reply
 from pcsc_bridge.backend import AppInfo, BackendError
 from pcsc_bridge.commands import CARD_CALLS, HOLDS
-from pcsc_bridge.config import Limits, Policy
 from pcsc_bridge.enforce import SHARE, CardUse, Enforcer
+from pcsc_bridge.framing import (
+    CALL_EARLY,
+    CALL_IF,
+    Call,
+    Close,
+    GoAway,
+    Hello,
+    LocalProtocolError,
+    Open,
+    Opened,
+    Ping,
+    Pong,
+    Reason,
+    Refused,
+    StateUpdate,
+    StreamError,
+    WireError,
+)
 from pcsc_bridge.keepalive import Keepalive
+from pcsc_bridge.limits import Limits
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
     SCARD_LEAVE_CARD,
@@ -55,25 +73,8 @@ from pcsc_bridge.pcsc import (
     read_request,
     rv_name,
 )
-from pcsc_bridge.wire import (
-    CALL_EARLY,
-    CALL_IF,
-    Call,
-    Close,
-    Connection,
-    GoAway,
-    Hello,
-    LocalProtocolError,
-    Open,
-    Opened,
-    Ping,
-    Pong,
-    Reason,
-    Refused,
-    StateUpdate,
-    StreamError,
-    WireError,
-)
+from pcsc_bridge.policy import Policy
+from pcsc_bridge.wire import Connection
 
 DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 .. 4:6; card calls are the same in all of them
 # How long a CALL_EARLY call holds back the guest's later calls on its reader at most:

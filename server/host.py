@@ -11,7 +11,7 @@ import time
 from pcsc_bridge import __version__, config, daemon, log, netio, tls
 from pcsc_bridge.admin import ReloadFailed
 from pcsc_bridge.backend import Backend
-from pcsc_bridge.wire import Reason
+from pcsc_bridge.framing import Reason
 
 from .metrics import Metrics, MetricsEndpoint
 from .session import GuestSession

@@ -20,7 +20,7 @@ from functools import partial
 
 from pcsc_bridge import log, netio, tls
 from pcsc_bridge.backend import Backend, BackendError, BackendStream
-from pcsc_bridge.wire import ALPN, GoAway, Hello, LocalProtocolError, Ping, Reason
+from pcsc_bridge.framing import ALPN, GoAway, Hello, LocalProtocolError, Ping, Reason
 
 from .gueststate import GuestState, GuestStream
 

@@ -36,7 +36,7 @@ from hypothesis.stateful import (
 from pcsc_bridge import pcsc as p
 from pcsc_bridge.appstate import AppState, negotiate
 from pcsc_bridge.backend import ReaderModel
-from pcsc_bridge.wire import CALL_EARLY, CALL_IF
+from pcsc_bridge.framing import CALL_EARLY, CALL_IF
 
 OK = p.SCARD_S_SUCCESS
 

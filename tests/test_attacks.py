@@ -34,7 +34,7 @@ import time
 
 import pytest
 import test_flow_control as fc
-from pcsc_bridge import pcsc, wire
+from pcsc_bridge import framing, pcsc
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 ATTACK_S = 8.0
@@ -51,7 +51,7 @@ def _opens(cfg):
     def frames():
         first = next_id[0]
         next_id[0] += 2 * 5000
-        return b"".join(wire.encode_frame(wire.FrameType.OPEN, first + 2 * i, body)
+        return b"".join(framing.encode_frame(framing.FrameType.OPEN, first + 2 * i, body)
                         for i in range(5000))
     return tls, frames, {"frame_bytes": 21}
 
@@ -76,16 +76,16 @@ def _hog(cfg):
                 data = b""
             try:
                 events = conn.receive_data(data) if data else None
-            except wire.WireError:
+            except framing.WireError:
                 events = None
             if events is None:            # the server dropped it
                 kept.remove((tls, conn, _))
                 info["dropped"] += 1
                 continue
             for e in events:
-                if isinstance(e, wire.Ping):
+                if isinstance(e, framing.Ping):
                     tls.setblocking(True)
-                    tls.sendall(conn.send(wire.Pong(e.token)))
+                    tls.sendall(conn.send(framing.Pong(e.token)))
 
     def frames():
         keep_alive()

@@ -24,7 +24,7 @@ from conftest import (
     write_client_config,
     write_server_config,
 )
-from pcsc_bridge import wire
+from pcsc_bridge import framing, wire
 from pcsc_bridge.certs.main import CA
 from pcsc_bridge.pcsc import (
     WIRE,
@@ -208,7 +208,8 @@ def test_refused_peers_are_logged_and_others_keep_working(bridge, tmp_path):
         if name == "revoked" and isinstance(out, bytes) and out:
             # refused after the handshake, so the refusal can name the certificate: a
             # GOAWAY that says why, and nothing else
-            from pcsc_bridge.wire import Connection, GoAway
+            from pcsc_bridge.framing import GoAway
+            from pcsc_bridge.wire import Connection
             events = Connection("client").receive_data(out)
             assert [type(e) for e in events] == [GoAway], events
             assert "is revoked" in events[0].text
@@ -406,7 +407,7 @@ class WireClient:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(f"{bridge.ca}/ca.pem")
         ctx.load_cert_chain(f"{bridge.ca}/{guest}.pem", f"{bridge.ca}/{guest}-key.pem")
-        ctx.set_alpn_protocols([wire.ALPN])
+        ctx.set_alpn_protocols([framing.ALPN])
         raw = socket.create_connection(("127.0.0.1", bridge.port), 5)
         self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
         self.sock.settimeout(5)
@@ -428,11 +429,11 @@ class WireClient:
                     return None
                 self.events += self.conn.receive_data(data)
             event = self.events.pop(0)
-            if isinstance(event, wire.Ping) and kind is not wire.Ping:
-                self.send(wire.Pong(event.token))       # keepalive, answered as it comes
+            if isinstance(event, framing.Ping) and kind is not framing.Ping:
+                self.send(framing.Pong(event.token))       # keepalive, answered as it comes
                 continue
-            if kind is not None and kind is not wire.StateUpdate \
-                    and isinstance(event, wire.StateUpdate):
+            if kind is not None and kind is not framing.StateUpdate \
+                    and isinstance(event, framing.StateUpdate):
                 continue
             assert kind is None or isinstance(event, kind), event
             return event
@@ -445,48 +446,48 @@ def test_wire_protocol_as_documented(bridge):
     bridge.start_server()
     g = WireClient(bridge)
     try:
-        g.send(wire.Hello(software="test"))
-        hello = g.next(wire.Hello)
+        g.send(framing.Hello(software="test"))
+        hello = g.next(framing.Hello)
         assert (hello.role, hello.dialect, hello.max_frame, hello.extra["guest"],
                 hello.extra["backend"]) == ("server", "4:4", 131072, "guest1", "pcscd")
         assert hello.max_streams == 200 and 0 < hello.keepalive <= 15
-        state = g.next(wire.StateUpdate)                 # right after the server's HELLO
+        state = g.next(framing.StateUpdate)                 # right after the server's HELLO
         names = ReaderStates.unpack(state.states, WIRE).states
         assert [n.readerName for n in names][:1] == [R0]
         # OPEN pipelined with the first CALL: one write, answered OPENED then REPLY
-        g.send(wire.Open(1, 4, 4, os.getpid(), os.getuid()),
-               wire.Call(1, encode_request(EstablishContext(2), WIRE)))
-        assert g.next(wire.Opened) == wire.Opened(1)
-        reply = EstablishContext.unpack(g.next(wire.Reply).payload, WIRE)
+        g.send(framing.Open(1, 4, 4, os.getpid(), os.getuid()),
+               framing.Call(1, encode_request(EstablishContext(2), WIRE)))
+        assert g.next(framing.Opened) == framing.Opened(1)
+        reply = EstablishContext.unpack(g.next(framing.Reply).payload, WIRE)
         assert reply.rv == 0 and reply.hContext
         # a stream that sends garbage is closed alone
-        g.send(wire.Open(3, 4, 4), wire.Call(3, b"\x01\x02\x03 garbage"))
-        close = g.next(wire.Close)
-        assert (close.stream_id, close.code) == (3, wire.Reason.PCSC_ERROR)
-        g.send(wire.Open(5, 4, 4), wire.Call(5, encode_request(Version(4, 4), WIRE)))
-        close = g.next(wire.Close)                       # the agent answers VERSION itself
-        assert (close.stream_id, close.code) == (5, wire.Reason.PCSC_ERROR)
-        g.send(wire.Open(7, 4, 9))                       # a dialect the server cannot serve
-        refused = g.next(wire.Refused)
-        assert (refused.stream_id, refused.code) == (7, wire.Reason.UNSUPPORTED)
-        g.send_raw(wire.encode_frame(wire.FrameType.CALL, 99, b"x"))   # never opened:
-        g.send(wire.Ping(42))                            # answered with a CLOSE, which
-        assert g.next(wire.Pong) == wire.Pong(42)        # a receiver drops unanswered
+        g.send(framing.Open(3, 4, 4), framing.Call(3, b"\x01\x02\x03 garbage"))
+        close = g.next(framing.Close)
+        assert (close.stream_id, close.code) == (3, framing.Reason.PCSC_ERROR)
+        g.send(framing.Open(5, 4, 4), framing.Call(5, encode_request(Version(4, 4), WIRE)))
+        close = g.next(framing.Close)                       # the agent answers VERSION itself
+        assert (close.stream_id, close.code) == (5, framing.Reason.PCSC_ERROR)
+        g.send(framing.Open(7, 4, 9))                       # a dialect the server cannot serve
+        refused = g.next(framing.Refused)
+        assert (refused.stream_id, refused.code) == (7, framing.Reason.UNSUPPORTED)
+        g.send_raw(framing.encode_frame(framing.FrameType.CALL, 99, b"x"))   # never opened:
+        g.send(framing.Ping(42))                            # answered with a CLOSE, which
+        assert g.next(framing.Pong) == framing.Pong(42)        # a receiver drops unanswered
         assert g.conn.ignored == 1
-        g.send(wire.Call(1, encode_request(ReleaseContext(reply.hContext), WIRE)))
-        assert ReleaseContext.unpack(g.next(wire.Reply).payload, WIRE).rv == 0
+        g.send(framing.Call(1, encode_request(ReleaseContext(reply.hContext), WIRE)))
+        assert ReleaseContext.unpack(g.next(framing.Reply).payload, WIRE).rv == 0
         # SIGTERM: GOAWAY naming the last stream served, then the connection closes
-        g.send(wire.Call(1, encode_request(EstablishContext(2), WIRE)))
+        g.send(framing.Call(1, encode_request(EstablishContext(2), WIRE)))
         bridge.server.proc.terminate()
         events, deadline = [], time.monotonic() + 10
         while (event := g.next()) is not None:
             events.append(event)
             assert time.monotonic() < deadline, f"still open after GOAWAY: {events}"
-        goaways = [e for e in events if isinstance(e, wire.GoAway)]
+        goaways = [e for e in events if isinstance(e, framing.GoAway)]
         assert goaways and goaways[0].last_stream_id == 7, events
-        assert goaways[0].code == wire.Reason.SHUTDOWN
+        assert goaways[0].code == framing.Reason.SHUTDOWN
         # the call under way was finished, not dropped
-        assert any(isinstance(e, wire.Reply) and e.stream_id == 1 for e in events), events
+        assert any(isinstance(e, framing.Reply) and e.stream_id == 1 for e in events), events
         assert bridge.server.proc.wait(10) == 0
     finally:
         g.close()
@@ -501,9 +502,9 @@ def test_server_refuses_a_guest_its_policy_does_not_allow(pcscd, tmp_path):
         b.start_server()
         g = WireClient(b, "banned")
         try:
-            g.send(wire.Hello())
+            g.send(framing.Hello())
             goaway = g.next()
-            assert isinstance(goaway, wire.GoAway) and goaway.code == wire.Reason.POLICY
+            assert isinstance(goaway, framing.GoAway) and goaway.code == framing.Reason.POLICY
             assert g.next() is None
         finally:
             g.close()

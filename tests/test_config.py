@@ -15,15 +15,12 @@ import yaml
 from pcsc_bridge.card import DEFAULT_AIDS, DEFAULT_ATR
 from pcsc_bridge.config import (
     ConfigError,
-    HostPort,
     apply_overrides,
     config_keys,
     load_client_config,
     load_server_config,
-    parse_duration,
-    parse_file_mode,
-    parse_size,
 )
+from pcsc_bridge.values import HostPort, parse_duration, parse_file_mode, parse_size
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = str(ROOT / "config.example.yaml")

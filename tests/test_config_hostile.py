@@ -15,14 +15,12 @@ import time
 import pytest
 from pcsc_bridge import check
 from pcsc_bridge.config import (
-    MAX_DEPTH,
-    MAX_FILE_SIZE,
-    MAX_NODES,
     ConfigError,
     load_client_config,
     load_local_config,
     load_server_config,
 )
+from pcsc_bridge.yamlfile import MAX_DEPTH, MAX_FILE_SIZE, MAX_NODES
 from test_config import CLIENT, SERVER, write
 
 READERS = {"server": load_server_config, "client": load_client_config,

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import App, Process
-from pcsc_bridge import config
+from pcsc_bridge import policy
 from pcsc_bridge.enforce import Enforcer
 from pcsc_bridge.pcsc import (
     SCARD_E_READER_UNAVAILABLE,
@@ -49,7 +49,7 @@ def _connect(e: Enforcer, h: int, reader: str, share: int, owner="app", ctx=1):
 
 
 def test_the_policy_decides_each_call():
-    e = Enforcer(config.Policy(readers=(R1,), exclusive=False, control=(0x42000D48,)))
+    e = Enforcer(policy.Policy(readers=(R1,), exclusive=False, control=(0x42000D48,)))
     assert e.check(Connect(1, R0, SCARD_SHARE_SHARED, 3)).rv == SCARD_E_UNKNOWN_READER
     v = e.check(Connect(1, R1, SCARD_SHARE_EXCLUSIVE, 3))
     assert (v.rv, v.denied) == (SCARD_W_SECURITY_VIOLATION, True)
@@ -60,12 +60,12 @@ def test_the_policy_decides_each_call():
     # SCardSetAttrib writes to the driver: only with direct or control: all
     assert e.check(SetAttrib(7, 0x7A007, b"\x01", 1)).rv == SCARD_W_SECURITY_VIOLATION
     assert e.check(GetAttrib(7, 0x7A007)).rv == 0
-    assert Enforcer(config.Policy(direct=True)).check(SetAttrib(7, 1)).rv == 0
-    assert Enforcer(config.Policy(control="all")).check(SetAttrib(7, 1)).rv == 0
+    assert Enforcer(policy.Policy(direct=True)).check(SetAttrib(7, 1)).rv == 0
+    assert Enforcer(policy.Policy(control="all")).check(SetAttrib(7, 1)).rv == 0
 
 
 def test_handles_are_followed_and_their_ends_reported():
-    e = Enforcer(config.Policy())
+    e = Enforcer(policy.Policy())
     assert _connect(e, 7, R0, SCARD_SHARE_SHARED) == []
     _connect(e, 8, R1, SCARD_SHARE_SHARED, owner="other", ctx=2)
     e.answered(Transmit(7, data=b"\0\xa4\0\0"), Transmit(7, data=b"\x90\0"), "app", 101.0)
@@ -80,11 +80,11 @@ def test_handles_are_followed_and_their_ends_reported():
 
 
 def test_a_reload_takes_back_what_the_new_policy_would_not_grant():
-    e = Enforcer(config.Policy())
+    e = Enforcer(policy.Policy())
     _connect(e, 7, R0, SCARD_SHARE_EXCLUSIVE)
     _connect(e, 8, R1, SCARD_SHARE_SHARED)
     _connect(e, 9, R1, SCARD_SHARE_EXCLUSIVE, ctx=2)
-    taken = e.reconfigure(config.Policy(readers=(R1,), exclusive=False))
+    taken = e.reconfigure(policy.Policy(readers=(R1,), exclusive=False))
     assert sorted(h for h, _ in taken) == [7, 9]
     # its calls fail as pcscd's do for a reader that went away, or a mode withdrawn
     assert e.check(Transmit(7)).rv == SCARD_E_READER_UNAVAILABLE
@@ -96,7 +96,7 @@ def test_a_reload_takes_back_what_the_new_policy_would_not_grant():
     # audited when taken, not again at their end
     assert [(u.reader, how) for u, how in e.gone("app")] == [(R1, "application gone")]
     assert e.handles == {}
-    assert e.reconfigure(config.Policy()) == []
+    assert e.reconfigure(policy.Policy()) == []
 
 
 # --- the same scenario through a guest and through a local socket -------------------------

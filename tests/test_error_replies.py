@@ -238,7 +238,7 @@ def test_the_pyscard_backend_fails_a_call_with_no_data(msg):
 
 # --- the server's session --------------------------------------------------------------
 def test_the_session_answers_a_call_on_a_card_a_reload_took_with_no_data():
-    from pcsc_bridge.config import Policy
+    from pcsc_bridge.policy import Policy
     from test_gueststate import Harness
     h = Harness()
     h.open(1)

@@ -54,7 +54,7 @@ from conftest import (
     write_client_config,
     write_server_config,
 )
-from pcsc_bridge import wire
+from pcsc_bridge import framing, wire
 from pcsc_bridge.pcsc import (
     MAX_BUFFER_SIZE_EXTENDED,
     WIRE,
@@ -398,13 +398,13 @@ def _wire_connect(cfg):
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(f"{cfg['ca']}/ca.pem")
     ctx.load_cert_chain(f"{cfg['ca']}/{cfg['guest']}.pem", f"{cfg['ca']}/{cfg['guest']}-key.pem")
-    ctx.set_alpn_protocols([wire.ALPN])
+    ctx.set_alpn_protocols([framing.ALPN])
     raw = socket.create_connection(("127.0.0.1", cfg["port"]), 5)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     tls = ctx.wrap_socket(raw, server_hostname="localhost")
     tls.settimeout(5)
     conn = wire.Connection("client")
-    tls.sendall(conn.send(wire.Hello(software="flow-control attacker")))
+    tls.sendall(conn.send(framing.Hello(software="flow-control attacker")))
     pending: list = []
 
     def next_event(kind):
@@ -416,20 +416,20 @@ def _wire_connect(cfg):
                     raise ConnectionError("the server closed the connection during set-up")
                 pending.extend(conn.receive_data(data))
             event = pending.pop(0)
-            if isinstance(event, wire.Ping):
-                tls.sendall(conn.send(wire.Pong(event.token)))
+            if isinstance(event, framing.Ping):
+                tls.sendall(conn.send(framing.Pong(event.token)))
             elif isinstance(event, kind):
                 return event
-            elif isinstance(event, (wire.Close, wire.Refused, wire.GoAway)):
+            elif isinstance(event, (framing.Close, framing.Refused, framing.GoAway)):
                 raise ConnectionError(f"the server said {event}")
-    next_event(wire.Hello)
+    next_event(framing.Hello)
     return tls, conn, next_event
 
 
 def _wire_ping(cfg):
     """PINGs, 4096 to a write, as fast as the server takes them; each asks for a PONG."""
     tls, _, _ = _wire_connect(cfg)
-    pings = b"".join(wire.encode_frame(wire.FrameType.PING, 0, struct.pack("<Q", i))
+    pings = b"".join(framing.encode_frame(framing.FrameType.PING, 0, struct.pack("<Q", i))
                      for i in range(4096))
     return tls, lambda: pings, {"frame_bytes": 17}
 
@@ -449,16 +449,16 @@ def _wire_transmit(cfg):
     calls, rtts = {}, []
     for k in range(cfg["streams"]):
         sid = 2 * k + 1
-        tls.sendall(conn.send(wire.Open(sid, 4, 4, os.getpid(), os.getuid()))
+        tls.sendall(conn.send(framing.Open(sid, 4, 4, os.getpid(), os.getuid()))
                     + conn.call(sid, encode_request(EstablishContext(2), WIRE)))
-        next_event(wire.Opened)
-        h = EstablishContext.unpack(next_event(wire.Reply).payload, WIRE)
+        next_event(framing.Opened)
+        h = EstablishContext.unpack(next_event(framing.Reply).payload, WIRE)
         assert h.rv == 0, f"establish: {h.rv:#x}"
         deadline = time.monotonic() + 10
         while True:   # the card in R1 may still be coming up in pcscd
             tls.sendall(conn.call(sid, encode_request(
                 Connect(h.hContext, reader, SHARED, T0_T1), WIRE)))
-            c = Connect.unpack(next_event(wire.Reply).payload, WIRE)
+            c = Connect.unpack(next_event(framing.Reply).payload, WIRE)
             if c.rv == 0:
                 break
             assert time.monotonic() < deadline, f"connect {reader}: {c.rv:#x}"
@@ -469,10 +469,10 @@ def _wire_transmit(cfg):
         for _ in range(2):   # read while setting up: the round trip, and that it works
             t0 = time.monotonic()
             tls.sendall(conn.call(sid, request))
-            payload = next_event(wire.Reply).payload
+            payload = next_event(framing.Reply).payload
             rtts.append(time.monotonic() - t0)
             assert payload[32:] == expect, f"echo gave {payload[:40].hex()}..."
-        calls[sid] = wire.encode_frame(wire.FrameType.CALL, sid, request)
+        calls[sid] = framing.encode_frame(framing.FrameType.CALL, sid, request)
     order = list(calls)
     interval = cfg["interval"]
     start = time.monotonic()

@@ -32,16 +32,11 @@ from hypothesis.stateful import (
 )
 from pcsc_bridge import pcsc as p
 from pcsc_bridge.backend import BackendError, ReaderModel
-from pcsc_bridge.config import Limits, Policy
-from pcsc_bridge.keepalive import Dead, Keepalive
-from pcsc_bridge.server.gueststate import GATE_HOLD_S, GuestState
-from pcsc_bridge.server.metrics import Metrics
-from pcsc_bridge.wire import (
+from pcsc_bridge.framing import (
     CALL_EARLY,
     CALL_IF,
     PIPELINE,
     Close,
-    Connection,
     Hello,
     Open,
     Opened,
@@ -49,6 +44,12 @@ from pcsc_bridge.wire import (
     Reason,
     Reply,
 )
+from pcsc_bridge.keepalive import Dead, Keepalive
+from pcsc_bridge.limits import Limits
+from pcsc_bridge.policy import Policy
+from pcsc_bridge.server.gueststate import GATE_HOLD_S, GuestState
+from pcsc_bridge.server.metrics import Metrics
+from pcsc_bridge.wire import Connection
 
 READERS = ("R0", "R1")
 CALL_TIMEOUT = 5.0

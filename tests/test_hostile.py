@@ -15,7 +15,7 @@ import sys
 import time
 
 from conftest import App
-from pcsc_bridge import pcsc, wire
+from pcsc_bridge import framing, pcsc
 from smartcard import scard as s
 from test_bridge import ANY, R0, Bridge, WireClient, establish
 
@@ -39,13 +39,13 @@ def test_one_certificate_cannot_take_every_guest_slot(pcscd, tmp_path):
         b.start_server()
         for _ in range(4):                        # the default: 4 sessions per certificate
             c = WireClient(b)
-            c.send(wire.Hello(software="hog"))
-            assert isinstance(c.next(wire.Hello), wire.Hello)
+            c.send(framing.Hello(software="hog"))
+            assert isinstance(c.next(framing.Hello), framing.Hello)
             clients.append(c)
         fifth = WireClient(b)
-        fifth.send(wire.Hello(software="hog"))
+        fifth.send(framing.Hello(software="hog"))
         refused = fifth.next()
-        assert isinstance(refused, wire.GoAway) and refused.code == wire.Reason.LIMIT
+        assert isinstance(refused, framing.GoAway) and refused.code == framing.Reason.LIMIT
         assert "sessions_per_guest=4" in refused.text
         app = b.app(b.start_agent("guest2"))     # another guest still gets in
         establish(app)
@@ -58,8 +58,8 @@ def test_one_certificate_cannot_take_every_guest_slot(pcscd, tmp_path):
 def _guest(b, software):
     """A guest that said HELLO and heard the server's."""
     c = WireClient(b)
-    c.send(wire.Hello(software=software))
-    c.next(wire.Hello)
+    c.send(framing.Hello(software=software))
+    c.next(framing.Hello)
     return c
 
 
@@ -68,7 +68,7 @@ def test_a_guest_that_trickles_a_frame_is_cut_off(pcscd, tmp_path):
     try:
         b.start_server()
         c = _guest(b, "trickle")
-        frame = wire.encode_frame(wire.FrameType.OPEN, 1, struct.pack("<HHII", 4, 4, 0, 0))
+        frame = framing.encode_frame(framing.FrameType.OPEN, 1, struct.pack("<HHII", 4, 4, 0, 0))
         started = time.monotonic()
         cut = None
         for byte in frame * 20:                   # one byte every half second, forever
@@ -100,10 +100,10 @@ def test_refusals_a_guest_repeats_are_logged_once_with_a_count(pcscd, tmp_path):
     try:
         b.start_server()
         c = _guest(b, "noisy")
-        opens = b"".join(wire.encode_frame(wire.FrameType.OPEN, 2 * i + 1,
+        opens = b"".join(framing.encode_frame(framing.FrameType.OPEN, 2 * i + 1,
                                            struct.pack("<HHII", 9, 9, 0, 0))
                          for i in range(5000))   # a dialect nobody serves: REFUSED each
-        calls = b"".join(wire.encode_frame(wire.FrameType.CALL, 2 * i + 20001, b"\0" * 8)
+        calls = b"".join(framing.encode_frame(framing.FrameType.CALL, 2 * i + 20001, b"\0" * 8)
                          for i in range(2000))   # CALLs on streams never opened
         c.send_raw(opens + calls)
         deadline = time.monotonic() + 10
@@ -120,12 +120,12 @@ def test_refusals_a_guest_repeats_are_logged_once_with_a_count(pcscd, tmp_path):
             # limit), for streams this client's Connection never opened: counted from the
             # frame headers (length, type, stream id)
             buf += data
-            while len(buf) >= wire.HEAD_SIZE:
-                length, kind, sid = wire.HEAD.unpack_from(buf)
+            while len(buf) >= framing.HEAD_SIZE:
+                length, kind, sid = framing.HEAD.unpack_from(buf)
                 if len(buf) < 4 + length:
                     break
-                refused += sid < 10000 and kind in (wire.FrameType.REFUSED,
-                                                    wire.FrameType.CLOSE)
+                refused += sid < 10000 and kind in (framing.FrameType.REFUSED,
+                                                    framing.FrameType.CLOSE)
                 buf = buf[4 + length:]
         assert refused == 5000, (refused, b.server.output()[-3000:])   # every OPEN answered
         time.sleep(0.5)

@@ -13,7 +13,7 @@ import struct
 import time
 
 import pytest
-from pcsc_bridge import wire
+from pcsc_bridge import framing, wire
 from pcsc_bridge.pcsc import WIRE, EstablishContext, encode_request
 from test_bridge import Bridge, WireClient
 
@@ -21,32 +21,32 @@ _OPEN = struct.pack("<HHII", 4, 4, os.getpid(), os.getuid())
 
 
 def _hello_bytes() -> bytes:
-    return wire.Connection("client").send(wire.Hello(software="hostile"))
+    return wire.Connection("client").send(framing.Hello(software="hostile"))
 
 
 # what follows the HELLO in the same write, and the reason the GOAWAY must carry
 BAD = {
-    "length_below_5": (wire.HEAD.pack(4, wire.FrameType.CALL, 1) + b"\0" * 8,
+    "length_below_5": (framing.HEAD.pack(4, framing.FrameType.CALL, 1) + b"\0" * 8,
                        "frame length 4 outside"),
     "length_zero": (b"\0" * 12, "frame length 0 outside"),
-    "length_all_ones": (wire.HEAD.pack(0xFFFFFFFF, wire.FrameType.CALL, 1),
+    "length_all_ones": (framing.HEAD.pack(0xFFFFFFFF, framing.FrameType.CALL, 1),
                         "frame length 4294967295 outside"),
-    "oversize": (wire.HEAD.pack(200_000, wire.FrameType.CALL, 1) + b"\0" * 64,
+    "oversize": (framing.HEAD.pack(200_000, framing.FrameType.CALL, 1) + b"\0" * 64,
                  "frame length 200000 outside"),
-    "unknown_type": (wire.encode_frame(99, 1, b"x"), "unknown frame type 99"),
-    "reply_from_guest": (wire.encode_frame(wire.FrameType.REPLY, 1, b"\0" * 8),
+    "unknown_type": (framing.encode_frame(99, 1, b"x"), "unknown frame type 99"),
+    "reply_from_guest": (framing.encode_frame(framing.FrameType.REPLY, 1, b"\0" * 8),
                          "REPLY sent by a client"),
-    "state_from_guest": (wire.encode_frame(wire.FrameType.STATE, 0, b"\0" * 4),
+    "state_from_guest": (framing.encode_frame(framing.FrameType.STATE, 0, b"\0" * 4),
                          "STATE sent by a client"),
     "second_hello": (_hello_bytes(), "second HELLO"),
     # frames the server answers, decoded before the bad one in the same read
-    "ping_then_bad": (wire.encode_frame(wire.FrameType.PING, 0, b"\1" * 8)
-                      + wire.encode_frame(98, 1, b""), "unknown frame type 98"),
-    "stream_error_then_bad": (wire.encode_frame(wire.FrameType.OPEN, 2, _OPEN)
-                              + wire.encode_frame(97, 1, b""), "unknown frame type 97"),
-    "bad_call_then_bad": (wire.encode_frame(wire.FrameType.OPEN, 1, _OPEN)
-                          + wire.encode_frame(wire.FrameType.CALL, 1, b"\0" * 3)
-                          + wire.encode_frame(96, 1, b""), "unknown frame type 96"),
+    "ping_then_bad": (framing.encode_frame(framing.FrameType.PING, 0, b"\1" * 8)
+                      + framing.encode_frame(98, 1, b""), "unknown frame type 98"),
+    "stream_error_then_bad": (framing.encode_frame(framing.FrameType.OPEN, 2, _OPEN)
+                              + framing.encode_frame(97, 1, b""), "unknown frame type 97"),
+    "bad_call_then_bad": (framing.encode_frame(framing.FrameType.OPEN, 1, _OPEN)
+                          + framing.encode_frame(framing.FrameType.CALL, 1, b"\0" * 3)
+                          + framing.encode_frame(96, 1, b""), "unknown frame type 96"),
 }
 
 
@@ -91,12 +91,12 @@ def _lines(bridge, text, event, guest):
 def _honest_guest_works(bridge):
     g = WireClient(bridge, "guest2")
     try:
-        g.send(wire.Hello(software="honest"))
-        g.next(wire.Hello)
-        g.send(wire.Open(1, 4, 4, os.getpid(), os.getuid()),
-               wire.Call(1, encode_request(EstablishContext(2), WIRE)))
-        assert g.next(wire.Opened) == wire.Opened(1)
-        reply = EstablishContext.unpack(g.next(wire.Reply).payload, WIRE)
+        g.send(framing.Hello(software="honest"))
+        g.next(framing.Hello)
+        g.send(framing.Open(1, 4, 4, os.getpid(), os.getuid()),
+               framing.Call(1, encode_request(EstablishContext(2), WIRE)))
+        assert g.next(framing.Opened) == framing.Opened(1)
+        reply = EstablishContext.unpack(g.next(framing.Reply).payload, WIRE)
         assert reply.rv == 0 and reply.hContext
     finally:
         g.close()
@@ -110,18 +110,18 @@ def test_hello_and_a_bad_frame_in_one_read_get_a_goaway(bridge, kind, later):
     c = WireClient(bridge, guest)
     try:
         if later:                                 # HELLO answered first, then the frame
-            c.send(wire.Hello(software="hostile"))
-            c.next(wire.Hello)
+            c.send(framing.Hello(software="hostile"))
+            c.next(framing.Hello)
             c.send_raw(bad)
         else:
             c.send_raw(_hello_bytes() + bad)      # one write: one TLS record, one read
         events = _goaway(c)
     finally:
         c.close()
-    goaways = [e for e in events if isinstance(e, wire.GoAway)]
+    goaways = [e for e in events if isinstance(e, framing.GoAway)]
     assert len(goaways) == 1, events
     assert reason in goaways[0].text, goaways[0]
-    assert goaways[0].code in (wire.Reason.PROTOCOL_ERROR, wire.Reason.LIMIT)
+    assert goaways[0].code in (framing.Reason.PROTOCOL_ERROR, framing.Reason.LIMIT)
     # a guest whose HELLO was answered is dropped; one refused in HELLO's read
     event = "guest.dropped" if later else "guest.refused"
     deadline = time.monotonic() + 5
@@ -144,7 +144,7 @@ def test_many_such_connections_log_a_bounded_number_of_lines(bridge):
         c = WireClient(bridge, "guest1")
         try:
             c.send_raw(_hello_bytes() + bad)
-            assert any(isinstance(e, wire.GoAway) for e in _goaway(c))
+            assert any(isinstance(e, framing.GoAway) for e in _goaway(c))
         finally:
             c.close()
     time.sleep(0.3)
@@ -163,9 +163,9 @@ def test_hellos_with_varying_values_log_a_bounded_number_of_lines(bridge):
         props = b'{"role":"client","software":"hostile","max_frame":%d}' % (1000 + i)
         c = WireClient(bridge, "guest1")
         try:
-            c.send_raw(wire.encode_frame(wire.FrameType.HELLO, 0,
+            c.send_raw(framing.encode_frame(framing.FrameType.HELLO, 0,
                                          struct.pack('<HH', 2, 0) + props))
-            assert any(isinstance(e, wire.GoAway) for e in _goaway(c))
+            assert any(isinstance(e, framing.GoAway) for e in _goaway(c))
         finally:
             c.close()
     time.sleep(0.3)

@@ -1,6 +1,7 @@
-"""The bridge wire protocol (bridge/wire.py, docs/wire-protocol.md): frames round-trip,
-any byte stream either decodes or raises WireError without buffering past max_frame,
-delivery in pieces changes nothing, and the connection and stream rules hold."""
+"""The bridge wire protocol (bridge/framing.py, bridge/wire.py, docs/wire-protocol.md):
+frames round-trip, any byte stream either decodes or raises WireError without buffering
+past max_frame, delivery in pieces changes nothing, and the connection and stream rules
+hold."""
 
 from __future__ import annotations
 
@@ -10,14 +11,13 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pcsc_bridge.wire import (
+from pcsc_bridge.framing import (
     CALL_IF,
     MIN_MAX_FRAME,
     PIPELINE,
     WIRE_VERSION,
     Call,
     Close,
-    Connection,
     FrameType,
     GoAway,
     Hello,
@@ -31,10 +31,10 @@ from pcsc_bridge.wire import (
     Reply,
     StateUpdate,
     StreamError,
-    StreamState,
     WireError,
     encode_frame,
 )
+from pcsc_bridge.wire import Connection, StreamState
 
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
