@@ -1,35 +1,28 @@
 """One guest's session on the host, sans-IO: frames in, frames and backend calls out.
 
-``GuestState`` is to a guest what ``AppState`` (bridge/appstate.py) is to an
-application: every decision about the guest's connection and calls, with no socket, task
-or clock (``now`` is passed in, ``next_deadline()`` says when to call ``tick``). Its
-shell (server/session.py) owns the TLS transport, the backend streams and one timer.
+``GuestState`` is to a guest what ``AppState`` is to an application: every decision about
+the guest's connection and calls, with no socket, task or clock (``now`` is passed in;
+``next_deadline`` says when to call ``tick``). Its shell, server/session.py, owns the TLS
+transport, the backend streams and one timer. It decides:
 
-What it decides:
-
-- the wire protocol (pcsc-bridge/1, bridge/wire.py): HELLO, OPEN (dialects 4:4 to 4:6),
-  CLOSE, PING/PONG, GOAWAY; a frame that breaks the rules ends the connection
-  (``shell.fail``), a stream that sends garbage is closed alone;
-- each CALL, decoded and checked like pcscd checks it and by the guest's policy (the one
-  enforcement point, bridge/enforce.py); the calls of one stream run one at a time in
-  order (pipelined behind the running one), a CALL_IF only after its predecessor
-  succeeded;
-- the order of early answers: a CALL_EARLY call (one the agent answered already) holds
-  back later calls of the guest's other streams on its reader until it is done, at most
-  GATE_HOLD_S after it arrived (a PC/SC library may keep a Begin waiting for the lock
-  itself, and the holder's next call must not wait for that Begin);
-- a reload's policy: card handles it would not grant are released on the host by a call
-  of the server's own (no REPLY to the guest);
-- ``call_timeout``: a call the backend does not answer in time closes its stream;
-- STATE: the guest's view of the readers (its policy's filter over the backend's model)
-  goes out before the reply of a call that may depend on it, coalesced while the guest
-  does not read (``paused``);
-- keepalive (bridge/keepalive.py; its timer is the shell's netio.KeepaliveTimer);
-- GOAWAY: streams opened before it are finished, then ``shell.close()``.
+- the wire protocol (bridge/wire.py): HELLO, OPEN (dialects 4:4 to 4:6), CLOSE, PING,
+  GOAWAY; a frame that breaks the rules ends the connection, a stream that sends garbage
+  is closed alone;
+- each CALL: decoded and checked as pcscd checks it, then by the guest's policy (the one
+  enforcement point, bridge/enforce.py); a stream's calls run one at a time, in order,
+  a CALL_IF only after its predecessor succeeded;
+- early answers keep their order: a CALL_EARLY call (answered already by the agent) holds
+  back the guest's later calls of other streams on its reader until it is done, at most
+  holds.GATE_HOLD_S (server/holds.py);
+- a reload's policy: cards it would not grant are released on the host by calls of the
+  server's own (no REPLY); ``call_timeout``: an unanswered call closes its stream;
+- STATE (the policy's view of the backend's readers) before the reply of a call that may
+  depend on it, coalesced while the guest does not read; keepalive's bookkeeping.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from typing import Any, Protocol
 
@@ -76,35 +69,31 @@ from pcsc_bridge.pcsc import (
 from pcsc_bridge.policy import Policy
 from pcsc_bridge.wire import Connection
 
+from .holds import Holds
+
 DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 .. 4:6; card calls are the same in all of them
-# How long a CALL_EARLY call holds back the guest's later calls on its reader at most:
-# pcscd answers within PCSCLITE_LOCK_POLL_RATE (a Begin meeting another transaction says
-# so after 100 ms), but a PC/SC library (the pyscard backend) may keep a Begin waiting for
-# the lock itself, and the holder's next call must not wait for that Begin.
-GATE_HOLD_S = 0.1
 
 
 class GuestShell(Protocol):
     """What GuestState asks of its shell."""
 
     def write(self, data: bytes, more: bool = False) -> None:
-        """Send ``data`` to the guest; ``more``: other replies follow soon (batch them)."""
+        """To the guest; ``more``: other replies follow soon (one write for all)."""
 
     def submit(self, stream: GuestStream, msg: Message) -> None:
-        """Give ``msg`` to the stream's backend stream (opened first if it has none); its
-        answer comes back through ``GuestState.answered``."""
+        """To the stream's backend stream (opened first); the answer: ``answered``."""
 
     def ended(self, stream: GuestStream) -> None:
-        """The stream is over: close its backend stream (a call under way is dropped)."""
+        """Close the stream's backend stream (a call under way is dropped)."""
 
     def fail(self, reason: str, code: int) -> None:
-        """The connection is over: GOAWAY with ``code`` and ``reason``, then close."""
+        """The connection is over: ``abort`` (GOAWAY), log, close."""
 
     def greeted(self, hello: Hello) -> Hello:
-        """The guest's HELLO arrived: log it, and return ours."""
+        """The guest's HELLO arrived: log it, return ours."""
 
     def close(self) -> None:
-        """After our GOAWAY, the last call is done: close the connection."""
+        """Close the connection (after GOAWAY, once no call is under way)."""
 
 
 class GuestStream:
@@ -153,11 +142,7 @@ class GuestState:
         self.calls = 0                # calls with the backend (streams running)
         self.errors_total = 0         # calls that failed (a PC/SC error code)
         self.seq = 0                  # calls received (their arrival numbers)
-        # CALL_EARLY calls not done: seq -> (stream id, reader, until when); a later call
-        # of another stream on that reader waits for them (parked), so that what the
-        # application was told is done happens before anything the guest does after it
-        self.gates: dict[int, tuple] = {}
-        self.parked: list[tuple] = []  # (stream, msg, seq)
+        self.holds = Holds()          # the order of early answers on each reader
         # call_timeout: (deadline, stream) in submission order, so deadlines only grow;
         # an entry whose stream moved on is dropped when met
         self.timeouts: deque = deque()
@@ -274,7 +259,7 @@ class GuestState:
         self.seq = seq = self.seq + 1
         self.counters.calls[type(msg)] += 1
         if flags & CALL_EARLY:
-            self.gates[seq] = (sid, self._reader_of(msg), now + GATE_HOLD_S)
+            self.holds.early(seq, sid, self._reader_of(msg), now)
         if stream.running:
             stream.queue.append((msg, flags, seq, now, False))
         else:
@@ -314,8 +299,8 @@ class GuestState:
             return
         stream.running = True
         self.calls += 1
-        if self.gates and not flags & CALL_EARLY and self._gated(stream.id, msg, seq, now):
-            self.parked.append((stream, msg, seq))
+        if self.holds.gates and not flags & CALL_EARLY and self.holds.park(
+                (stream, msg, seq), stream.id, self._reader_of(msg), seq, now):
             return
         self._submit(stream, msg, seq, now)
 
@@ -339,22 +324,9 @@ class GuestState:
         use = self.enforcer.handles.get(h) if h is not None else None
         return use.reader if use is not None else None
 
-    def _gated(self, sid: int, msg: Message, seq: int, now: float) -> bool:
-        """A CALL_EARLY call on ``msg``'s reader, from another stream, came before it
-        and holds it back still."""
-        reader = self._reader_of(msg)
-        if reader is None:
-            return False
-        for g, (gsid, greader, until) in self.gates.items():
-            if g >= seq:
-                return False
-            if gsid != sid and (greader == reader or greader == "*") and now < until:
-                return True
-        return False
-
     def _submit(self, stream: GuestStream, msg: Message, seq: int, now: float) -> None:
         """To the backend (the stream is running already)."""
-        if seq in self.gates:
+        if seq in self.holds.gates:
             stream.seq = seq
         if self.limits.call_timeout:
             stream.deadline = now + self.limits.call_timeout
@@ -370,18 +342,10 @@ class GuestState:
             self._start(stream, *stream.queue.popleft(), now)
 
     def _released(self, seq: int, now: float) -> None:
-        """A CALL_EARLY call is done (or will not run), or a gate's hold ran out: parked
-        calls that nothing holds back any more go to the backend."""
-        self.gates.pop(seq, None)
-        if not self.parked:
-            return
-        parked, self.parked = self.parked, []
-        for stream, msg, seq_ in parked:
-            if stream.ended:
-                continue
-            if self._gated(stream.id, msg, seq_, now):
-                self.parked.append((stream, msg, seq_))
-            else:
+        """Early call ``seq`` is done (or will not run; 0: time passed): the parked calls
+        nothing holds back any more go to the backend."""
+        for stream, msg, seq_ in self.holds.done(seq, now):
+            if not stream.ended:
                 self._submit(stream, msg, seq_, now)
 
     def answered(self, stream: GuestStream, reply: Message | None, error: Exception | None,
@@ -491,10 +455,7 @@ class GuestState:
             self.calls -= 1
         stream.deadline = 0.0
         queue, stream.queue = stream.queue, deque()
-        for _msg, _flags, seq, _arrived, _quiet in queue:
-            self.gates.pop(seq, None)
-        for _stream, _msg, seq in [p for p in self.parked if p[0] is stream]:
-            self.gates.pop(seq, None)    # parked, never to run
+        self.holds.forget([item[2] for item in queue], stream.id)
         seq, stream.seq = stream.seq, 0
         self._released(seq, now)
         self.shell.ended(stream)
@@ -527,12 +488,9 @@ class GuestState:
         timeouts = self.timeouts
         while timeouts and timeouts[0][1].deadline != timeouts[0][0]:
             timeouts.popleft()
-        when = timeouts[0][0] if timeouts else None
-        if self.parked:
-            holds = [g[2] for g in self.gates.values() if g[2] > now]
-            if holds:
-                when = min(holds) if when is None else min(when, *holds)
-        return when
+        ends = [t for t in (timeouts[0][0] if timeouts else None,
+                            self.holds.next_end(now)) if t is not None]
+        return min(ends) if ends else None
 
     def tick(self, now: float) -> None:
         """Calls whose call_timeout ran out close their streams; parked calls whose
@@ -546,7 +504,7 @@ class GuestState:
             log.warning("backend.error", guest=self.guest, stream=stream.id,
                         call=type(stream.call).__name__, error=text)
             self.close_stream(stream, Reason.TIMEOUT, text, now)
-        if self.parked and not self.closed:
+        if self.holds.parked and not self.closed:
             self._released(0, now)
 
     # --- reload, STATE, GOAWAY --------------------------------------------------------
@@ -607,6 +565,13 @@ class GuestState:
         self.keepalive.unblocked(now)
         if self.states_due:
             self.send_states()
+
+    def abort(self, code: int, text: str) -> None:
+        """GOAWAY now (a wire error, a refusal, a drop), and nothing written after it."""
+        if not self.closed:
+            with contextlib.suppress(LocalProtocolError):
+                self.shell.write(self.conn.send(GoAway(self.conn.last_stream_id, code, text)))
+            self.closed = True
 
     def go_away(self, code: int, text: str) -> None:
         """GOAWAY: streams opened so far are finished, later ones are not served."""

@@ -305,8 +305,7 @@ class Server:
         for s in sessions:
             if not s.closed:
                 log.warning("guest.drain_timeout", guest=s.guest, peer=s.peer)
-                s.closed = True
-                s.transport.close()
+                s.close()
         await asyncio.sleep(0.05)   # let the TLS close_notify go out
 
 

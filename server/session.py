@@ -1,13 +1,8 @@
-"""One guest's mutual-TLS session on the host: the shell around GuestState.
-
-GuestState (server/gueststate.py) makes every decision about the guest's connection and
-calls; this shell gives it the TLS transport, the guest's identity and admission, the
-backend streams (one per guest stream, opened at its first call), one timer for its
-deadlines, the keepalive timer, and flow control: while the guest does not read what it
-is sent (the transport's write buffer is above its high-water mark), its connection and
-its backend streams are not read and STATE waits (only the newest is sent), so a guest
-that never reads costs bounded memory: the write buffer, and at most one reply per
-stream.
+"""One guest's mutual-TLS session on the host: the I/O shell of GuestState (which makes
+every decision, server/gueststate.py): the TLS transport, the guest's identity and
+admission, a backend stream per guest stream, one timer, keepalive, and flow control:
+while the guest does not read what it is sent, its connection and backend streams are not
+read and STATE waits, so it costs bounded memory (the write buffer, one reply a stream).
 """
 
 from __future__ import annotations
@@ -20,7 +15,7 @@ from functools import partial
 
 from pcsc_bridge import log, netio, tls
 from pcsc_bridge.backend import Backend, BackendError, BackendStream
-from pcsc_bridge.framing import ALPN, GoAway, Hello, LocalProtocolError, Ping, Reason
+from pcsc_bridge.framing import ALPN, Hello, Ping, Reason
 
 from .gueststate import GuestState, GuestStream
 
@@ -47,19 +42,8 @@ class GuestSession(asyncio.Protocol):
         self._keepalive: netio.KeepaliveTimer | None = None
         self._unlisten = None
 
-    @property
-    def closed(self) -> bool:
-        return self._closed or (self.state is not None and self.state.closed)
-
-    @closed.setter
-    def closed(self, value: bool) -> None:
-        self._closed = value
-        if self.state is not None:
-            self.state.closed = value
-
-    @property
-    def ready(self) -> bool:
-        return self.state is not None and self.state.ready
+    closed = property(lambda self: self._closed or bool(self.state and self.state.closed))
+    ready = property(lambda self: self.state is not None and self.state.ready)
 
     # --- connection ---------------------------------------------------------------------
     def connection_made(self, transport):
@@ -115,13 +99,11 @@ class GuestSession(asyncio.Protocol):
         if self.transport is None or self.closed:
             return
         if self.state is None:
+            self._closed = True
             self.transport.abort()
             return
-        with contextlib.suppress(LocalProtocolError):
-            conn = self.state.conn
-            self.transport.write(conn.send(GoAway(conn.last_stream_id, code, reason)))
-        self.closed = True
-        self.transport.close()
+        self.state.abort(code, reason)
+        self.close()
         # a peer that does not answer the TLS close is cut off at the handshake bound
         self.loop.call_later(self.limits.handshake_timeout, self.transport.abort)
 
@@ -184,7 +166,7 @@ class GuestSession(asyncio.Protocol):
 
     def submit(self, stream: GuestStream, msg) -> None:
         if stream.done is None:    # the backend stream's ``done(reply, error)``
-            stream.done = partial(self._answered, stream)
+            stream.done = partial(self._call, self.state.answered, stream)
         backend = stream.backend
         if backend is None:
             self.loop.create_task(self._open_and_submit(stream, msg))
@@ -209,15 +191,15 @@ class GuestSession(asyncio.Protocol):
             backend.pause_reading()
         self.submit(stream, msg)
 
-    def _answered(self, stream: GuestStream, reply, error) -> None:
-        self._call(self.state.answered, stream, reply, error)
-
     def ended(self, stream: GuestStream) -> None:
         backend, stream.backend = stream.backend, None
         if backend is not None:
             self.loop.create_task(_close_quietly(backend))
 
     def close(self) -> None:
+        self._closed = True
+        if self.state is not None:
+            self.state.closed = True
         self.transport.close()
 
     # --- time, STATE, reload, GOAWAY ----------------------------------------------------
@@ -256,7 +238,7 @@ class GuestSession(asyncio.Protocol):
     def _dead(self, reason: str) -> None:
         if not self.closed:
             log.warning("guest.timeout", guest=self.guest, peer=self.peer, reason=reason)
-            self.closed = True
+            self.close()
             self.transport.abort()
 
 

@@ -47,7 +47,8 @@ from pcsc_bridge.framing import (
 from pcsc_bridge.keepalive import Dead, Keepalive
 from pcsc_bridge.limits import Limits
 from pcsc_bridge.policy import Policy
-from pcsc_bridge.server.gueststate import GATE_HOLD_S, GuestState
+from pcsc_bridge.server.gueststate import GuestState
+from pcsc_bridge.server.holds import GATE_HOLD_S
 from pcsc_bridge.server.metrics import Metrics
 from pcsc_bridge.wire import Connection
 
