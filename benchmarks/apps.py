@@ -43,6 +43,7 @@ from appcard import PORT, READER, AppCard
 
 PKCS11 = "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so"
 PATHS = ("protocol", "bridge", "stunnel", "ssh")
+SERVED_S = 10.0   # vpcd asks a card it takes for its ATR within a poll or two of pcscd
 
 
 def applications(gnupg: Path) -> dict[str, list[str]]:
@@ -66,12 +67,15 @@ def gnupg_home(directory: Path) -> Path:
 
 
 class Apps:
-    def __init__(self, run: Run, reps: int):
+    def __init__(self, run: Run, reps: int, only: list[str] | None = None):
         self.run, self.reps, self.delay_ms = run, reps, run.settings.delay_ms
         self.dir = run.dir / "apps"
         self.dir.mkdir()
         self.gnupg = gnupg_home(self.dir)
-        self.apps = applications(self.gnupg)
+        self.apps = {name: argv for name, argv in applications(self.gnupg).items()
+                     if not only or any(o in name for o in only)}
+        if not self.apps:
+            raise Unavailable(f"no application matches {','.join(only or [])}")
         self.card = AppCard(PORT, storage=self.dir / "card")
 
     def check_tools(self) -> None:
@@ -111,6 +115,12 @@ class Apps:
     def measure(self, paths=PATHS) -> dict:
         self.check_tools()
         self.card.insert()
+        if not self.card.served.wait(SERVED_S):
+            self.card.remove()
+            raise Unavailable(f"vpcd did not take the applications' card on port {PORT} "
+                              f"within {SERVED_S:g} s: another card holds {READER} (a "
+                              "test session or another benchmark?), and it would answer "
+                              "the applications, not the card this run counts on")
         procs = self.run.procs
         result: dict = {"delay_ms": self.delay_ms, "reps": self.reps, "paths": {}}
         try:

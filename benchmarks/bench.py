@@ -44,6 +44,7 @@ Chroots come from tests/matrix/pcsclite.py (built there if missing).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -654,11 +655,15 @@ class Run:
                               text=True).stdout.split()
 
     def wait_for_tests(self) -> None:
+        """Wait until no pytest runs, then take the vpcd ports' lock (tests/targets.py's
+        VPCD_LOCK) for the whole run: a test session or another benchmark plugging its own
+        card into the same vpcd reader would answer this run's applications (its card
+        then counts nothing) and share the card with them."""
         deadline, said = time.monotonic() + self.settings.tests_wait, False
         while True:
             pids = self.tests_running()
             if not pids:
-                return
+                return self._take_vpcd(deadline)
             if time.monotonic() > deadline:
                 raise SystemExit(f"bench: pytest still running (pids {' '.join(pids)}); "
                                  "they share pcscd and the vpcd ports: try later")
@@ -666,6 +671,24 @@ class Run:
                 log("waiting_for_tests", pids=",".join(pids))
                 said = True
             time.sleep(5)
+
+    def _take_vpcd(self, deadline: float) -> None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from targets import VPCD_LOCK
+        self._vpcd_lock = open(VPCD_LOCK, "a")  # noqa: SIM115 - held until the run ends
+        said = False
+        while True:
+            try:
+                fcntl.flock(self._vpcd_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"bench: {VPCD_LOCK} (the vpcd ports) is still held by "
+                                     "a test session or another benchmark: try later") from None
+                if not said:
+                    log("waiting_for_vpcd", lock=VPCD_LOCK)
+                    said = True
+                time.sleep(1)
 
     def ensure_pcscd(self) -> None:
         if unix_connectable(PCSCD_SOCKET):
@@ -1324,7 +1347,8 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--quick", action="store_true", help="small N: a smoke check under a minute")
     p.add_argument("--paths", help=f"subset of {','.join(PATHS)} (default: all, or none "
-                   "with --dialects)")
+                   "with --dialects or --apps); with --apps: the paths the applications go "
+                   "through, a subset of protocol,bridge,stunnel,ssh (default: all four)")
     p.add_argument("--dialects", action="store_true",
                    help="SCardTransmit through the bridge with each client library (1.9.9, "
                    "2.3.3, 2.5.x) against each pcscd: translated vs same-version pairs")
@@ -1334,6 +1358,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(benchmarks/apps.py)")
     p.add_argument("--reps", type=int, help="--dialects: repetitions of every pair; "
                    "--apps: runs of each application per path (3)")
+    p.add_argument("--only", help="--apps: the applications whose name contains this "
+                   "(comma-separated, e.g. pkcs11,gpg; default: all)")
     p.add_argument("-n", "--transmit", type=int, help="SCardTransmit and SCardStatus calls "
                    "(--dialects: SCardTransmit calls per run of a pair)")
     p.add_argument("--estrel", type=int, help="Establish+Release pairs")
@@ -1350,8 +1376,24 @@ def main(argv: list[str] | None = None) -> int:
             "delay_ms": args.delay_ms, "guests": args.guests, "dialect_reps": args.reps,
             "dialect_n": args.transmit}
     s = replace(s, **{k: v for k, v in over.items() if v is not None})
+    app_paths, only = None, None
+    if args.apps:
+        from apps import PATHS as APP_PATHS
+        app_paths = [x for x in (args.paths or ",".join(APP_PATHS)).split(",") if x]
+        unknown = set(app_paths) - set(APP_PATHS)
+        if unknown:
+            p.error(f"unknown paths for --apps: {', '.join(sorted(unknown))} "
+                    f"(known: {','.join(APP_PATHS)})")
+        only = [x for x in (args.only or "").split(",") if x] or None
+        from apps import applications
+        names = list(applications(Path(".")))
+        if only and not any(o in n for o in only for n in names):
+            p.error(f"--only {args.only}: no such application (known: {'; '.join(names)})")
+        args.paths = ""
+    elif args.only:
+        p.error("--only goes with --apps")
     if args.paths is None:
-        args.paths = "" if args.dialects or args.apps else ",".join(PATHS)
+        args.paths = "" if args.dialects else ",".join(PATHS)
     paths = [x for x in args.paths.split(",") if x]
     unknown = set(paths) - set(PATHS)
     if unknown:
@@ -1368,7 +1410,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(s, directory)
     results: list[dict] = []
     dialects, dialect_result, apps_result = None, None, None
-    status = 0
+    status, phase = 0, "dialects"
     try:
         run.compile_client()
         run.wait_for_tests()
@@ -1379,10 +1421,12 @@ def main(argv: list[str] | None = None) -> int:
             results = run.measure_all(paths)
         if args.apps:
             from apps import Apps
+            phase = "apps"
             log("apps.start")
-            apps_result = Apps(run, args.reps or 3).measure()
+            apps_result = Apps(run, args.reps or 3, only).measure(app_paths)
             log("apps.done")
         if args.dialects:
+            phase = "dialects"
             dialects = Dialects(run, s.dialect_reps, s.dialect_n)
             log("dialects.start")
             dialects.setup()
@@ -1395,9 +1439,10 @@ def main(argv: list[str] | None = None) -> int:
         results = list(run.results.values())
         status = 130
     except (Unavailable, MeasureError) as exc:
-        log("dialects.error", error=json.dumps(str(exc)))
-        run.notes.append(f"client libraries and dialects: not measured: {exc}")
-        results.append({"path": "dialects", "error": str(exc)})
+        log(f"{phase}.error", error=json.dumps(str(exc)))
+        what = "real applications" if phase == "apps" else "client libraries and dialects"
+        run.notes.append(f"{what}: not measured: {exc}")
+        results.append({"path": phase, "error": str(exc)})
         status = 1
     finally:
         run.procs.stop_all()
@@ -1407,8 +1452,10 @@ def main(argv: list[str] | None = None) -> int:
             log("kept", dir=directory, why="--keep or an error: logs and configs are there")
         else:
             shutil.rmtree(directory, ignore_errors=True)
-    if paths or not (dialect_result or apps_result):
+    if paths or not (dialect_result or apps_result or args.apps or args.dialects):
         print(report(results, s, run.notes))
+    elif not (dialect_result or apps_result):
+        print("\n".join(run.notes))
     if apps_result:
         from apps import report as apps_report
         print(apps_report(apps_result))

@@ -40,6 +40,9 @@ class TestCard:
         self.thread: threading.Thread | None = None
         self._removed = threading.Event()
         self.apdus = 0  # answered since the last insert
+        # vpcd has spoken to this insertion: it serves one card per port, and a second
+        # card's connection waits in the port's backlog, never asked anything
+        self.served = threading.Event()
 
     def make_card(self, atr: bytes):
         """The card model for an insertion: ``atr``, ``reset()``, ``process(apdu)`` ->
@@ -68,6 +71,7 @@ class TestCard:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.card = self.make_card(atr or self.atr)
         self.apdus = 0
+        self.served = threading.Event()
         self.sock = sock
         self._removed = threading.Event()
         self.thread = threading.Thread(target=self._serve, args=(sock, self._removed),
@@ -108,6 +112,7 @@ class TestCard:
             while True:
                 (n,) = struct.unpack(">H", read(2))
                 payload = read(n)
+                self.served.set()
                 if len(payload) == 1 and payload[0] == CTRL_ATR:
                     send(self.card.atr)
                     continue
