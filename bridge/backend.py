@@ -196,25 +196,3 @@ class Backend:
     def describe(self) -> str:
         """The PC/SC implementation behind it, for the ready line and doctor."""
         return self.name
-
-
-# After a ready context is handed out, wait this long for the application to give it back
-# (pcsc-lite's client closes its socket after SCardReleaseContext) before establishing a
-# new one (the agent's pool and local's alike).
-PREPARE_AFTER = 0.05
-
-
-class ContextPool:
-    """Contexts established ahead, each on its own stream, handed to applications whose
-    first call is SCardEstablishContext (the agent keeps one; see docs/wire-protocol.md,
-    "A context established ahead"). A façade without a pool establishes every context."""
-
-    def take(self, app: AppInfo) -> tuple[BackendStream, int] | None:
-        """A stream holding an established context, and its handle, or None."""
-        return None
-
-    def give_back(self, stream: BackendStream, h_context: int) -> bool:
-        """An application is gone; its stream holds one established context, ``h_context``,
-        and nothing else (no card handle, no call under way). True: the pool keeps both
-        for the next application; False: the caller closes the stream."""
-        return False

@@ -24,8 +24,9 @@ import time
 
 from . import log, netio
 from .appstate import AppState
-from .backend import AppInfo, Backend, BackendError, BackendStream, ContextPool
+from .backend import AppInfo, Backend, BackendError, BackendStream
 from .pcsc import EstablishContext, Message
+from .pool import ContextPool
 
 
 class Facade:

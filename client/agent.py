@@ -7,7 +7,7 @@ opening costs no round trip. The agent serves its socket even while the server i
 unreachable: calls then fail fast with SCARD_E_NO_SERVICE. It reconnects with capped
 exponential backoff and jitter; keepalive (bridge/keepalive.py) notices a dead link within
 the configured timeout, and every pending call on it returns SCARD_E_NO_SERVICE then.
-``ReadyContexts`` keeps one context established ahead for the next application.
+``LinkContexts`` keeps one context established ahead for the next application.
 """
 
 from __future__ import annotations
@@ -22,27 +22,18 @@ from functools import partial
 from time import monotonic
 
 from pcsc_bridge import __version__, log, netio
-from pcsc_bridge.backend import (
-    PREPARE_AFTER,
-    AppInfo,
-    Backend,
-    BackendError,
-    BackendStream,
-    ContextPool,
-    ReaderModel,
-)
+from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream, ReaderModel
 from pcsc_bridge.keepalive import INTERVAL, TIMEOUT, Keepalive
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
-    SCARD_SCOPE_SYSTEM,
     WIRE,
-    EstablishContext,
     Message,
     ProtocolError,
     ReaderStates,
     encode_request,
     read_reply,
 )
+from pcsc_bridge.pool import ContextPool
 from pcsc_bridge.wire import (
     DEFAULT_MAX_FRAME,
     Close,
@@ -244,14 +235,13 @@ class Link(asyncio.Protocol):
 class LinkStream(BackendStream):
     """One application's stream on the link; its OPEN goes out with its first CALL."""
 
-    __slots__ = ("agent", "app", "id", "link", "owner", "refill")
+    __slots__ = ("agent", "app", "id", "link", "owner")
     NOBODY = object()             # the owner of a stream no application holds (the pool's)
 
     def __init__(self, agent: RemoteBackend, link: Link, app: AppInfo):
         self.agent, self.link, self.app = agent, link, app
         self.owner = LinkStream.NOBODY          # the local user holding it (its uid)
         self.id = 0                             # given with the first call
-        self.refill: asyncio.TimerHandle | None = None  # a replacement due if not given back
 
     @property
     def pipeline(self) -> int:
@@ -317,9 +307,6 @@ class LinkStream(BackendStream):
     def close_now(self) -> None:
         self.agent.own(self, LinkStream.NOBODY)
         link = self.link
-        if self.refill is not None:
-            self.refill.cancel()
-            self.refill = None
         for entry in link.pending.pop(self.id, ()) if self.id else ():
             if entry[2] is not None:
                 entry[2].cancel()
@@ -328,87 +315,54 @@ class LinkStream(BackendStream):
                 link.write(link.conn.send(Close(self.id)))
 
 
-class ReadyContexts(ContextPool):
-    """One context established ahead on its own stream, so that the next application's
-    SCardEstablishContext is answered without a round trip to the server; a released one
-    is taken back (docs/wire-protocol.md, "Shortcuts"). It never costs an application
-    its stream: at the guest's stream limit it gives its own up first (``make_room``)."""
+class LinkContexts(ContextPool):
+    """The agent's context established ahead (bridge/pool.py), on its own stream of the
+    link (docs/wire-protocol.md, "Shortcuts"). It never costs an application its stream:
+    it is kept, or taken back, only while the guest has streams to spare under the
+    server's limit, and at that limit it gives its own up first (``make_room``); it is
+    handed only to a user within its share, and lives no longer than its link."""
 
     def __init__(self, agent: RemoteBackend):
+        super().__init__()
         self.agent = agent
-        self.ready: tuple[LinkStream, int] | None = None
-        self.preparing: LinkStream | None = None   # its EstablishContext is under way
+
+    def open(self, opened) -> None:
+        opened(LinkStream(self.agent, self.agent.open_link(), AppInfo()))
+
+    def wanted(self) -> bool:
+        link = self.agent.open_link()
+        return link is not None and self.agent.free_streams(link) >= 2
+
+    def usable(self, stream: LinkStream) -> bool:
+        return stream.link is self.agent.open_link() and stream.is_open
 
     def take(self, app: AppInfo) -> tuple[BackendStream, int] | None:
-        ready, self.ready = self.ready, None
         link = self.agent.open_link()
-        if ready is None or link is None or ready[0].link is not link or not ready[0].is_open:
-            if ready is not None:
-                ready[0].close_now()
-            self.prepare()
-            return None
-        stream, h = ready
-        if self.agent.users.get(app.uid, 0) >= self.agent.user_share(link):
-            self.ready = ready            # over its share: open_stream says so
-            return None
-        # the next one, unless this application gives its context back first (give_back)
-        stream.refill = asyncio.get_running_loop().call_later(PREPARE_AFTER, self.prepare)
+        if link is not None and self.agent.users.get(app.uid, 0) >= self.agent.user_share(link):
+            return None               # over its share: open_stream says so
+        return super().take(app)
+
+    def handed(self, stream: LinkStream, app: AppInfo) -> None:
         stream.app = app
         self.agent.own(stream, app.uid)
-        _log_stream(app, link, context="ready")
-        return stream, h
+        _log_stream(app, stream.link, context="ready")
 
     def give_back(self, stream: BackendStream, h_context: int) -> bool:
         link = self.agent.open_link()
-        if self.ready is not None or link is None or stream.link is not link \
-                or not stream.is_open or self.agent.free_streams(link) < 1:
-            return False
-        if stream.refill is not None:
-            stream.refill.cancel()
-            stream.refill = None
+        return link is not None and self.agent.free_streams(link) >= 1 \
+            and super().give_back(stream, h_context)
+
+    def kept(self, stream: LinkStream) -> None:
         self.agent.own(stream, LinkStream.NOBODY)
-        self.ready = (stream, h_context)
-        return True
 
-    def prepare(self) -> None:
-        """Open a stream and establish a context on it now, unless one is ready or under
-        way, or the guest has fewer than two streams to spare."""
-        link = self.agent.open_link()
-        if self.preparing is not None or self.ready is not None or link is None \
-                or self.agent.free_streams(link) < 2:
-            return
-        stream = LinkStream(self.agent, link, AppInfo())
-
-        def established(reply, error):
-            if self.preparing is not stream:
-                stream.close_now()    # given up meanwhile (make_room, or the link went)
-                return
-            self.preparing = None
-            if error is None and reply.rv == 0 and self.agent.open_link() is link \
-                    and self.ready is None:
-                self.ready = (stream, reply.hContext)
-            else:
-                stream.close_now()
-        self.preparing = stream
-        try:
-            stream.submit(EstablishContext(SCARD_SCOPE_SYSTEM), established)
-        except BackendError:
-            self.preparing = None
+    def discard(self, stream: LinkStream) -> None:
+        stream.close_now()
 
     def make_room(self) -> None:
         """An application needs a stream and the guest has none to spare: the pool's own
         stream (ready, or still establishing) is closed first; its CLOSE goes out before
         the application's OPEN."""
-        ready, self.ready = self.ready, None
-        if ready is not None:
-            ready[0].close_now()
-        preparing, self.preparing = self.preparing, None
-        if preparing is not None:
-            preparing.close_now()
-
-    def drop(self) -> None:
-        """The link is gone: so are the streams."""
-        self.ready = self.preparing = None
+        self.drop()
 
 
 class RemoteBackend(Backend):
@@ -433,7 +387,7 @@ class RemoteBackend(Backend):
         self.early_answers = early_answers          # client.early_answers
         self.users: dict = {}                       # uid -> streams it holds
         self.model = ReaderModel()
-        self.pool = ReadyContexts(self)
+        self.pool = LinkContexts(self)
         self.link: Link | None = None         # the link new streams go to
         self.connecting = asyncio.Event()
         self.connected = asyncio.Event()
