@@ -124,18 +124,26 @@ class BackendStream:
     backend). ``submit`` may raise BackendError at once instead. The stream is the
     application's own connection to the backend: contexts and card handles made on it
     belong to it and end with it (``close``), as pcscd ends a closed socket's.
+
+    Every stream's ``submit`` takes two options, given only while calls are under way
+    before it, so only to a stream whose ``pipeline`` is above 1 (the agent's, on wire
+    revision 2; a stream that runs one call at a time has answered the call before by
+    then, and its caller decides itself):
+
+    - ``only_if_ok``: run ``msg`` only if the call submitted before it on this stream
+      succeeded; otherwise answer it with that call's failure (``msg.failed(rv)``);
+    - ``answered_early``: the application has had its answer already (a call sent ahead
+      of or behind it), so no one waits for this call's reply.
+
+    A stream of ``pipeline`` 1 takes both keywords: ``answered_early`` changes nothing for
+    it, and ``only_if_ok`` would be its caller's bug, which it reports (``one_at_a_time``).
     """
 
-    pipeline = 1   # calls that may be submitted before the first is done (see below)
+    pipeline = 1   # calls that may be submitted before the first is done
 
-    def submit(self, msg: Message, done: Done) -> None:
+    def submit(self, msg: Message, done: Done, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
         raise NotImplementedError
-
-    # A stream whose ``pipeline`` is above 1 (the agent's, on wire revision 2) takes up
-    # to that many calls at once, runs them in order and answers each in that order; its
-    # ``submit(msg, done, flags)`` takes the wire's CALL_EX flags: CALL_IF runs ``msg``
-    # only if the call before it succeeded, and otherwise answers it with that call's
-    # failure (``msg.failed(rv)``); CALL_EARLY says the application has had its answer.
 
     def watch(self, lost: Callable[[], None]) -> None:
         """Have ``lost()`` called if the backend ends this stream between calls (pcscd
@@ -152,6 +160,13 @@ class BackendStream:
         """The application is gone: end its contexts and card handles."""
 
 
+def one_at_a_time(stream: BackendStream) -> None:
+    """``only_if_ok`` given to a stream that runs one call at a time: a bug of the
+    caller's (BackendStream), said at once rather than ignored."""
+    raise ValueError(f"{type(stream).__name__} runs one call at a time (pipeline 1): "
+                     "it is never given only_if_ok")
+
+
 class TaskStream(BackendStream):
     """A stream whose calls are coroutines: ``call(msg)`` returns the reply (or raises
     BackendError); ``submit`` runs it in a task."""
@@ -159,7 +174,11 @@ class TaskStream(BackendStream):
     async def call(self, msg: Message) -> Message:
         raise NotImplementedError
 
-    def submit(self, msg: Message, done: Done) -> None:
+    def submit(self, msg: Message, done: Done, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
+        if only_if_ok:
+            one_at_a_time(self)
+
         def finished(task: asyncio.Task):
             if task.cancelled():
                 done(None, BackendError("call cancelled"))

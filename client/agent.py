@@ -35,6 +35,8 @@ from pcsc_bridge.pcsc import (
 )
 from pcsc_bridge.pool import ContextPool
 from pcsc_bridge.wire import (
+    CALL_EARLY,
+    CALL_IF,
     DEFAULT_MAX_FRAME,
     Close,
     Connection,
@@ -250,7 +252,11 @@ class LinkStream(BackendStream):
         server, or when ``client.early_answers`` is off."""
         return self.link.conn.depth if self.agent.early_answers else 1
 
-    def submit(self, msg: Message, done, flags: int = 0) -> None:
+    def submit(self, msg: Message, done, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
+        """The call as a CALL (its first, behind the stream's OPEN), or, with options, a
+        CALL_EX whose flags say them: ``only_if_ok`` is CALL_IF, ``answered_early``
+        CALL_EARLY (given only on revision 2: ``pipeline``)."""
         link = self.link
         if link.dead:
             raise BackendError("the session this application's context lived on is gone")
@@ -258,7 +264,8 @@ class LinkStream(BackendStream):
         payload = encode_request(msg, WIRE)
         try:
             if self.id:
-                data = conn.call(self.id, payload, flags)
+                data = conn.call(self.id, payload, (CALL_IF if only_if_ok else 0)
+                                 | (CALL_EARLY if answered_early else 0))
             else:
                 if link.goaway is not None:
                     raise BackendError("the server is going away")

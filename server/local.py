@@ -122,7 +122,8 @@ class PolicyStream(BackendStream):
         self.busy = 0            # calls with the backend
         self.takebacks: list[int] = []   # card handles a reload took, to release
 
-    def submit(self, msg: Message, done, *flags) -> None:
+    def submit(self, msg: Message, done, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
         verdict = self.view.enforcer.check(msg)
         if verdict.rv or verdict.answered:
             if verdict.denied:
@@ -130,7 +131,8 @@ class PolicyStream(BackendStream):
             asyncio.get_running_loop().call_soon(done, failed_reply(msg, verdict.rv), None)
             return
         self.busy += 1
-        self.inner.submit(msg, partial(self._answered, msg, done), *flags)
+        self.inner.submit(msg, partial(self._answered, msg, done), only_if_ok=only_if_ok,
+                          answered_early=answered_early)
 
     def _answered(self, msg: Message, done, reply: Message | None, error) -> None:
         self.busy -= 1

@@ -19,7 +19,14 @@ import socket
 from collections.abc import Callable
 
 from pcsc_bridge import log, netio
-from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream, ReaderModel
+from pcsc_bridge.backend import (
+    AppInfo,
+    Backend,
+    BackendError,
+    BackendStream,
+    ReaderModel,
+    one_at_a_time,
+)
 from pcsc_bridge.commands import REFRESH_ALWAYS, REFRESH_ON_FAILURE
 from pcsc_bridge.pcsc import (
     DEFAULT_SOCKET,
@@ -92,9 +99,13 @@ class PcscdConnection(asyncio.Protocol):
         elif self.on_lost is not None:
             self.on_lost()
 
-    def submit(self, msg: Message, done) -> None:
+    def submit(self, msg: Message, done, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
         """Send ``msg``; ``done(reply, error)`` runs from data_received, after the reader
-        model is brought up to date (``refresh``) when the call may have changed it."""
+        model is brought up to date (``refresh``) when the call may have changed it. One
+        call at a time (BackendStream.submit's options: ``one_at_a_time``)."""
+        if only_if_ok:
+            one_at_a_time(self)
         if self.lost.done():
             raise BackendError("pcscd connection closed")
         self.reader.expect(msg)
