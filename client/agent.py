@@ -55,6 +55,8 @@ from pcsc_bridge.wire import (
     WireError,
 )
 
+from .dial import dial, plain, server_address
+
 STREAM_LIMIT = "streams_per_guest"   # the server's limit, as its configuration names it
 
 
@@ -483,7 +485,7 @@ class RemoteBackend(Backend):
 
     @property
     def server(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return server_address(self.host, self.port)
 
     def going_away(self, link: Link) -> None:
         """The server sent GOAWAY: new streams wait for the next connection."""
@@ -494,10 +496,8 @@ class RemoteBackend(Backend):
     async def _connect(self) -> Link:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
-        sock = await asyncio.wait_for(self._tcp(), self.connect_timeout)
-        tls_sock = await netio.handshake(sock, self.ssl_context, server_side=False,
-                                         server_hostname=self.server_name,
-                                         timeout=max(deadline - loop.time(), 0.1))
+        tls_sock = await dial(self.host, self.port, self.ssl_context, self.server_name,
+                              deadline)
         link = Link(self)
         transport = netio.Transport(tls_sock, link)
         try:
@@ -506,24 +506,6 @@ class RemoteBackend(Backend):
             transport.abort()
             raise
         return link
-
-    async def _tcp(self) -> socket.socket:
-        """A TCP connection to the server: each address it resolves to, in turn."""
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-        error: OSError = OSError(f"{self.server} resolves to no address")
-        for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
-            sock.setblocking(False)
-            try:
-                await loop.sock_connect(sock, address)
-            except OSError as exc:
-                sock.close()
-                error = exc
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-        raise error
 
     async def _run(self) -> None:
         delay = self.reconnect_initial
@@ -534,7 +516,7 @@ class RemoteBackend(Backend):
                 link = await self._connect()
             except (OSError, asyncio.TimeoutError, ssl.SSLError, ConnectionError) as exc:
                 self.connecting.clear()
-                reason = _plain(exc)
+                reason = plain(exc)
                 if reason is None:          # the same refusal, seen after the handshake
                     reason = announced or "the server closed the connection"
                 if reason != announced:
@@ -578,33 +560,6 @@ class RemoteBackend(Backend):
 
 def _ping(link: Link, token: int) -> None:
     link.write(link.conn.send(Ping(token)))
-
-
-# what the server's TLS alert says about this guest's certificate, in words
-_REFUSALS = {
-    "CERTIFICATE_REVOKED": "the server refused this guest's certificate: it is revoked "
-    "(on the CA host: pcsc-bridge certs client NAME --force, and install the new one here)",
-    "CERTIFICATE_EXPIRED": "the server refused this guest's certificate: it has expired "
-    "(on the CA host: pcsc-bridge certs client NAME --force)",
-    "UNKNOWN_CA": "the server does not know the CA of this guest's certificate",
-    "CERTIFICATE_UNKNOWN": "the server refused this guest's certificate",
-    "BAD_CERTIFICATE": "the server refused this guest's certificate",
-    "UNSUPPORTED_CERTIFICATE": "the server refused this guest's certificate (not one for "
-    "a TLS client: is it the server's?)",
-}
-
-
-def _plain(exc: BaseException) -> str | None:
-    """Why a connection attempt failed, in words that stay the same from one attempt to
-    the next; None for an end of connection right after the handshake (TLS 1.3 sends a
-    refusal of our certificate after it: the same refusal, seen the other way)."""
-    text = str(exc)
-    for alert, words in _REFUSALS.items():
-        if alert in text.upper().replace(" ", "_"):
-            return words
-    if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)):
-        return None
-    return getattr(exc, "verify_message", None) or text or type(exc).__name__
 
 
 def _ignore(_event) -> None:
