@@ -41,9 +41,10 @@ class Ahead(Generic[T]):
     ``make(made)`` starts making one and returns what abandons it; ``made(item)`` (or
     ``made(None)``: none could be made) follows, now or later. ``wanted()``: one may be
     made now. ``usable(item)``: a ready one is still good. ``discard(item)``: end one
-    that is not kept (synchronously: what it held is free when it returns). ``kept(item)``:
-    it is the ready one now (made, or given back). ``refill_after``: after ``take``, how
-    long to wait before making the next one (0: at once).
+    that is not kept (``drop`` abandons and discards at once, so a ``discard`` that frees
+    synchronously frees before ``drop`` returns). ``kept(item)``: it is the ready one now
+    (made, or given back). ``refill_after``: after ``take``, how long to wait before
+    making the next one (0: at once).
     """
 
     def __init__(self, make: Callable[[Made], Callable[[], None]], *,
