@@ -253,7 +253,8 @@ class AppMachine(RuleBasedStateMachine):
     def send(self, data: bytes) -> None:
         self._read(data)
 
-    def submit(self, msg, reply: bool, ready: bool) -> None:
+    def submit(self, msg, reply: bool, ready: bool, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
         assert self.pending is None, "two card calls at once"
         if ready and not self.stream and self.ready_context is not None:
             # the pool's context: answered at once, as the shell does
