@@ -38,7 +38,6 @@ from typing import Any, ClassVar, Protocol
 
 from .backend import ReaderModel
 from .commands import ACCOUNTED, RETURNED
-from .framing import CALL_EARLY, CALL_IF
 from .pcsc import (
     MAX_BUFFER_SIZE_EXTENDED,
     NATIVE,
@@ -140,14 +139,15 @@ class AppShell(Protocol):
     def send(self, data: bytes) -> None:
         """Write ``data`` to the application."""
 
-    def submit(self, msg: Message, reply: bool, ready: bool, flags: int = 0) -> None:
+    def submit(self, msg: Message, reply: bool, ready: bool, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
         """Hand the card call ``msg`` to the application's backend stream; ``answered``
         follows, once per call, in order. ``reply`` False: the application has had its
         answer already (a call sent behind or ahead of it). ``ready``: an
         SCardEstablishContext that may be answered from a context established ahead
         (ContextPool.take) if there is no stream yet; the shell then calls ``answered``
-        with that context. ``flags``: the wire's CALL_IF, CALL_EARLY (only when
-        the shell set ``depth`` above 1: BackendStream.pipeline)."""
+        with that context. ``only_if_ok``, ``answered_early``: BackendStream.submit's
+        (only when the shell set ``depth`` above 1: BackendStream.pipeline)."""
 
     def wake_other(self, target: Any) -> None:
         """SCARD_CANCEL named ``target``'s context: call ``target``'s ``cancelled()``."""
@@ -297,7 +297,7 @@ class AppState:
             # not run: the Begin before it met someone else's transaction and is asked
             # again (``_ahead_answered``); this call goes behind that one
             self.pending = msg
-            self._submit(msg, OWED, CALL_IF)
+            self._submit(msg, OWED, only_if_ok=True)
             return
         if limit is not None:
             self.closed = True
@@ -350,29 +350,25 @@ class AppState:
                     return
                 if h in self.ahead:    # the lock and this call share one round trip
                     self.pending = msg
-                    self._submit(msg, OWED, CALL_IF)
+                    self._submit(msg, OWED, only_if_ok=True)
                     return
         self.pending = msg
         self.inflight.append((msg, OWED, False))
         self.shell.submit(msg, True, kind is EstablishContext
                           and msg.dwScope in ESTABLISH_SCOPES)
 
-    def _submit(self, msg: Message, role: int, flags: int = 0) -> None:
-        """To the backend; answered already (AHEAD, BEHIND) is CALL_EARLY but for a
+    def _submit(self, msg: Message, role: int, only_if_ok: bool = False) -> None:
+        """To the backend; answered already (AHEAD, BEHIND) is ``answered_early`` but for a
         context released with nothing on it, which no one else could notice."""
-        if role != OWED and type(msg) is not ReleaseContext:
-            flags |= CALL_EARLY
-        self.inflight.append((msg, role, flags & CALL_IF))
-        if flags:
-            self.shell.submit(msg, role == OWED, False, flags)
-        else:
-            self.shell.submit(msg, role == OWED, False)
+        self.inflight.append((msg, role, only_if_ok))
+        self.shell.submit(msg, role == OWED, False, only_if_ok=only_if_ok,
+                          answered_early=role != OWED and type(msg) is not ReleaseContext)
 
     def _pipelined(self, msg: Message, h: int) -> bool:
         """The shortcuts of a pipelining backend stream, for a card handle of this
         application (docs/wire-protocol.md): SCardBeginTransaction answered at once
         while the card is in its reader, and sent at once, the handle's next call run
-        only if it took the lock (CALL_IF); SCardEndTransaction of a transaction it
+        only if it took the lock (``only_if_ok``); SCardEndTransaction of a transaction it
         began and SCardDisconnect, both with SCARD_LEAVE_CARD, answered at once and sent
         behind. True when ``msg`` was answered here."""
         kind = type(msg)
@@ -389,7 +385,7 @@ class AppState:
             self._lock(h, -1)
             self._reply(msg.with_rv(0))
             # while its Begin is still out, the end runs only if that took the lock
-            self._submit(msg, BEHIND, CALL_IF if h in self.ahead else 0)
+            self._submit(msg, BEHIND, only_if_ok=h in self.ahead)
             return True
         if kind is Disconnect and msg.dwDisposition == SCARD_LEAVE_CARD:
             self.unshared.append(self.card_readers.get(h, ("",))[0])

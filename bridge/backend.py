@@ -124,18 +124,26 @@ class BackendStream:
     backend). ``submit`` may raise BackendError at once instead. The stream is the
     application's own connection to the backend: contexts and card handles made on it
     belong to it and end with it (``close``), as pcscd ends a closed socket's.
+
+    Every stream's ``submit`` takes two options, given only while calls are under way
+    before it, so only to a stream whose ``pipeline`` is above 1 (the agent's, on wire
+    revision 2; a stream that runs one call at a time has answered the call before by
+    then, and its caller decides itself):
+
+    - ``only_if_ok``: run ``msg`` only if the call submitted before it on this stream
+      succeeded; otherwise answer it with that call's failure (``msg.failed(rv)``);
+    - ``answered_early``: the application has had its answer already (a call sent ahead
+      of or behind it), so no one waits for this call's reply.
+
+    A stream of ``pipeline`` 1 takes both keywords: ``answered_early`` changes nothing for
+    it, and ``only_if_ok`` would be its caller's bug, which it reports (``one_at_a_time``).
     """
 
-    pipeline = 1   # calls that may be submitted before the first is done (see below)
+    pipeline = 1   # calls that may be submitted before the first is done
 
-    def submit(self, msg: Message, done: Done) -> None:
+    def submit(self, msg: Message, done: Done, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
         raise NotImplementedError
-
-    # A stream whose ``pipeline`` is above 1 (the agent's, on wire revision 2) takes up
-    # to that many calls at once, runs them in order and answers each in that order; its
-    # ``submit(msg, done, flags)`` takes the wire's CALL_EX flags: CALL_IF runs ``msg``
-    # only if the call before it succeeded, and otherwise answers it with that call's
-    # failure (``msg.failed(rv)``); CALL_EARLY says the application has had its answer.
 
     def watch(self, lost: Callable[[], None]) -> None:
         """Have ``lost()`` called if the backend ends this stream between calls (pcscd
@@ -152,6 +160,13 @@ class BackendStream:
         """The application is gone: end its contexts and card handles."""
 
 
+def one_at_a_time(stream: BackendStream) -> None:
+    """``only_if_ok`` given to a stream that runs one call at a time: a bug of the
+    caller's (BackendStream), said at once rather than ignored."""
+    raise ValueError(f"{type(stream).__name__} runs one call at a time (pipeline 1): "
+                     "it is never given only_if_ok")
+
+
 class TaskStream(BackendStream):
     """A stream whose calls are coroutines: ``call(msg)`` returns the reply (or raises
     BackendError); ``submit`` runs it in a task."""
@@ -159,7 +174,11 @@ class TaskStream(BackendStream):
     async def call(self, msg: Message) -> Message:
         raise NotImplementedError
 
-    def submit(self, msg: Message, done: Done) -> None:
+    def submit(self, msg: Message, done: Done, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
+        if only_if_ok:
+            one_at_a_time(self)
+
         def finished(task: asyncio.Task):
             if task.cancelled():
                 done(None, BackendError("call cancelled"))
@@ -196,25 +215,3 @@ class Backend:
     def describe(self) -> str:
         """The PC/SC implementation behind it, for the ready line and doctor."""
         return self.name
-
-
-# After a ready context is handed out, wait this long for the application to give it back
-# (pcsc-lite's client closes its socket after SCardReleaseContext) before establishing a
-# new one (the agent's pool and local's alike).
-PREPARE_AFTER = 0.05
-
-
-class ContextPool:
-    """Contexts established ahead, each on its own stream, handed to applications whose
-    first call is SCardEstablishContext (the agent keeps one; see docs/wire-protocol.md,
-    "A context established ahead"). A façade without a pool establishes every context."""
-
-    def take(self, app: AppInfo) -> tuple[BackendStream, int] | None:
-        """A stream holding an established context, and its handle, or None."""
-        return None
-
-    def give_back(self, stream: BackendStream, h_context: int) -> bool:
-        """An application is gone; its stream holds one established context, ``h_context``,
-        and nothing else (no card handle, no call under way). True: the pool keeps both
-        for the next application; False: the caller closes the stream."""
-        return False

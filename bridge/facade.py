@@ -24,8 +24,9 @@ import time
 
 from . import log, netio
 from .appstate import AppState
-from .backend import AppInfo, Backend, BackendError, BackendStream, ContextPool
+from .backend import AppInfo, Backend, BackendError, BackendStream
 from .pcsc import EstablishContext, Message
+from .pool import ContextPool
 
 
 class Facade:
@@ -281,7 +282,8 @@ class AppSession(asyncio.Protocol):
                             limit=limit)
         self.transport.close()
 
-    def submit(self, msg: Message, reply: bool, ready: bool, flags: int = 0) -> None:
+    def submit(self, msg: Message, reply: bool, ready: bool, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
         stream = self.stream
         if stream is None:
             self.info.dialect = self.state.dialect
@@ -294,10 +296,8 @@ class AppSession(asyncio.Protocol):
             asyncio.get_running_loop().create_task(self._open_then_submit(msg))
             return
         try:
-            if flags:
-                stream.submit(msg, self._answered, flags)
-            else:
-                stream.submit(msg, self._answered)
+            stream.submit(msg, self._answered, only_if_ok=only_if_ok,
+                          answered_early=answered_early)
         except BackendError as exc:
             self._answered(None, exc)
 

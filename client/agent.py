@@ -7,7 +7,7 @@ opening costs no round trip. The agent serves its socket even while the server i
 unreachable: calls then fail fast with SCARD_E_NO_SERVICE. It reconnects with capped
 exponential backoff and jitter; keepalive (bridge/keepalive.py) notices a dead link within
 the configured timeout, and every pending call on it returns SCARD_E_NO_SERVICE then.
-``ReadyContexts`` keeps one context established ahead for the next application.
+``LinkContexts`` keeps one context established ahead for the next application.
 """
 
 from __future__ import annotations
@@ -22,16 +22,10 @@ from functools import partial
 from time import monotonic
 
 from pcsc_bridge import __version__, log, netio
-from pcsc_bridge.backend import (
-    PREPARE_AFTER,
-    AppInfo,
-    Backend,
-    BackendError,
-    BackendStream,
-    ContextPool,
-    ReaderModel,
-)
+from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream, ReaderModel
 from pcsc_bridge.framing import (
+    CALL_EARLY,
+    CALL_IF,
     DEFAULT_MAX_FRAME,
     Close,
     GoAway,
@@ -51,16 +45,17 @@ from pcsc_bridge.framing import (
 from pcsc_bridge.keepalive import INTERVAL, TIMEOUT, Keepalive
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
-    SCARD_SCOPE_SYSTEM,
     WIRE,
-    EstablishContext,
     Message,
     ProtocolError,
     ReaderStates,
     encode_request,
     read_reply,
 )
+from pcsc_bridge.pool import ContextPool
 from pcsc_bridge.wire import Connection
+
+from .dial import dial, plain, server_address
 
 STREAM_LIMIT = "streams_per_guest"   # the server's limit, as its configuration names it
 
@@ -244,14 +239,13 @@ class Link(asyncio.Protocol):
 class LinkStream(BackendStream):
     """One application's stream on the link; its OPEN goes out with its first CALL."""
 
-    __slots__ = ("agent", "app", "id", "link", "owner", "refill")
+    __slots__ = ("agent", "app", "id", "link", "owner")
     NOBODY = object()             # the owner of a stream no application holds (the pool's)
 
     def __init__(self, agent: RemoteBackend, link: Link, app: AppInfo):
         self.agent, self.link, self.app = agent, link, app
         self.owner = LinkStream.NOBODY          # the local user holding it (its uid)
         self.id = 0                             # given with the first call
-        self.refill: asyncio.TimerHandle | None = None  # a replacement due if not given back
 
     @property
     def pipeline(self) -> int:
@@ -260,7 +254,11 @@ class LinkStream(BackendStream):
         server, or when ``client.early_answers`` is off."""
         return self.link.conn.depth if self.agent.early_answers else 1
 
-    def submit(self, msg: Message, done, flags: int = 0) -> None:
+    def submit(self, msg: Message, done, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
+        """The call as a CALL (its first, behind the stream's OPEN), or, with options, a
+        CALL_EX whose flags say them: ``only_if_ok`` is CALL_IF, ``answered_early``
+        CALL_EARLY (given only on revision 2: ``pipeline``)."""
         link = self.link
         if link.dead:
             raise BackendError("the session this application's context lived on is gone")
@@ -268,7 +266,8 @@ class LinkStream(BackendStream):
         payload = encode_request(msg, WIRE)
         try:
             if self.id:
-                data = conn.call(self.id, payload, flags)
+                data = conn.call(self.id, payload, (CALL_IF if only_if_ok else 0)
+                                 | (CALL_EARLY if answered_early else 0))
             else:
                 if link.goaway is not None:
                     raise BackendError("the server is going away")
@@ -317,9 +316,6 @@ class LinkStream(BackendStream):
     def close_now(self) -> None:
         self.agent.own(self, LinkStream.NOBODY)
         link = self.link
-        if self.refill is not None:
-            self.refill.cancel()
-            self.refill = None
         for entry in link.pending.pop(self.id, ()) if self.id else ():
             if entry[2] is not None:
                 entry[2].cancel()
@@ -328,87 +324,54 @@ class LinkStream(BackendStream):
                 link.write(link.conn.send(Close(self.id)))
 
 
-class ReadyContexts(ContextPool):
-    """One context established ahead on its own stream, so that the next application's
-    SCardEstablishContext is answered without a round trip to the server; a released one
-    is taken back (docs/wire-protocol.md, "Shortcuts"). It never costs an application
-    its stream: at the guest's stream limit it gives its own up first (``make_room``)."""
+class LinkContexts(ContextPool):
+    """The agent's context established ahead (bridge/pool.py), on its own stream of the
+    link (docs/wire-protocol.md, "Shortcuts"). It never costs an application its stream:
+    it is kept, or taken back, only while the guest has streams to spare under the
+    server's limit, and at that limit it gives its own up first (``make_room``); it is
+    handed only to a user within its share, and lives no longer than its link."""
 
     def __init__(self, agent: RemoteBackend):
+        super().__init__()
         self.agent = agent
-        self.ready: tuple[LinkStream, int] | None = None
-        self.preparing: LinkStream | None = None   # its EstablishContext is under way
+
+    def open(self, opened) -> None:
+        opened(LinkStream(self.agent, self.agent.open_link(), AppInfo()))
+
+    def wanted(self) -> bool:
+        link = self.agent.open_link()
+        return link is not None and self.agent.free_streams(link) >= 2
+
+    def usable(self, stream: LinkStream) -> bool:
+        return stream.link is self.agent.open_link() and stream.is_open
 
     def take(self, app: AppInfo) -> tuple[BackendStream, int] | None:
-        ready, self.ready = self.ready, None
         link = self.agent.open_link()
-        if ready is None or link is None or ready[0].link is not link or not ready[0].is_open:
-            if ready is not None:
-                ready[0].close_now()
-            self.prepare()
-            return None
-        stream, h = ready
-        if self.agent.users.get(app.uid, 0) >= self.agent.user_share(link):
-            self.ready = ready            # over its share: open_stream says so
-            return None
-        # the next one, unless this application gives its context back first (give_back)
-        stream.refill = asyncio.get_running_loop().call_later(PREPARE_AFTER, self.prepare)
+        if link is not None and self.agent.users.get(app.uid, 0) >= self.agent.user_share(link):
+            return None               # over its share: open_stream says so
+        return super().take(app)
+
+    def handed(self, stream: LinkStream, app: AppInfo) -> None:
         stream.app = app
         self.agent.own(stream, app.uid)
-        _log_stream(app, link, context="ready")
-        return stream, h
+        _log_stream(app, stream.link, context="ready")
 
     def give_back(self, stream: BackendStream, h_context: int) -> bool:
         link = self.agent.open_link()
-        if self.ready is not None or link is None or stream.link is not link \
-                or not stream.is_open or self.agent.free_streams(link) < 1:
-            return False
-        if stream.refill is not None:
-            stream.refill.cancel()
-            stream.refill = None
+        return link is not None and self.agent.free_streams(link) >= 1 \
+            and super().give_back(stream, h_context)
+
+    def kept(self, stream: LinkStream) -> None:
         self.agent.own(stream, LinkStream.NOBODY)
-        self.ready = (stream, h_context)
-        return True
 
-    def prepare(self) -> None:
-        """Open a stream and establish a context on it now, unless one is ready or under
-        way, or the guest has fewer than two streams to spare."""
-        link = self.agent.open_link()
-        if self.preparing is not None or self.ready is not None or link is None \
-                or self.agent.free_streams(link) < 2:
-            return
-        stream = LinkStream(self.agent, link, AppInfo())
-
-        def established(reply, error):
-            if self.preparing is not stream:
-                stream.close_now()    # given up meanwhile (make_room, or the link went)
-                return
-            self.preparing = None
-            if error is None and reply.rv == 0 and self.agent.open_link() is link \
-                    and self.ready is None:
-                self.ready = (stream, reply.hContext)
-            else:
-                stream.close_now()
-        self.preparing = stream
-        try:
-            stream.submit(EstablishContext(SCARD_SCOPE_SYSTEM), established)
-        except BackendError:
-            self.preparing = None
+    def discard(self, stream: LinkStream) -> None:
+        stream.close_now()
 
     def make_room(self) -> None:
         """An application needs a stream and the guest has none to spare: the pool's own
         stream (ready, or still establishing) is closed first; its CLOSE goes out before
         the application's OPEN."""
-        ready, self.ready = self.ready, None
-        if ready is not None:
-            ready[0].close_now()
-        preparing, self.preparing = self.preparing, None
-        if preparing is not None:
-            preparing.close_now()
-
-    def drop(self) -> None:
-        """The link is gone: so are the streams."""
-        self.ready = self.preparing = None
+        self.drop()
 
 
 class RemoteBackend(Backend):
@@ -433,7 +396,7 @@ class RemoteBackend(Backend):
         self.early_answers = early_answers          # client.early_answers
         self.users: dict = {}                       # uid -> streams it holds
         self.model = ReaderModel()
-        self.pool = ReadyContexts(self)
+        self.pool = LinkContexts(self)
         self.link: Link | None = None         # the link new streams go to
         self.connecting = asyncio.Event()
         self.connected = asyncio.Event()
@@ -522,7 +485,7 @@ class RemoteBackend(Backend):
 
     @property
     def server(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return server_address(self.host, self.port)
 
     def going_away(self, link: Link) -> None:
         """The server sent GOAWAY: new streams wait for the next connection."""
@@ -533,10 +496,8 @@ class RemoteBackend(Backend):
     async def _connect(self) -> Link:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
-        sock = await asyncio.wait_for(self._tcp(), self.connect_timeout)
-        tls_sock = await netio.handshake(sock, self.ssl_context, server_side=False,
-                                         server_hostname=self.server_name,
-                                         timeout=max(deadline - loop.time(), 0.1))
+        tls_sock = await dial(self.host, self.port, self.ssl_context, self.server_name,
+                              deadline)
         link = Link(self)
         transport = netio.Transport(tls_sock, link)
         try:
@@ -545,24 +506,6 @@ class RemoteBackend(Backend):
             transport.abort()
             raise
         return link
-
-    async def _tcp(self) -> socket.socket:
-        """A TCP connection to the server: each address it resolves to, in turn."""
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-        error: OSError = OSError(f"{self.server} resolves to no address")
-        for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
-            sock.setblocking(False)
-            try:
-                await loop.sock_connect(sock, address)
-            except OSError as exc:
-                sock.close()
-                error = exc
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-        raise error
 
     async def _run(self) -> None:
         delay = self.reconnect_initial
@@ -573,7 +516,7 @@ class RemoteBackend(Backend):
                 link = await self._connect()
             except (OSError, asyncio.TimeoutError, ssl.SSLError, ConnectionError) as exc:
                 self.connecting.clear()
-                reason = _plain(exc)
+                reason = plain(exc)
                 if reason is None:          # the same refusal, seen after the handshake
                     reason = announced or "the server closed the connection"
                 if reason != announced:
@@ -617,33 +560,6 @@ class RemoteBackend(Backend):
 
 def _ping(link: Link, token: int) -> None:
     link.write(link.conn.send(Ping(token)))
-
-
-# what the server's TLS alert says about this guest's certificate, in words
-_REFUSALS = {
-    "CERTIFICATE_REVOKED": "the server refused this guest's certificate: it is revoked "
-    "(on the CA host: pcsc-bridge certs client NAME --force, and install the new one here)",
-    "CERTIFICATE_EXPIRED": "the server refused this guest's certificate: it has expired "
-    "(on the CA host: pcsc-bridge certs client NAME --force)",
-    "UNKNOWN_CA": "the server does not know the CA of this guest's certificate",
-    "CERTIFICATE_UNKNOWN": "the server refused this guest's certificate",
-    "BAD_CERTIFICATE": "the server refused this guest's certificate",
-    "UNSUPPORTED_CERTIFICATE": "the server refused this guest's certificate (not one for "
-    "a TLS client: is it the server's?)",
-}
-
-
-def _plain(exc: BaseException) -> str | None:
-    """Why a connection attempt failed, in words that stay the same from one attempt to
-    the next; None for an end of connection right after the handshake (TLS 1.3 sends a
-    refusal of our certificate after it: the same refusal, seen the other way)."""
-    text = str(exc)
-    for alert, words in _REFUSALS.items():
-        if alert in text.upper().replace(" ", "_"):
-            return words
-    if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)):
-        return None
-    return getattr(exc, "verify_message", None) or text or type(exc).__name__
 
 
 def _ignore(_event) -> None:

@@ -42,7 +42,7 @@ class _Shell:
         self.sent += len(data)
         assert self.sent <= MAX_OUTPUT, "unbounded output"
 
-    def submit(self, msg, reply, ready, flags=0):
+    def submit(self, msg, reply, ready, *, only_if_ok=False, answered_early=False):
         assert self.pending < self.depth, "more card calls at once than the stream takes"
         assert type(msg) in _CARD_CALLS, msg
         self.pending += 1

@@ -6,8 +6,9 @@ the host's pcscd, pyscard or the virtual readers), in-process: no TLS, no second
 Each socket is a ``Facade`` (bridge/facade.py) over a ``PolicyView`` of the shared backend:
 its applications see only the readers its policy shows them, and their calls are checked
 against it with the guests' ``Policy`` (bridge/config.py), so a container gets the error
-codes a guest gets. A context established ahead on each socket (``AheadPool``) answers the
-next application's SCardEstablishContext at once, as the agent's does.
+codes a guest gets. A context established ahead on each socket (``SocketContexts``, a
+``ContextPool``) answers the next application's SCardEstablishContext at once, as the
+agent's does.
 
 Sockets handed over by systemd (socket activation: LISTEN_FDS) are used as they are; the
 others are made here. SIGHUP reads the file again: policies apply at once (to applications
@@ -27,28 +28,19 @@ from typing import ClassVar
 from pcsc_bridge import config, daemon, log, netio
 from pcsc_bridge.admin import CommandSocket, Refused, ReloadFailed, start_admin
 from pcsc_bridge.appstate import failed_reply
-from pcsc_bridge.backend import (
-    PREPARE_AFTER,
-    AppInfo,
-    Backend,
-    BackendError,
-    BackendStream,
-    ContextPool,
-    ReaderModel,
-)
+from pcsc_bridge.backend import AppInfo, Backend, BackendStream, ReaderModel
 from pcsc_bridge.cli import run_daemon
 from pcsc_bridge.commands import HOLDS
 from pcsc_bridge.enforce import SHARE, CardUse, Enforcer
 from pcsc_bridge.facade import Facade, bind_unix, socket_inode, unlink_unix
 from pcsc_bridge.pcsc import (
     SCARD_LEAVE_CARD,
-    SCARD_SCOPE_SYSTEM,
     Disconnect,
-    EstablishContext,
     Message,
     Transmit,
     rv_name,
 )
+from pcsc_bridge.pool import ContextPool
 
 from .backends import make_backend
 from .control import ControlServer
@@ -130,7 +122,8 @@ class PolicyStream(BackendStream):
         self.busy = 0            # calls with the backend
         self.takebacks: list[int] = []   # card handles a reload took, to release
 
-    def submit(self, msg: Message, done, *flags) -> None:
+    def submit(self, msg: Message, done, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
         verdict = self.view.enforcer.check(msg)
         if verdict.rv or verdict.answered:
             if verdict.denied:
@@ -138,7 +131,8 @@ class PolicyStream(BackendStream):
             asyncio.get_running_loop().call_soon(done, failed_reply(msg, verdict.rv), None)
             return
         self.busy += 1
-        self.inner.submit(msg, partial(self._answered, msg, done), *flags)
+        self.inner.submit(msg, partial(self._answered, msg, done), only_if_ok=only_if_ok,
+                          answered_early=answered_early)
 
     def _answered(self, msg: Message, done, reply: Message | None, error) -> None:
         self.busy -= 1
@@ -181,81 +175,12 @@ class PolicyStream(BackendStream):
         await self.inner.close()
 
 
-class AheadPool(ContextPool):
-    """One context established ahead on its own stream of ``backend``, handed to the next
-    application whose first call is SCardEstablishContext; a released one is kept for the
-    next (the agent's ReadyContexts, for a backend on this host). pcscd's answer to
-    ESTABLISH carries nothing but the handle, and a context given back holds no card."""
+class SocketContexts(ContextPool):
+    """A socket's context established ahead (bridge/pool.py) on its ``PolicyView``: the
+    application it is handed to is the one its calls are checked and audited for."""
 
-    def __init__(self, backend: Backend):
-        self.backend = backend
-        self.ready: tuple[BackendStream, int] | None = None
-        self.preparing = False
-        self.closed = False
-        self._refill: asyncio.TimerHandle | None = None
-
-    def take(self, app: AppInfo) -> tuple[BackendStream, int] | None:
-        ready, self.ready = self.ready, None
-        if ready is None:
-            self.prepare()
-            return None
-        if isinstance(ready[0], PolicyStream):
-            ready[0].app = app
-        # the next one, unless this application gives its context back first (most
-        # release theirs within a few milliseconds: pcsc_scan, opensc-tool, a probe)
-        if self._refill is None:
-            self._refill = asyncio.get_running_loop().call_later(PREPARE_AFTER, self.prepare)
-        return ready
-
-    def give_back(self, stream: BackendStream, h_context: int) -> bool:
-        if self.ready is not None or self.closed:
-            return False
-        self._keep(stream, h_context)
-        return True
-
-    def _keep(self, stream: BackendStream, h_context: int) -> None:
-        self.ready = (stream, h_context)
-        stream.watch(lambda: self._lost(stream))   # pcscd restarted: the context is gone
-
-    def _lost(self, stream: BackendStream) -> None:
-        if self.ready is not None and self.ready[0] is stream:
-            self.ready = None
-            asyncio.get_running_loop().create_task(stream.close())
-
-    def prepare(self) -> None:
-        if self._refill is not None:
-            self._refill.cancel()
-            self._refill = None
-        if not self.preparing and self.ready is None and not self.closed:
-            self.preparing = True
-            asyncio.get_running_loop().create_task(self._prepare())
-
-    async def _prepare(self) -> None:
-        try:
-            stream = await self.backend.open_stream(AppInfo())
-        except BackendError:
-            self.preparing = False     # the backend is down: the next application retries
-            return
-        answer = asyncio.get_running_loop().create_future()
-        try:
-            stream.submit(EstablishContext(SCARD_SCOPE_SYSTEM),
-                          lambda reply, error: answer.done() or answer.set_result(reply))
-            reply = await answer
-        except BackendError:
-            reply = None
-        self.preparing = False
-        if reply is not None and reply.rv == 0 and self.ready is None and not self.closed:
-            self._keep(stream, reply.hContext)
-        else:
-            await stream.close()
-
-    async def close(self) -> None:
-        self.closed = True
-        if self._refill is not None:
-            self._refill.cancel()
-        ready, self.ready = self.ready, None
-        if ready is not None:
-            await ready[0].close()
+    def handed(self, stream: PolicyStream, app: AppInfo) -> None:
+        stream.app = app
 
 
 def systemd_sockets() -> dict[str, socket.socket]:
@@ -285,7 +210,7 @@ class Served:
         self.cfg = cfg
         self.passed = passed          # made by systemd: its mode, owner and group rule
         self.view = PolicyView(backend, cfg.policy, cfg.path)
-        self.pool = AheadPool(self.view)
+        self.pool = SocketContexts(self.view)
         self.facade = Facade(self.view, pool=self.pool, sockets_per_user=sockets_per_user,
                              max_sockets=cfg.max_connections, users=users)
         self.listener = netio.UnixServer(sock, self.facade.protocol_factory)

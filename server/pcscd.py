@@ -16,9 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 
 from pcsc_bridge import log, netio
-from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream, ReaderModel
+from pcsc_bridge.backend import (
+    AppInfo,
+    Backend,
+    BackendError,
+    BackendStream,
+    ReaderModel,
+    one_at_a_time,
+)
 from pcsc_bridge.commands import REFRESH_ALWAYS, REFRESH_ON_FAILURE
 from pcsc_bridge.pcsc import (
     DEFAULT_SOCKET,
@@ -36,6 +44,7 @@ from pcsc_bridge.pcsc import (
     rv_name,
     wait_request,
 )
+from pcsc_bridge.pool import Ahead
 
 NEWEST = 6
 SPOKEN = PROTOCOL_MINORS   # pcscd 1.8.4 (4:2) to 2.5 (4:6)
@@ -90,9 +99,13 @@ class PcscdConnection(asyncio.Protocol):
         elif self.on_lost is not None:
             self.on_lost()
 
-    def submit(self, msg: Message, done) -> None:
+    def submit(self, msg: Message, done, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
         """Send ``msg``; ``done(reply, error)`` runs from data_received, after the reader
-        model is brought up to date (``refresh``) when the call may have changed it."""
+        model is brought up to date (``refresh``) when the call may have changed it. One
+        call at a time (BackendStream.submit's options: ``one_at_a_time``)."""
+        if only_if_ok:
+            one_at_a_time(self)
         if self.lost.done():
             raise BackendError("pcscd connection closed")
         self.reader.expect(msg)
@@ -204,7 +217,10 @@ class PcscdBackend(Backend):
         self._poller: PcscdConnection | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
-        self._spare: asyncio.Task | None = None   # a PcscdConnection being made ready
+        # a connection that has done its CMD_VERSION, made ready for the next stream
+        self.spare: Ahead[PcscdConnection] = Ahead(
+            self._open_spare, wanted=lambda: self.dialect is not None, usable=self._current,
+            discard=PcscdConnection.close)
         self.up = asyncio.Event()
 
     def describe(self) -> str:
@@ -224,7 +240,7 @@ class PcscdBackend(Backend):
                 await self._task
         if self._poller:
             self._poller.close()
-        self._drop_spare()
+        self.spare.close()
 
     async def discover(self) -> int:
         """pcscd's dialect: offer our newest; an older pcscd answers with its own."""
@@ -263,37 +279,21 @@ class PcscdBackend(Backend):
     async def open_stream(self, app: AppInfo) -> BackendStream:
         if self.dialect is None:
             raise BackendError(f"pcscd is not available at {self.path}")
-        conn = self._take_spare() or await self._open()
-        self._refill()
+        conn = self.spare.take() or await self._open()
         return PcscdStream(self, conn)
 
     # A new application context needs a pcscd socket that has done its CMD_VERSION: one is
-    # kept ready, so SCardEstablishContext costs one pcscd round trip, not three.
-    def _take_spare(self) -> PcscdConnection | None:
-        task = self._spare
-        if task is None or not task.done():
-            return None
-        self._spare = None
-        if task.cancelled() or task.exception() is not None:
-            return None
-        conn = task.result()
-        if conn.lost.done() or conn.reader.dialect != self.dialect:
-            conn.close()      # pcscd went away or came back as another release
-            return None
-        return conn
+    # kept ready (``spare``), so SCardEstablishContext costs one pcscd round trip, not three.
+    def _open_spare(self, made) -> Callable[[], None]:
+        def opened(task: asyncio.Task) -> None:
+            made(None if task.cancelled() or task.exception() is not None else task.result())
+        task = asyncio.get_running_loop().create_task(self._open())
+        task.add_done_callback(opened)
+        return task.cancel
 
-    def _refill(self) -> None:
-        if self._spare is None and self.dialect is not None:
-            self._spare = asyncio.get_running_loop().create_task(self._open())
-
-    def _drop_spare(self) -> None:
-        task, self._spare = self._spare, None
-        if task is None:
-            return
-        if not task.done():
-            task.cancel()
-        elif not task.cancelled() and task.exception() is None:
-            task.result().close()
+    def _current(self, conn: PcscdConnection) -> bool:
+        # not if pcscd went away, or came back as another release
+        return not conn.lost.done() and conn.reader.dialect == self.dialect
 
     async def refresh(self) -> None:
         async with self._lock:
@@ -320,7 +320,7 @@ class PcscdBackend(Backend):
                 announced_down = False
                 await self.refresh()
                 self.up.set()
-                self._refill()
+                self.spare.prepare()
                 while True:
                     watcher.send(wait_request(watcher.reader.dialect))
                     if watcher.reader.dialect in (4, 5):
@@ -330,7 +330,7 @@ class PcscdBackend(Backend):
                     log.debug("pcscd.event", rv=rv_name(wake.rv))
             except (BackendError, ProtocolError, OSError) as exc:
                 self.up.clear()
-                self._drop_spare()
+                self.spare.drop()
                 if not announced_down:
                     log.warning("pcscd.down", socket=self.path, error=str(exc))
                     announced_down = True

@@ -33,7 +33,14 @@ from typing import ClassVar
 
 from pcsc_bridge import log
 from pcsc_bridge.appstate import failed_reply
-from pcsc_bridge.backend import AppInfo, Backend, BackendError, BackendStream, ReaderModel
+from pcsc_bridge.backend import (
+    AppInfo,
+    Backend,
+    BackendError,
+    BackendStream,
+    ReaderModel,
+    one_at_a_time,
+)
 from pcsc_bridge.commands import REFRESH_ALWAYS, REFRESH_ON_FAILURE
 from pcsc_bridge.pcsc import (
     MAX_READERNAME,
@@ -363,9 +370,13 @@ class PyscardStream(BackendStream):
         self.worker: Worker | None = None
         self.app = app
 
-    def submit(self, msg: Message, done) -> None:
+    def submit(self, msg: Message, done, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
         """The call runs on this application's thread; handles are ours on the event loop
-        and the host's on the thread (translated here, and back in ``answered``)."""
+        and the host's on the thread (translated here, and back in ``answered``). One call
+        at a time (BackendStream.submit's options: ``one_at_a_time``)."""
+        if only_if_ok:
+            one_at_a_time(self)
         if self.worker is None:
             self.worker = Worker(self.backend.loop, f"pcsc-app-{self.app.id}")
         backend, kind = self.backend, type(msg)

@@ -36,7 +36,6 @@ from hypothesis.stateful import (
 from pcsc_bridge import pcsc as p
 from pcsc_bridge.appstate import AppState, negotiate
 from pcsc_bridge.backend import ReaderModel
-from pcsc_bridge.framing import CALL_EARLY, CALL_IF
 
 OK = p.SCARD_S_SUCCESS
 
@@ -254,7 +253,8 @@ class AppMachine(RuleBasedStateMachine):
     def send(self, data: bytes) -> None:
         self._read(data)
 
-    def submit(self, msg, reply: bool, ready: bool) -> None:
+    def submit(self, msg, reply: bool, ready: bool, *, only_if_ok: bool = False,
+               answered_early: bool = False) -> None:
         assert self.pending is None, "two card calls at once"
         if ready and not self.stream and self.ready_context is not None:
             # the pool's context: answered at once, as the shell does
@@ -478,13 +478,17 @@ test_app_state_answers_as_pcscd = AppMachine.TestCase
 # --- the cases above that matter most, spelled out ------------------------------------------
 class Recorder:
     """An AppShell that writes down what it is asked: ("send", bytes), ("submit", msg,
-    reply, ready), ("finish", context), ..."""
+    reply, ready), ("finish", context), ...; the options given (the keywords that are
+    true), as a dict after them."""
 
     def __init__(self):
         self.calls: list[tuple] = []
 
     def __getattr__(self, name):
-        return lambda *args: self.calls.append((name, *args))
+        def record(*args, **options):
+            given = {k: v for k, v in options.items() if v}
+            self.calls.append((name, *args, given) if given else (name, *args))
+        return record
 
     def take(self) -> list[tuple]:
         calls, self.calls = self.calls, []
@@ -628,7 +632,7 @@ def test_an_application_that_does_not_read_is_not_served_until_it_does():
 # --- a pipelining backend stream (the agent on wire revision 2) -------------------------------
 LEAVE = p.SCARD_LEAVE_CARD
 BEGIN, STATUS, END = p.BeginTransaction(9), p.Status(9), p.EndTransaction(9, LEAVE)
-IF, EARLY = CALL_IF, CALL_EARLY   # the wire's CALL_EX flags
+IF, EARLY = {"only_if_ok": True}, {"answered_early": True}   # BackendStream.submit's options
 
 
 def _card(depth: int = 8):
@@ -650,7 +654,7 @@ def test_a_lock_and_the_call_after_it_share_one_round_trip_and_the_end_costs_non
     # SCardBeginTransaction: answered at once and sent at once
     assert run(BEGIN) == [("send", p.encode_reply(BEGIN.with_rv(OK))),
                           ("submit", BEGIN, False, False, EARLY)]
-    # the handle's next call goes right behind it, run only if it took the lock (CALL_IF)
+    # the handle's next call goes right behind it, run only if it took the lock (only_if_ok)
     assert run(STATUS) == [("submit", STATUS, True, False, IF)]
     state.answered(BEGIN.with_rv(OK))
     assert shell.take() == []
@@ -696,7 +700,7 @@ def test_a_lock_that_fails_otherwise_fails_the_handles_next_call():
     run(BEGIN, STATUS)
     shell.take()
     state.answered(BEGIN.with_rv(p.SCARD_W_RESET_CARD))
-    state.answered(STATUS.with_rv(p.SCARD_W_RESET_CARD))   # the server's answer to CALL_IF
+    state.answered(STATUS.with_rv(p.SCARD_W_RESET_CARD))   # the answer to only_if_ok
     assert _sent(shell.take()) == [p.encode_reply(STATUS.with_rv(p.SCARD_W_RESET_CARD))]
     run(BEGIN)                      # failed before the next call was made: that call
     state.answered(BEGIN.with_rv(p.SCARD_W_REMOVED_CARD))  # is answered with it
@@ -736,3 +740,17 @@ def test_other_dispositions_and_a_revision_1_server_wait_for_the_answer():
     assert run(BEGIN, STATUS) == [("submit", BEGIN, True, False)]
     state.answered(BEGIN.with_rv(OK))
     assert [c[0] for c in shell.take()] == ["send", "submit"]
+
+
+def test_a_stream_of_one_call_at_a_time_is_never_given_only_if_ok():
+    """BackendStream.submit: the options go only to a stream whose ``pipeline`` is above 1;
+    one that runs a call at a time takes the keywords and reports ``only_if_ok`` as its
+    caller's bug instead of running the call unguarded."""
+    from pcsc_bridge.backend import TaskStream
+
+    class One(TaskStream):
+        async def call(self, msg):
+            return msg.with_rv(OK)
+
+    with pytest.raises(ValueError, match="one call at a time"):
+        One().submit(STATUS, lambda reply, error: None, only_if_ok=True)

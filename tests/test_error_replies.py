@@ -105,7 +105,7 @@ class Shell:
     def send(self, data):
         self.sent.append(bytes(data))
 
-    def submit(self, msg, reply, ready, flags=0):
+    def submit(self, msg, reply, ready, *, only_if_ok=False, answered_early=False):
         self.submitted.append(msg)
 
     def wake_other(self, target):
