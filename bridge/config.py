@@ -28,10 +28,11 @@ from typing import Any
 import yaml
 
 from . import keepalive
+from .apdu import ApduRule
 from .card import DEFAULT_AIDS, DEFAULT_ATR
 from .limits import Limits
 from .pcsc import DEFAULT_SOCKET
-from .policy import Policy
+from .policy import Policy, apdu_rules_field, pin_guard_field
 from .values import (
     BOOL,
     DURATION,
@@ -224,6 +225,8 @@ class LocalSocket:
     exclusive: bool = _f(BOOL, True)
     direct: bool = _f(BOOL, False)
     control: str | tuple[int, ...] = _f(_Leaf(_control, typed=True), "none")
+    apdu_rules: tuple[ApduRule, ...] = apdu_rules_field()
+    pin_guard: int = pin_guard_field()
     # application connections on this socket at once (beyond: closed at once, as pcscd
     # closes a client beyond its own limit)
     max_connections: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 512)
@@ -231,7 +234,8 @@ class LocalSocket:
     @property
     def policy(self) -> Policy:
         return Policy(readers=self.readers, exclusive=self.exclusive, direct=self.direct,
-                      control=self.control)
+                      control=self.control, apdu_rules=self.apdu_rules,
+                      pin_guard=self.pin_guard)
 
 
 @dataclass(frozen=True, kw_only=True)

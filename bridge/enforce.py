@@ -14,9 +14,16 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable
 
+from .apdu import SW_DENIED, SW_GUARDED, CardKnowledge, channel
+from .apdu import decide as apdu_decide
 from .pcsc import (
     SCARD_E_READER_UNAVAILABLE,
     SCARD_E_UNKNOWN_READER,
+    SCARD_EJECT_CARD,
+    SCARD_RESET_CARD,
+    SCARD_UNPOWER_CARD,
+    SCARD_W_REMOVED_CARD,
+    SCARD_W_RESET_CARD,
     Connect,
     Disconnect,
     Message,
@@ -55,27 +62,35 @@ class CardUse:
 
 
 class Verdict:
-    """What ``check`` decided: ``rv`` 0 lets the call go to the backend; otherwise it is
-    answered at once with ``rv`` (a Disconnect of a handle a reload took: with 0, done).
-    ``denied``: the policy refused it (a ``policy.denied`` line and a denial counted)."""
+    """What ``check`` decided. ``rv`` 0 lets the call go to the backend, unless ``reply``
+    (the answer, given at once: an APDU a rule refuses, a Disconnect of a card a reload
+    took) or ``probe`` (a Transmit to send first, quietly, and then check the call
+    again); a nonzero ``rv`` is the call's failure. ``denied``: the policy refused it (a
+    ``policy.denied`` line, ``why`` in it, and a denial counted)."""
 
-    __slots__ = ("answered", "denied", "rv")
+    __slots__ = ("denied", "probe", "reply", "rv", "why")
 
-    def __init__(self, rv: int = 0, denied: bool = False, answered: bool = False):
-        self.rv, self.denied, self.answered = rv, denied, answered
+    def __init__(self, rv: int = 0, denied: bool = False, reply: Message | None = None,
+                 probe: Message | None = None, why: str | None = None):
+        self.rv, self.denied, self.reply, self.probe, self.why = rv, denied, reply, probe, why
 
 
 PASS = Verdict()
+RESETS = (SCARD_RESET_CARD, SCARD_UNPOWER_CARD, SCARD_EJECT_CARD)
 
 
 class Enforcer:
     """The policy of one client and the card handles its applications hold (``owner``:
-    the shell's key for the application, a stream id or a stream object)."""
+    the shell's key for the application, a stream id or a stream object). ``cards``:
+    what is known of each reader's card (bridge/apdu.py), shared by every client of the
+    process."""
 
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, cards: dict[str, CardKnowledge] | None = None):
         self.policy = policy
+        self.cards = {} if cards is None else cards
         self.handles: dict[int, CardUse] = {}   # hCard -> its use
         self.cutting = False   # a reload took a card: calls on handles are looked at
+        self.asked: dict[int, Message] = {}     # PIN attempts whose probe was sent
 
     def check(self, msg: Message) -> Verdict:
         """May ``msg`` go to the backend?"""
@@ -86,14 +101,49 @@ class Enforcer:
                 # away (SCardDisconnect succeeds, the rest fail)
                 if type(msg) is Disconnect:
                     del self.handles[msg.hCard]
-                    return Verdict(0, answered=True)
+                    return Verdict(reply=msg.failed(0))
                 return Verdict(use.cut)
+        if type(msg) is Transmit:
+            policy = self.policy
+            return self._apdu(msg, policy) if policy.apdu_rules or policy.pin_guard else PASS
         rv = self.policy.check(msg)
         return Verdict(rv, denied=True) if rv else PASS
 
+    def _apdu(self, msg: Transmit, policy: Policy) -> Verdict:
+        """The APDU rules and the PIN guard (bridge/apdu.py) on one Transmit."""
+        use = self.handles.get(msg.hCard)
+        apdu = msg.data
+        if use is None or len(apdu) < 4:
+            return PASS                       # pcscd's own answer
+        card = self.cards.get(use.reader)
+        if card is None:
+            card = self.cards[use.reader] = CardKnowledge()
+        if policy.apdu_rules and not apdu_decide(
+                policy.apdu_rules, apdu[:4], card.selected.get(channel(apdu[0]))):
+            return Verdict(reply=_sw(msg, SW_DENIED), denied=True,
+                           why=f"apdu_rules: {apdu[:4].hex(' ').upper()}")
+        if policy.pin_guard:
+            asked = self.asked.pop(id(msg), None) is msg
+            got = card.guard(apdu, policy.pin_guard, asked)
+            if got == SW_GUARDED:
+                return Verdict(reply=_sw(msg, SW_GUARDED), denied=True,
+                               why=f"pin_guard: reference {apdu[3]:02X} has "
+                                   f"{card.tries.get(card.key(apdu))} tries left, "
+                                   f"keep {policy.pin_guard}")
+            if got is not None:
+                if len(self.asked) > 64:      # attempts whose stream went away meanwhile
+                    self.asked.clear()
+                self.asked[id(msg)] = msg
+                return Verdict(probe=Transmit(msg.hCard, msg.ioSendPciProtocol,
+                                              msg.ioSendPciLength, len(got),
+                                              msg.ioRecvPciProtocol, msg.ioRecvPciLength,
+                                              258, data=got))
+        return PASS
+
     def answered(self, msg: Message, reply: Message, owner: Hashable, now: float,
                  counters=None) -> list[tuple[CardUse, str]]:
-        """A successful answer to ``msg``: the handles it made or ended. Returns the uses
+        """An answer to ``msg`` (a success; for a Transmit any): the handles it made or
+        ended, what the card said (APDU rules, PIN guard). Returns the uses
         that ended, with how (for their audit lines); a card connected while a reload
         withdrew it ends at once: its use has ``cut`` set, and the shell releases
         ``reply.hCard`` on the host as after ``reconfigure``."""
@@ -101,8 +151,19 @@ class Enforcer:
         if kind is Transmit:
             use = self.handles.get(msg.hCard)
             if use is not None:
-                use.apdus += 1
+                if reply.rv == 0:
+                    use.apdus += 1
+                    card = self.cards.get(use.reader)
+                    if card is None:
+                        card = self.cards[use.reader] = CardKnowledge()
+                    card.learn(msg.data, reply.data)
+                elif reply.rv in (SCARD_W_RESET_CARD, SCARD_W_REMOVED_CARD):
+                    self._forget(use.reader)
             return []
+        if getattr(msg, "dwDisposition", getattr(msg, "dwInitialization", 0)) in RESETS:
+            use = self.handles.get(msg.hCard)
+            if use is not None:
+                self._forget(use.reader)
         if kind is Connect:
             use = self.handles[reply.hCard] = CardUse(
                 msg.szReader, msg.hContext, owner, msg.dwShareMode,
@@ -122,6 +183,11 @@ class Enforcer:
             return self._end([h for h, u in self.handles.items()
                               if u.context == msg.hContext], "context released")
         return []
+
+    def _forget(self, reader: str) -> None:
+        card = self.cards.get(reader)
+        if card is not None:
+            card.forget()
 
     def gone(self, owner: Hashable, how: str = "application gone") -> list[tuple[CardUse, str]]:
         """The application ``owner`` went away: its handles end with it."""
@@ -152,3 +218,8 @@ class Enforcer:
     def _cut(self, use: CardUse, rv: int) -> None:
         use.cut = SCARD_E_READER_UNAVAILABLE if rv == SCARD_E_UNKNOWN_READER else rv
         self.cutting = True
+
+
+def _sw(msg: Transmit, sw: bytes) -> Message:
+    """The reply to ``msg`` a card would give with status word ``sw`` and no data."""
+    return msg.with_rv(0, pcbRecvLength=len(sw), data=sw)

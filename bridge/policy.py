@@ -4,9 +4,12 @@ guest's comes from ``server.guests.<name>``, a socket's of ``pcsc-bridge local``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
+from .apdu import ApduRule
 from .pcsc import (
     SCARD_E_UNKNOWN_READER,
     SCARD_SHARE_DIRECT,
@@ -17,7 +20,26 @@ from .pcsc import (
     Reconnect,
     SetAttrib,
 )
-from .values import BOOL, STRING, _control, _f, _integer, _Leaf, _ListOf
+from .values import BOOL, STRING, BadValue, _control, _f, _integer, _Leaf, _ListOf, _show
+
+
+def _pin_guard(v: Any) -> int:
+    """``{keep: N}`` (N from 1 to 15), ``true`` ({keep: 1}) or ``false`` (off: 0)."""
+    if v is True or v is False:
+        return int(v)
+    if isinstance(v, Mapping) and set(v) == {"keep"}:
+        return _integer(1, 15)(v["keep"])
+    raise BadValue(f"expected {{keep: N}} (N from 1 to 15), true or false, got {_show(v)}")
+
+
+def apdu_rules_field():
+    """``apdu_rules`` (bridge/apdu.py): the first entry that matches decides, none allows."""
+    return _f(_ListOf(ApduRule), ())
+
+
+def pin_guard_field():
+    """``pin_guard``: the PIN tries an attempt may not eat into (0: no guard)."""
+    return _f(_Leaf(_pin_guard, typed=True), 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +57,8 @@ class Policy:
     control: str | tuple[int, ...] = _f(_Leaf(_control, typed=True), "none")
     max_streams: int | None = _f(_Leaf(_integer(1, 1 << 16), typed=True), None)
     allow: bool = _f(BOOL, True)
+    apdu_rules: tuple[ApduRule, ...] = apdu_rules_field()
+    pin_guard: int = pin_guard_field()
 
     def sees(self, reader_name: str) -> bool:
         return any(fnmatchcase(reader_name, pattern) for pattern in self.readers)

@@ -126,12 +126,13 @@ class GuestState:
     and ``counters``: the server's counters and this guest's (server/metrics.py)."""
 
     def __init__(self, shell: GuestShell, guest: str, policy: Policy, limits: Limits,
-                 model, metrics, counters, now: float, wall: float = 0.0):
+                 model, metrics, counters, now: float, wall: float = 0.0,
+                 cards: dict | None = None):
         self.shell, self.guest, self.limits = shell, guest, limits
         self.wall = wall - now        # add to ``now`` for the time of day (audit lines)
         self.model, self.metrics, self.counters = model, metrics, counters
         self.policy = policy
-        self.enforcer = Enforcer(policy)
+        self.enforcer = Enforcer(policy, cards)
         self.conn = Connection("server", limits.max_frame, policy.max_streams)
         self.keepalive = Keepalive(limits.keepalive_interval, limits.keepalive_timeout, now)
         self.streams: dict[int, GuestStream] = {}
@@ -280,15 +281,20 @@ class GuestState:
         rv = stream.last_rv if flags & CALL_IF else 0
         if not rv:
             verdict = self.enforcer.check(msg)
-            if verdict.answered:      # a Disconnect of a card a reload took: done
+            if verdict.denied:
+                self._denied(stream, msg, verdict)
+            if verdict.reply is not None:   # answered here (a rule; a card a reload took)
                 stream.last_rv = 0
                 self._released(seq, now)
-                self._reply(stream, msg.failed(0))
+                self._reply(stream, verdict.reply)
+                self._next(stream, now)
+                return
+            if verdict.probe is not None:   # asked of the card first, then checked again
+                stream.queue.appendleft((msg, flags, seq, arrived, False))
+                stream.queue.appendleft((verdict.probe, 0, 0, now, True))
                 self._next(stream, now)
                 return
             rv = verdict.rv
-            if verdict.denied:
-                self._denied(stream, msg, rv)
         if rv:
             stream.last_rv = rv
             self._released(seq, now)
@@ -304,11 +310,12 @@ class GuestState:
             return
         self._submit(stream, msg, seq, now)
 
-    def _denied(self, stream: GuestStream, msg: Message, rv: int) -> None:
+    def _denied(self, stream: GuestStream, msg: Message, verdict) -> None:
         share = getattr(msg, "dwShareMode", None)
         reader = self._reader_of(msg)
         self.repeats(log.info, "policy.denied", type(msg), guest=self.guest,
-                     stream=stream.id, call=type(msg).__name__, rv=rv_name(rv),
+                     stream=stream.id, call=type(msg).__name__,
+                     rv=rv_name(verdict.rv) if verdict.rv else None, why=verdict.why,
                      reader=reader, share=SHARE.get(share, share) if share is not None else None)
         counters = self.metrics.reader(reader) if reader else None
         if counters is not None:
@@ -364,6 +371,8 @@ class GuestState:
             return
         if stream.quiet:              # the server's own call: the guest sees none of it
             stream.quiet = False
+            if error is None and type(msg) is Transmit:   # the PIN guard's question
+                self.enforcer.answered(msg, reply, stream.id, now + self.wall)
             self._next(stream, now)
             return
         kind = type(msg)
@@ -392,7 +401,7 @@ class GuestState:
             reply = pcscd_reply(msg, reply)   # the backend (the PC/SC API) answered
         self.metrics.latency[kind].observe(now - stream.arrived)
         self._count(msg, kind, reply.rv)
-        if reply.rv == 0 and (kind is Transmit or kind in HOLDS):
+        if kind is Transmit or reply.rv == 0 and kind in HOLDS:
             for use, how in self.enforcer.answered(
                     msg, reply, stream.id, now + self.wall,
                     self.metrics.reader(msg.szReader) if kind is Connect else None):

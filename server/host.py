@@ -38,6 +38,7 @@ class Server:
         self.software = f"pcsc-bridge {__version__}"
         self.source: tuple | None = None   # (config path, overrides): reload re-reads it
         self.metrics = Metrics(self)       # counters: kept across reloads
+        self.cards: dict = {}              # what is known of each card (bridge/apdu.py)
         self.endpoint: MetricsEndpoint | None = None   # server.metrics_listen
         self._reloading = asyncio.Lock()   # one reload at a time (SIGHUP, admin, files)
         # connections accepted whose TLS handshake is under way -> source address,

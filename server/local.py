@@ -31,7 +31,7 @@ from pcsc_bridge.appstate import failed_reply
 from pcsc_bridge.backend import AppInfo, Backend, BackendStream, ReaderModel
 from pcsc_bridge.cli import run_daemon
 from pcsc_bridge.commands import HOLDS
-from pcsc_bridge.enforce import SHARE, CardUse, Enforcer
+from pcsc_bridge.enforce import SHARE, CardUse, Enforcer, Verdict
 from pcsc_bridge.facade import Facade, bind_unix, socket_inode, unlink_unix
 from pcsc_bridge.pcsc import (
     SCARD_LEAVE_CARD,
@@ -55,9 +55,9 @@ class PolicyView(Backend):
     sees it; a refused call is answered with the policy's code, a reload's policy takes
     back the cards it would not grant."""
 
-    def __init__(self, backend: Backend, policy: config.Policy, label: str):
+    def __init__(self, backend: Backend, policy: config.Policy, label: str, cards: dict):
         self.inner = backend
-        self.enforcer = Enforcer(policy)
+        self.enforcer = Enforcer(policy, cards)
         self.label = label
         self.name = backend.name
         self.model = ReaderModel()
@@ -96,11 +96,12 @@ class PolicyView(Backend):
     async def close(self) -> None:
         self._unlisten()
 
-    def denied(self, msg: Message, rv: int, app: AppInfo) -> None:
+    def denied(self, msg: Message, verdict: Verdict, app: AppInfo) -> None:
         share = getattr(msg, "dwShareMode", None)
-        self.repeats(log.info, "policy.denied", (type(msg), rv, app.uid), socket=self.label,
-                     app=app.id, pid=app.pid, uid=app.uid, call=type(msg).__name__,
-                     rv=rv_name(rv), reader=getattr(msg, "szReader", None),
+        self.repeats(log.info, "policy.denied", (type(msg), verdict.rv, app.uid),
+                     socket=self.label, app=app.id, pid=app.pid, uid=app.uid,
+                     call=type(msg).__name__, rv=rv_name(verdict.rv) if verdict.rv else None,
+                     reader=getattr(msg, "szReader", None), why=verdict.why,
                      share=SHARE.get(share, share) if share is not None else None)
 
     def audit(self, use: CardUse, end: str) -> None:
@@ -125,19 +126,31 @@ class PolicyStream(BackendStream):
     def submit(self, msg: Message, done, *, only_if_ok: bool = False,
                answered_early: bool = False) -> None:
         verdict = self.view.enforcer.check(msg)
-        if verdict.rv or verdict.answered:
-            if verdict.denied:
-                self.view.denied(msg, verdict.rv, self.app)
-            asyncio.get_running_loop().call_soon(done, failed_reply(msg, verdict.rv), None)
+        if verdict.denied:
+            self.view.denied(msg, verdict, self.app)
+        if verdict.probe is not None:     # the PIN guard asks the card first
+            self.busy += 1
+            self.inner.submit(verdict.probe, partial(
+                self._probed, verdict.probe, msg, done, only_if_ok, answered_early))
+            return
+        if verdict.rv or verdict.reply is not None:
+            asyncio.get_running_loop().call_soon(
+                done, verdict.reply or failed_reply(msg, verdict.rv), None)
             return
         self.busy += 1
         self.inner.submit(msg, partial(self._answered, msg, done), only_if_ok=only_if_ok,
                           answered_early=answered_early)
 
+    def _probed(self, probe: Message, msg: Message, done, only_if_ok: bool,
+                answered_early: bool, reply: Message | None, error) -> None:
+        self.busy -= 1
+        if error is None:
+            self.view.enforcer.answered(probe, reply, self, time.time())
+        self.submit(msg, done, only_if_ok=only_if_ok, answered_early=answered_early)
+
     def _answered(self, msg: Message, done, reply: Message | None, error) -> None:
         self.busy -= 1
-        if error is None and reply.rv == 0 and (type(msg) is Transmit
-                                                or type(msg) in HOLDS):
+        if error is None and (type(msg) is Transmit or reply.rv == 0 and type(msg) in HOLDS):
             for use, how in self.view.enforcer.answered(msg, reply, self, time.time()):
                 self.view.audit(use, how)
                 if use.cut:
@@ -206,10 +219,10 @@ class Served:
     """One socket being served: its configuration, its view, its façade and listener."""
 
     def __init__(self, cfg: config.LocalSocket, backend: Backend, sock: socket.socket,
-                 passed: bool, users: dict, sockets_per_user: int):
+                 passed: bool, users: dict, sockets_per_user: int, cards: dict):
         self.cfg = cfg
         self.passed = passed          # made by systemd: its mode, owner and group rule
-        self.view = PolicyView(backend, cfg.policy, cfg.path)
+        self.view = PolicyView(backend, cfg.policy, cfg.path, cards)
         self.pool = SocketContexts(self.view)
         self.facade = Facade(self.view, pool=self.pool, sockets_per_user=sockets_per_user,
                              max_sockets=cfg.max_connections, users=users)
@@ -244,6 +257,7 @@ class Local:
         self.passed = dict(passed or {})
         self.served: dict[str, Served] = {}
         self.users: dict = {}         # uid -> its application sockets, over every socket
+        self.cards: dict = {}         # what is known of each card (bridge/apdu.py)
 
     def start(self) -> None:
         for sc in self.config.sockets:
@@ -254,7 +268,7 @@ class Local:
         if sock is None:
             sock = bind_unix(sc.path, sc.mode, sc.owner, sc.group)
         self.served[sc.path] = Served(sc, self.backend, sock, sock is self.passed.get(sc.path),
-                                      self.users, self.config.sockets_per_user)
+                                      self.users, self.config.sockets_per_user, self.cards)
         log.info("local.listen", socket=sc.path, by="systemd" if sc.path in self.passed
                  else "pcsc-bridge", mode=None if sc.path in self.passed else f"{sc.mode:04o}",
                  readers=",".join(sc.readers), exclusive=sc.exclusive, direct=sc.direct,

@@ -64,7 +64,7 @@ class GuestSession(asyncio.Protocol):
         policy = self.server.config.policy_for(self.guest)
         self.state = GuestState(self, self.guest, policy, self.limits, self.backend.model,
                                 self.server.metrics, self.counters, self.loop.time(),
-                                time.time())
+                                time.time(), self.server.cards)
         if self.server.tls.is_revoked(cert):
             return self.fail(f"its certificate (serial {self.serial:x}) is revoked; a new "
                              f"one: pcsc-bridge certs client {self.guest} --force on the CA "

@@ -92,7 +92,7 @@ def test_a_reload_takes_back_what_the_new_policy_would_not_grant():
     assert e.check(Transmit(9)).rv == SCARD_W_SECURITY_VIOLATION
     assert e.check(Transmit(8)).rv == 0       # still granted
     v = e.check(Disconnect(7, SCARD_LEAVE_CARD))                # succeeds, here
-    assert (v.rv, v.answered) == (0, True) and 7 not in e.handles
+    assert (v.rv, v.reply.rv) == (0, 0) and 7 not in e.handles
     # audited when taken, not again at their end
     assert [(u.reader, how) for u, how in e.gone("app")] == [(R1, "application gone")]
     assert e.handles == {}

@@ -428,3 +428,33 @@ GuestMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 test_guest_state_machine = GuestMachine.TestCase
+
+
+# --- APDU rules and the PIN guard, through a guest -------------------------------------
+def test_a_pin_attempt_is_asked_about_first_and_a_refused_apdu_never_reaches_the_backend():
+    from pcsc_bridge.apdu import ApduRule
+    h = Harness(Policy(max_streams=64, apdu_rules=(ApduRule(action="deny", ins=(0xE6, 0xFF)),)))
+    h.open(1)
+    h.call(1, p.Connect(1, "R0", p.SCARD_SHARE_SHARED, p.SCARD_PROTOCOL_T1))
+    h.answer(1, 0, 7)
+    install = bytes.fromhex("80E60C0000")
+    h.call(1, p.Transmit(7, 2, 8, len(install), 2, 8, 258, data=install))
+    assert not h.backend
+    verify = bytes.fromhex("0020008106313233343536")
+    attempt = p.Transmit(7, 2, 8, len(verify), 2, 8, 258, data=verify)
+    for left in (2, 1):
+        h.call(1, attempt)
+        stream, probe = h.backend.pop(1)              # the question, the guest's own call
+        assert probe.data == verify[:4] and stream.quiet
+        h.state.answered(stream, probe.with_rv(0, pcbRecvLength=2,
+                                               data=bytes([0x63, 0xC0 | left])), None, h.now)
+        if left == 1:
+            break
+        stream, sent = h.backend.pop(1)
+        assert sent.data == verify
+        h.state.answered(stream, sent.with_rv(0, pcbRecvLength=2, data=b"\x63\xc1"),
+                         None, h.now)
+    assert not h.backend                  # kept: the last try is not the guest's
+    asked = [p.Transmit(7, 2, 8, len(install), 2, 8, 258, data=install), attempt, attempt]
+    answers = [p.read_reply(r, a, p.WIRE).data for r, a in zip(h.replies(1)[1:], asked)]
+    assert answers == [b"\x69\x82", b"\x63\xc1", b"\x69\x83"]
