@@ -5,9 +5,9 @@ the card's answers, and keep what they learn per card (``CardKnowledge``, one pe
 shared by every client of the process, since the card is shared):
 
 - ``apdu_rules``: an ordered list of allow/deny entries matching CLA, INS, P1, P2 (value
-  and mask) and the application selected on the APDU's logical channel (an AID prefix;
-  learned from successful SELECTs by AID and MANAGE CHANNEL); the first match decides,
-  and no match allows. A denied APDU is answered SW_DENIED without reaching the card.
+  and mask) and the application the APDU is for (an AID prefix: the AID a SELECT by DF
+  name selects, else the one selected on the APDU's logical channel, learned from
+  successful SELECTs and MANAGE CHANNEL); the first match decides, and no match allows. A denied APDU is answered SW_DENIED without reaching the card.
 - ``pin_guard`` (``keep``): VERIFY, CHANGE REFERENCE DATA and RESET RETRY COUNTER with
   data are not sent when they could leave fewer than ``keep`` tries for their reference;
   such an attempt is answered SW_GUARDED. Before each attempt the card is asked how many
@@ -120,6 +120,13 @@ class CardKnowledge:
         """The card was reset or removed."""
         self.selected.clear()
         self.tries.clear()
+
+    def addressed(self, apdu: bytes) -> bytes | None:
+        """The application ``apdu`` is for: the one it selects (SELECT by DF name), else
+        the one selected on its logical channel."""
+        if apdu[1] == SELECT and apdu[2] == 0x04:
+            return body(apdu)
+        return self.selected.get(channel(apdu[0]))
 
     def key(self, head: bytes) -> tuple:
         return (self.selected.get(channel(head[0])), head[3])

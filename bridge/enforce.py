@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable
 
-from .apdu import SW_DENIED, SW_GUARDED, CardKnowledge, channel
+from .apdu import SW_DENIED, SW_GUARDED, CardKnowledge
 from .apdu import decide as apdu_decide
 from .pcsc import (
     SCARD_E_READER_UNAVAILABLE,
@@ -118,8 +118,8 @@ class Enforcer:
         card = self.cards.get(use.reader)
         if card is None:
             card = self.cards[use.reader] = CardKnowledge()
-        if policy.apdu_rules and not apdu_decide(
-                policy.apdu_rules, apdu[:4], card.selected.get(channel(apdu[0]))):
+        if policy.apdu_rules and not apdu_decide(policy.apdu_rules, apdu[:4],
+                                                 card.addressed(apdu)):
             return Verdict(reply=_sw(msg, SW_DENIED), denied=True,
                            why=f"apdu_rules: {apdu[:4].hex(' ').upper()}")
         if policy.pin_guard:

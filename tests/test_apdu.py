@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -205,3 +209,54 @@ def test_learning_and_deciding_take_any_bytes(exchanges, last, keep):
     assert got in (None, SW_GUARDED)
     if got == SW_GUARDED:
         assert card.tries[card.key(last)] <= keep
+
+
+# --- the examples of docs/lab.md do what it says ------------------------------------------
+LAB = Path(__file__).resolve().parent.parent / "docs" / "lab.md"
+EXAMPLES = {   # the example's first words -> (APDUs after SELECTing the AID, denied?)
+    "No GlobalPlatform": [("", "80E60C0000", True), ("", "80E8000000", True),
+                          ("", "84E4000000", True), ("", "80D8010100", True),
+                          ("", "00A4040008A000000151000000", True),
+                          ("D27600012401", "00CA006E00", False),
+                          ("", "00A4040006D27600012401", False)],
+    "Read-only OpenPGP": [("D27600012401", "00DA005E0100", True),
+                          ("D27600012401", "00DB3FFF0100", True),
+                          ("D27600012401", "0047800001B600", True),
+                          ("D27600012401", "00CA006E00", False),
+                          ("D27600012401", "0020008106313233343536", False),
+                          ("A000000308", "00DB3FFF0100", False)],
+    "PIV without management": [("A000000308", "0087039B047C028000", True),
+                               ("A000000308", "00DB3FFF0100", True),
+                               ("A000000308", "0047009A00", True),
+                               ("A000000308", "0087079A047C028100", False),
+                               ("A000000308", "00CB3FFF055C035FC10200", False)],
+}
+
+
+def lab_examples() -> dict[str, str]:
+    """The example's title -> its YAML, from docs/lab.md's list of examples."""
+    text = LAB.read_text()
+    out = {}
+    for title, block in re.findall(r"- \*\*(.+?)\*\*.*?```yaml\n(.*?)```", text, re.DOTALL):
+        out[title] = block
+    return out
+
+
+@pytest.mark.parametrize("title", list(EXAMPLES))
+def test_each_example_of_the_lab_page_allows_and_denies_what_it_says(tmp_path, title):
+    blocks = {t: b for t, b in lab_examples().items() if t.startswith(title)}
+    assert len(blocks) == 1, f"docs/lab.md has no example {title!r}"
+    block = next(iter(blocks.values()))
+    f = tmp_path / "server.yaml"
+    f.write_text("server:\n  cert: a\n  key: b\n  ca: c\n  guests:\n    lab:\n"
+                 + textwrap.indent(textwrap.dedent(block), " " * 6))
+    policy = config.load_server_config(str(f)).guests["lab"]
+    assert policy.apdu_rules
+    for aid, command, denied in EXAMPLES[title]:
+        e = Enforcer(policy)
+        _card(e)
+        if aid:
+            e.cards.setdefault(R0, CardKnowledge()).selected[0] = bytes.fromhex(aid)
+        got = e.check(_tx(7, command)).reply
+        assert (got is not None and got.data == SW_DENIED) == denied, (title, aid, command)
+
