@@ -32,6 +32,7 @@ SW_DENIED = b"\x69\x82"   # security status not satisfied: an apdu_rules deny
 SW_GUARDED = b"\x69\x83"  # authentication method blocked: the guard keeps the last tries
 PIN_INS = frozenset((0x20, 0x24, 0x2C))   # VERIFY, CHANGE REFERENCE DATA, RESET RETRY
 SELECT, MANAGE_CHANNEL = 0xA4, 0x70
+MAX_REFERENCES = 64       # PIN references remembered per card (application, P2)
 
 
 def channel(cla: int) -> int | None:
@@ -158,6 +159,8 @@ class CardKnowledge:
                 self.selected.pop(apdu[3] or (response[0] if len(response) > 2 else 0), None)
         elif ins in PIN_INS and not secure_messaging(apdu[0]):
             key = self.key(apdu)
+            if key not in self.tries and len(self.tries) >= MAX_REFERENCES:
+                del self.tries[next(iter(self.tries))]   # a guest's made-up AIDs: bounded
             if sw[0] == 0x63 and sw[1] & 0xF0 == 0xC0:
                 self.tries[key] = sw[1] & 0x0F
             elif sw == b"\x69\x83":

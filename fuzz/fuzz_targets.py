@@ -13,6 +13,8 @@ atheris where it is installed, with hypothesis otherwise.
                              (from the server) read them, after the peer's HELLO
   config-server / config-client   a configuration file
   control                    a line on the virtual backend's control socket
+  apdu                       a guest's APDUs and a card's answers through the APDU rules
+                             and the PIN guard (the SELECT and channel tracker)
 """
 
 from __future__ import annotations
@@ -176,6 +178,40 @@ def control_target():
     return target
 
 
+def apdu_target():
+    """A guest's APDUs and a card's answers through the APDU rules and the PIN guard
+    (bridge/apdu.py at the enforcement point): input = (len, command, len, response)*."""
+    from pcsc_bridge.apdu import SW_DENIED, SW_GUARDED, ApduRule
+    from pcsc_bridge.enforce import Enforcer
+    from pcsc_bridge.policy import Policy
+    rules = (ApduRule(action="deny", cla=(0x80, 0xF0), ins=(0xE6, 0xFF)),
+             ApduRule(action="deny", aid=bytes.fromhex("A000000151")),
+             ApduRule(action="allow", ins=(0x20, 0xF0)))
+
+    def target(data: bytes) -> None:
+        e = Enforcer(Policy(apdu_rules=rules, pin_guard=1))
+        e.answered(pcsc.Connect(1, "R", 2, 3), pcsc.Connect(1, "R", 2, 3, hCard=7), "app", 0.0)
+        pos = 0
+        while pos + 2 <= len(data):
+            n, m = data[pos], data[pos + 1]
+            command, response = data[pos + 2:pos + 2 + n], data[pos + 2 + n:pos + 2 + n + m]
+            pos += 2 + n + m
+            msg = pcsc.Transmit(7, 2, 8, len(command), 2, 8, 258, data=command)
+            for _ in range(2):            # the guard's question first, then the APDU
+                verdict = e.check(msg)
+                if verdict.reply is not None:
+                    assert verdict.reply.data in (SW_DENIED, SW_GUARDED), verdict.reply
+                    break
+                sent = verdict.probe or msg
+                e.answered(sent, sent.with_rv(0, pcbRecvLength=len(response),
+                                              data=response), "app", 0.0)
+                if verdict.probe is None:
+                    break
+            card = e.cards["R"]
+            assert len(card.selected) <= 20 and len(card.tries) <= 64
+    return target
+
+
 TARGETS = {
     **{f"pcsc-app-4:{m}": (lambda m=m: app_target(m)) for m in pcsc.PROTOCOL_MINORS},
     **{f"pcsc-pcscd-4:{m}": (lambda m=m: pcscd_target(m)) for m in pcsc.PROTOCOL_MINORS},
@@ -184,6 +220,7 @@ TARGETS = {
     "config-server": lambda: config_target("server"),
     "config-client": lambda: config_target("client"),
     "control": control_target,
+    "apdu": apdu_target,
 }
 
 # inputs that start a target off somewhere meaningful (the corpus seeds)
@@ -199,6 +236,8 @@ SEEDS = {
     "config": [b"server:\n  cert: a\n  key: b\n  ca: c\n  listen: [\"[::1]:8443\"]\n",
                b"client:\n  server: host:8443\n  cert: a\n  key: b\n  ca: c\n"],
     "control": [b"list\ninsert 0 3B00\nadd-reader 'X Y' card\nremove-reader 1\n"],
+    "apdu": [bytes([13, 2]) + bytes.fromhex("00A4040008A000000151000000") + b"\x90\x00"
+             + bytes([11, 2]) + bytes.fromhex("0020008106313233343536") + b"\x63\xc1"],
 }
 
 
