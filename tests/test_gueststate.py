@@ -458,3 +458,19 @@ def test_a_pin_attempt_is_asked_about_first_and_a_refused_apdu_never_reaches_the
     asked = [p.Transmit(7, 2, 8, len(install), 2, 8, 258, data=install), attempt, attempt]
     answers = [p.read_reply(r, a, p.WIRE).data for r, a in zip(h.replies(1)[1:], asked)]
     assert answers == [b"\x69\x82", b"\x63\xc1", b"\x69\x83"]
+
+
+def test_a_reload_that_adds_a_rule_applies_to_the_next_apdu():
+    from pcsc_bridge.apdu import ApduRule
+    h = Harness()
+    h.open(1)
+    h.call(1, p.Connect(1, "R0", p.SCARD_SHARE_SHARED, p.SCARD_PROTOCOL_T1))
+    h.answer(1, 0, 7)
+    put_data = p.Transmit(7, 2, 8, 6, 2, 8, 258, data=bytes.fromhex("00DA005E0100"))
+    h.call(1, put_data)
+    assert h.answer(1) == put_data                   # allowed: to the card
+    h.state.reconfigure(Policy(max_streams=64, apdu_rules=(
+        ApduRule(action="deny", ins=(0xDA, 0xFF)),)), h.now)
+    h.call(1, put_data)
+    assert not h.backend                             # the card handle stays; the APDU not
+    assert p.read_reply(h.replies(1)[-1], put_data, p.WIRE).data == b"\x69\x82"
