@@ -1,19 +1,30 @@
-"""Real applications over a slow link: round trips each path adds (benchmarks/run --apps).
+"""Real applications over a slow link: the round trips each path adds (benchmarks/run --apps).
 
 The card is an OpenPGP + PIV card (tests/appcard.py: PyPI's jcecard applets on vpcd's
 second reader, "Virtual PCD 00 01"), the same for every path. Each application runs
-``reps`` times per path, with PCSCLITE_CSOCK_NAME pointing at the path's socket:
+``reps`` times per path and per delay, with PCSCLITE_CSOCK_NAME pointing at the path's
+socket:
 
-  direct      no delay: the application's own time (T0)
+  direct      no proxy, no delay: the application's own time (T0)
   protocol    the delay proxy in front of pcscd's socket: the round trips pcsc-lite's own
               protocol needs (what a plain socket forwarder, e.g. ssh -R, cannot go below)
   bridge      app → agent ═ delay ═ server → pcscd
   stunnel     app → stunnel ═ delay ═ stunnel → pcscd
   ssh         app → sshd's socket from ssh -R ═ delay ═ ssh → pcscd
 
-Round trips added = (median time through the path − median T0) / the round trip of the
-link (2 × the one-way delay). The card counts the APDUs it answered: the same for every
-path, or the run says so.
+Every path is measured twice, with the same processes and the same delay proxy: once with
+the proxy holding nothing (0 ms, T_path(0)) and once with the one-way delay D (T_path(D)).
+
+  round trips = (median T_path(D) − median T_path(0)) / (2 × D)
+                only what depends on the link: the time that grows with the delay
+  processing  = median T_path(0) − median T0, in ms
+                what the path costs without any delay (its processes, the proxy's relay,
+                connection set-up on loopback); it does not grow with the delay
+
+(Dividing all of T_path(D) − T0 by the round trip, as before, counted the processing as
+more round trips the shorter the link.) Per APDU = round trips / the APDUs the card
+answered. The card counts the APDUs: the same for every path and delay, or the table
+says so.
 """
 
 from __future__ import annotations
@@ -92,8 +103,12 @@ class Apps:
                            capture_output=True)
         before = self.card.apdus
         t0 = time.monotonic()
-        done = subprocess.run(self.apps[name], env=env, capture_output=True, text=True,
-                              timeout=120, check=False)
+        limit = 120 + 4 * self.delay_ms   # s; pkcs11-tool through ssh -R: ~1.5 s per ms
+        try:
+            done = subprocess.run(self.apps[name], env=env, capture_output=True, text=True,
+                                  timeout=limit, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise MeasureError(f"{name} through {sock}: not done after {limit:g} s") from exc
         took = time.monotonic() - t0
         if done.returncode != 0:
             raise MeasureError(f"{name} through {sock}: exit {done.returncode}: "
@@ -107,10 +122,24 @@ class Apps:
         for name in self.apps:
             runs = [self.once(name, sock) for _ in range(self.reps)]
             out[name] = {"s": statistics.median(t for t, _ in runs),
+                         "runs_s": [t for t, _ in runs],
                          "apdus": sorted({n for _, n in runs})}
             log("apps.measured", path=label, app=name.split()[0],
                 ms=round(out[name]["s"] * 1000, 1), apdus=out[name]["apdus"])
         return out
+
+    def measure_delayed(self, route, label: str, delay_ms: float) -> dict[str, dict]:
+        """``route`` through a delay proxy of ``delay_ms`` each way, with an instance of
+        its own (agent, tunnel client, ssh -R) that is stopped with the proxy."""
+        procs = self.run.procs
+        before = {id(p) for p, _ in procs.live}
+        tag = f"apps-{delay_ms:g}ms"
+        try:
+            sock, _ = self.run.slow_socket(route, tag, delay_ms)
+            return self.measure_path(sock, f"{label}@{delay_ms:g}ms")
+        finally:
+            for proc, _ in reversed([(p, n) for p, n in procs.live if id(p) not in before]):
+                procs.stop(proc)
 
     def measure(self, paths=PATHS) -> dict:
         self.check_tools()
@@ -121,8 +150,8 @@ class Apps:
                               f"within {SERVED_S:g} s: another card holds {READER} (a "
                               "test session or another benchmark?), and it would answer "
                               "the applications, not the card this run counts on")
-        procs = self.run.procs
-        result: dict = {"delay_ms": self.delay_ms, "reps": self.reps, "paths": {}}
+        result: dict = {"delay_ms": self.delay_ms, "reps": self.reps, "paths": {},
+                        "paths_0ms": {}}
         try:
             result["direct"] = self.measure_path(PCSCD_SOCKET, "direct")
             for label in paths:
@@ -133,9 +162,9 @@ class Apps:
                     route.dir.mkdir()
                 try:
                     route.start_shared()
-                    sock, proxy = self.run.slow_socket(route, "apps")
-                    result["paths"][label] = self.measure_path(sock, label)
-                    procs.stop(proxy)
+                    result["paths_0ms"][label] = self.measure_delayed(route, label, 0)
+                    result["paths"][label] = self.measure_delayed(route, label,
+                                                                  self.delay_ms)
                 except (Unavailable, MeasureError) as exc:
                     result["paths"][label] = {"error": str(exc)}
                     log("apps.error", path=label, error=str(exc))
@@ -146,30 +175,45 @@ class Apps:
         return result
 
 
-def report(result: dict) -> str:
+def added(result: dict, path: str, name: str) -> tuple[float, float]:
+    """(round trips the link adds, processing ms) of ``name`` through ``path``."""
     rt = 2 * result["delay_ms"] / 1000
+    delayed, undelayed = result["paths"][path][name]["s"], result["paths_0ms"][path][name]["s"]
+    return (delayed - undelayed) / rt, (undelayed - result["direct"][name]["s"]) * 1000
+
+
+def report(result: dict) -> str:
+    d = result["delay_ms"]
     paths = list(result["paths"])
-    lines = [(f"## Real applications, {2 * result['delay_ms']:g} ms round trip between guest "
-             f"and host (median of {result['reps']} runs each)"), "",
-             ("Round trips each path adds to the application's own time "
-             "(protocol: a plain socket forwarder's floor)."), "",
-             "| application | APDUs | " + " | ".join(paths) + " | bridge per APDU |",
-             "|---|---|" + "---|" * len(paths) + "---|"]
+    ok = [p for p in paths if "error" not in result["paths"][p]]
+    lines = [(f"## Real applications, {2 * d:g} ms round trip between guest and host "
+              f"(median of {result['reps']} runs each)"), "",
+             (f"Round trips: (median time through the path with {d:g} ms each way − the "
+              "same path, same proxy, at 0 ms) ÷ "
+              f"{2 * d:g} ms: only what the link adds. Processing: the same path at 0 ms − "
+              "the application directly on pcscd, in ms (its processes and the proxy's "
+              "relay, independent of the link). Per APDU: round trips ÷ APDUs. protocol: "
+              "the proxy in front of pcscd's socket, a plain socket forwarder's floor."), "",
+             ("| application | APDUs | " + " | ".join(f"{p} round trips" for p in paths)
+              + " | " + " | ".join(f"{p} per APDU" for p in ok)
+              + " | " + " | ".join(f"{p} processing ms" for p in ok) + " |"),
+             "|---|---|" + "---|" * (len(paths) + 2 * len(ok))]
     for name, base in result["direct"].items():
-        row, added = [], {}
         apdus = set(base["apdus"])
+        for p in ok:
+            apdus |= set(result["paths"][p][name]["apdus"])
+            apdus |= set(result["paths_0ms"][p][name]["apdus"])
+        trips, per, proc = [], [], []
         for p in paths:
-            r = result["paths"][p]
-            if "error" in r:
-                row.append("–")
+            if p not in ok:
+                trips.append("–")
                 continue
-            added[p] = (r[name]["s"] - base["s"]) / rt
-            apdus |= set(r[name]["apdus"])
-            row.append(f"{added[p]:.1f}")
+            rts, ms = added(result, p, name)
+            trips.append(f"{rts:.1f}")
+            per.append(f"{rts / max(apdus):.2f}" if max(apdus) else "–")
+            proc.append(f"{ms:.0f}")
         n = "/".join(map(str, sorted(apdus)))
-        per = (f"{added['bridge'] / max(apdus):.2f}" if "bridge" in added and max(apdus)
-               else "–")
-        lines.append(f"| `{name}` | {n} | " + " | ".join(row) + f" | {per} |")
+        lines.append(f"| `{name}` | {n} | " + " | ".join(trips + per + proc) + " |")
     errors = [f"- {p}: {r['error']}" for p, r in result["paths"].items() if "error" in r]
     return "\n".join(lines + ([""] + errors if errors else []))
 

@@ -5,8 +5,10 @@
     benchmarks/run --dialects # client libraries 1.9.9 / 2.3.3 / 2.5.x through the bridge
                               # against pcscd 1.9.9 / 2.3.3 / 2.5.x (about 40 s)
     benchmarks/run --apps     # GnuPG, OpenSC, yubico-piv-tool against an OpenPGP + PIV
-                              # card over a 20 ms link: round trips added per path
-                              # (benchmarks/apps.py; a few minutes)
+                              # card over a slow link (20 ms round trip; --delay-ms):
+                              # round trips each path's link adds (its time at the delay
+                              # minus its time through the same proxy at 0 ms) and its
+                              # processing ms (benchmarks/apps.py; about 17 minutes)
 
 Paths, every one ending at the same pcscd, vpcd reader and test card on 127.0.0.1:
   direct   the application talks to /run/pcscd/pcscd.comm
@@ -880,9 +882,12 @@ class Run:
                                  if failed else None),
                 "late_contexts": sum(o["late"] for o in outs)}
 
-    def slow_socket(self, path: Route, tag: str) -> tuple[str, subprocess.Popen]:
+    def slow_socket(self, path: Route, tag: str,
+                    delay_ms: float | None = None) -> tuple[str, subprocess.Popen]:
         """``path``'s socket with the delay proxy in the middle (in front of pcscd for
-        direct; between guest and host otherwise), and the proxy."""
+        direct; between guest and host otherwise), and the proxy.  The proxy holds each
+        chunk ``delay_ms`` each way (default: the settings'; 0: the same proxy, no delay)."""
+        delay_ms = self.settings.delay_ms if delay_ms is None else delay_ms
         if path.slow_listen == "unix":
             listen_path = str(path.dir / f"{tag}.sock")
             listen, port = f"unix:{listen_path}", 0
@@ -891,7 +896,7 @@ class Run:
             listen = f"tcp:127.0.0.1:{port}"
         proxy = self.procs.start(f"delayproxy-{path.name}-{tag}", [
             PYTHON, str(HERE / "delayproxy.py"), "--listen", listen, "--connect",
-            path.upstream(), "--delay-ms", str(self.settings.delay_ms)])
+            path.upstream(), "--delay-ms", str(delay_ms)])
         try:
             if path.slow_listen == "unix":
                 wait_until(lambda: os.path.exists(listen_path), proxy, self.procs,
@@ -1354,8 +1359,9 @@ def main(argv: list[str] | None = None) -> int:
                    "2.3.3, 2.5.x) against each pcscd: translated vs same-version pairs")
     p.add_argument("--apps", action="store_true",
                    help="real applications (OpenSC, yubico-piv-tool, GnuPG) against an "
-                   "OpenPGP + PIV card over a 20 ms link: round trips each path adds "
-                   "(benchmarks/apps.py)")
+                   "OpenPGP + PIV card over a 20 ms link (--delay-ms): the round trips "
+                   "each path's link adds, (T at the delay - T at 0 ms) / round trip, and "
+                   "each path's processing ms at 0 ms (benchmarks/apps.py)")
     p.add_argument("--reps", type=int, help="--dialects: repetitions of every pair; "
                    "--apps: runs of each application per path (3)")
     p.add_argument("--only", help="--apps: the applications whose name contains this "
