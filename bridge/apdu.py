@@ -33,6 +33,7 @@ SW_GUARDED = b"\x69\x83"  # authentication method blocked: the guard keeps the l
 PIN_INS = frozenset((0x20, 0x24, 0x2C))   # VERIFY, CHANGE REFERENCE DATA, RESET RETRY
 SELECT, MANAGE_CHANNEL = 0xA4, 0x70
 MAX_REFERENCES = 64       # PIN references remembered per card (application, P2)
+LEARNS = PIN_INS | {SELECT, MANAGE_CHANNEL}   # the commands whose answers teach something
 
 
 def channel(cla: int) -> int | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable
 
-from .apdu import SW_DENIED, SW_GUARDED, CardKnowledge
+from .apdu import LEARNS, PIN_INS, SW_DENIED, SW_GUARDED, CardKnowledge
 from .apdu import decide as apdu_decide
 from .pcsc import (
     SCARD_E_READER_UNAVAILABLE,
@@ -115,14 +115,12 @@ class Enforcer:
         apdu = msg.data
         if use is None or len(apdu) < 4:
             return PASS                       # pcscd's own answer
-        card = self.cards.get(use.reader)
-        if card is None:
-            card = self.cards[use.reader] = CardKnowledge()
         if policy.apdu_rules and not apdu_decide(policy.apdu_rules, apdu[:4],
-                                                 card.addressed(apdu)):
+                                                 self._card(use).addressed(apdu)):
             return Verdict(reply=_sw(msg, SW_DENIED), denied=True,
                            why=f"apdu_rules: {apdu[:4].hex(' ').upper()}")
-        if policy.pin_guard:
+        if policy.pin_guard and apdu[1] in PIN_INS:
+            card = self._card(use)
             asked = self.asked.pop(id(msg), None) is msg
             got = card.guard(apdu, policy.pin_guard, asked)
             if got == SW_GUARDED:
@@ -153,10 +151,9 @@ class Enforcer:
             if use is not None:
                 if reply.rv == 0:
                     use.apdus += 1
-                    card = self.cards.get(use.reader)
-                    if card is None:
-                        card = self.cards[use.reader] = CardKnowledge()
-                    card.learn(msg.data, reply.data)
+                    data = msg.data
+                    if len(data) > 1 and data[1] in LEARNS:
+                        self._card(use).learn(data, reply.data)
                 elif reply.rv in (SCARD_W_RESET_CARD, SCARD_W_REMOVED_CARD):
                     self._forget(use.reader)
             return []
@@ -183,6 +180,12 @@ class Enforcer:
             return self._end([h for h, u in self.handles.items()
                               if u.context == msg.hContext], "context released")
         return []
+
+    def _card(self, use: CardUse) -> CardKnowledge:
+        card = self.cards.get(use.reader)
+        if card is None:
+            card = self.cards[use.reader] = CardKnowledge()
+        return card
 
     def _forget(self, reader: str) -> None:
         card = self.cards.get(reader)

@@ -101,8 +101,8 @@ class GuestStream:
     time with the backend, the calls pipelined behind it (wire revision 2) in order.
     ``backend`` and ``done`` belong to the shell (its backend stream, its callback)."""
 
-    __slots__ = ("app", "arrived", "backend", "call", "deadline", "done", "ended", "id",
-                 "last_rv", "opened", "queue", "quiet", "running", "seq")
+    __slots__ = ("app", "arrived", "backend", "call", "done", "ended", "id",
+                 "last_rv", "opened", "queue", "quiet", "running", "seq", "timeout")
 
     def __init__(self, sid: int, app: AppInfo):
         self.id = sid
@@ -115,7 +115,7 @@ class GuestStream:
         self.ended = False
         self.queue: deque = deque()   # (msg, flags, seq, arrived, quiet) behind the running call
         self.arrived = 0.0    # when the running call arrived (for metrics)
-        self.deadline = 0.0   # its call_timeout runs out then (0: none)
+        self.timeout = None   # its entry in GuestState.timeouts: (when, stream)
         self.last_rv = 0      # the last call's result: a CALL_IF runs only after success
         self.seq = 0          # the running call's arrival number, if it is CALL_EARLY
         self.quiet = False    # the running call is the server's own: no REPLY to the guest
@@ -144,8 +144,8 @@ class GuestState:
         self.errors_total = 0         # calls that failed (a PC/SC error code)
         self.seq = 0                  # calls received (their arrival numbers)
         self.holds = Holds()          # the order of early answers on each reader
-        # call_timeout: (deadline, stream) in submission order, so deadlines only grow;
-        # an entry whose stream moved on is dropped when met
+        # call_timeout: (when, stream) in submission order, so the times only grow; an
+        # entry that is not its stream's ``timeout`` any more is dropped when met
         self.timeouts: deque = deque()
         self.repeats = log.Repeats()  # what this guest can make us log over and over
         self.sent_states = None
@@ -336,11 +336,11 @@ class GuestState:
         if seq in self.holds.gates:
             stream.seq = seq
         if self.limits.call_timeout:
-            stream.deadline = now + self.limits.call_timeout
+            stream.timeout = entry = (now + self.limits.call_timeout, stream)
             timeouts = self.timeouts
-            timeouts.append((stream.deadline, stream))
+            timeouts.append(entry)
             if len(timeouts) > 2 * self.calls + 64:   # most of them answered long ago
-                self.timeouts = deque(t for t in timeouts if t[1].deadline == t[0])
+                self.timeouts = deque(t for t in timeouts if t[1].timeout is t)
         stream.call = msg
         self.shell.submit(stream, msg)
 
@@ -363,7 +363,7 @@ class GuestState:
         if stream.running:
             stream.running = False
             self.calls -= 1
-        stream.deadline = 0.0
+        stream.timeout = None
         if stream.seq:
             seq, stream.seq = stream.seq, 0
             self._released(seq, now)
@@ -462,7 +462,7 @@ class GuestState:
         if stream.running:
             stream.running = False
             self.calls -= 1
-        stream.deadline = 0.0
+        stream.timeout = None
         queue, stream.queue = stream.queue, deque()
         self.holds.forget([item[2] for item in queue], stream.id)
         seq, stream.seq = stream.seq, 0
@@ -495,7 +495,7 @@ class GuestState:
         """When ``tick`` has something to do: a call's call_timeout, the end of a hold
         on a parked call."""
         timeouts = self.timeouts
-        while timeouts and timeouts[0][1].deadline != timeouts[0][0]:
+        while timeouts and timeouts[0][1].timeout is not timeouts[0]:
             timeouts.popleft()
         ends = [t for t in (timeouts[0][0] if timeouts else None,
                             self.holds.next_end(now)) if t is not None]
@@ -506,8 +506,9 @@ class GuestState:
         gates have held them back for GATE_HOLD_S start."""
         timeouts = self.timeouts
         while timeouts and timeouts[0][0] <= now:
-            deadline, stream = timeouts.popleft()
-            if stream.deadline != deadline or stream.ended:
+            entry = timeouts.popleft()
+            stream = entry[1]
+            if stream.timeout is not entry or stream.ended:
                 continue
             text = "no answer from the backend within call_timeout"
             log.warning("backend.error", guest=self.guest, stream=stream.id,

@@ -210,7 +210,10 @@ class GuestSession(asyncio.Protocol):
 
     def _arm(self) -> None:
         """One timer for GuestState's next deadline (call_timeout, a hold's end)."""
-        when = self.state.next_deadline(self.loop.time())
+        state = self.state
+        if not state.timeouts and not state.holds.parked:
+            return
+        when = state.next_deadline(self.loop.time())
         if when is not None and (self._timer is None or when < self._timer_at):
             if self._timer is not None:
                 self._timer.cancel()

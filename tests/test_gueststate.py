@@ -342,7 +342,7 @@ class GuestMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.dead)
     @rule(seconds=st.sampled_from([0.01, GATE_HOLD_S / 2, GATE_HOLD_S, 1.0, CALL_TIMEOUT]))
     def time_passes(self, seconds):
-        deadlines = {sid: self.h.backend[sid][0].deadline for sid in self.h.backend}
+        deadlines = {sid: self.h.backend[sid][0].timeout[0] for sid in self.h.backend}
         self.h.advance(seconds)
         self._check_submissions()
         for sid, deadline in deadlines.items():
@@ -474,3 +474,15 @@ def test_a_reload_that_adds_a_rule_applies_to_the_next_apdu():
     h.call(1, put_data)
     assert not h.backend                             # the card handle stays; the APDU not
     assert p.read_reply(h.replies(1)[-1], put_data, p.WIRE).data == b"\x69\x82"
+
+
+def test_call_timeouts_of_answered_calls_do_not_pile_up():
+    # a clock that does not move between calls (a coarse monotonic clock) must not
+    # keep answered calls' entries: the queue stays bounded, each call costs the same
+    h = Harness()
+    h.open(1)
+    msg = p.Status(1)
+    for _ in range(5000):
+        h.call(1, msg)
+        h.answer(1)
+    assert len(h.state.timeouts) <= 2 * h.state.calls + 65
