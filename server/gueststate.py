@@ -271,7 +271,8 @@ class GuestState:
         """The stream's next call: a CALL_IF after a failure, or a call the policy
         forbids, is answered here (the first with that failure); a call waits for the
         CALL_EARLY calls on its reader received before it; then it goes to the backend.
-        ``quiet``: the server's own call (a card a reload took, released): no REPLY."""
+        ``quiet``: the server's own call (a card a reload took, released; the PIN guard's
+        question): no REPLY."""
         stream.arrived = arrived
         if quiet:
             stream.running = stream.quiet = True
