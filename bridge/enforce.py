@@ -41,8 +41,8 @@ class CardUse:
     """One card handle a client's application holds: its reader, how, since when, how
     many APDUs (the audit line when it ends), and whether a reload took it."""
 
-    __slots__ = ("apdus", "context", "counters", "cut", "owner", "protocol", "reader",
-                 "share", "start")
+    __slots__ = ("apdus", "asked", "context", "counters", "cut", "owner", "protocol",
+                 "reader", "share", "start")
 
     def __init__(self, reader: str, context: int, owner: Hashable, share: int,
                  protocol: int, start: float, counters=None):
@@ -51,6 +51,7 @@ class CardUse:
         self.apdus = 0
         self.counters = counters   # the reader's metrics, or None
         self.cut = 0      # a reload's policy took the card: what its calls get from then on
+        self.asked = False   # the PIN guard's question was sent: its next attempt is judged
 
     def audit(self, end: str, now: float) -> dict:
         """The fields of its ``audit.card`` line, once it ended (``end``: how) at ``now``:
@@ -90,7 +91,6 @@ class Enforcer:
         self.cards = {} if cards is None else cards
         self.handles: dict[int, CardUse] = {}   # hCard -> its use
         self.cutting = False   # a reload took a card: calls on handles are looked at
-        self.asked: dict[int, Message] = {}     # PIN attempts whose probe was sent
 
     def check(self, msg: Message) -> Verdict:
         """May ``msg`` go to the backend?"""
@@ -121,17 +121,15 @@ class Enforcer:
                            why=f"apdu_rules: {apdu[:4].hex(' ').upper()}")
         if policy.pin_guard and apdu[1] in PIN_INS:
             card = self._card(use)
-            asked = self.asked.pop(id(msg), None) is msg
+            asked, use.asked = use.asked, False
             got = card.guard(apdu, policy.pin_guard, asked)
             if got == SW_GUARDED:
                 return Verdict(reply=_sw(msg, SW_GUARDED), denied=True,
                                why=f"pin_guard: reference {apdu[3]:02X} has "
                                    f"{card.tries.get(card.key(apdu))} tries left, "
                                    f"keep {policy.pin_guard}")
-            if got is not None:
-                if len(self.asked) > 64:      # attempts whose stream went away meanwhile
-                    self.asked.clear()
-                self.asked[id(msg)] = msg
+            if got is not None:               # the attempt comes back right after it
+                use.asked = True
                 return Verdict(probe=Transmit(msg.hCard, msg.ioSendPciProtocol,
                                               msg.ioSendPciLength, len(got),
                                               msg.ioRecvPciProtocol, msg.ioRecvPciLength,

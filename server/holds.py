@@ -31,7 +31,7 @@ class Holds:
         """Call ``seq`` of stream ``sid`` on ``reader`` would start now: True if an
         earlier early call holds it back (``item`` is then returned by ``done`` or
         ``expired`` once nothing does)."""
-        if not self.gates or not self._held(sid, reader, seq, now):
+        if not self._held(sid, reader, seq, now):
             return False
         self.parked.append((item, sid, reader, seq))
         return True

@@ -5,7 +5,7 @@ One process serves every socket of the ``local:`` section over one backend (the 
 the host's pcscd, pyscard or the virtual readers), in-process: no TLS, no second process.
 Each socket is a ``Facade`` (bridge/facade.py) over a ``PolicyView`` of the shared backend:
 its applications see only the readers its policy shows them, and their calls are checked
-against it with the guests' ``Policy`` (bridge/config.py), so a container gets the error
+against it with the guests' ``Policy`` (bridge/policy.py), so a container gets the error
 codes a guest gets. A context established ahead on each socket (``SocketContexts``, a
 ``ContextPool``) answers the next application's SCardEstablishContext at once, as the
 agent's does.
