@@ -32,7 +32,13 @@ from .apdu import ApduRule
 from .card import DEFAULT_AIDS, DEFAULT_ATR
 from .limits import Limits
 from .pcsc import DEFAULT_SOCKET
-from .policy import Policy, apdu_rules_field, pin_guard_field
+from .policy import (
+    Policy,
+    apdu_rules_field,
+    hold_limit_field,
+    pin_guard_field,
+    reset_between_guests_field,
+)
 from .values import (
     BOOL,
     DURATION,
@@ -227,6 +233,10 @@ class LocalSocket:
     control: str | tuple[int, ...] = _f(_Leaf(_control, typed=True), "none")
     apdu_rules: tuple[ApduRule, ...] = apdu_rules_field()
     pin_guard: int = pin_guard_field()
+    hold_limit: float | None = hold_limit_field()
+    # a socket's applications are the host's own (containers of this machine): not reset
+    # between sockets unless asked
+    reset_between_guests: bool = reset_between_guests_field(False)
     # application connections on this socket at once (beyond: closed at once, as pcscd
     # closes a client beyond its own limit)
     max_connections: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 512)
@@ -235,7 +245,8 @@ class LocalSocket:
     def policy(self) -> Policy:
         return Policy(readers=self.readers, exclusive=self.exclusive, direct=self.direct,
                       control=self.control, apdu_rules=self.apdu_rules,
-                      pin_guard=self.pin_guard)
+                      pin_guard=self.pin_guard, hold_limit=self.hold_limit,
+                      reset_between_guests=self.reset_between_guests)
 
 
 @dataclass(frozen=True, kw_only=True)

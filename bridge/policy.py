@@ -20,7 +20,7 @@ from .pcsc import (
     Reconnect,
     SetAttrib,
 )
-from .values import BOOL, STRING, BadValue, _control, _f, _integer, _Leaf, _ListOf, _show
+from .values import BOOL, DURATION, STRING, BadValue, _control, _f, _integer, _Leaf, _ListOf, _show
 
 
 def _pin_guard(v: Any) -> int:
@@ -42,6 +42,18 @@ def pin_guard_field():
     return _f(_Leaf(_pin_guard, typed=True), 1)
 
 
+def hold_limit_field():
+    """``hold_limit``: the longest a client keeps a reader to itself (a transaction, an
+    exclusive connection) before the host takes it back, in seconds (None: no limit)."""
+    return _f(DURATION, None, nullable=True)
+
+
+def reset_between_guests_field(default: bool):
+    """``reset_between_guests``: the card is reset before it answers this client's APDU
+    when another client's APDU was the last it answered."""
+    return _f(BOOL, default)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Policy:
     """One guest's policy (``server.guests.<name>``), consulted where its calls meet the
@@ -59,6 +71,8 @@ class Policy:
     allow: bool = _f(BOOL, True)
     apdu_rules: tuple[ApduRule, ...] = apdu_rules_field()
     pin_guard: int = pin_guard_field()
+    hold_limit: float | None = hold_limit_field()
+    reset_between_guests: bool = reset_between_guests_field(True)
 
     def sees(self, reader_name: str) -> bool:
         return any(fnmatchcase(reader_name, pattern) for pattern in self.readers)

@@ -207,7 +207,8 @@ def apdu_target():
                                               data=response), "app", 0.0)
                 if verdict.probe is None:
                     break
-            card = e.cards.get("R")     # made when the card first said something useful
+            shared = e.readers.get("R")     # made when the card first said something useful
+            card = shared.card if shared is not None else None
             assert card is None or (len(card.selected) <= 20 and len(card.tries) <= 64)
     return target
 

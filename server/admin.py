@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import shlex
 import sys
+import time
 from typing import ClassVar
 
 from pcsc_bridge import config
@@ -42,10 +43,8 @@ class AdminServer(CommandSocket):
             "errors": x.state.errors_total, "wire": x.state.conn.version,
         } for x in sorted(s.sessions, key=lambda x: (x.guest, x.since)) if x.ready]
         model = s.backend.model
-        readers = [{"name": st.readerName, "card": bool(st.cardAtr)}
-                   for st in model.states if st.readerName]
         return {"backend": s.backend.name, "pcsc": s.backend.describe(), "guests": guests,
-                "readers": readers}
+                "readers": reader_status(model, s.readers)}
 
     def _kick(self, args: list[str]) -> dict:
         if len(args) != 1:
@@ -168,10 +167,29 @@ def run_status(args) -> int:
     return 0
 
 
+def reader_status(model, shared) -> list[dict]:
+    """Each reader: a card in it or not, who holds it and who waits (bridge/share.py)."""
+    now = time.time()
+    return [{"name": st.readerName, "card": bool(st.cardAtr),
+             **(shared[st.readerName].status(now) if st.readerName in shared
+                else {"held_by": [], "waiting": []})}
+            for st in model.states if st.readerName]
+
+
+def _print_readers(readers: list[dict]) -> None:
+    for r in readers:
+        print(f"reader  {r['name']}: {'card' if r['card'] else 'no card'}")
+        for h in r.get("held_by", ()):
+            print(f"  held by {h['client']} ({h['app']}), {h['hold']}, since {h['since']} "
+                  f"({h['seconds']} s)")
+        for n, w in enumerate(r.get("waiting", ()), 1):
+            print(f"  waiting {n}. {w['client']} ({w['app']}) since {w['since']} "
+                  f"({w['seconds']} s)")
+
+
 def _print_server(st: dict) -> None:
     print(f"backend {st['backend']}: {st['pcsc']}")
-    for r in st["readers"]:
-        print(f"reader  {r['name']}: {'card' if r['card'] else 'no card'}")
+    _print_readers(st["readers"])
     print(f"{len(st['guests'])} guest session(s)")
     for g in st["guests"]:
         print(f"guest   {g['guest']} from {g['peer']} since {g['since']}: {g['streams']} "
@@ -180,8 +198,7 @@ def _print_server(st: dict) -> None:
 
 def _print_local(st: dict) -> None:
     print(f"backend {st['backend']}: {st['pcsc']}")
-    for r in st["readers"]:
-        print(f"reader  {r['name']}: {'card' if r['card'] else 'no card'}")
+    _print_readers(st["readers"])
     for sc in st["sockets"]:
         print(f"socket  {sc['path']}: {sc['applications']} application(s), readers "
               f"{', '.join(sc['readers'])}")

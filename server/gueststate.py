@@ -16,6 +16,9 @@ transport, the backend streams and one timer. It decides:
   holds.GATE_HOLD_S (server/holds.py);
 - a reload's policy: cards it would not grant are released on the host by calls of the
   server's own (no REPLY); ``call_timeout``: an unanswered call closes its stream;
+- a shared reader (bridge/share.py): an SCardBeginTransaction not first in line waits
+  here (share.LOCK_POLL, then SCARD_E_SHARING_VIOLATION as pcscd answers); a hold past
+  ``hold_limit`` ends by calls of the server's own;
 - STATE (the policy's view of the backend's readers) before the reply of a call that may
   depend on it, coalesced while the guest does not read; keepalive's bookkeeping.
 """
@@ -29,8 +32,8 @@ from typing import Any, Protocol
 from pcsc_bridge import log
 from pcsc_bridge.appstate import failed_reply, pcscd_reply
 from pcsc_bridge.backend import AppInfo, BackendError
-from pcsc_bridge.commands import CARD_CALLS, HOLDS
-from pcsc_bridge.enforce import SHARE, CardUse, Enforcer
+from pcsc_bridge.commands import CARD_CALLS
+from pcsc_bridge.enforce import ANY_ANSWER, SHARE, SUCCESS, CardUse, Enforcer, Verdict
 from pcsc_bridge.framing import (
     CALL_EARLY,
     CALL_IF,
@@ -53,6 +56,7 @@ from pcsc_bridge.keepalive import Keepalive
 from pcsc_bridge.limits import Limits
 from pcsc_bridge.pcsc import (
     SCARD_E_NO_SERVICE,
+    SCARD_E_SHARING_VIOLATION,
     SCARD_LEAVE_CARD,
     WIRE,
     Connect,
@@ -60,6 +64,7 @@ from pcsc_bridge.pcsc import (
     Message,
     ProtocolError,
     ReaderStates,
+    Reconnect,
     ReleaseContext,
     Transmit,
     encode_reply,
@@ -67,11 +72,13 @@ from pcsc_bridge.pcsc import (
     rv_name,
 )
 from pcsc_bridge.policy import Policy
+from pcsc_bridge.share import LOCK_POLL, Readers
 from pcsc_bridge.wire import Connection
 
 from .holds import Holds
 
 DIALECTS = (4, 5, 6)   # pcsc-lite 4:4 .. 4:6; card calls are the same in all of them
+_REFUSED = Verdict(SCARD_E_SHARING_VIOLATION)   # a Begin that waited and is not first
 
 
 class GuestShell(Protocol):
@@ -127,12 +134,12 @@ class GuestState:
 
     def __init__(self, shell: GuestShell, guest: str, policy: Policy, limits: Limits,
                  model, metrics, counters, now: float, wall: float = 0.0,
-                 cards: dict | None = None):
+                 readers: Readers | None = None):
         self.shell, self.guest, self.limits = shell, guest, limits
         self.wall = wall - now        # add to ``now`` for the time of day (audit lines)
         self.model, self.metrics, self.counters = model, metrics, counters
         self.policy = policy
-        self.enforcer = Enforcer(policy, cards)
+        self.enforcer = Enforcer(policy, readers, guest)
         self.conn = Connection("server", limits.max_frame, policy.max_streams)
         self.keepalive = Keepalive(limits.keepalive_interval, limits.keepalive_timeout, now)
         self.streams: dict[int, GuestStream] = {}
@@ -144,6 +151,8 @@ class GuestState:
         self.errors_total = 0         # calls that failed (a PC/SC error code)
         self.seq = 0                  # calls received (their arrival numbers)
         self.holds = Holds()          # the order of early answers on each reader
+        # SCardBeginTransaction calls waiting for their turn: stream -> (call, until)
+        self.waiting: dict[GuestStream, tuple] = {}
         # call_timeout: (when, stream) in submission order, so the times only grow; an
         # entry that is not its stream's ``timeout`` any more is dropped when met
         self.timeouts: deque = deque()
@@ -267,12 +276,13 @@ class GuestState:
             self._start(stream, msg, flags, seq, now, False, now)
 
     def _start(self, stream: GuestStream, msg: Message, flags: int, seq: int, arrived: float,
-               quiet: bool, now: float) -> None:
+               quiet: bool, now: float, waited: bool = False) -> None:
         """The stream's next call: a CALL_IF after a failure, or a call the policy
-        forbids, is answered here (the first with that failure); a call waits for the
+        forbids, is answered here (the first with that failure); a Begin not first in
+        line for its reader waits its LOCK_POLL (``waited``: it did); a call waits for the
         CALL_EARLY calls on its reader received before it; then it goes to the backend.
         ``quiet``: the server's own call (a card a reload took, released; the PIN guard's
-        question): no REPLY."""
+        question; the reset between guests; a hold past its limit, ended): no REPLY."""
         stream.arrived = arrived
         if quiet:
             stream.running = stream.quiet = True
@@ -281,7 +291,14 @@ class GuestState:
             return
         rv = stream.last_rv if flags & CALL_IF else 0
         if not rv:
-            verdict = self.enforcer.check(msg)
+            verdict = self.enforcer.check(msg, now + self.wall)
+            if verdict.wait:              # not its turn: it waits, or pcscd's answer
+                if not waited:
+                    stream.running = True
+                    self.calls += 1
+                    self.waiting[stream] = ((msg, flags, seq, arrived), now + LOCK_POLL)
+                    return
+                verdict = _REFUSED
             if verdict.denied:
                 self._denied(stream, msg, verdict)
             if verdict.reply is not None:   # answered here (a rule; a card a reload took)
@@ -291,6 +308,9 @@ class GuestState:
                 self._next(stream, now)
                 return
             if verdict.probe is not None:   # asked of the card first, then checked again
+                if verdict.why is not None:
+                    log.info("card.reset", guest=self.guest, stream=stream.id,
+                             reader=self._reader_of(msg), why=verdict.why)
                 stream.queue.appendleft((msg, flags, seq, arrived, False))
                 stream.queue.appendleft((verdict.probe, 0, 0, now, True))
                 self._next(stream, now)
@@ -372,7 +392,7 @@ class GuestState:
             return
         if stream.quiet:              # the server's own call: the guest sees none of it
             stream.quiet = False
-            if error is None and type(msg) is Transmit:   # the PIN guard's question
+            if error is None and type(msg) in (Transmit, Reconnect):   # a probe's
                 self.enforcer.answered(msg, reply, stream.id, now + self.wall)
             self._next(stream, now)
             return
@@ -402,13 +422,18 @@ class GuestState:
             reply = pcscd_reply(msg, reply)   # the backend (the PC/SC API) answered
         self.metrics.latency[kind].observe(now - stream.arrived)
         self._count(msg, kind, reply.rv)
-        if kind is Transmit or reply.rv == 0 and kind in HOLDS:
-            for use, how in self.enforcer.answered(
+        if kind in ANY_ANSWER or reply.rv == 0 and kind in SUCCESS:
+            enforcer = self.enforcer
+            for use, how in enforcer.answered(
                     msg, reply, stream.id, now + self.wall,
                     self.metrics.reader(msg.szReader) if kind is Connect else None):
                 self._card_used(use, how, now)
                 if use.cut:
                     self._take_back(stream, reply.hCard, now)
+            if kind is Connect and reply.rv == 0 and reply.hCard in enforcer.handles:
+                app = stream.app
+                enforcer.handles[reply.hCard].app = f"stream {stream.id}" + (
+                    f", pid {app.pid}" if app.pid else "")
         self._reply(stream, reply)
         self._next(stream, now)
 
@@ -457,9 +482,11 @@ class GuestState:
         """Forget the stream; its backend stream is closed (``shell.ended``)."""
         self.streams.pop(stream.id, None)
         for use, how in self.enforcer.gone(stream.id, "application gone"
-                                           if not self.closed else "guest gone"):
+                                           if not self.closed else "guest gone",
+                                           now + self.wall):
             self._card_used(use, how, now)
         stream.ended = True
+        self.waiting.pop(stream, None)
         if stream.running:
             stream.running = False
             self.calls -= 1
@@ -494,13 +521,22 @@ class GuestState:
     # --- time -------------------------------------------------------------------------
     def next_deadline(self, now: float) -> float | None:
         """When ``tick`` has something to do: a call's call_timeout, the end of a hold
-        on a parked call."""
+        on a parked call, a Begin's wait, a hold reaching ``hold_limit``."""
         timeouts = self.timeouts
         while timeouts and timeouts[0][1].timeout is not timeouts[0]:
             timeouts.popleft()
+        hold_end = self.enforcer.next_hold_end()
         ends = [t for t in (timeouts[0][0] if timeouts else None,
-                            self.holds.next_end(now)) if t is not None]
+                            self.holds.next_end(now),
+                            min(w[1] for w in self.waiting.values()) if self.waiting else None,
+                            hold_end - self.wall if hold_end is not None else None)
+                if t is not None]
         return min(ends) if ends else None
+
+    def timed(self) -> bool:
+        """Something may be due later (``next_deadline`` has an answer)."""
+        return bool(self.timeouts or self.holds.parked or self.waiting
+                    or self.enforcer.policy.hold_limit)
 
     def tick(self, now: float) -> None:
         """Calls whose call_timeout ran out close their streams; parked calls whose
@@ -517,6 +553,21 @@ class GuestState:
             self.close_stream(stream, Reason.TIMEOUT, text, now)
         if self.holds.parked and not self.closed:
             self._released(0, now)
+        if self.waiting and not self.closed:
+            for stream, (call, until) in list(self.waiting.items()):
+                if until <= now:              # its turn, or pcscd's SHARING_VIOLATION
+                    del self.waiting[stream]
+                    stream.running = False
+                    self.calls -= 1
+                    self._start(stream, *call, False, now, waited=True)
+        if self.enforcer.policy.hold_limit and not self.closed:
+            for use, calls in self.enforcer.expired(now + self.wall):
+                self._card_used(use, "hold limit", now)
+                stream = self.streams.get(use.owner)
+                if stream is not None:
+                    for msg in reversed(calls):
+                        stream.queue.appendleft((msg, 0, 0, now, True))
+                    self._next(stream, now)
 
     # --- reload, STATE, GOAWAY --------------------------------------------------------
     def reconfigure(self, policy: Policy, now: float) -> bool:
@@ -524,7 +575,7 @@ class GuestState:
         and its view of the readers follows it (True: call ``send_states`` soon)."""
         self.policy = policy
         due = self.states_changed()
-        for h, use in self.enforcer.reconfigure(policy):
+        for h, use in self.enforcer.reconfigure(policy, now + self.wall):
             # the card is released now (other guests may want the reader), and the
             # application's calls on the handle fail from now on (Enforcer.check)
             self._card_used(use, "taken by a reload (policy)", now)

@@ -12,6 +12,7 @@ from pcsc_bridge import __version__, config, daemon, log, netio, tls
 from pcsc_bridge.admin import ReloadFailed
 from pcsc_bridge.backend import Backend
 from pcsc_bridge.framing import Reason
+from pcsc_bridge.share import Readers
 
 from .metrics import Metrics, MetricsEndpoint
 from .session import GuestSession
@@ -38,7 +39,8 @@ class Server:
         self.software = f"pcsc-bridge {__version__}"
         self.source: tuple | None = None   # (config path, overrides): reload re-reads it
         self.metrics = Metrics(self)       # counters: kept across reloads
-        self.cards: dict = {}              # what is known of each card (bridge/apdu.py)
+        # the readers as the guests share them (bridge/share.py): cards, holds, lines
+        self.readers = Readers(self.metrics.held)
         self.endpoint: MetricsEndpoint | None = None   # server.metrics_listen
         self._reloading = asyncio.Lock()   # one reload at a time (SIGHUP, admin, files)
         # connections accepted whose TLS handshake is under way -> source address,

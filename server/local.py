@@ -30,22 +30,25 @@ from pcsc_bridge.admin import CommandSocket, Refused, ReloadFailed, start_admin
 from pcsc_bridge.appstate import failed_reply
 from pcsc_bridge.backend import AppInfo, Backend, BackendStream, ReaderModel
 from pcsc_bridge.cli import run_daemon
-from pcsc_bridge.commands import HOLDS
-from pcsc_bridge.enforce import SHARE, CardUse, Enforcer, Verdict
+from pcsc_bridge.enforce import ANY_ANSWER, SHARE, SUCCESS, CardUse, Enforcer, Verdict
 from pcsc_bridge.facade import Facade, bind_unix, socket_inode, unlink_unix
 from pcsc_bridge.pcsc import (
+    SCARD_E_SHARING_VIOLATION,
     SCARD_LEAVE_CARD,
+    Connect,
     Disconnect,
     Message,
-    Transmit,
     rv_name,
 )
 from pcsc_bridge.pool import ContextPool
+from pcsc_bridge.share import LOCK_POLL, Readers
 
+from .admin import reader_status
 from .backends import make_backend
 from .control import ControlServer
 
 SD_LISTEN_FDS_START = 3
+REFUSED = Verdict(SCARD_E_SHARING_VIOLATION)   # a Begin that waited and is not first
 
 
 class PolicyView(Backend):
@@ -53,12 +56,15 @@ class PolicyView(Backend):
     ReaderModel, following the backend's), and every call checked by the socket's
     Enforcer (bridge/enforce.py, the one the server's guests have) before the backend
     sees it; a refused call is answered with the policy's code, a reload's policy takes
-    back the cards it would not grant."""
+    back the cards it would not grant, and a hold past its ``hold_limit`` ends (one
+    timer for the socket's holds)."""
 
-    def __init__(self, backend: Backend, policy: config.Policy, label: str, cards: dict):
+    def __init__(self, backend: Backend, policy: config.Policy, label: str,
+                 readers: Readers):
         self.inner = backend
-        self.enforcer = Enforcer(policy, cards)
+        self.enforcer = Enforcer(policy, readers, label)
         self.label = label
+        self.timer: asyncio.TimerHandle | None = None
         self.name = backend.name
         self.model = ReaderModel()
         self.repeats = log.Repeats()
@@ -84,17 +90,37 @@ class PolicyView(Backend):
         applications see follow it at once, and a card it would not grant is released on
         the host now (its application's later calls get what pcscd gives for a reader
         that went away)."""
-        taken = self.enforcer.reconfigure(policy)
+        taken = self.enforcer.reconfigure(policy, time.time())
         self._follow()
         for h, use in taken:
             self.audit(use, "taken by a reload (policy)")
-            use.owner.take_back(h)
+            use.owner.own([Disconnect(h, SCARD_LEAVE_CARD)])
+        self.arm()
+
+    def arm(self) -> None:
+        """The timer for the first hold to reach ``hold_limit``, if any."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        when = self.enforcer.next_hold_end()
+        if when is not None:
+            self.timer = asyncio.get_running_loop().call_later(
+                max(0.0, when - time.time()), self._expired)
+
+    def _expired(self) -> None:
+        self.timer = None
+        for use, calls in self.enforcer.expired(time.time()):
+            self.audit(use, "hold limit")
+            use.owner.own(calls)
+        self.arm()
 
     async def open_stream(self, app: AppInfo) -> BackendStream:
         return PolicyStream(self, await self.inner.open_stream(app), app)
 
     async def close(self) -> None:
         self._unlisten()
+        if self.timer is not None:
+            self.timer.cancel()
 
     def denied(self, msg: Message, verdict: Verdict, app: AppInfo) -> None:
         share = getattr(msg, "dwShareMode", None)
@@ -113,33 +139,71 @@ class PolicyView(Backend):
 
 class PolicyStream(BackendStream):
     """An application's stream on the shared backend, its calls checked by its socket's
-    Enforcer (with the policy in force when each call is made)."""
+    Enforcer (with the policy in force when each call is made). Its calls stay in order:
+    those behind an SCardBeginTransaction waiting its turn (bridge/share.py) wait too."""
 
-    __slots__ = ("app", "busy", "inner", "pipeline", "takebacks", "view")
+    __slots__ = ("app", "busy", "closed", "inner", "own_calls", "parked", "pipeline", "view")
 
     def __init__(self, view: PolicyView, inner: BackendStream, app: AppInfo):
         self.view, self.inner, self.app = view, inner, app
         self.pipeline = inner.pipeline
         self.busy = 0            # calls with the backend
-        self.takebacks: list[int] = []   # card handles a reload took, to release
+        self.own_calls: list[Message] = []   # calls of our own to make once none is out
+        self.parked: list | None = None      # calls behind a Begin that waits its turn
+        self.closed = False
 
     def submit(self, msg: Message, done, *, only_if_ok: bool = False,
                answered_early: bool = False) -> None:
-        verdict = self.view.enforcer.check(msg)
+        if self.parked is not None:
+            self.parked.append((msg, done, only_if_ok, answered_early))
+        else:
+            self._check(msg, done, only_if_ok, answered_early, False)
+
+    def _check(self, msg: Message, done, only_if_ok: bool, answered_early: bool,
+               waited: bool) -> int:
+        """To the backend if the policy lets it: 0, or the failure it was answered with
+        here (the calls behind it that run only if it succeeded fail with it)."""
+        view = self.view
+        verdict = view.enforcer.check(msg, time.time())
+        if verdict.wait:                  # not its turn: it waits, or pcscd's answer
+            if not waited:
+                self.parked = []
+                asyncio.get_running_loop().call_later(
+                    LOCK_POLL, self._waited, msg, done, only_if_ok, answered_early)
+                return 0
+            verdict = REFUSED
         if verdict.denied:
-            self.view.denied(msg, verdict, self.app)
-        if verdict.probe is not None:     # the PIN guard asks the card first
+            view.denied(msg, verdict, self.app)
+        if verdict.probe is not None:     # the PIN guard's question, the reset first
+            if verdict.why is not None:
+                log.info("card.reset", socket=view.label, app=self.app.id,
+                         reader=getattr(msg, "szReader", None), why=verdict.why)
             self.busy += 1
             self.inner.submit(verdict.probe, partial(
                 self._probed, verdict.probe, msg, done, only_if_ok, answered_early))
-            return
+            return 0
         if verdict.rv or verdict.reply is not None:
             asyncio.get_running_loop().call_soon(
                 done, verdict.reply or failed_reply(msg, verdict.rv), None)
-            return
+            return verdict.rv
         self.busy += 1
         self.inner.submit(msg, partial(self._answered, msg, done), only_if_ok=only_if_ok,
                           answered_early=answered_early)
+        return 0
+
+    def _waited(self, msg: Message, done, only_if_ok: bool, answered_early: bool) -> None:
+        """A Begin's wait is over: its turn, or SHARING_VIOLATION; then the calls behind."""
+        behind, self.parked = self.parked, None
+        if self.closed:
+            return
+        failed = self._check(msg, done, only_if_ok, answered_early, True)
+        for m, d, if_ok, early in behind or ():
+            if self.parked is not None:           # behind another Begin that waits
+                self.parked.append((m, d, if_ok, early))
+            elif failed and if_ok:
+                asyncio.get_running_loop().call_soon(d, failed_reply(m, failed), None)
+            else:
+                failed = self._check(m, d, if_ok, early, False)
 
     def _probed(self, probe: Message, msg: Message, done, only_if_ok: bool,
                 answered_early: bool, reply: Message | None, error) -> None:
@@ -150,25 +214,34 @@ class PolicyStream(BackendStream):
 
     def _answered(self, msg: Message, done, reply: Message | None, error) -> None:
         self.busy -= 1
-        if error is None and (type(msg) is Transmit or reply.rv == 0 and type(msg) in HOLDS):
-            for use, how in self.view.enforcer.answered(msg, reply, self, time.time()):
-                self.view.audit(use, how)
+        kind = type(msg)
+        if error is None and (kind in ANY_ANSWER or reply.rv == 0 and kind in SUCCESS):
+            view = self.view
+            for use, how in view.enforcer.answered(msg, reply, self, time.time()):
+                view.audit(use, how)
                 if use.cut:
-                    self.takebacks.append(reply.hCard)
+                    self.own_calls.append(Disconnect(reply.hCard, SCARD_LEAVE_CARD))
+            if kind is Connect and reply.rv == 0 and reply.hCard in view.enforcer.handles:
+                view.enforcer.handles[reply.hCard].app = f"app {self.app.id}" + (
+                    f", pid {self.app.pid}" if self.app.pid else "")
+            if view.enforcer.policy.hold_limit:
+                view.arm()
         done(reply, error)
-        if self.takebacks and not self.busy:
+        if self.own_calls and not self.busy:
             self._release()
 
-    def take_back(self, h_card: int) -> None:
-        self.takebacks.append(h_card)
+    def own(self, calls: list[Message]) -> None:
+        """Calls of our own on the host (a card a reload took, released; a hold past its
+        limit, ended), in order, once none of the application's is out."""
+        self.own_calls.extend(calls)
         if not self.busy:
             self._release()
 
     def _release(self) -> None:
-        handles, self.takebacks = self.takebacks, []
-        for h in handles:
+        calls, self.own_calls = self.own_calls, []
+        for msg in calls:
             self.busy += 1
-            self.inner.submit(Disconnect(h, SCARD_LEAVE_CARD), self._released)
+            self.inner.submit(msg, self._released)
 
     def _released(self, reply, error) -> None:
         self.busy -= 1
@@ -183,7 +256,8 @@ class PolicyStream(BackendStream):
         self.inner.resume_reading()
 
     async def close(self) -> None:
-        for use, how in self.view.enforcer.gone(self):
+        self.closed = True
+        for use, how in self.view.enforcer.gone(self, now=time.time()):
             self.view.audit(use, how)
         await self.inner.close()
 
@@ -219,10 +293,10 @@ class Served:
     """One socket being served: its configuration, its view, its façade and listener."""
 
     def __init__(self, cfg: config.LocalSocket, backend: Backend, sock: socket.socket,
-                 passed: bool, users: dict, sockets_per_user: int, cards: dict):
+                 passed: bool, users: dict, sockets_per_user: int, readers: Readers):
         self.cfg = cfg
         self.passed = passed          # made by systemd: its mode, owner and group rule
-        self.view = PolicyView(backend, cfg.policy, cfg.path, cards)
+        self.view = PolicyView(backend, cfg.policy, cfg.path, readers)
         self.pool = SocketContexts(self.view)
         self.facade = Facade(self.view, pool=self.pool, sockets_per_user=sockets_per_user,
                              max_sockets=cfg.max_connections, users=users)
@@ -257,7 +331,7 @@ class Local:
         self.passed = dict(passed or {})
         self.served: dict[str, Served] = {}
         self.users: dict = {}         # uid -> its application sockets, over every socket
-        self.cards: dict = {}         # what is known of each card (bridge/apdu.py)
+        self.readers = Readers()      # the readers as the sockets share them (bridge/share.py)
 
     def start(self) -> None:
         for sc in self.config.sockets:
@@ -268,7 +342,7 @@ class Local:
         if sock is None:
             sock = bind_unix(sc.path, sc.mode, sc.owner, sc.group)
         self.served[sc.path] = Served(sc, self.backend, sock, sock is self.passed.get(sc.path),
-                                      self.users, self.config.sockets_per_user, self.cards)
+                                      self.users, self.config.sockets_per_user, self.readers)
         log.info("local.listen", socket=sc.path, by="systemd" if sc.path in self.passed
                  else "pcsc-bridge", mode=None if sc.path in self.passed else f"{sc.mode:04o}",
                  readers=",".join(sc.readers), exclusive=sc.exclusive, direct=sc.direct,
@@ -481,8 +555,7 @@ class LocalAdmin(CommandSocket):
             raise Refused("usage: status")
         backend = self.local.backend
         return {"role": "local", "backend": backend.name, "pcsc": backend.describe(),
-                "readers": [{"name": st.readerName, "card": bool(st.cardAtr)}
-                            for st in backend.model.states if st.readerName],
+                "readers": reader_status(backend.model, self.local.readers),
                 "sockets": [{"path": path, "applications": len(served.facade.sessions),
                              "readers": list(served.cfg.readers)}
                             for path, served in sorted(self.local.served.items())]}

@@ -2,10 +2,12 @@
 
 ``Metrics`` holds what the guests' sessions count as they go (calls per guest and call,
 failed calls, sessions, bytes; calls, APDUs, card uses and policy denials per reader;
-each call's time from its arrival to its answer, as a histogram per call). It lives as
+each call's time from its arrival to its answer, as a histogram per call; how long
+readers were held to one application, as a histogram per reader). It lives as
 long as the server process: reloads keep it, and a guest's counters stay when it
-disconnects (they are totals). Gauges (guests connected, streams, cards in use) are read
-from the sessions at scrape time, so a guest that is gone shows 0.
+disconnects (they are totals). Gauges (guests connected, streams, cards in use,
+applications waiting for a reader's transaction) are read from the sessions and the
+shared readers (bridge/share.py) at scrape time, so a guest that is gone shows 0.
 
 ``MetricsEndpoint`` serves ``GET /metrics`` over plain HTTP/1.1 (text exposition format
 0.0.4), one request per connection, with a bounded request, a bounded time for the whole
@@ -28,6 +30,9 @@ from pcsc_bridge.pcsc import rv_name
 # generation on a card, a transaction waiting for another application's)
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
            0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# seconds a reader was held (a transaction, an exclusive connection): from one APDU's
+# transaction to a job that keeps the reader (hold_limit ends those)
+HOLD_BUCKETS = (0.01, 0.1, 1.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 MAX_REQUEST = 8192          # bytes of request line and headers
 EXCHANGE_TIMEOUT = 10.0     # seconds from accept to the answer written, else cut off
 MAX_CONNECTIONS = 8         # connections kept at once; a new one cuts off the oldest
@@ -43,15 +48,26 @@ class Histogram:
     """Observations per bucket (not cumulative: one increment per observation); the
     last count is above the largest bound (+Inf only)."""
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self):
-        self.counts = [0] * (len(BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(BUCKETS, seconds)] += 1
+        self.counts[bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
+
+    def samples(self, labels: tuple) -> list:
+        """Its samples in the exposition format (cumulative buckets, sum, count)."""
+        out, total = [], 0
+        for bound, n in zip((*self.bounds, "+Inf"), self.counts):
+            total += n
+            out.append(("_bucket", (*labels, ("le", _number(bound))), total))
+        out.append(("_sum", labels, self.sum))
+        out.append(("_count", labels, total))
+        return out
 
 
 class GuestCounters:
@@ -87,6 +103,7 @@ class Metrics:
         self.guests: dict[str, GuestCounters] = {}
         self.readers: dict[str, ReaderCounters] = {}
         self.latency = {kind: Histogram() for kind in CARD_CALLS}
+        self.holds: dict[str, Histogram] = {}   # reader -> how long it was held
         self.tls_refused = 0   # connections refused at the TLS handshake (no name yet)
         self.handshakes_dropped = 0   # dropped before TLS for a newer one (max_handshakes)
 
@@ -104,6 +121,14 @@ class Metrics:
         if counters is None and name in self.server.backend.model.names():
             counters = self.readers[name] = ReaderCounters()
         return counters
+
+    def held(self, reader: str, seconds: float) -> None:
+        """A hold of ``reader`` ended after ``seconds`` (bridge/share.py's ``Readers``)."""
+        if self.reader(reader) is not None:
+            hist = self.holds.get(reader)
+            if hist is None:
+                hist = self.holds[reader] = Histogram(HOLD_BUCKETS)
+            hist.observe(seconds)
 
     # --- exposition ---------------------------------------------------------------------
     def render(self) -> str:
@@ -187,17 +212,20 @@ class Metrics:
         family("reader_policy_denials_total", "counter",
                "Calls on this reader a guest's policy refused.",
                [("", (("reader", r),), c.denials) for r, c in readers])
-        samples = []
-        for kind, h in sorted(self.latency.items(), key=_by_name):
-            call = ("call", call_name(kind))
-            total = 0
-            for bound, n in zip((*BUCKETS, "+Inf"), h.counts):
-                total += n
-                samples.append(("_bucket", (call, ("le", _number(bound))), total))
-            samples.append(("_sum", (call,), h.sum))
-            samples.append(("_count", (call,), total))
+        shared = server.readers
+        family("reader_waiters", "gauge",
+               "Applications waiting now for this reader's transaction, in line.",
+               [("", (("reader", r),), len(shared[r].waiting) if r in shared else 0)
+                for r, _ in readers])
+        family("reader_hold_seconds", "histogram",
+               "How long this reader was held to one application (a transaction, an "
+               "exclusive connection), for holds that ended.",
+               [s for r, _ in readers
+                for s in self.holds.get(r, Histogram(HOLD_BUCKETS)).samples((("reader", r),))])
         family("call_duration_seconds", "histogram",
-               "Server-side time of a call, from its arrival to its answer.", samples)
+               "Server-side time of a call, from its arrival to its answer.",
+               [s for kind, h in sorted(self.latency.items(), key=_by_name)
+                for s in h.samples((("call", call_name(kind)),))])
         return "\n".join(out) + "\n"
 
 

@@ -64,7 +64,7 @@ class GuestSession(asyncio.Protocol):
         policy = self.server.config.policy_for(self.guest)
         self.state = GuestState(self, self.guest, policy, self.limits, self.backend.model,
                                 self.server.metrics, self.counters, self.loop.time(),
-                                time.time(), self.server.cards)
+                                time.time(), self.server.readers)
         if self.server.tls.is_revoked(cert):
             return self.fail(f"its certificate (serial {self.serial:x}) is revoked; a new "
                              f"one: pcsc-bridge certs client {self.guest} --force on the CA "
@@ -211,7 +211,7 @@ class GuestSession(asyncio.Protocol):
     def _arm(self) -> None:
         """One timer for GuestState's next deadline (call_timeout, a hold's end)."""
         state = self.state
-        if not state.timeouts and not state.holds.parked:
+        if not state.timed():
             return
         when = state.next_deadline(self.loop.time())
         if when is not None and (self._timer is None or when < self._timer_at):

@@ -35,7 +35,13 @@ class Applets:
         self.atr = self.card.get_atr()
 
     def reset(self) -> None:
+        """A warm reset: this card keeps its verified PINs (as jcecard chose)."""
         self.card.reset()
+
+    def power_off(self) -> None:
+        """Power off (SCARD_UNPOWER_CARD): nothing verified, nothing selected."""
+        self.card.power_off()
+        self.card.power_on()
 
     def process(self, apdu: bytes) -> tuple[bytes, float]:
         return self.card.process_apdu(apdu), 0.0

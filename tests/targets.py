@@ -553,7 +553,7 @@ class BridgeTarget(Target):
     the API tests check that the bridge changes nothing; policy has its own tests."""
 
     POLICY = ("  guests:\n    default: {direct: true, exclusive: true, control: all, "
-              "max_streams: 256}\n")
+              "max_streams: 256, reset_between_guests: false}\n")
 
     name = "bridge"
     begin_ahead = True

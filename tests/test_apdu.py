@@ -31,6 +31,7 @@ from pcsc_bridge.pcsc import (
     Transmit,
 )
 from pcsc_bridge.policy import Policy
+from pcsc_bridge.share import Readers
 
 R0 = "Virtual PCD 00 00"
 OPENPGP = bytes.fromhex("D27600012401")
@@ -109,7 +110,7 @@ def _card_says(e: Enforcer, msg: Transmit, sw: str, rv: int = 0) -> None:
 
 
 def test_a_denied_apdu_is_answered_here_and_selections_are_followed_per_channel():
-    cards: dict = {}
+    cards = Readers()
     e = Enforcer(Policy(apdu_rules=(ApduRule(action="deny", aid=CARD_MANAGER),
                                     ApduRule(action="deny", ins=(0xE6, 0xFF)))), cards)
     other = Enforcer(Policy(), cards)      # a client without rules, on the same card
@@ -136,7 +137,7 @@ def test_a_denied_apdu_is_answered_here_and_selections_are_followed_per_channel(
     _card_says(e, _tx(7, "0070800100"), "9000")             # MANAGE CHANNEL: close 1
     assert e.check(_tx(7, "01CA9F7F00")).reply is None
     _card_says(other, _tx(8, "00B0000000"), "", SCARD_W_RESET_CARD)   # reset: forgotten
-    assert cards[R0].selected == {}
+    assert cards[R0].card.selected == {}
 
 
 def test_the_pin_guard_keeps_the_last_try():
@@ -170,12 +171,12 @@ def test_the_pin_guard_keeps_the_last_try():
     _card_says(e, e.check(wrong).probe, "9000")
     assert e.check(wrong).reply is None
     # with keep 2 the same card stops one try earlier; off: no question asked
-    e2 = Enforcer(Policy(pin_guard=2), e.cards)
+    e2 = Enforcer(Policy(pin_guard=2), e.readers)
     _card(e2, 9)
     wrong9 = _tx(9, "0020008106313233343536")
     _card_says(e2, e2.check(wrong9).probe, "63C2")
     assert e2.check(wrong9).reply.data == SW_GUARDED
-    e3 = Enforcer(Policy(pin_guard=0), e.cards)
+    e3 = Enforcer(Policy(pin_guard=0), e.readers)
     _card(e3, 10)
     assert e3.check(_tx(10, "0020008106313233343536")).probe is None
 
@@ -187,7 +188,7 @@ def test_a_reset_forgets_what_the_guard_learned():
     _card_says(e, e.check(wrong).probe, "63C1")
     assert e.check(wrong).reply is not None
     e.answered(Disconnect(7, SCARD_RESET_CARD), Disconnect(7, SCARD_RESET_CARD), "app", 0.0)
-    assert e.cards[R0].tries == {}
+    assert e.readers[R0].card.tries == {}
     _card(e, 8)
     e.answered(Disconnect(8, SCARD_LEAVE_CARD), Disconnect(8, 0), "app", 0.0)
 
@@ -256,7 +257,7 @@ def test_each_example_of_the_lab_page_allows_and_denies_what_it_says(tmp_path, t
         e = Enforcer(policy)
         _card(e)
         if aid:
-            e.cards.setdefault(R0, CardKnowledge()).selected[0] = bytes.fromhex(aid)
+            e.readers[R0].card.selected[0] = bytes.fromhex(aid)
         got = e.check(_tx(7, command)).reply
         assert (got is not None and got.data == SW_DENIED) == denied, (title, aid, command)
 

@@ -85,7 +85,10 @@ class Bridge:
 def bridge(pcscd, tmp_path):
     if pcscd[0].sock is None:
         pcscd[0].insert()
-    b = Bridge(str(tmp_path), guests=("guest1", "guest2", "guest3"))
+    # pcscd's sharing between guests as it is: the card is not reset between them
+    # (reset_between_guests: tests/test_share.py, tests/test_lab.py)
+    b = Bridge(str(tmp_path), guests=("guest1", "guest2", "guest3"),
+               extra="  guests:\n    default: {reset_between_guests: false}\n")
     yield b
     b.stop()
 

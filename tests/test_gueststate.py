@@ -50,6 +50,7 @@ from pcsc_bridge.policy import Policy
 from pcsc_bridge.server.gueststate import GuestState
 from pcsc_bridge.server.holds import GATE_HOLD_S
 from pcsc_bridge.server.metrics import Metrics
+from pcsc_bridge.share import GAVE_UP, LOCK_POLL, Readers
 from pcsc_bridge.wire import Connection
 
 READERS = ("R0", "R1")
@@ -71,7 +72,8 @@ def reply_to(msg: p.Message, rv: int, h: int) -> p.Message:
 class Harness:
     """A GuestState, the guest in front of it, the backend behind it (the GuestShell)."""
 
-    def __init__(self, policy: Policy | None = None, call_timeout: float | None = CALL_TIMEOUT):
+    def __init__(self, policy: Policy | None = None, call_timeout: float | None = CALL_TIMEOUT,
+                 name: str = "g", readers: Readers | None = None):
         policy = policy or Policy(max_streams=64)
         self.now = 100.0
         limits = Limits(call_timeout=call_timeout, keepalive_interval=KEEPALIVE[0],
@@ -79,8 +81,8 @@ class Harness:
         model = ReaderModel([p.ReaderState(r, 1, p.SCARD_PRESENT, 0, b"\x3b\x00", 2)
                              for r in READERS])
         metrics = Metrics(SimpleNamespace(backend=SimpleNamespace(model=model)))
-        self.state = GuestState(self, "g", policy, limits, model, metrics,
-                                metrics.guest("g"), self.now)
+        self.state = GuestState(self, name, policy, limits, model, metrics,
+                                metrics.guest(name), self.now, 0.0, readers)
         self.guest = Connection("client")
         self.backend: dict[int, tuple] = {}     # stream id -> (stream, msg) with it
         self.submitted: list[tuple[int, p.Message]] = []
@@ -174,6 +176,13 @@ class GuestMachine(RuleBasedStateMachine):
         self.closed: set[int] = set()
         self.early: dict[int, Owed] = {}     # early calls not done, by seq
         self.early_sid: dict[int, int] = {}
+        # fair waiting (bridge/share.py): each reader's line of handles whose Begin waits,
+        # when each last asked, the transactions each holds, the streams whose Begin
+        # waits its turn (until when), in the order they began to wait
+        self.line: dict[str, list[int]] = {r: [] for r in READERS}
+        self.asked: dict[int, float] = {}
+        self.locks: dict[int, int] = {}
+        self.waiting: dict[int, float] = {}
         self.seq = 0
         self.next_handle = 0x100
         self.seen = 0                 # submissions checked
@@ -206,18 +215,59 @@ class GuestMachine(RuleBasedStateMachine):
             elif self.owed[sid]:
                 call = self.owed[sid].popleft()
                 rv = self._own_answer(sid, call)
-                if rv is None:
+                if rv is None and not self._turn(sid, call):
+                    self.current[sid] = call              # waits for its turn
+                    self.waiting[sid] = self.h.now + LOCK_POLL
+                elif rv is None:
                     self.current[sid] = call
                 else:
                     self._done(sid, call, rv, 0)
             else:
                 return
 
-    def _done(self, sid: int, call: Owed, rv: int, h: int) -> None:
+    def _turn(self, sid: int, call: Owed) -> bool:
+        """Not a Begin of a handle without a transaction, or first in its reader's line."""
+        msg = call.msg
+        if type(msg) is not p.BeginTransaction or self.locks.get(msg.hCard) \
+                or msg.hCard not in self.cards[sid]:      # no such handle: pcscd says so
+            return True
+        h = msg.hCard
+        line = self.line[self.cards[sid][h]]
+        self.asked[h] = self.h.now
+        if h not in line:
+            line.append(h)
+        if line[0] != h:
+            line[:] = [u for u in line if u == h or self.h.now - self.asked[u] < GAVE_UP]
+        return line[0] == h
+
+    def _waited(self, sid: int) -> None:
+        """A Begin's wait is over: its turn now (to the backend), or SHARING_VIOLATION."""
+        del self.waiting[sid]
+        call = self.current[sid]
+        rv = self._own_answer(sid, call)
+        if rv is None and self._turn(sid, call):
+            return
+        self.current[sid] = None
+        self._done(sid, call, rv or p.SCARD_E_SHARING_VIOLATION, 0)
+        self._advance(sid)
+
+    def _leaves(self, h: int) -> None:
+        """Handle ``h`` ended (or its card was taken): it holds nothing, waits for nothing."""
+        self.locks.pop(h, None)
+        for line in self.line.values():
+            if h in line:
+                line.remove(h)
+
+    def _done(self, sid: int, call: Owed, rv: int, h: int, backend: bool = False) -> None:
         self.early.pop(call.seq, None)
         self.last_rv[sid] = rv
         self.expected[sid].append((call.msg, rv))
         kind = type(call.msg)
+        if backend and kind is p.BeginTransaction:   # the backend's answer to a Begin
+            self._leaves_line(call.msg.hCard, rv)
+        elif backend and kind is p.EndTransaction and not rv and \
+                self.locks.get(call.msg.hCard):
+            self.locks[call.msg.hCard] -= 1
         if rv or call.msg.hCard if kind is p.Disconnect and call.msg.hCard in self.taken \
                 else rv:
             return
@@ -228,10 +278,20 @@ class GuestMachine(RuleBasedStateMachine):
                 self.quiet[sid] += 1
         elif kind is p.Disconnect:
             self.cards[sid].pop(call.msg.hCard, None)
+            self._leaves(call.msg.hCard)
         elif kind is p.ReleaseContext:
             for h_ in self.cards[sid]:
                 self.taken.discard(h_)
+                self._leaves(h_)
             self.cards[sid].clear()
+
+    def _leaves_line(self, h: int, rv: int) -> None:
+        if rv != p.SCARD_E_SHARING_VIOLATION:
+            for line in self.line.values():
+                if h in line:
+                    line.remove(h)
+            if rv == 0:
+                self.locks[h] = self.locks.get(h, 0) + 1
 
     def _closed(self, sid: int, code: int | None) -> None:
         if code is not None:
@@ -242,9 +302,11 @@ class GuestMachine(RuleBasedStateMachine):
             if isinstance(call, Owed):
                 self.early.pop(call.seq, None)
         self.current[sid], self.quiet[sid] = None, 0
+        self.waiting.pop(sid, None)
         self.owed[sid].clear()
         for h in self.cards[sid]:
             self.taken.discard(h)
+            self._leaves(h)
         self.cards[sid].clear()
         assert sid in self.h.ended_ids and sid not in self.h.backend
 
@@ -313,6 +375,27 @@ class GuestMachine(RuleBasedStateMachine):
         self._advance(sid)
         self._check_submissions()
 
+    @precondition(lambda self: not self.dead and any(self.cards.values()))
+    @rule(data=st.data())
+    def guests_begin(self, data):
+        """Transactions of several streams on one reader: the line (bridge/share.py)."""
+        sid = data.draw(st.sampled_from([s for s in SIDS if self.cards[s]]))
+        h = data.draw(st.sampled_from(sorted(self.cards[sid])))
+        if sid in self.closed or self.h.guest.call_pending(sid) >= PIPELINE:
+            return
+        flags = data.draw(st.sampled_from([0, CALL_EARLY]))
+        msg = p.BeginTransaction(h)
+        self.seq += 1
+        call = Owed(self.seq, msg, flags, self._reader_now(sid, msg), self.h.now)
+        if flags & CALL_EARLY:
+            self.early[call.seq] = call
+            self.early_sid[call.seq] = sid
+        self.owed[sid].append(call)
+        self.last_frame = self.h.now
+        self.h.call(sid, msg, flags)
+        self._advance(sid)
+        self._check_submissions()
+
     @precondition(lambda self: self.h.backend and not self.dead)
     @rule(data=st.data(), rv=st.sampled_from([0, 0, 0, p.SCARD_W_REMOVED_CARD]),
           how=st.sampled_from(["reply"] * 8 + ["broken", "unreachable"]))
@@ -334,7 +417,7 @@ class GuestMachine(RuleBasedStateMachine):
             self.next_handle += 1
             self.h.answer(sid, rv, self.next_handle)
             if call is not QUIET:
-                self._done(sid, call, rv, self.next_handle)
+                self._done(sid, call, rv, self.next_handle, backend=True)
         for s in SIDS:     # a released gate may start other streams' calls
             self._advance(s)
         self._check_submissions()
@@ -342,13 +425,24 @@ class GuestMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.dead)
     @rule(seconds=st.sampled_from([0.01, GATE_HOLD_S / 2, GATE_HOLD_S, 1.0, CALL_TIMEOUT]))
     def time_passes(self, seconds):
-        deadlines = {sid: self.h.backend[sid][0].timeout[0] for sid in self.h.backend}
-        self.h.advance(seconds)
-        self._check_submissions()
-        for sid, deadline in deadlines.items():
-            if deadline <= self.h.now and sid not in self.closed:
-                self._closed(sid, Reason.TIMEOUT)
-        self._check_submissions()
+        h = self.h
+        end = h.now + seconds
+        while (when := h.state.next_deadline(h.now)) is not None and when <= end:
+            # one deadline at a time, as the shell's timer: call_timeouts, then the
+            # Begins whose wait is over, in the order they began to wait
+            deadlines = {sid: h.backend[sid][0].timeout[0] for sid in h.backend}
+            h.now = max(h.now, when)
+            h.state.tick(h.now)
+            for sid, deadline in deadlines.items():
+                if deadline <= h.now and sid not in self.closed:
+                    self._closed(sid, Reason.TIMEOUT)
+            for sid, until in list(self.waiting.items()):
+                if until <= h.now:
+                    self._waited(sid)
+            for s in SIDS:
+                self._advance(s)
+            self._check_submissions()
+        h.now = end
         verdict = self.h.state.keepalive.tick(self.h.now)
         silent = self.h.now - self.last_frame
         assert isinstance(verdict, Dead) == (silent > KEEPALIVE[1]), (verdict, silent)
@@ -382,6 +476,7 @@ class GuestMachine(RuleBasedStateMachine):
                 if r == reader and h not in self.taken:
                     self.taken.add(h)
                     self.quiet[sid] += 1
+                    self._leaves(h)
         self.h.state.reconfigure(Policy(readers=tuple(r for r in READERS if r != reader),
                                         max_streams=64),
                                  self.h.now)
@@ -398,6 +493,8 @@ class GuestMachine(RuleBasedStateMachine):
                 continue
             if call is None:
                 assert sid not in self.h.backend
+            elif sid in self.waiting:         # a Begin waiting its turn, for LOCK_POLL
+                assert sid not in self.h.backend and self.h.now < self.waiting[sid]
             elif sid not in self.h.backend:   # parked: an early call holds it back
                 assert call is not QUIET
                 reader = self._reader_now(sid, call.msg)

@@ -40,8 +40,7 @@ class LoggedCard(AppCard):
     def power_cycle(self) -> None:
         """Power off and on: nothing verified, nothing selected (a warm reset keeps
         this card's verified PINs)."""
-        self._applets.card.power_off()
-        self._applets.card.power_on()
+        self._applets.power_off()
 
 
 @pytest.fixture(scope="module")
