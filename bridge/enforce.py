@@ -36,9 +36,12 @@ from .pcsc import (
     Connect,
     Disconnect,
     EndTransaction,
+    GetAttrib,
     Message,
     Reconnect,
     ReleaseContext,
+    SetAttrib,
+    Status,
     Transmit,
 )
 from .policy import Policy
@@ -85,7 +88,7 @@ class CardUse:
         self.apdus = 0
         self.counters = counters   # the reader's metrics, or None
         self.cut = 0      # a reload's policy took the card: what its calls get from then on
-        self.pending = 0  # what its next call gets (SCARD_W_RESET_CARD: a hold limit ended)
+        self.pending = 0  # what its calls get until it reconnects (a hold limit reset it)
         self.asked = False   # the PIN guard's question was sent: its next attempt is judged
         self.resetting = False   # reset_between_guests' reset was sent before its call
         self.reset_rv = 0        # ... and failed: its call gets this
@@ -137,6 +140,9 @@ RESETS = (SCARD_RESET_CARD, SCARD_UNPOWER_CARD, SCARD_EJECT_CARD)
 # they succeeded
 ANY_ANSWER = frozenset((Transmit, BeginTransaction))
 SUCCESS = frozenset((Connect, Reconnect, Disconnect, ReleaseContext, EndTransaction))
+# the calls pcscd answers SCARD_W_RESET_CARD after a reset, until SCardReconnect
+EVENT_CHECKED = frozenset((BeginTransaction, EndTransaction, Status, GetAttrib, SetAttrib,
+                           Transmit))
 
 
 class Enforcer:
@@ -163,9 +169,13 @@ class Enforcer:
                     del self.handles[msg.hCard]
                     return Verdict(reply=msg.failed(0))
                 return Verdict(use.cut)
-            if use is not None and use.pending and type(msg) is not Disconnect:
-                rv, use.pending = use.pending, 0   # the card was reset under it, once
-                return Verdict(rv)
+            if use is not None and use.pending:
+                # a hold limit reset the card under it: pcscd's answer until the
+                # application reconnects (pcscd clears the event on SCardReconnect only)
+                if type(msg) is Reconnect:
+                    use.pending = 0
+                elif type(msg) in EVENT_CHECKED:
+                    return Verdict(use.pending)
         kind = type(msg)
         if kind is Transmit:
             policy = self.policy
@@ -340,8 +350,9 @@ class Enforcer:
         """The holds past ``hold_limit`` at ``now`` end: for each, the use and the calls
         that end it on the host, for the shell to make (quietly, in order): the
         transaction ended and the card powered off and on (no authenticated state stays
-        behind), an exclusive connection made shared. The application's next call on the
-        handle gets SCARD_W_RESET_CARD, as after another application reset the card."""
+        behind), an exclusive connection made shared. The application's calls on the
+        handle get SCARD_W_RESET_CARD until it reconnects, as after another application
+        reset the card."""
         limit = self.policy.hold_limit
         if not limit:
             return []

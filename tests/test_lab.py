@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import threading
+import time
 
 import pytest
 from appcard import PORT, READER, AppCard
@@ -118,3 +121,151 @@ def test_a_denied_install_never_reaches_the_card(card, path):
     assert got[:3] == ["9000", "6982", "6982"] and got[3].endswith("9000")
     assert [a[2:4] for a in logged.log[before:]] == ["a4", "ca"]
     assert "apdu_rules: 80 E6 0C 00" in proc.output()
+
+
+# --- holds, fair waiting, no inherited PIN state -------------------------------------
+W_RESET_CARD = 0x80100068
+SHARING_VIOLATION = 0x8010000B
+VERIFY_USER = "0020008206" + b"123456".hex()   # PW1 for other commands: the default PIN
+USER_STATE = "00200082"                         # verified (90 00) or tries left (63 Cx)
+HOLD_LIMIT = 2.0
+# four clients of one process: network guests of one server, or sockets of one `local`
+LAB = {"lab1": f"hold_limit: {HOLD_LIMIT:g}s, reset_between_guests: true",
+       "lab2": "reset_between_guests: true",
+       "lab3": "reset_between_guests: false",
+       "lab4": "reset_between_guests: true"}
+
+
+@pytest.fixture(params=["guest", "local"])
+def lab(request, card, tmp_path):
+    """name -> its socket, for the four clients of LAB; and the process serving them
+    (its log) and its configuration file (``pcsc-bridge status``)."""
+    logged = card[1]
+    logged.power_cycle()
+    if request.param == "guest":
+        b = Bridge(str(tmp_path), guests=tuple(LAB),
+                   extra="  guests:\n" + "".join(f"    {n}: {{{p}}}\n" for n, p in LAB.items()))
+        b.start_server()
+        socks = {n: b.start_agent(n) for n in LAB}
+        yield socks, b.server, f"{tmp_path}/server.yaml"
+        b.stop()
+    else:
+        socks = {n: f"{tmp_path}/{n}.sock" for n in LAB}
+        conf = write_local_config(str(tmp_path), "".join(
+            f"    - {{path: {socks[n]}, {p}}}\n" for n, p in LAB.items()))
+        local = Process(["local", "-c", conf], f"{tmp_path}/local.log")
+        for s in socks.values():
+            wait_path(s)
+        yield socks, local, conf
+        local.stop()
+
+
+class Client:
+    """An application with one card handle on the app card's reader."""
+
+    def __init__(self, sock: str):
+        self.app = App(sock)
+        self.card = self.app.connect(self.app.establish().context, READER).card
+
+    def send(self, apdu: str):
+        return self.app.transmit(self.card, apdu)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+def status(conf: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "pcsc_bridge", "status", "-c", conf],
+                          capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_hold_past_hold_limit_ends_and_another_guests_gpg_then_completes(lab, tmp_path):
+    socks, proc, conf = lab
+    job = Client(socks["lab1"])                       # a CI job that hangs in a transaction
+    try:
+        assert job.app.begin(job.card).rv == 0
+        assert job.send(SELECT_OPENPGP).response == "9000"     # the lock is the job's
+        other = Client(socks["lab2"])
+        assert other.send(SELECT_OPENPGP).rv == SHARING_VIOLATION   # held: as pcscd says
+        shown = status(conf)
+        assert "held by lab1" in shown and "transaction" in shown, shown
+        other.close()
+        time.sleep(HOLD_LIMIT + 0.5)
+        home = tmp_path / "gnupg"
+        home.mkdir(mode=0o700)
+        (home / "scdaemon.conf").write_text(f"disable-ccid\npcsc-shared\nreader-port {READER}\n")
+        env = {**os.environ, "PCSCLITE_CSOCK_NAME": socks["lab2"], "GNUPGHOME": str(home)}
+        try:
+            done = subprocess.run(["gpg", "--batch", "--card-status"], env=env,
+                                  capture_output=True, text=True, timeout=60, check=False)
+        finally:
+            subprocess.run(["gpgconf", "--kill", "all"], env=env, check=False,
+                           capture_output=True)
+        assert done.returncode == 0 and "OpenPGP" in done.stdout, done.stderr[-600:]
+        # the job: the card was reset under it (pcscd's answer until it reconnects)
+        assert job.send(SELECT_OPENPGP).rv == W_RESET_CARD
+        assert job.app.reconnect(job.card, init=0).rv == 0
+        assert job.send(SELECT_OPENPGP).response == "9000"
+        assert 'end="hold limit"' in proc.output()
+        assert "held by" not in status(conf)
+    finally:
+        job.close()
+
+
+def test_waiting_clients_get_the_transaction_in_the_order_they_asked(lab):
+    socks, _, conf = lab
+    holder = Client(socks["lab3"])
+    clients = {n: Client(socks[n]) for n in ("lab4", "lab2", "lab1")}   # the order asked
+    got: list[str] = []
+
+    def take(name: str) -> None:
+        c = clients[name]
+        assert c.app.begin(c.card).rv == 0
+        r = c.send("00ca006e00")          # under the transaction: waits for it
+        got.append(name if r.rv == 0 else f"{name}: {r.rv:#x}")
+        time.sleep(0.3)
+        c.app.end(c.card)
+    try:
+        assert holder.app.begin(holder.card).rv == 0
+        assert holder.send(SELECT_OPENPGP).response == "9000"
+        threads = []
+        for name in clients:
+            threads.append(threading.Thread(target=take, args=(name,)))
+            threads[-1].start()
+            time.sleep(0.5)              # each asks well after the one before
+        shown = status(conf)
+        assert [line.split()[2] for line in shown.splitlines()
+                if line.strip().startswith("waiting")] == list(clients), shown
+        assert holder.app.end(holder.card).rv == 0
+        for t in threads:
+            t.join(30)
+        assert got == list(clients)
+    finally:
+        holder.close()
+        for c in clients.values():
+            c.close()
+
+
+def test_a_guest_never_works_under_the_pin_another_guest_verified(lab, card):
+    socks, proc, _ = lab
+    pcscd, _logged = card
+    first = Client(socks["lab1"])
+    try:
+        assert [first.send(a).response for a in (SELECT_OPENPGP, VERIFY_USER, USER_STATE)] \
+            == ["9000", "9000", "9000"]
+        # lab2 (reset_between_guests): the card is power-cycled before its first APDU
+        assert on_card(socks["lab2"], SELECT_OPENPGP, USER_STATE) == ["9000", "63c3"]
+        assert "card.reset" in proc.output()
+        assert first.send(SELECT_OPENPGP).rv == W_RESET_CARD   # pcscd's: someone reset it
+        assert first.app.reconnect(first.card, init=0).rv == 0
+        assert [first.send(a).response for a in (SELECT_OPENPGP, VERIFY_USER)] \
+            == ["9000", "9000"]
+        # lab3 (off): the card as pcscd gives it, the PIN still verified; so for the
+        # host's own applications, which are never reset
+        assert on_card(socks["lab3"], SELECT_OPENPGP, USER_STATE) == ["9000", "9000"]
+        assert on_card(pcscd.socket, SELECT_OPENPGP, USER_STATE) == ["9000", "9000"]
+    finally:
+        first.close()

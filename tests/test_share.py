@@ -146,11 +146,15 @@ def test_a_hold_past_hold_limit_is_ended_on_the_host():
     job.answer(SID)
     assert lab.held == [("R0", 2.0)]
     assert not lab.readers["R0"].holders
-    # the application's next call: what pcscd gives after another application reset
-    # the card; the one after it goes to the card again
-    lab.transmit("job")
-    assert lab.with_backend("job") is None
-    assert lab.last_rv("job", p.Transmit(h, 2, 8, 5, 2, 8, 258)) == p.SCARD_W_RESET_CARD
+    # the application's calls: what pcscd gives after another application reset the
+    # card, until it reconnects; then its calls go to the card again
+    for _ in range(2):
+        lab.transmit("job")
+        assert lab.with_backend("job") is None
+        assert lab.last_rv("job", p.Transmit(h, 2, 8, 5, 2, 8, 258)) == p.SCARD_W_RESET_CARD
+    lab.call("job", p.Reconnect(h, p.SCARD_SHARE_SHARED, T1, p.SCARD_LEAVE_CARD))
+    assert type(lab.with_backend("job")) is p.Reconnect
+    job.answer(SID)
     lab.transmit("job")
     assert type(lab.with_backend("job")) is p.Transmit
     job.answer(SID)
@@ -202,3 +206,24 @@ def test_reset_between_guests_off_passes_the_card_as_it_is():
     lab.guests["a"].answer(SID)
     lab.transmit("b")
     assert type(lab.with_backend("b")) is p.Transmit
+
+
+def test_the_lab_pages_policies_load_as_they_say(tmp_path):
+    import re
+    from pathlib import Path
+
+    from pcsc_bridge import config
+    page = (Path(__file__).parent.parent / "docs" / "lab.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", page, re.DOTALL)
+              if b.startswith("server:")]
+    assert len(blocks) >= 4
+    for n, block in enumerate(blocks):
+        f = tmp_path / f"{n}.yaml"
+        f.write_text(block.replace("server:\n", "server:\n  cert: a\n  key: b\n  ca: c\n", 1))
+        guests = config.load_server_config(str(f)).guests
+        assert guests
+    lab, admin = guests["default"], guests["admin"]      # the last: one policy for a lab
+    assert (lab.hold_limit, lab.reset_between_guests, lab.pin_guard, lab.exclusive) \
+        == (120.0, True, 1, False)
+    assert (admin.hold_limit, admin.pin_guard) == (None, 0)
+    assert len(lab.apdu_rules) == 2
