@@ -73,6 +73,7 @@ class CardUse:
         "protocol",
         "reader",
         "reset_rv",
+        "resets_seen",
         "resetting",
         "share",
         "start",
@@ -91,6 +92,7 @@ class CardUse:
         self.pending = 0  # what its calls get until it reconnects (a hold limit reset it)
         self.asked = False   # the PIN guard's question was sent: its next attempt is judged
         self.resetting = False   # reset_between_guests' reset was sent before its call
+        self.resets_seen = 0     # the reader's resets it was told of (SharedReader.resets)
         self.reset_rv = 0        # ... and failed: its call gets this
         self.locks = 0           # SCardBeginTransaction minus SCardEndTransaction
         self.hold: str | None = None   # "transaction", "exclusive" or both; None
@@ -208,7 +210,13 @@ class Enforcer:
                 if use.reset_rv:              # ... which fails as the reset did
                     rv, use.reset_rv = use.reset_rv, 0
                     return Verdict(rv)
-            elif reader.used_by is not None and reader.used_by != self.client:
+            elif reader.used_by is not None and reader.used_by != self.client \
+                    and all(u is use for u in reader.holders) \
+                    and use.resets_seen == reader.resets:
+                # (while another holds the reader, pcscd refuses the APDU as it is, and
+                # the application asks again: the reset waits for its turn; a handle the
+                # card was reset under since its last call gets pcscd's SCARD_W_RESET_CARD
+                # first, which the reset, made on that handle, would hide)
                 use.resetting = True
                 return Verdict(probe=Reconnect(msg.hCard, use.share, use.protocol,
                                                SCARD_UNPOWER_CARD),
@@ -255,8 +263,11 @@ class Enforcer:
             return []
         use = self.handles.get(getattr(msg, "hCard", None))
         if kind is BeginTransaction:
-            if use is not None and rv != SCARD_E_SHARING_VIOLATION:
-                self.readers[use.reader].leave(use)   # it has the lock, or gave up
+            # it has the lock, or failed; it keeps its place when it will ask again:
+            # after another's transaction (pcscd's SHARING_VIOLATION) or a reset of the
+            # card (SCARD_W_RESET_CARD: the application reconnects, then asks again)
+            if use is not None and rv not in (SCARD_E_SHARING_VIOLATION, SCARD_W_RESET_CARD):
+                self.readers[use.reader].leave(use)
                 if rv == 0:
                     use.locks += 1
                     self._hold(use, now)
@@ -268,8 +279,10 @@ class Enforcer:
         if use is not None and getattr(msg, "dwDisposition",
                                        getattr(msg, "dwInitialization", 0)) in RESETS:
             self._forget(use.reader)
+            reader = self.readers[use.reader]
+            reader.resets += 1
             if use.resetting:                 # the reset between clients: a clean card
-                self.readers[use.reader].used_by = None
+                reader.used_by = None
         if kind is Connect:
             use = self.handles[reply.hCard] = CardUse(
                 msg.szReader, msg.hContext, owner, msg.dwShareMode,
@@ -278,10 +291,12 @@ class Enforcer:
             if rv:   # a reload came while it connected: the card is taken back at once
                 self._cut(use, rv, now)
                 return [(use, "taken by a reload (policy)")]
+            use.resets_seen = self.readers[use.reader].resets
             self._hold(use, now)
         elif kind is Reconnect:
-            if use is not None:
+            if use is not None:   # pcscd told it of every reset so far (it clears them)
                 use.share, use.protocol = msg.dwShareMode, reply.dwActiveProtocol
+                use.resets_seen = self.readers[use.reader].resets
                 self._hold(use, now)
         elif kind is EndTransaction:
             if use is not None and use.locks:
@@ -297,9 +312,11 @@ class Enforcer:
                               if u.context == msg.hContext], "context released", now)
         return []
 
-    def _hold(self, use: CardUse, now: float) -> None:
-        """Whether ``use`` holds its reader changed, maybe: its records follow."""
-        hold = ("transaction" if use.locks else None) if use.share != SCARD_SHARE_EXCLUSIVE \
+    def _hold(self, use: CardUse, now: float, ended: bool = False) -> None:
+        """Whether ``use`` holds its reader changed, maybe (``ended``: its handle ended):
+        its records follow."""
+        hold = None if ended else ("transaction" if use.locks else None) \
+            if use.share != SCARD_SHARE_EXCLUSIVE \
             else ("exclusive, transaction" if use.locks else "exclusive")
         if (hold is None) == (use.hold is None):
             use.hold = hold
@@ -317,8 +334,7 @@ class Enforcer:
     def _release(self, use: CardUse, now: float) -> None:
         """``use``'s handle ended: it holds nothing and waits for nothing."""
         use.locks = 0
-        use.share = SCARD_SHARE_SHARED
-        self._hold(use, now)
+        self._hold(use, now, ended=True)
         self.readers[use.reader].leave(use)
 
     def _forget(self, reader: str) -> None:
@@ -372,7 +388,9 @@ class Enforcer:
             use.pending = SCARD_W_RESET_CARD
             self.marked = True
             self._forget(use.reader)
-            self.readers[use.reader].used_by = None
+            reader = self.readers[use.reader]
+            reader.used_by = None
+            reader.resets += 1
             out.append((use, calls))
         return out
 

@@ -28,13 +28,14 @@ class SharedReader:
     """One reader as its clients share it. ``holders`` and ``waiting`` hold
     bridge/enforce.py's ``CardUse`` records (a card handle of one application)."""
 
-    __slots__ = ("card", "holders", "used_by", "waiting")
+    __slots__ = ("card", "holders", "resets", "used_by", "waiting")
 
     def __init__(self):
         self.card = CardKnowledge()
         self.holders: list = []      # uses holding it: a transaction, an exclusive connection
         self.waiting: list = []      # uses whose Begin waits, in the order first asked
         self.used_by: str | None = None   # the client whose APDU the card answered last
+        self.resets = 0              # resets the clients made (a handle's are behind: told)
 
     def turn(self, use, now: float) -> bool:
         """``use``'s SCardBeginTransaction: True when it may go to the backend now (it is

@@ -309,8 +309,9 @@ class GuestState:
                 return
             if verdict.probe is not None:   # asked of the card first, then checked again
                 if verdict.why is not None:
-                    log.info("card.reset", guest=self.guest, stream=stream.id,
-                             reader=self._reader_of(msg), why=verdict.why)
+                    reader = self._reader_of(msg)
+                    self.repeats(log.info, "card.reset", ("card.reset", reader), guest=self.guest,
+                                 stream=stream.id, reader=reader, why=verdict.why)
                 stream.queue.appendleft((msg, flags, seq, arrived, False))
                 stream.queue.appendleft((verdict.probe, 0, 0, now, True))
                 self._next(stream, now)

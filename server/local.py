@@ -176,8 +176,8 @@ class PolicyStream(BackendStream):
             view.denied(msg, verdict, self.app)
         if verdict.probe is not None:     # the PIN guard's question, the reset first
             if verdict.why is not None:
-                log.info("card.reset", socket=view.label, app=self.app.id,
-                         reader=getattr(msg, "szReader", None), why=verdict.why)
+                view.repeats(log.info, "card.reset", ("card.reset", self.app.uid), socket=view.label,
+                             app=self.app.id, why=verdict.why)
             self.busy += 1
             self.inner.submit(verdict.probe, partial(
                 self._probed, verdict.probe, msg, done, only_if_ok, answered_early))

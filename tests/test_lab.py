@@ -128,7 +128,7 @@ W_RESET_CARD = 0x80100068
 SHARING_VIOLATION = 0x8010000B
 VERIFY_USER = "0020008206" + b"123456".hex()   # PW1 for other commands: the default PIN
 USER_STATE = "00200082"                         # verified (90 00) or tries left (63 Cx)
-HOLD_LIMIT = 2.0
+HOLD_LIMIT = 3.0
 # four clients of one process: network guests of one server, or sockets of one `local`
 LAB = {"lab1": f"hold_limit: {HOLD_LIMIT:g}s, reset_between_guests: true",
        "lab2": "reset_between_guests: true",
@@ -138,8 +138,9 @@ LAB = {"lab1": f"hold_limit: {HOLD_LIMIT:g}s, reset_between_guests: true",
 
 @pytest.fixture(params=["guest", "local"])
 def lab(request, card, tmp_path):
-    """name -> its socket, for the four clients of LAB; and the process serving them
-    (its log) and its configuration file (``pcsc-bridge status``)."""
+    """name -> its socket, for the four clients of LAB; the process serving them (its
+    log), its configuration file (``pcsc-bridge status``), and name -> the client's name
+    there (a guest's, a socket's path)."""
     logged = card[1]
     logged.power_cycle()
     if request.param == "guest":
@@ -147,7 +148,7 @@ def lab(request, card, tmp_path):
                    extra="  guests:\n" + "".join(f"    {n}: {{{p}}}\n" for n, p in LAB.items()))
         b.start_server()
         socks = {n: b.start_agent(n) for n in LAB}
-        yield socks, b.server, f"{tmp_path}/server.yaml"
+        yield socks, b.server, f"{tmp_path}/server.yaml", {n: n for n in LAB}
         b.stop()
     else:
         socks = {n: f"{tmp_path}/{n}.sock" for n in LAB}
@@ -156,7 +157,7 @@ def lab(request, card, tmp_path):
         local = Process(["local", "-c", conf], f"{tmp_path}/local.log")
         for s in socks.values():
             wait_path(s)
-        yield socks, local, conf
+        yield socks, local, conf, socks
         local.stop()
 
 
@@ -183,17 +184,28 @@ def status(conf: str) -> str:
 
 
 def test_a_hold_past_hold_limit_ends_and_another_guests_gpg_then_completes(lab, tmp_path):
-    socks, proc, conf = lab
+    socks, proc, conf, who = lab
     job = Client(socks["lab1"])                       # a CI job that hangs in a transaction
+    other = Client(socks["lab2"])
     try:
         assert job.app.begin(job.card).rv == 0
         assert job.send(SELECT_OPENPGP).response == "9000"     # the lock is the job's
-        other = Client(socks["lab2"])
-        assert other.send(SELECT_OPENPGP).rv == SHARING_VIOLATION   # held: as pcscd says
+        held = time.monotonic()
+        # another guest's APDU waits meanwhile, as pcscd keeps it waiting (pcsc-lite's
+        # library asks again while someone else holds the transaction)
+        waiting = other.app.submit("transmit", card=other.card, apdu=SELECT_OPENPGP)
+        assert waiting.wait(1.0) is None
         shown = status(conf)
-        assert "held by lab1" in shown and "transaction" in shown, shown
+        assert f"held by {who['lab1']}" in shown and "transaction" in shown, shown
+        # past hold_limit the job's transaction ends on the host and the card is power-
+        # cycled: the waiting APDU gets what pcscd gives after another application reset
+        # the card
+        r = waiting.wait(HOLD_LIMIT + 5)
+        assert r is not None and r.rv == W_RESET_CARD, r
+        assert time.monotonic() - held > HOLD_LIMIT - 0.5
+        assert 'end="hold limit"' in proc.output()
+        assert "held by" not in status(conf)
         other.close()
-        time.sleep(HOLD_LIMIT + 0.5)
         home = tmp_path / "gnupg"
         home.mkdir(mode=0o700)
         (home / "scdaemon.conf").write_text(f"disable-ccid\npcsc-shared\nreader-port {READER}\n")
@@ -205,26 +217,34 @@ def test_a_hold_past_hold_limit_ends_and_another_guests_gpg_then_completes(lab, 
             subprocess.run(["gpgconf", "--kill", "all"], env=env, check=False,
                            capture_output=True)
         assert done.returncode == 0 and "OpenPGP" in done.stdout, done.stderr[-600:]
-        # the job: the card was reset under it (pcscd's answer until it reconnects)
+        # the job: its card was reset under it (pcscd's answer until it reconnects)
+        assert job.send(SELECT_OPENPGP).rv == W_RESET_CARD
         assert job.send(SELECT_OPENPGP).rv == W_RESET_CARD
         assert job.app.reconnect(job.card, init=0).rv == 0
         assert job.send(SELECT_OPENPGP).response == "9000"
-        assert 'end="hold limit"' in proc.output()
-        assert "held by" not in status(conf)
     finally:
         job.close()
+        other.close()
 
 
 def test_waiting_clients_get_the_transaction_in_the_order_they_asked(lab):
-    socks, _, conf = lab
+    socks, _, conf, who = lab
     holder = Client(socks["lab3"])
     clients = {n: Client(socks[n]) for n in ("lab4", "lab2", "lab1")}   # the order asked
     got: list[str] = []
 
     def take(name: str) -> None:
+        # the Begin waits for the transaction (through an agent: the APDU after it);
+        # the one before it had the card reset for it (SCARD_W_RESET_CARD): reconnect,
+        # ask again, keep its place
         c = clients[name]
-        assert c.app.begin(c.card).rv == 0
-        r = c.send("00ca006e00")          # under the transaction: waits for it
+        while True:
+            r = c.app.begin(c.card)
+            if r.rv == 0:
+                r = c.send("00ca006e00")
+            if r.rv != W_RESET_CARD:
+                break
+            assert c.app.reconnect(c.card, init=0).rv == 0
         got.append(name if r.rv == 0 else f"{name}: {r.rv:#x}")
         time.sleep(0.3)
         c.app.end(c.card)
@@ -238,7 +258,7 @@ def test_waiting_clients_get_the_transaction_in_the_order_they_asked(lab):
             time.sleep(0.5)              # each asks well after the one before
         shown = status(conf)
         assert [line.split()[2] for line in shown.splitlines()
-                if line.strip().startswith("waiting")] == list(clients), shown
+                if line.strip().startswith("waiting")] == [who[n] for n in clients], shown
         assert holder.app.end(holder.card).rv == 0
         for t in threads:
             t.join(30)
@@ -250,7 +270,7 @@ def test_waiting_clients_get_the_transaction_in_the_order_they_asked(lab):
 
 
 def test_a_guest_never_works_under_the_pin_another_guest_verified(lab, card):
-    socks, proc, _ = lab
+    socks, proc, _, _ = lab
     pcscd, _logged = card
     first = Client(socks["lab1"])
     try:

@@ -192,8 +192,18 @@ def test_a_card_another_guest_used_is_power_cycled_before_this_guests_apdu():
     assert type(lab.with_backend("b")) is p.Transmit  # then its APDU
     lab.guests["b"].answer(SID)
     assert lab.readers["R0"].used_by == "b"
-    # a reset that fails (another application's transaction): the APDU fails with it
+    # a's handle: the card was reset under it since its last call, which pcscd tells it
+    # (a reset made on its handle now would hide that): its APDU goes as it is
     lab.transmit("a")
+    assert type(lab.with_backend("a")) is p.Transmit
+    lab.guests["a"].answer(SID, p.SCARD_W_RESET_CARD)
+    ha = lab.handles["a"]
+    lab.call("a", p.Reconnect(ha, p.SCARD_SHARE_SHARED, T1, p.SCARD_LEAVE_CARD))
+    lab.guests["a"].answer(SID)
+    # then the reset; one that fails (another application's transaction): the APDU
+    # fails with it
+    lab.transmit("a")
+    assert type(lab.with_backend("a")) is p.Reconnect
     lab.guests["a"].answer(SID, p.SCARD_E_SHARING_VIOLATION)
     assert lab.with_backend("a") is None
     assert lab.last_rv("a", p.Transmit(0, 2, 8, 5, 2, 8, 258)) == \
