@@ -15,7 +15,6 @@ import time
 from collections.abc import Hashable
 
 from .apdu import LEARNS, PIN_INS, SW_DENIED, SW_GUARDED, CardKnowledge
-from .apdu import decide as apdu_decide
 from .pcsc import (
     SCARD_E_READER_UNAVAILABLE,
     SCARD_E_UNKNOWN_READER,
@@ -115,8 +114,8 @@ class Enforcer:
         apdu = msg.data
         if use is None or len(apdu) < 4:
             return PASS                       # pcscd's own answer
-        if policy.apdu_rules and not apdu_decide(policy.apdu_rules, apdu[:4],
-                                                 self._card(use).addressed(apdu)):
+        rules = policy.rules
+        if rules is not None and not rules.decide(apdu, self._card(use).addressed(apdu)):
             return Verdict(reply=_sw(msg, SW_DENIED), denied=True,
                            why=f"apdu_rules: {apdu[:4].hex(' ').upper()}")
         if policy.pin_guard and apdu[1] in PIN_INS:

@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import cached_property
 from typing import Any
 
-from .apdu import ApduRule
+from .apdu import ApduRule, Rules
 from .pcsc import (
     SCARD_E_UNKNOWN_READER,
     SCARD_SHARE_DIRECT,
@@ -59,6 +60,11 @@ class Policy:
     allow: bool = _f(BOOL, True)
     apdu_rules: tuple[ApduRule, ...] = apdu_rules_field()
     pin_guard: int = pin_guard_field()
+
+    @cached_property
+    def rules(self) -> Rules | None:
+        """``apdu_rules`` as the per-APDU path reads them; None when there are none."""
+        return Rules(self.apdu_rules) if self.apdu_rules else None
 
     def sees(self, reader_name: str) -> bool:
         return any(fnmatchcase(reader_name, pattern) for pattern in self.readers)
