@@ -9,6 +9,10 @@
                               # round trips each path's link adds (its time at the delay
                               # minus its time through the same proxy at 0 ms) and its
                               # processing ms (benchmarks/apps.py; about 17 minutes)
+    benchmarks/run --rules 20 # the APDU rules' cost: this checkout's server with 20
+                              # apdu_rules entries for the guest against none, side by
+                              # side on the virtual backend (benchmarks/ab.py --rules;
+                              # no pcscd, no root; -n 2000 --rounds 8 unless given)
 
 Paths, every one ending at the same pcscd, vpcd reader and test card on 127.0.0.1:
   direct   the application talks to /run/pcscd/pcscd.comm
@@ -1362,12 +1366,18 @@ def main(argv: list[str] | None = None) -> int:
                    "OpenPGP + PIV card over a 20 ms link (--delay-ms): the round trips "
                    "each path's link adds, (T at the delay - T at 0 ms) / round trip, and "
                    "each path's processing ms at 0 ms (benchmarks/apps.py)")
+    p.add_argument("--rules", type=int, metavar="N",
+                   help="this checkout's server with N apdu_rules entries for the guest "
+                   "against none, two servers side by side on the virtual backend, Transmit "
+                   "p50 ratio and server CPU per call (benchmarks/ab.py --rules N)")
     p.add_argument("--reps", type=int, help="--dialects: repetitions of every pair; "
                    "--apps: runs of each application per path (3)")
     p.add_argument("--only", help="--apps: the applications whose name contains this "
                    "(comma-separated, e.g. pkcs11,gpg; default: all)")
     p.add_argument("-n", "--transmit", type=int, help="SCardTransmit and SCardStatus calls "
                    "(--dialects: SCardTransmit calls per run of a pair)")
+    p.add_argument("--rounds", type=int, help="rounds the latency calls are interleaved "
+                   "in (--rules: rounds of the two servers)")
     p.add_argument("--estrel", type=int, help="Establish+Release pairs")
     p.add_argument("--load-seconds", type=float)
     p.add_argument("--sessions", type=int, help="slow-link sessions per path")
@@ -1376,11 +1386,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
     args = p.parse_args(argv)
+    if args.rules is not None:
+        if args.paths is not None or args.dialects or args.apps:
+            p.error("--rules goes alone (with -n, --rounds or --quick)")
+        from ab import main as ab_main
+        n = args.transmit or (QUICK.n_transmit if args.quick else 2000)
+        rounds = args.rounds or (QUICK.rounds if args.quick else 8)
+        return ab_main(["--rules", str(args.rules), "-n", str(n), "--rounds", str(rounds)])
     s = QUICK if args.quick else Settings()
     over = {"n_transmit": args.transmit, "n_status": args.transmit, "n_estrel": args.estrel,
             "load_seconds": args.load_seconds, "sessions": args.sessions,
             "delay_ms": args.delay_ms, "guests": args.guests, "dialect_reps": args.reps,
-            "dialect_n": args.transmit}
+            "dialect_n": args.transmit, "rounds": args.rounds}
     s = replace(s, **{k: v for k, v in over.items() if v is not None})
     app_paths, only = None, None
     if args.apps:

@@ -2,7 +2,9 @@
  *
  * The socket comes from PCSCLITE_CSOCK_NAME, as for any pcsc-lite application.
  *
- *   client transmit READER N     N x SCardTransmit(ECHO 80 EE 00 00 04 01 02 03 04), ns each
+ *   client transmit READER N [AID]
+ *                                N x SCardTransmit(ECHO 80 EE 00 00 04 01 02 03 04), ns each;
+ *                                with AID (hex), a SELECT of that application first (untimed)
  *   client status READER N       N x SCardStatus, ns each
  *   client estrel N              N x (SCardEstablishContext + SCardReleaseContext), ns each
  *   client session READER REPS   REPS x the standard session (establish, list readers,
@@ -116,11 +118,35 @@ static void close_card(SCARDCONTEXT ctx, SCARDHANDLE card) {
     check("SCardReleaseContext", SCardReleaseContext(ctx));
 }
 
-static int do_transmit(const char *reader, long n, int status) {
+/* SELECT by DF name (00 A4 04 00 Lc AID) of the application whose AID is in hex in aid:
+ * the card must answer 61 xx or 90 00. */
+static void select_aid(SCARDHANDLE card, const char *aid) {
+    BYTE cmd[5 + 16] = {0x00, 0xA4, 0x04, 0x00}, out[258];
+    DWORD len = sizeof out;
+    size_t n = strlen(aid) / 2;
+    unsigned int byte;
+    SCARD_IO_REQUEST recv_pci;
+    if (n < 1 || n > 16 || strlen(aid) % 2)
+        fail("SELECT (AID of 1 to 16 bytes in hex)", -1);
+    for (size_t i = 0; i < n; i++) {
+        if (sscanf(aid + 2 * i, "%2x", &byte) != 1)
+            fail("SELECT (AID of 1 to 16 bytes in hex)", -1);
+        cmd[5 + i] = (BYTE)byte;
+    }
+    cmd[4] = (BYTE)n;
+    check("SCardTransmit", SCardTransmit(card, SCARD_PCI_T1, cmd, 5 + n, &recv_pci, out,
+                                         &len));
+    if (len < 2 || !(out[len - 2] == 0x61 || (out[len - 2] == 0x90 && out[len - 1] == 0)))
+        fail("SELECT", (LONG)(out[len - 2] << 8 | out[len - 1]));
+}
+
+static int do_transmit(const char *reader, long n, int status, const char *aid) {
     SCARDCONTEXT ctx;
     SCARDHANDLE card;
     int64_t *t = calloc(n, sizeof *t);
     open_card(reader, &ctx, &card);
+    if (aid)
+        select_aid(card, aid);
     for (long i = -WARMUP; i < n; i++) {
         int64_t t0 = mono_ns();
         LONG rv;
@@ -293,10 +319,10 @@ static int do_wait(const char *reader, long timeout_ms) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOFBF, 1 << 16);
-    if (argc == 4 && !strcmp(argv[1], "transmit"))
-        return do_transmit(argv[2], atol(argv[3]), 0);
+    if ((argc == 4 || argc == 5) && !strcmp(argv[1], "transmit"))
+        return do_transmit(argv[2], atol(argv[3]), 0, argc == 5 ? argv[4] : NULL);
     if (argc == 4 && !strcmp(argv[1], "status"))
-        return do_transmit(argv[2], atol(argv[3]), 1);
+        return do_transmit(argv[2], atol(argv[3]), 1, NULL);
     if (argc == 3 && !strcmp(argv[1], "estrel"))
         return do_estrel(atol(argv[2]));
     if (argc == 4 && !strcmp(argv[1], "session"))

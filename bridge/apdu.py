@@ -91,20 +91,42 @@ class ApduRule:
     # a prefix of the AID selected on the APDU's logical channel
     aid: bytes | None = _f(_Leaf(lambda v: parse_hex(v, 1, 16)), None)
 
-    def matches(self, head: bytes, aid: bytes | None) -> bool:
-        for field_, byte in ((self.cla, head[0]), (self.ins, head[1]), (self.p1, head[2]),
-                             (self.p2, head[3])):
-            if field_ is not None and byte & field_[1] != field_[0]:
-                return False
-        return self.aid is None or (aid is not None and aid.startswith(self.aid))
+    def header(self) -> tuple[int, int]:
+        """(mask, value) over the APDU's header (CLA INS P1 P2) read as one big-endian
+        integer: the header matches when ``header & mask == value``."""
+        mask = value = 0
+        for field_ in (self.cla, self.ins, self.p1, self.p2):
+            mask, value = mask << 8, value << 8
+            if field_ is not None:
+                mask, value = mask | field_[1], value | field_[0]
+        return mask, value
+
+
+class Rules:
+    """An ``apdu_rules`` list as the per-APDU path reads it: each entry as (mask, value,
+    AID prefix, allow) over the header read as one integer (``ApduRule.header``)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, rules: tuple[ApduRule, ...]):
+        self.entries = tuple((*rule.header(), rule.aid, rule.action == "allow")
+                             for rule in rules)
+
+    def decide(self, apdu: bytes, aid: bytes | None) -> bool:
+        """True: ``apdu`` (its first four bytes at least) may go to the card; ``aid``: the
+        application it is for, None: not known. The first entry that matches decides,
+        none allows."""
+        header = int.from_bytes(apdu[:4], "big")
+        for mask, value, prefix, allow in self.entries:
+            if header & mask == value and (
+                    prefix is None or (aid is not None and aid.startswith(prefix))):
+                return allow
+        return True
 
 
 def decide(rules: tuple[ApduRule, ...], head: bytes, aid: bytes | None) -> bool:
     """True: the APDU may go to the card."""
-    for rule in rules:
-        if rule.matches(head, aid):
-            return rule.action == "allow"
-    return True
+    return Rules(rules).decide(head, aid)
 
 
 # --- what is known of a card ---------------------------------------------------------

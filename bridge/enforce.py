@@ -19,7 +19,6 @@ import time
 from collections.abc import Hashable
 
 from .apdu import LEARNS, PIN_INS, SW_DENIED, SW_GUARDED
-from .apdu import decide as apdu_decide
 from .pcsc import (
     SCARD_E_READER_UNAVAILABLE,
     SCARD_E_SHARING_VIOLATION,
@@ -200,8 +199,8 @@ class Enforcer:
         if use is None or len(apdu) < 4:
             return PASS                       # pcscd's own answer
         reader = self.readers[use.reader]
-        if policy.apdu_rules and not apdu_decide(policy.apdu_rules, apdu[:4],
-                                                 reader.card.addressed(apdu)):
+        rules = policy.rules
+        if rules is not None and not rules.decide(apdu, reader.card.addressed(apdu)):
             return Verdict(reply=_sw(msg, SW_DENIED), denied=True,
                            why=f"apdu_rules: {apdu[:4].hex(' ').upper()}")
         if policy.reset_between_guests:

@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import cached_property
 from typing import Any
 
-from .apdu import ApduRule
+from .apdu import ApduRule, Rules
 from .pcsc import (
     SCARD_E_UNKNOWN_READER,
     SCARD_SHARE_DIRECT,
@@ -73,6 +74,11 @@ class Policy:
     pin_guard: int = pin_guard_field()
     hold_limit: float | None = hold_limit_field()
     reset_between_guests: bool = reset_between_guests_field(True)
+
+    @cached_property
+    def rules(self) -> Rules | None:
+        """``apdu_rules`` as the per-APDU path reads them; None when there are none."""
+        return Rules(self.apdu_rules) if self.apdu_rules else None
 
     def sees(self, reader_name: str) -> bool:
         return any(fnmatchcase(reader_name, pattern) for pattern in self.readers)

@@ -64,6 +64,24 @@ def test_the_first_rule_that_matches_decides_and_none_allows():
     assert decide(rules, apdu("00A40400"), None) and decide((), apdu("80E60C00"), None)
 
 
+_MASKED = st.none() | st.tuples(st.integers(0, 255), st.integers(0, 255)).map(
+    lambda vm: (vm[0] & vm[1], vm[1]))
+_AIDS = st.sampled_from((None, OPENPGP, OPENPGP + b"\x03\x04", CARD_MANAGER, b"\xa0"))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.builds(ApduRule, action=st.sampled_from(("allow", "deny")), cla=_MASKED,
+                          ins=_MASKED, p1=_MASKED, p2=_MASKED, aid=_AIDS), max_size=8),
+       st.binary(min_size=4, max_size=6), _AIDS)
+def test_decide_is_every_field_read_as_the_rules_say(rules, head, aid):
+    def matches(rule):     # the rule, field by field, as docs/lab.md says it
+        return all(f is None or b & f[1] == f[0] for f, b in zip(
+            (rule.cla, rule.ins, rule.p1, rule.p2), head)) and (
+            rule.aid is None or (aid is not None and aid.startswith(rule.aid)))
+    first = next((r for r in rules if matches(r)), None)
+    assert decide(tuple(rules), head, aid) == (first is None or first.action == "allow")
+
+
 @pytest.mark.parametrize("entry, words", [
     ("{action: deny, ins: E6E6}", 'expected a hex byte or byte/mask like "A4" or "80/F0"'),
     ("{action: deny, cla: 80/G0}", "apdu_rules[0].cla"),
