@@ -205,7 +205,7 @@ class ServerEntry:
 @dataclass(frozen=True, kw_only=True)
 class ClientConfig:
     log: LogConfig = field(default_factory=LogConfig)     # the file's top-level log:
-    # the server; or several: ``servers`` (not both)
+    # the server; more in ``servers`` (client/union.py): its readers come first
     server: HostPort | None = field(default=None,
                                     metadata=_m(_Leaf(HostPort.parse), nullable=True))
     server_name: str | None = _f(STRING, None)            # None → the host part of server
@@ -240,18 +240,17 @@ class ClientConfig:
         if self.server is None and not self.servers:
             raise FieldError("server", "required key is missing (or client.servers, a "
                              "list of servers)")
-        if self.server is not None and self.servers:
-            raise FieldError("servers", "client.server is set too: one or the other")
         if self.server_name is None and self.server is not None:
             object.__setattr__(self, "server_name", self.server.host)
-        names = [e.prefix + "\0" + str(e.server) for e in self.servers]
+        names = [e.prefix + "\0" + str(e.server) for e in self.entries()]
         if len(set(names)) < len(names):
             raise FieldError("servers", "the same server twice with the same prefix")
 
     def entries(self) -> tuple[ServerEntry, ...]:
-        """Every server, ``client.server`` being the list of one."""
+        """Every server: ``client.server`` (if set) first, then ``client.servers``."""
         if self.server is not None:
-            return (ServerEntry(server=self.server, server_name=self.server_name),)
+            return (ServerEntry(server=self.server, server_name=self.server_name),
+                    *self.servers)
         return self.servers
 
 

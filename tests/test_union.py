@@ -1,8 +1,9 @@
 """Several servers behind one agent (``client.servers``, client/union.py): one reader
 list on the guest's socket, calls to the server of each reader, each link on its own.
 
-The servers run the virtual backend, each with its own CA and guest certificate, so the
-agent uses a certificate per server too.
+Server a is the host's pcscd (with vpcd and the test card), b and c run the virtual
+backend, b with a reader name of its own, c with one of pcscd's; c has a CA and a guest
+certificate of its own, so the agent uses a certificate per server too.
 """
 
 from __future__ import annotations
@@ -13,31 +14,35 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from smartcard import scard as s
-from targets import App, Process, free_port, make_pki, wait_path, wait_port, \
-    write_server_config
+from targets import App, Process, free_port, make_pki, wait_path, wait_port, write_server_config
 
 R0, R1 = "Virtual PCD 00 00", "Virtual PCD 00 01"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 SELECT = "00A4040006D27600012401"
 
 
 class Server:
     """A server on the virtual backend with readers ``names``, in its own folder."""
 
-    def __init__(self, root, name: str, names: tuple[str, ...]):
+    def __init__(self, root, name: str, names: tuple[str, ...], pki: str | None = None,
+                 backend: str = "virtual"):
+        self.backend = backend
         self.dir = os.path.join(str(root), name)
         os.makedirs(self.dir)
-        self.ca = make_pki(self.dir, ("lab",))
+        self.ca = pki or make_pki(self.dir, ("lab",))     # a CA folder of its own, or one
         self.port = free_port()
         self.names = names
         self.proc = None
 
     def start(self) -> None:
         readers = "".join(f"      - {{name: \"{n}\"}}\n" for n in self.names)
-        conf = write_server_config(self.dir, self.ca, self.port, backend="virtual",
-                                   extra=f"  virtual:\n    readers:\n{readers}")
+        conf = write_server_config(self.dir, self.ca, self.port, backend=self.backend,
+                                   extra=f"  virtual:\n    readers:\n{readers}"
+                                   if self.backend == "virtual" else "")
         self.proc = Process(["server", "-c", conf], os.path.join(self.dir, "server.log"))
         wait_port(self.port)
 
@@ -52,10 +57,11 @@ class Server:
 
 
 @pytest.fixture
-def hosts(tmp_path):
-    """Three servers: distinct names on b, a's names on c (a collision)."""
-    made = {"a": Server(tmp_path, "a", (R0, R1)),
-            "b": Server(tmp_path, "b", ("Lab Reader B 00 00",)),
+def hosts(targets, tmp_path):
+    """Three servers: pcscd's readers on a, a name of its own on b, one of a's on c."""
+    targets.get("pcscd").reset()              # its card in reader 0, none in reader 1
+    a = Server(tmp_path, "a", (R0, R1), backend="pcscd")
+    made = {"a": a, "b": Server(tmp_path, "b", ("Lab Reader B 00 00",), pki=a.ca),
             "c": Server(tmp_path, "c", (R0,))}
     for h in made.values():
         h.start()
@@ -70,23 +76,43 @@ def with_signal(h: Server, sig) -> None:
     os.kill(h.proc.proc.pid, sig)
 
 
-def agent(tmp_path, hosts, entries: str):
+def agent(tmp_path, hosts, entries: str | None = None):
+    """The agent of ``entries`` (client.servers), or of docs/operations.md's example with
+    the test's addresses and files."""
     sock = os.path.join(str(tmp_path), "guest.sock")
-    a = hosts["a"]
+    a, c = hosts["a"], hosts["c"]
     conf = os.path.join(str(tmp_path), "client.yaml")
-    with open(conf, "w") as f:
-        f.write(f"""\
-log: {{level: info}}
+    if entries is None:
+        text = DOC.read_text().split("### A guest of several hosts")[1]
+        text = text.split("```yaml\n")[1].split("```")[0]
+        for old, new in (("host-a.lab:8443", f"127.0.0.1:{a.port}"),
+                         ("host-b.lab:8443", f"127.0.0.1:{hosts['b'].port}"),
+                         ("host-c.lab:8443", f"127.0.0.1:{c.port}"),
+                         ("/etc/pcsc-bridge/guest-c-key.pem", f"{c.ca}/lab-key.pem"),
+                         ("/etc/pcsc-bridge/guest-c.pem", f"{c.ca}/lab.pem"),
+                         ("/etc/pcsc-bridge/ca-c.pem", f"{c.ca}/ca.pem"),
+                         ("/etc/pcsc-bridge/guest-key.pem", f"{a.ca}/lab-key.pem"),
+                         ("/etc/pcsc-bridge/guest.pem", f"{a.ca}/lab.pem"),
+                         ("/etc/pcsc-bridge/ca.pem", f"{a.ca}/ca.pem"),
+                         ("/run/pcscd/pcscd.comm", sock)):
+            assert old in text, old
+            text = text.replace(old, new)
+    else:
+        text = f"""\
 client:
   cert: {a.ca}/lab.pem
   key: {a.ca}/lab-key.pem
   ca: {a.ca}/ca.pem
   socket: {sock}
+  servers:
+{entries}"""
+    with open(conf, "w") as f:
+        f.write("log: {level: info}\n" + text.replace("client:\n", f"""\
+client:
   admin_socket: {tmp_path}/agent.admin
   reconnect: {{initial: 0.2s, max: 1s}}
   keepalive: {{interval: 1s, timeout: 3s}}
-  servers:
-{entries}""")
+""", 1))
     proc = Process(["client", "-c", conf], os.path.join(str(tmp_path), "agent.log"))
     wait_path(sock)
     return sock, conf, proc
@@ -104,16 +130,18 @@ def readers(app: App, want: int, timeout: float = 10.0) -> list[str]:
 
 
 def test_one_reader_list_of_three_servers_with_a_name_made_unique(tmp_path, hosts):
-    sock, conf, proc = agent(tmp_path, hosts, hosts["a"].entry() + hosts["b"].entry(
-        ', prefix: "b/"') + hosts["c"].entry())
+    sock, conf, proc = agent(tmp_path, hosts)       # docs/operations.md's example
     app = App(sock)
     try:
         got = readers(app, 4)
-        assert got == [R0, R1, "b/Lab Reader B 00 00", f"localhost: {R0}"], got
+        assert got == [R0, R1, "b/Lab Reader B 00 00", f"127.0.0.1: {R0}"], got
         # each name reaches its own server's card: a SELECT through each
         ctx = app.establish().context
         for name in got:
             c = app.connect(ctx, name)
+            if name == R1:                       # pcscd's empty reader: its answer
+                assert c.rv == s.SCARD_E_NO_SMARTCARD, hex(c.rv)
+                continue
             assert c.rv == 0, (name, hex(c.rv))
             assert app.transmit(c.card, SELECT).rv == 0
             assert app.disconnect(c.card).rv == 0
