@@ -205,3 +205,31 @@ def test_a_server_killed_takes_only_its_readers_and_comes_back(tmp_path, hosts):
         loop_app.close()
         app.close()
         proc.stop()
+
+
+def test_names_stay_unique_stable_and_end_in_their_slot_numbers():
+    from types import SimpleNamespace
+
+    from pcsc_bridge.backend import ReaderModel
+    from pcsc_bridge.client.union import Member, UnionBackend
+    from pcsc_bridge.pcsc import ReaderState
+
+    def host(name):
+        return SimpleNamespace(model=ReaderModel(), server_name=name)
+
+    def names():
+        return [st.readerName for st in union.model.states]
+    a, b, c = host("a.lab"), host("b.lab"), host("c.lab")
+    union = UnionBackend([Member(a), Member(b), Member(c, ("Yubi*",), "c/")])
+    b.model.update([ReaderState("R 00 00")])
+    assert names() == ["R 00 00"]
+    a.model.update([ReaderState("R 00 00"), ReaderState("S 00 00")])   # a came up later
+    assert names() == ["a.lab: R 00 00", "S 00 00", "R 00 00"]          # b's keeps its name
+    c.model.update([ReaderState("Yubico YubiKey 00 00"), ReaderState("R 00 00")])
+    assert names() == ["a.lab: R 00 00", "S 00 00", "R 00 00", "c/Yubico YubiKey 00 00"]
+    b.model.update(())                                   # b went away: a's keeps its name
+    assert names() == ["a.lab: R 00 00", "S 00 00", "c/Yubico YubiKey 00 00"]
+    a.model.update([ReaderState("S 00 00")])
+    a.model.update([ReaderState("R 00 00"), ReaderState("S 00 00")])   # back, now free
+    assert names() == ["R 00 00", "S 00 00", "c/Yubico YubiKey 00 00"]
+    assert union.route["c/Yubico YubiKey 00 00"][1] == "Yubico YubiKey 00 00"
