@@ -9,6 +9,8 @@ socket:
   protocol    the delay proxy in front of pcscd's socket: the round trips pcsc-lite's own
               protocol needs (what a plain socket forwarder, e.g. ssh -R, cannot go below)
   bridge      app → agent ═ delay ═ server → pcscd
+  bridge-2    the same through an agent of two servers (client.servers): the other one
+              reached without delay, and asked nothing (its metrics say so)
   stunnel     app → stunnel ═ delay ═ stunnel → pcscd
   ssh         app → sshd's socket from ssh -R ═ delay ═ ssh → pcscd
 
@@ -53,7 +55,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from appcard import PORT, READER, AppCard
 
 PKCS11 = "/usr/lib/x86_64-linux-gnu/pkcs11/opensc-pkcs11.so"
-PATHS = ("protocol", "bridge", "stunnel", "ssh")
+PATHS = ("protocol", "bridge", "bridge-2", "stunnel", "ssh")
+OTHER = "other server's calls"   # bridge-2: what its second server was asked
 SERVED_S = 10.0   # vpcd asks a card it takes for its ATR within a poll or two of pcscd
 
 
@@ -165,6 +168,8 @@ class Apps:
                     result["paths_0ms"][label] = self.measure_delayed(route, label, 0)
                     result["paths"][label] = self.measure_delayed(route, label,
                                                                   self.delay_ms)
+                    if hasattr(route, "other_calls"):     # bridge-2: the other server
+                        result["paths"][label][OTHER] = route.other_calls()
                 except (Unavailable, MeasureError) as exc:
                     result["paths"][label] = {"error": str(exc)}
                     log("apps.error", path=label, error=str(exc))
@@ -215,7 +220,9 @@ def report(result: dict) -> str:
         n = "/".join(map(str, sorted(apdus)))
         lines.append(f"| `{name}` | {n} | " + " | ".join(trips + per + proc) + " |")
     errors = [f"- {p}: {r['error']}" for p, r in result["paths"].items() if "error" in r]
-    return "\n".join(lines + ([""] + errors if errors else []))
+    others = [f"- {p}: the other server was asked {r[OTHER]} call(s) in all these runs"
+              for p, r in result["paths"].items() if OTHER in r]
+    return "\n".join(lines + ([""] + others + errors if others or errors else []))
 
 
 def main(run: Run, reps: int) -> dict:

@@ -446,6 +446,62 @@ client:
         return self._wait_socket(str(sock), proc, f"pcsc-bridge client {tag}")
 
 
+class BridgeTwo(Bridge):
+    """The bridge through an agent of two servers (``client.servers``): the reader's
+    server behind the delay proxy, and a second one (virtual backend, readers of other
+    names) reached directly. What the application pays is what the one-server bridge
+    costs; the second server is told of no call (``other_calls``, from its metrics)."""
+
+    name = "bridge-2"
+
+    def start_shared(self) -> None:
+        super().start_shared()
+        self.other_port, self.metrics_port = free_port(), free_port()
+        cert, key = self.run.pki.server
+        config = self.dir / "server-other.yaml"
+        config.write_text(f"""\
+server:
+  listen: ["127.0.0.1:{self.other_port}"]
+  cert: {cert}
+  key: {key}
+  ca: {self.run.pki.ca}
+  backend: {{type: virtual}}
+  virtual: {{readers: [{{name: "Other Host 00 00"}}, {{name: "Other Host 01 00"}}]}}
+  metrics_listen: "127.0.0.1:{self.metrics_port}"
+""")
+        proc = self.procs.start(f"{self.name}-other", [PYTHON, "-m", "pcsc_bridge", "server",
+                                                      "-c", str(config)])
+        self.host.append(proc.pid)
+        self._wait_port(proc, "pcsc-bridge server (the other)")
+
+    def start_instance(self, tag: str, port: int) -> str:
+        cert, key = self.run.pki.client(tag)
+        sock, config = self.dir / f"{tag}.sock", self.dir / f"client-{tag}.yaml"
+        config.write_text(f"""\
+client:
+  cert: {cert}
+  key: {key}
+  ca: {self.run.pki.ca}
+  socket: {sock}
+  servers:
+    - {{server: "127.0.0.1:{port}", server_name: "127.0.0.1"}}
+    - {{server: "127.0.0.1:{self.other_port}", server_name: "127.0.0.1"}}
+""")
+        proc = self.procs.start(f"{self.name}-agent-{tag}", [PYTHON, "-m", "pcsc_bridge",
+                                                              "client", "-c", str(config)])
+        self.guest.append(proc.pid)
+        return self._wait_socket(str(sock), proc, f"pcsc-bridge client {tag}")
+
+    def other_calls(self) -> int:
+        """The calls the second server was asked to make, all guests together."""
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=5) as r:
+            text = r.read().decode()
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                   if line.startswith("pcsc_bridge_guest_calls_total{"))
+
+
 class BridgePyscard(Bridge):
     """The bridge whose server reaches pcscd through the PC/SC API (pyscard, libpcsclite)
     instead of pcscd's socket protocol: the way a Windows or macOS host serves."""
@@ -618,8 +674,8 @@ class Local(Route):
         return self._wait_socket(sock, proc, "pcsc-bridge local")
 
 
-PATH_CLASSES = {c.name: c for c in (Direct, Bridge, BridgePyscard, Socat, Stunnel, Ssh,
-                                     PyRelay, Local)}
+PATH_CLASSES = {c.name: c for c in (Direct, Bridge, BridgeTwo, BridgePyscard, Socat,
+                                     Stunnel, Ssh, PyRelay, Local)}
 
 
 # --- statistics ------------------------------------------------------------------------------

@@ -183,10 +183,33 @@ class KeepaliveConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClientConfig:
-    log: LogConfig = field(default_factory=LogConfig)     # the file's top-level log:
+class ServerEntry:
+    """One entry of ``client.servers``: a server, how to reach it, which of its readers
+    the guest uses and how their names are shown (client/union.py)."""
     server: HostPort = field(metadata=_m(_Leaf(HostPort.parse)))
     server_name: str | None = _f(STRING, None)            # None → the host part of server
+    ca: str | None = _f(PATH, None, nullable=True)        # None: client.ca
+    cert: str | None = _f(PATH, None, nullable=True)      # None: client.cert (and key)
+    key: str | None = _f(PATH, None, nullable=True)
+    readers: tuple[str, ...] = _f(_ListOf(STRING, single_ok=True), ("*",))   # globs
+    prefix: str = _f(STRING, "")                          # put before its readers' names
+
+    def __post_init__(self):
+        if self.server_name is None:
+            object.__setattr__(self, "server_name", self.server.host)
+        if (self.cert is None) != (self.key is None):
+            raise FieldError("key" if self.key is None else "cert",
+                             "cert and key go together: set both or neither")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    log: LogConfig = field(default_factory=LogConfig)     # the file's top-level log:
+    # the server; more in ``servers`` (client/union.py): its readers come first
+    server: HostPort | None = field(default=None,
+                                    metadata=_m(_Leaf(HostPort.parse), nullable=True))
+    server_name: str | None = _f(STRING, None)            # None → the host part of server
+    servers: tuple[ServerEntry, ...] = _f(_ListOf(ServerEntry), ())
     cert: str = _f(PATH)
     key: str = _f(PATH)
     ca: str = _f(PATH)
@@ -214,8 +237,21 @@ class ClientConfig:
     admin_socket: str | None = _f(PATH, ADMIN_SOCKETS["client"], nullable=True)
 
     def __post_init__(self):
-        if self.server_name is None:
+        if self.server is None and not self.servers:
+            raise FieldError("server", "required key is missing (or client.servers, a "
+                             "list of servers)")
+        if self.server_name is None and self.server is not None:
             object.__setattr__(self, "server_name", self.server.host)
+        names = [e.prefix + "\0" + str(e.server) for e in self.entries()]
+        if len(set(names)) < len(names):
+            raise FieldError("servers", "the same server twice with the same prefix")
+
+    def entries(self) -> tuple[ServerEntry, ...]:
+        """Every server: ``client.server`` (if set) first, then ``client.servers``."""
+        if self.server is not None:
+            return (ServerEntry(server=self.server, server_name=self.server_name),
+                    *self.servers)
+        return self.servers
 
 
 @dataclass(frozen=True, kw_only=True)

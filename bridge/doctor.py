@@ -36,11 +36,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-async def _reach(c: config.ClientConfig) -> Hello:
-    """TLS and both HELLOs, as the agent does them; the server's HELLO."""
-    ctx = tls.client_context(c.cert, c.key, c.ca, c.tls_min_version)
+async def _reach(c: config.ClientConfig, e: config.ServerEntry) -> Hello:
+    """TLS and both HELLOs with server ``e``, as the agent does them; its HELLO."""
+    ctx = tls.client_context(e.cert or c.cert, e.key or c.key, e.ca or c.ca,
+                             c.tls_min_version)
     reader, writer = await asyncio.wait_for(asyncio.open_connection(
-        c.server.host, c.server.port, ssl=ctx, server_hostname=c.server_name),
+        e.server.host, e.server.port, ssl=ctx, server_hostname=e.server_name),
         c.connect_timeout)
     conn = Connection("client")
     writer.write(conn.send(Hello(software=f"pcsc-bridge {__version__} doctor")))
@@ -119,17 +120,20 @@ def run(args) -> int:
     except tls.TLSConfigError as exc:
         bad(str(exc))
     backend_dialect = None
-    try:
-        hello = asyncio.run(_reach(c))
-        backend_dialect = hello.dialect
-        pcsc = hello.extra.get("pcsc")
-        ok(f"server {c.server} reached ({hello.software or 'unknown software'}); it knows "
-           f"this guest as {hello.extra.get('guest')!r}, backend {hello.extra.get('backend')}"
-           + (f" ({pcsc})" if isinstance(pcsc, str) else "")
-           + f", backend dialect {backend_dialect or 'n/a'} (pcsc-lite protocol)")
-    except Exception as exc:  # noqa: BLE001 - every failure is reported in words
-        reason = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
-        bad(f"cannot reach the server {c.server}: {reason}")
+    for e in c.entries():
+        if e.cert is not None or e.ca is not None:
+            report.expiry(e.cert or c.cert, e.ca or c.ca, None, c.log.expiry_warning_days)
+        try:
+            hello = asyncio.run(_reach(c, e))
+            backend_dialect = backend_dialect or hello.dialect
+            pcsc = hello.extra.get("pcsc")
+            ok(f"server {e.server} reached ({hello.software or 'unknown software'}); it "
+               f"knows this guest as {hello.extra.get('guest')!r}, backend "
+               f"{hello.extra.get('backend')}" + (f" ({pcsc})" if isinstance(pcsc, str) else "")
+               + f", backend dialect {hello.dialect or 'n/a'} (pcsc-lite protocol)")
+        except Exception as exc:  # noqa: BLE001 - every failure is reported in words
+            reason = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
+            bad(f"cannot reach the server {e.server}: {reason}")
     if importlib.util.find_spec("smartcard") is None:
         print("skip the client library's dialect and the readers through the agent: they "
               "are checked with pyscard, which is not installed here (pip install "

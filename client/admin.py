@@ -25,6 +25,25 @@ def _command(pid) -> str | None:
         return None
 
 
+def _link(agent) -> dict:
+    """One server's link: up or down and why, since when, as whom, its round trip."""
+    link = agent.open_link()
+    hello = link.server_hello if link is not None else None
+    state = "connected" if link is not None else (
+        "connecting" if agent.connecting.is_set() else "down")
+    rtt = agent.rtt if link is not None else None
+    return {
+        "server": agent.server, "link": state,
+        "since": _iso(agent.since), "error": agent.error if link is None else None,
+        "guest": hello.extra.get("guest") if hello else None,
+        "backend": hello.extra.get("backend") if hello else None,
+        "wire": link.conn.version if link is not None else None,
+        "rtt_ms": round(rtt[0] * 1000, 3) if rtt else None,
+        "rtt_at": _iso(rtt[1]) if rtt else None,
+        "streams": link.conn.open_streams if link is not None else 0,
+    }
+
+
 class AgentAdmin(CommandSocket):
     COMMANDS: ClassVar[dict] = {"status": "status", "reload": "reload"}
 
@@ -43,11 +62,7 @@ class AgentAdmin(CommandSocket):
         if args:
             raise Refused("usage: status")
         agent = self.agent
-        link = agent.open_link()
-        hello = link.server_hello if link is not None else None
-        state = "connected" if link is not None else (
-            "connecting" if agent.connecting.is_set() else "down")
-        rtt = agent.rtt if link is not None else None
+        members = getattr(agent, "members", None)
         apps = []
         for app in sorted(self.facade.sessions, key=lambda a: a.info.id):
             st = app.state
@@ -60,16 +75,16 @@ class AgentAdmin(CommandSocket):
                 "contexts": len(st.contexts),
                 "cards": sorted(reader for reader, _ in st.card_readers.values()),
             })
-        return {
-            "role": "agent", "server": agent.server, "link": state,
-            "since": _iso(agent.since), "error": agent.error if link is None else None,
-            "guest": hello.extra.get("guest") if hello else None,
-            "backend": hello.extra.get("backend") if hello else None,
-            "wire": link.conn.version if link is not None else None,
-            "rtt_ms": round(rtt[0] * 1000, 3) if rtt else None,
-            "rtt_at": _iso(rtt[1]) if rtt else None,
-            "streams": link.conn.open_streams if link is not None else 0,
-            "readers": [{"name": s.readerName, "card": bool(s.cardAtr)}
-                        for s in agent.model.states if s.readerName],
-            "applications": apps,
-        }
+        readers = [{"name": s.readerName, "card": bool(s.cardAtr)}
+                   for s in agent.model.states if s.readerName]
+        if members is None:
+            return {"role": "agent", **_link(agent), "readers": readers, "applications": apps}
+        links = []
+        for m in members:
+            shown = m.names
+            links.append({**_link(m.backend), "readers": [
+                shown.get(s.readerName, s.readerName) for s in m.backend.model.states
+                if s.readerName and s.readerName in shown]})
+        return {"role": "agent", "links": links, "readers": readers,
+                "over_16": agent.over is not None, "applications": apps,
+                "streams": sum(x["streams"] for x in links)}

@@ -11,6 +11,7 @@ from pcsc_bridge.cli import run_daemon
 from pcsc_bridge.facade import Facade
 
 from .agent import RemoteBackend
+from .union import Member, UnionBackend
 
 
 def register(subparsers) -> None:
@@ -24,15 +25,30 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def build(cfg: config.ClientConfig) -> tuple[RemoteBackend, Facade]:
-    ctx = tls.client_context(cfg.cert, cfg.key, cfg.ca, cfg.tls_min_version)
-    backend = RemoteBackend(cfg.server.host, cfg.server.port, ctx, cfg.server_name,
+def link(cfg: config.ClientConfig, e: config.ServerEntry) -> RemoteBackend:
+    """The link to one server of the configuration (its own certificate and CA, if it
+    has them)."""
+    files = (e.cert or cfg.cert, e.key or cfg.key, e.ca or cfg.ca)
+    ctx = tls.client_context(*files, cfg.tls_min_version)
+    backend = RemoteBackend(e.server.host, e.server.port, ctx, e.server_name,
                             cfg.connect_timeout, cfg.reconnect.initial, cfg.reconnect.max,
                             cfg.keepalive.interval, cfg.keepalive.timeout, cfg.call_timeout,
                             streams_per_user=cfg.streams_per_user,
                             early_answers=cfg.early_answers)
-    backend.files = (cfg.cert, cfg.ca)
-    return backend, Facade(backend, pool=backend.pool, sockets_per_user=cfg.sockets_per_user)
+    backend.files = (files[0], files[2])
+    return backend
+
+
+def build(cfg: config.ClientConfig) -> tuple[RemoteBackend | UnionBackend, Facade]:
+    """The backend (one server's link, or the union of several: client/union.py) and
+    the façade on the guest's socket."""
+    entries = cfg.entries()
+    if len(entries) == 1 and entries[0].readers == ("*",) and not entries[0].prefix:
+        backend = link(cfg, entries[0])
+        return backend, Facade(backend, pool=backend.pool,
+                               sockets_per_user=cfg.sockets_per_user)
+    union = UnionBackend([Member(link(cfg, e), e.readers, e.prefix) for e in entries])
+    return union, Facade(union, sockets_per_user=cfg.sockets_per_user)
 
 
 class AgentReload:
@@ -42,24 +58,28 @@ class AgentReload:
     so. A file that does not load changes nothing (ReloadFailed)."""
 
     def __init__(self, path: str, over: dict, cfg: config.ClientConfig,
-                 backend: RemoteBackend):
+                 backend: RemoteBackend | UnionBackend):
         self.path, self.over, self.cfg, self.backend = path, over, cfg, backend
-        self.digests = tls.file_digests({n: getattr(cfg, n) for n in ('cert', 'key', 'ca')})
+        self.digests = _digests(cfg)
 
     async def __call__(self) -> list[str]:
         try:
             cfg = config.load_client_config(self.path, self.over)
-            context = await asyncio.to_thread(tls.client_context, cfg.cert, cfg.key, cfg.ca,
-                                              cfg.tls_min_version)
+            contexts = [await asyncio.to_thread(tls.client_context, *_files(cfg, e),
+                                                cfg.tls_min_version) for e in cfg.entries()]
         except (config.ConfigError, tls.TLSConfigError, ValueError, OSError) as exc:
             log.error("agent.reload_failed", error=str(exc), kept="the running configuration")
             raise ReloadFailed(str(exc)) from None
-        self.backend.ssl_context = context
-        self.backend.files = (cfg.cert, cfg.ca)
-        digests = tls.file_digests({n: getattr(cfg, n) for n in ('cert', 'key', 'ca')})
-        changed = [f"{name}: {getattr(cfg, name)} replaced, used from the next connection"
-                   for name in ("cert", "key", "ca") if digests[name] != self.digests[name]
-                   or getattr(cfg, name) != getattr(self.cfg, name)]
+        links = [m.backend for m in self.backend.members] \
+            if isinstance(self.backend, UnionBackend) else [self.backend]
+        for backend, e, context in zip(links, cfg.entries(), contexts):
+            backend.ssl_context = context
+            files = _files(cfg, e)
+            backend.files = (files[0], files[2])
+        digests = _digests(cfg)
+        changed = [f"{name}: {path} replaced, used from the next connection"
+                   for name, (path, digest) in digests.items()
+                   if self.digests.get(name) != (path, digest)]
         restart = [f.name for f in dataclasses.fields(cfg) if f.name not in ("cert", "key", "ca")
                    and getattr(cfg, f.name) != getattr(self.cfg, f.name)]
         if restart:
@@ -72,6 +92,21 @@ class AgentReload:
         await asyncio.to_thread(tls.warn_expiry, cfg.cert, cfg.ca, None,
                                 cfg.log.expiry_warning_days)
         return changed
+
+
+def _files(cfg: config.ClientConfig, e: config.ServerEntry) -> tuple[str, str, str]:
+    """The certificate, key and CA the agent uses with server ``e``."""
+    return (e.cert or cfg.cert, e.key or cfg.key, e.ca or cfg.ca)
+
+
+def _digests(cfg: config.ClientConfig) -> dict[str, tuple[str, str]]:
+    """Each certificate, key and CA file the agent uses, by its key: (path, digest)."""
+    paths = {n: getattr(cfg, n) for n in ("cert", "key", "ca")}
+    for i, e in enumerate(cfg.servers):
+        paths.update({f"servers[{i}].{n}": getattr(e, n) for n in ("cert", "key", "ca")
+                      if getattr(e, n)})
+    digests = tls.file_digests(paths)
+    return {n: (paths[n], d) for n, d in digests.items()}
 
 
 async def serve(cfg: config.ClientConfig, path: str | None = None,
@@ -88,7 +123,8 @@ async def serve(cfg: config.ClientConfig, path: str | None = None,
     expiry = asyncio.get_running_loop().create_task(
         daemon.watch_expiry(lambda: (*backend.files, None), cfg.log.expiry_warning_days))
     try:
-        await daemon.until_stopped("agent", reload, socket=cfg.socket, server=str(cfg.server))
+        await daemon.until_stopped("agent", reload, socket=cfg.socket,
+                                   server=", ".join(str(e.server) for e in cfg.entries()))
     finally:
         expiry.cancel()
         if admin is not None:

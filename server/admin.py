@@ -204,7 +204,7 @@ def _print_local(st: dict) -> None:
               f"{', '.join(sc['readers'])}")
 
 
-def _print_agent(st: dict) -> None:
+def _print_link(st: dict) -> None:
     if st["link"] == "connected":
         rtt = f", round trip {st['rtt_ms']:.1f} ms at {st['rtt_at']}" if st["rtt_ms"] else ""
         print(f"server  {st['server']}: connected since {st['since']} as {st['guest']} "
@@ -212,6 +212,16 @@ def _print_agent(st: dict) -> None:
     else:
         why = f": {st['error']}" if st["error"] else ""
         print(f"server  {st['server']}: {st['link']} since {st['since']}{why}")
+
+
+def _print_agent(st: dict) -> None:
+    for link in st.get("links", [st]):
+        _print_link(link)
+        if "links" in st:
+            print(f"  its readers: {', '.join(link['readers']) or 'none'}")
+    if st.get("over_16"):
+        print(f"note    {len(st['readers'])} readers: applications of pcsc-lite before 2.5.0 "
+              "see the first 16")
     for r in st["readers"]:
         print(f"reader  {r['name']}: {'card' if r['card'] else 'no card'}")
     print(f"{len(st['applications'])} application(s), {st['streams']} stream(s) to the server")

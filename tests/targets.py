@@ -608,6 +608,65 @@ class BridgeTarget(Target):
         self.inner.remove(i)
 
 
+class UnionTarget(BridgeTarget):
+    """``inner``'s readers through an agent of two servers (``client.servers``,
+    client/union.py): ``inner``'s server first, then a second one on the virtual backend
+    whose empty readers ``more`` come after ``inner``'s in the list applications see."""
+
+    name = "union"
+
+    def __init__(self, inner: Target, directory: str, more: tuple[str, ...] = (), **kw):
+        super().__init__(inner, directory, **kw)
+        self.more = list(more)
+        self.readers = list(inner.readers) + self.more
+        self.second = None
+
+    def start(self) -> None:
+        ca = make_pki(self.dir)
+        port, port2 = free_port(), free_port()
+        conf = write_server_config(self.dir, ca, port, self.backend, extra=self.POLICY,
+                                   backend_socket=self.backend_socket)
+        self.server = Process(["server", "-c", conf], os.path.join(self.dir, "server.log"),
+                              self.python)
+        readers = "".join(f'      - {{name: "{n}", card: null}}\n' for n in self.more)
+        conf2 = write_server_config(
+            self.dir, ca, port2, "virtual", name="server2.yaml",
+            extra=self.POLICY + ("  virtual:\n    readers:\n" + readers if readers else
+                                 "  virtual: {readers: []}\n"))
+        self.second = Process(["server", "-c", conf2], os.path.join(self.dir, "server2.log"),
+                              self.python)
+        wait_port(port)
+        wait_port(port2)
+        entries = "".join(f'    - {{server: "127.0.0.1:{p}", server_name: localhost}}\n'
+                          for p in (port, port2))
+        path = os.path.join(self.dir, "client-union.yaml")
+        Path(path).write_text(f"""\
+log: {{level: info}}
+client:
+  cert: {ca}/guest1.pem
+  key: {ca}/guest1-key.pem
+  ca: {ca}/ca.pem
+  socket: {self.socket}
+  reconnect: {{initial: 0.2s, max: 1s}}
+  keepalive: {{interval: 1s, timeout: 3s}}
+  servers:
+{entries}{admin_line(self.dir, "client-union.yaml", "")}""")
+        self.agent = Process(["client", "-c", path], os.path.join(self.dir, "agent.log"),
+                             self.python)
+        wait_path(self.socket)
+        deadline = time.monotonic() + 10      # both links up: every reader listed
+        while "server.connected" not in self.agent.output() or \
+                self.agent.output().count("server.connected") < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: both links not up ({self.agent.log_path})")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.second is not None:
+            self.second.stop()
+
+
 def write_local_config(directory, sockets: str, backend="pcscd", name="local.yaml",
                        backend_socket=None):
     """A file with a local: section; ``sockets``: the YAML list of local.sockets."""

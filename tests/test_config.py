@@ -94,7 +94,15 @@ BAD = [
     ("server", SERVER.replace("  ca: ca.pem\n", ""), 2, "server.ca: required key is missing"),
     ("server", CLIENT, 1, "server: required section is missing"),
     ("client", CLIENT.replace('  server: "127.0.0.1:8443"\n', ""), 1,
-     "client.server: required key is missing"),
+     "client.server: required key is missing (or client.servers, a list of servers)"),
+    ("client", CLIENT + '  servers: [{server: "127.0.0.1:8443"}]\n', 6,
+     "client.servers: the same server twice with the same prefix"),
+    ("client", CLIENT.replace('  server: "127.0.0.1:8443"\n', "") +
+     '  servers:\n    - {server: "b.lab:8443", cert: b.pem}\n', 6,
+     "client.servers[0].key: cert and key go together: set both or neither"),
+    ("client", CLIENT.replace('  server: "127.0.0.1:8443"\n', "") +
+     '  servers:\n    - {server: "b.lab:8443"}\n    - {server: "b.lab:8443"}\n', 6,
+     "client.servers: the same server twice with the same prefix"),
     ("client", CLIENT + '  socket_mode: "0999"\n', 6,
      'client.socket_mode: expected an octal file mode like "0660", got "0999"'),
     ("client", CLIENT + "  reconnect: {initial: 5s, max: 1s}\n", 6,

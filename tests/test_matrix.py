@@ -41,7 +41,7 @@ from matrix.pcsclite import client_envs, info
 from pcsc_bridge import pcsc
 from pcsc_bridge.backend import Backend, ReaderModel, TaskStream
 from pcsc_bridge.facade import Facade
-from targets import App, BridgeTarget, LocalTarget
+from targets import App, BridgeTarget, LocalTarget, UnionTarget
 
 pytestmark = pytest.mark.matrix
 
@@ -172,6 +172,72 @@ def pyscard_pair(request, targets, clients):
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_every_dialect_through_the_pyscard_backend(pyscard_pair, scenario):
     SCENARIOS[scenario](pyscard_pair)
+
+
+# --- an agent of two servers (client.servers): the union changes nothing -----------------
+
+UNION_CLIENTS = ("1.8.8", "1.9.9", "2.5.x")
+SECOND = tuple(f"Second Host {i:02X} 00" for i in range(15))   # 2 + 15: over 16
+
+
+def _union(targets, pcscds, name: str, more: tuple[str, ...]):
+    t = UnionTarget(pcscds("1.9.9"), targets.workdir(name), more)
+    t.name = name
+    try:
+        t.start()
+    except BaseException:
+        t.stop()
+        raise
+    return t
+
+
+@pytest.fixture(scope="module")
+def union(pcscds, targets):
+    """pcscd 1.9.9's readers through an agent that has a second server too (no readers
+    of its own to show: the scenarios see exactly pcscd's)."""
+    t = _union(targets, pcscds, "union", ())
+    yield t
+    t.stop()
+
+
+@pytest.fixture(params=UNION_CLIENTS, ids=lambda v: f"client-{v}")
+def union_pair(request, union, clients):
+    yield from _view(union, clients[RELEASE[request.param]])
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_every_dialect_through_a_two_server_agent(union_pair, scenario):
+    SCENARIOS[scenario](union_pair)
+
+
+@pytest.fixture(scope="module")
+def union_17(pcscds, targets):
+    t = _union(targets, pcscds, "union-17", SECOND)
+    yield t
+    t.stop()
+
+
+@pytest.mark.parametrize("client", UNION_CLIENTS, ids=lambda v: f"client-{v}")
+def test_more_than_16_readers_of_two_servers(union_17, clients, client):
+    """pcscd's two readers and the second server's fifteen: applications before pcsc-lite
+    2.5.0 (4:4, 4:5: 16 entries) see the first 16 in the agent's order, 4:6 ones all; a
+    call goes to the server of its reader."""
+    env = clients[RELEASE[client]]
+    app = App(env.translate_path(union_17.socket), argv_prefix=list(env.argv_prefix),
+              env=dict(env.env))
+    try:
+        ctx = app.establish().context
+        every = union_17.readers
+        want = every if env.protocol == "4:6" else every[:16]
+        wait_readers(app, ctx, want)
+        card = app.connect(ctx, every[0], api.SHARED, api.ANY)        # pcscd's card
+        assert card.rv == OK
+        assert app.transmit(card.card, "80ee000001aa").response == "aa9000"
+        # the second server's empty reader: its answer, not pcscd's
+        assert app.connect(ctx, every[5], api.SHARED, api.ANY).rv == api.E_NO_SMARTCARD
+        assert "readers.over_16" in union_17.agent.output()
+    finally:
+        app.close()
 
 
 # --- a pcscd of 4:2 or 4:3 behind the bridge: the backend speaks its dialect upstream ------
