@@ -7,10 +7,10 @@ each name unique; an application's stream (``UnionStream``) sends each call to t
 of the reader or card handle it names, with that server's context and handle numbers.
 
 - Names: an entry's reader keeps its name, with the entry's ``prefix`` in front if it has
-  one. A name that is already another entry's reader's is given the server's name in
-  front instead (``host-b.lab: Virtual PCD 00 00``), so the slot numbers pcsc-lite puts at
-  the end stay there. A reader keeps the name it got for as long as it is there; when
-  both servers are up from the start, the earlier entry keeps the plain name.
+  one. When an earlier entry has a reader of that name, this one is shown with its
+  server's name in front instead (``host-b.lab: Virtual PCD 00 00``), so the slot numbers
+  pcsc-lite puts at the end stay there; and it stays so while the agent runs, so that a
+  plain name never comes to mean another server's reader while the earlier one is away.
 - Contexts: SCardEstablishContext is answered here, at once (a context of this agent);
   the first SCardConnect to a server's reader makes the context there (one established
   ahead by that server's link, when it has one ready: no round trip). So an application
@@ -79,6 +79,7 @@ class UnionBackend(Backend):
         self.model = ReaderModel()
         self.route: dict[str, tuple[Member, str]] = {}   # name applications see -> where
         self.over: int | None = None       # readers beyond pcsc-lite 1.x's 16, said once
+        self.contested: set[tuple[int, str]] = set()   # (entry, reader): shown qualified
         for m in members:
             m.backend.model.listen(self._rebuild)
 
@@ -97,30 +98,33 @@ class UnionBackend(Backend):
         return UnionStream(self, app)
 
     def _rebuild(self) -> None:
-        """A server's readers changed: the union again, names kept where they were."""
-        taken: set[str] = set()
-        for m in self.members:             # names a present reader has, kept
-            present = {st.readerName for st in m.backend.model.states if st.readerName}
-            m.names = {n: shown for n, shown in m.names.items() if n in present}
-            taken.update(m.names.values())
-        states, route = [], {}
-        for m in self.members:
+        """A server's readers changed: the union again. A plain name (with the entry's
+        prefix) is the earliest entry's that has that reader now; any other entry's
+        reader of that name is shown with its server's name in front, and stays so for
+        as long as the agent runs (``contested``), so that a plain name never comes to
+        mean another server's reader while the earlier one is away."""
+        present = []                        # (member index, member, its reader's state)
+        owner: dict[str, int] = {}          # plain name -> the earliest entry having it
+        for i, m in enumerate(self.members):
             for st in m.backend.model.states:
-                name = st.readerName
-                if not name or not m.wanted(name):
-                    continue
-                shown = m.names.get(name)
-                if shown is None:
-                    shown = m.prefix + name
-                    if shown in taken:
-                        shown = f"{m.label}: {name}"
-                    n = 2
-                    while shown in taken:
-                        shown, n = f"{m.label}#{n}: {name}", n + 1
-                    m.names[name] = shown
-                    taken.add(shown)
-                route[shown] = (m, name)
-                states.append(dataclasses.replace(st, readerName=shown))
+                if st.readerName and m.wanted(st.readerName):
+                    present.append((i, m, st))
+                    owner.setdefault(m.prefix + st.readerName, i)
+        states, route, taken = [], {}, set(owner)
+        for i, m, st in present:
+            name = st.readerName
+            shown = m.prefix + name
+            if owner[shown] != i or (i, name) in self.contested:
+                self.contested.add((i, name))
+                shown, n = f"{m.label}: {name}", 2
+                while shown in taken:
+                    shown, n = f"{m.label}#{n}: {name}", n + 1
+                taken.add(shown)
+            m.names[name] = shown
+            route[shown] = (m, name)
+            states.append(dataclasses.replace(st, readerName=shown))
+        for m in self.members:
+            m.names = {n: v for n, v in m.names.items() if v in route}
         self.route = route
         if len(states) > PCSCLITE_MAX_READERS_CONTEXTS and self.over != len(states):
             log.warning("readers.over_16", readers=len(states),

@@ -224,12 +224,15 @@ def test_names_stay_unique_stable_and_end_in_their_slot_numbers():
     b.model.update([ReaderState("R 00 00")])
     assert names() == ["R 00 00"]
     a.model.update([ReaderState("R 00 00"), ReaderState("S 00 00")])   # a came up later
-    assert names() == ["a.lab: R 00 00", "S 00 00", "R 00 00"]          # b's keeps its name
+    assert names() == ["R 00 00", "S 00 00", "b.lab: R 00 00"]          # the earlier entry's
     c.model.update([ReaderState("Yubico YubiKey 00 00"), ReaderState("R 00 00")])
-    assert names() == ["a.lab: R 00 00", "S 00 00", "R 00 00", "c/Yubico YubiKey 00 00"]
-    b.model.update(())                                   # b went away: a's keeps its name
-    assert names() == ["a.lab: R 00 00", "S 00 00", "c/Yubico YubiKey 00 00"]
-    a.model.update([ReaderState("S 00 00")])
-    a.model.update([ReaderState("R 00 00"), ReaderState("S 00 00")])   # back, now free
-    assert names() == ["R 00 00", "S 00 00", "c/Yubico YubiKey 00 00"]
+    assert names() == ["R 00 00", "S 00 00", "b.lab: R 00 00", "c/Yubico YubiKey 00 00"]
+    assert union.route["b.lab: R 00 00"] == (union.members[1], "R 00 00")
+    a.model.update([ReaderState("S 00 00")])            # a's R away: b's does not take
+    assert names() == ["S 00 00", "b.lab: R 00 00", "c/Yubico YubiKey 00 00"]   # its name
+    b.model.update(())
+    b.model.update([ReaderState("R 00 00")])            # b back: as it was
+    assert names() == ["S 00 00", "b.lab: R 00 00", "c/Yubico YubiKey 00 00"]
+    a.model.update([ReaderState("R 00 00"), ReaderState("S 00 00")])
+    assert names() == ["R 00 00", "S 00 00", "b.lab: R 00 00", "c/Yubico YubiKey 00 00"]
     assert union.route["c/Yubico YubiKey 00 00"][1] == "Yubico YubiKey 00 00"
