@@ -220,7 +220,8 @@ def report(result: dict) -> str:
         n = "/".join(map(str, sorted(apdus)))
         lines.append(f"| `{name}` | {n} | " + " | ".join(trips + per + proc) + " |")
     errors = [f"- {p}: {r['error']}" for p, r in result["paths"].items() if "error" in r]
-    others = [f"- {p}: the other server was asked {r[OTHER]} call(s) in all these runs"
+    others = [f"- {p}: what the other server was asked in all these runs: "
+              + (", ".join(f"{c} {n}" for c, n in r[OTHER].items()) or "nothing")
               for p, r in result["paths"].items() if OTHER in r]
     return "\n".join(lines + ([""] + others + errors if others or errors else []))
 

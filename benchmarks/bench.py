@@ -76,7 +76,8 @@ PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 PCSCD_SOCKET = "/run/pcscd/pcscd.comm"
 READER = "Virtual PCD 00 00"
 CARD_PORT = 35963
-PATHS = ("direct", "bridge", "bridge-pyscard", "socat", "stunnel", "ssh", "pyrelay", "local")
+PATHS = ("direct", "bridge", "bridge-2", "bridge-pyscard", "socat", "stunnel", "ssh", "pyrelay",
+         "local")
 SESSION_STEPS = ("establish", "list readers", "connect", "10 APDUs", "disconnect", "release")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -420,8 +421,10 @@ server:
   key: {key}
   ca: {self.run.pki.ca}
   backend: {{type: {self.backend_type}, socket: {self.backend}}}
-  guests:   # as much as the tunnels allow: real applications ask for reader features
-    default: {{control: all, exclusive: true, direct: true}}
+  guests:   # as much as the tunnels allow: real applications ask for reader features;
+            # the card as the tunnels pass it (the load's guests share it at once: a
+            # reset between guests would make it another benchmark, docs/lab.md)
+    default: {{control: all, exclusive: true, direct: true, reset_between_guests: false}}
 """)
         proc = self.procs.start(f"{self.name}-server", [PYTHON, "-m", "pcsc_bridge", "server",
                                                       "-c", str(config)])
@@ -492,14 +495,20 @@ client:
         self.guest.append(proc.pid)
         return self._wait_socket(str(sock), proc, f"pcsc-bridge client {tag}")
 
-    def other_calls(self) -> int:
-        """The calls the second server was asked to make, all guests together."""
+    def other_calls(self) -> dict[str, int]:
+        """The calls the second server was asked to make, all guests together, by call
+        (SCardEstablishContext: the context each link keeps ready for the next
+        application, made in the background)."""
         import urllib.request
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
                                     timeout=5) as r:
             text = r.read().decode()
-        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-                   if line.startswith("pcsc_bridge_guest_calls_total{"))
+        out: dict[str, int] = {}
+        for line in text.splitlines():
+            if line.startswith("pcsc_bridge_guest_calls_total{"):
+                call = line.split('call="')[1].split('"')[0]
+                out[call] = out.get(call, 0) + int(float(line.rsplit(" ", 1)[1]))
+        return {c: n for c, n in out.items() if n}
 
 
 class BridgePyscard(Bridge):
@@ -908,6 +917,8 @@ class Run:
         except (Unavailable, MeasureError) as exc:
             result["slow_error"] = str(exc)
             log("path.slow_error", path=name, error=json.dumps(str(exc)))
+        if hasattr(path, "other_calls"):      # bridge-2: what its other server was asked
+            result["other_calls"] = path.other_calls()
         self._stop(path)
         if self.tests_running():
             result["disturbed"] = "pytest was running at the end of this path's measurements"
@@ -1243,7 +1254,10 @@ def report(results: list[dict], settings: Settings, notes: list[str]) -> str:
            f"{settings.contexts} contexts, then 1 guest × {settings.one_guest_contexts} "
            f"contexts, for {settings.load_seconds:g} s each; slow link: "
            f"{settings.delay_ms:g} ms each way, median of {settings.sessions} sessions."), ""]
-    out += [f"- {n}" for n in notes] + [""]
+    out += [f"- {n}" for n in notes]
+    out += [f"- {r['path']}: what its second server was asked in the whole run: "
+            + (", ".join(f"{c} {n}" for c, n in r["other_calls"].items()) or "nothing")
+            for r in results if "other_calls" in r] + [""]
     out += [("| path | Transmit p50 µs | Transmit p99 µs | Status p50 µs | Establish+Release "
             "p50 ms | 64-context round trips/s | one guest, 64 contexts, round trips/s | "
             "slow-link session ms | slow-link round trips |"),

@@ -400,6 +400,7 @@ class RemoteBackend(Backend):
         self.link: Link | None = None         # the link new streams go to
         self.connecting = asyncio.Event()
         self.connected = asyncio.Event()
+        self.tried = False                    # the first connection attempt is over
         self._task: asyncio.Task | None = None
         # for `pcsc-bridge status`: since when the link is up or down, why it is down, and
         # the last PING's round trip (seconds, and when it was measured)
@@ -515,6 +516,7 @@ class RemoteBackend(Backend):
             try:
                 link = await self._connect()
             except (OSError, asyncio.TimeoutError, ssl.SSLError, ConnectionError) as exc:
+                self.tried = True
                 self.connecting.clear()
                 reason = plain(exc)
                 if reason is None:          # the same refusal, seen after the handshake
@@ -527,6 +529,7 @@ class RemoteBackend(Backend):
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self.reconnect_max)
                 continue
+            self.tried = True
             self.connecting.clear()
             announced = self.error = None
             delay = self.reconnect_initial

@@ -27,6 +27,7 @@ of the reader or card handle it names, with that server's context and handle num
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import random
@@ -95,6 +96,14 @@ class UnionBackend(Backend):
             await m.backend.close()
 
     async def open_stream(self, app: AppInfo) -> BackendStream:
+        """The application's stream. Just after the agent started, the links whose first
+        connection is under way are waited for (as long as one link's own wait at most),
+        so that the first applications see every reader; never later."""
+        first = [m.backend for m in self.members if not m.backend.tried]
+        if first:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(b.connected.wait() for b in first)),
+                                       min(max(b.connect_timeout for b in first), 2.0))
         return UnionStream(self, app)
 
     def _rebuild(self) -> None:
