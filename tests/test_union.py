@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from smartcard import scard as s
@@ -146,6 +147,19 @@ def test_one_reader_list_of_three_servers_with_a_name_made_unique(tmp_path, host
             assert app.transmit(c.card, SELECT).rv == 0
             assert app.disconnect(c.card).rv == 0
         assert app.connect(ctx, "Virtual PCD 00 02").rv == s.SCARD_E_UNKNOWN_READER
+        # pcsc_scan (pcsc-tools) lists the union and each card's state
+        from test_pcsc_scan import readers_listed, reports, scan
+        text = scan(SimpleNamespace(socket=sock), 1)
+        assert [name for _, name in readers_listed(text)] == got, text
+        states = {r: state for r, state, _ in reports(text)}
+        assert states == {R0: "Card inserted", R1: "Card removed",
+                          "b/Lab Reader B 00 00": "Card inserted",
+                          f"127.0.0.1: {R0}": "Card inserted"}, text
+        # doctor: each server reached, as the guest each knows it by
+        out = subprocess.run([sys.executable, "-m", "pcsc_bridge", "doctor", "-c", conf],
+                             capture_output=True, text=True, timeout=90, check=False).stdout
+        for h in hosts.values():
+            assert f"server 127.0.0.1:{h.port} reached" in out, out
         # pcsc-bridge status: every link, its readers
         out = subprocess.run([sys.executable, "-m", "pcsc_bridge", "status", "-c", conf],
                              capture_output=True, text=True, timeout=30, check=True).stdout
@@ -208,8 +222,6 @@ def test_a_server_killed_takes_only_its_readers_and_comes_back(tmp_path, hosts):
 
 
 def test_names_stay_unique_stable_and_end_in_their_slot_numbers():
-    from types import SimpleNamespace
-
     from pcsc_bridge.backend import ReaderModel
     from pcsc_bridge.client.union import Member, UnionBackend
     from pcsc_bridge.pcsc import ReaderState
