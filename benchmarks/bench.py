@@ -442,11 +442,15 @@ client:
   key: {key}
   ca: {self.run.pki.ca}
   socket: {sock}
-""")
+{self.more_servers()}""")
         proc = self.procs.start(f"{self.name}-agent-{tag}", [PYTHON, "-m", "pcsc_bridge",
                                                               "client", "-c", str(config)])
         self.guest.append(proc.pid)
         return self._wait_socket(str(sock), proc, f"pcsc-bridge client {tag}")
+
+    def more_servers(self) -> str:
+        """The agent's ``servers:`` lines (after ``server``), if it has more."""
+        return ""
 
 
 class BridgeTwo(Bridge):
@@ -477,23 +481,9 @@ server:
         self.host.append(proc.pid)
         self._wait_port(proc, "pcsc-bridge server (the other)")
 
-    def start_instance(self, tag: str, port: int) -> str:
-        cert, key = self.run.pki.client(tag)
-        sock, config = self.dir / f"{tag}.sock", self.dir / f"client-{tag}.yaml"
-        config.write_text(f"""\
-client:
-  cert: {cert}
-  key: {key}
-  ca: {self.run.pki.ca}
-  socket: {sock}
-  servers:
-    - {{server: "127.0.0.1:{port}", server_name: "127.0.0.1"}}
-    - {{server: "127.0.0.1:{self.other_port}", server_name: "127.0.0.1"}}
-""")
-        proc = self.procs.start(f"{self.name}-agent-{tag}", [PYTHON, "-m", "pcsc_bridge",
-                                                              "client", "-c", str(config)])
-        self.guest.append(proc.pid)
-        return self._wait_socket(str(sock), proc, f"pcsc-bridge client {tag}")
+    def more_servers(self) -> str:
+        return ("  servers:\n"
+                f'    - {{server: "127.0.0.1:{self.other_port}", server_name: "127.0.0.1"}}\n')
 
     def other_calls(self) -> dict[str, int]:
         """The calls the second server was asked to make, all guests together, by call

@@ -362,18 +362,7 @@ class GuestMachine(RuleBasedStateMachine):
                    "disconnect": p.Disconnect(h, p.SCARD_LEAVE_CARD)}[kind]
             if kind == "transmit":
                 flags &= CALL_IF
-        if self.h.guest.call_pending(sid) >= PIPELINE:
-            return
-        self.seq += 1
-        call = Owed(self.seq, msg, flags, self._reader_now(sid, msg), self.h.now)
-        if flags & CALL_EARLY:
-            self.early[call.seq] = call
-            self.early_sid[call.seq] = sid
-        self.owed[sid].append(call)
-        self.last_frame = self.h.now
-        self.h.call(sid, msg, flags)
-        self._advance(sid)
-        self._check_submissions()
+        self._send(sid, msg, flags)
 
     @precondition(lambda self: not self.dead and any(self.cards.values()))
     @rule(data=st.data())
@@ -381,10 +370,13 @@ class GuestMachine(RuleBasedStateMachine):
         """Transactions of several streams on one reader: the line (bridge/share.py)."""
         sid = data.draw(st.sampled_from([s for s in SIDS if self.cards[s]]))
         h = data.draw(st.sampled_from(sorted(self.cards[sid])))
-        if sid in self.closed or self.h.guest.call_pending(sid) >= PIPELINE:
+        if sid not in self.closed:
+            self._send(sid, p.BeginTransaction(h), data.draw(st.sampled_from([0, CALL_EARLY])))
+
+    def _send(self, sid: int, msg: p.Message, flags: int) -> None:
+        """The guest's call, owed from now on (unless the stream's window is full)."""
+        if self.h.guest.call_pending(sid) >= PIPELINE:
             return
-        flags = data.draw(st.sampled_from([0, CALL_EARLY]))
-        msg = p.BeginTransaction(h)
         self.seq += 1
         call = Owed(self.seq, msg, flags, self._reader_now(sid, msg), self.h.now)
         if flags & CALL_EARLY:
