@@ -500,3 +500,41 @@ def _version() -> str:
 def _python() -> str:
     import platform
     return platform.python_version()
+
+
+def test_a_shared_readers_holds_and_line_are_in_the_exposition():
+    """pcsc_bridge_reader_hold_seconds (holds that ended) and pcsc_bridge_reader_waiters
+    (the line for the transaction), from the shared readers (bridge/share.py)."""
+    from types import SimpleNamespace
+
+    from pcsc_bridge.backend import ReaderModel
+    from pcsc_bridge.enforce import Enforcer
+    from pcsc_bridge.pcsc import BeginTransaction, Connect, EndTransaction, ReaderState
+    from pcsc_bridge.policy import Policy
+    from pcsc_bridge.server.metrics import Metrics
+    from pcsc_bridge.share import Readers
+    server = SimpleNamespace(backend=SimpleNamespace(model=ReaderModel(
+        [ReaderState(R0), ReaderState("Virtual PCD 00 01")])), sessions=set())
+    metrics = Metrics(server)
+    server.readers = Readers(metrics.held)
+    guests = [Enforcer(Policy(), server.readers, f"g{i}") for i in range(3)]
+    for i, e in enumerate(guests):
+        c = Connect(1, R0, 2, 3)
+        e.answered(c, c.with_rv(0, hCard=10 + i, dwActiveProtocol=2), "app", 100.0)
+    begin = BeginTransaction(10)
+    assert guests[0].check(begin, 100.0).wait is False
+    guests[0].answered(begin, begin.with_rv(0), "app", 100.0)
+    # two in line: the first's Begin goes to the backend (where it waits), the second's
+    # waits here
+    assert [guests[i].check(BeginTransaction(10 + i), 100.5).wait for i in (1, 2)] \
+        == [False, True]
+    end = EndTransaction(10, 0)
+    guests[0].answered(end, end.with_rv(0), "app", 142.0)    # held 42 s
+    m = Exposition(metrics.render())
+    assert m.types["pcsc_bridge_reader_hold_seconds"] == "histogram"
+    assert m.get("pcsc_bridge_reader_waiters", reader=R0) == 2
+    assert m.get("pcsc_bridge_reader_waiters", reader="Virtual PCD 00 01") == 0
+    assert m.get("pcsc_bridge_reader_hold_seconds_count", reader=R0) == 1
+    assert m.get("pcsc_bridge_reader_hold_seconds_sum", reader=R0) == 42.0
+    assert m.get("pcsc_bridge_reader_hold_seconds_bucket", reader=R0, le="30") == 0
+    assert m.get("pcsc_bridge_reader_hold_seconds_bucket", reader=R0, le="60") == 1
