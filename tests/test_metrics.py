@@ -536,5 +536,5 @@ def test_a_shared_readers_holds_and_line_are_in_the_exposition():
     assert m.get("pcsc_bridge_reader_waiters", reader="Virtual PCD 00 01") == 0
     assert m.get("pcsc_bridge_reader_hold_seconds_count", reader=R0) == 1
     assert m.get("pcsc_bridge_reader_hold_seconds_sum", reader=R0) == 42.0
-    assert m.get("pcsc_bridge_reader_hold_seconds_bucket", reader=R0, le="30") == 0
-    assert m.get("pcsc_bridge_reader_hold_seconds_bucket", reader=R0, le="60") == 1
+    assert m.get("pcsc_bridge_reader_hold_seconds_bucket", reader=R0, le="30.0") == 0
+    assert m.get("pcsc_bridge_reader_hold_seconds_bucket", reader=R0, le="60.0") == 1
