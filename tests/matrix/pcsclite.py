@@ -52,6 +52,7 @@ class Release:
 
 
 RELEASES = {
+    "bookworm": Release("bookworm", (35991, 35992), "4:4"),   # containers' Debian 12
     "trixie": Release("trixie", (35971, 35972), "4:5"),
     "sid": Release("sid", (35981, 35982), "4:6"),
 }
@@ -204,7 +205,8 @@ def _build(release: Release, work: Path) -> None:
 
 
 def ensure_chroot(release: str, rebuild: bool = False) -> Path:
-    """The chroot of `release` ("trixie" | "sid"), built first if it is missing.
+    """The chroot of `release` ("bookworm" | "trixie" | "sid"), built first if it is
+    missing.
 
     Serialised with a file lock; built in DIR.partial (resumed after an interruption) and
     renamed to DIR when complete, so DIR is either absent or whole.

@@ -1,0 +1,189 @@
+"""Applications in real containers (Podman, runc) with their own pcsc-lite, on sockets of
+`pcsc-bridge local` (docs/containers.md).
+
+The images are Debian 12, 13 and unstable roots (the matrix's chroots,
+tests/matrix/pcsclite.py: pcscd's client library and pyscard in each) imported into
+Podman without a registry, tagged with the chroot's build so that a chroot built anew (a
+fresh cache, as in CI) is imported anew. Each container runs as it should in
+production: no network, a read-only root, no capabilities, no new privileges, a non-root
+user in a user namespace of its own (``--userns=auto``), and only its socket's folder
+mounted, at /run/pcscd, where its library looks by default. `local` serves the host's
+readers (the virtual backend, changed through its control socket while containers wait)
+with a policy per socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from matrix.pcsclite import chroot_dir, ensure_chroot
+from targets import Process, wait_path
+
+pytestmark = pytest.mark.matrix
+
+RELEASES = ("bookworm", "trixie", "sid")    # Debian 12 (pcsc-lite 1.9.9), 13 (2.3.3), sid
+R0, R2 = "Virtual PCD 00 00", "Virtual PCD 00 02"
+REPO = "localhost/pcsc-bridge-test"
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # for kube play too
+HARDENED = ["--network=none", "--read-only", "--cap-drop=all",
+            "--security-opt", "no-new-privileges", "--user", "1000:1000", "--userns=auto"]
+# in the container: the readers, then an APDU to each (the virtual card echoes 80 EE)
+LIST_AND_SEND = r"""
+from smartcard import scard as s
+hr, ctx = s.SCardEstablishContext(s.SCARD_SCOPE_USER)
+hr, readers = s.SCardListReaders(ctx, [])
+print("readers", hr, readers)
+for name in readers or ["Virtual PCD 00 00"]:
+    hr, card, proto = s.SCardConnect(ctx, name, s.SCARD_SHARE_SHARED, s.SCARD_PROTOCOL_T1)
+    got = s.SCardTransmit(card, proto, [0x80, 0xEE, 0, 0, 1, 0x5A]) if hr == 0 else (hr, [])
+    print("connect", name, hr, "transmit", got[0], bytes(got[1]).hex())
+"""
+# in the container: wait for a reader to arrive (\\?PnP?\Notification), then list
+WAIT_FOR_READER = r"""
+from smartcard import scard as s
+hr, ctx = s.SCardEstablishContext(s.SCARD_SCOPE_USER)
+pnp = "\\\\?PnP?\\Notification"
+hr, st = s.SCardGetStatusChange(ctx, 0, [(pnp, s.SCARD_STATE_UNAWARE)])
+print("waiting", flush=True)
+hr, st = s.SCardGetStatusChange(ctx, 20000, [(pnp, st[0][1])])
+print("woken", hr, s.SCardListReaders(ctx, [])[1], flush=True)
+"""
+
+
+def _run(argv, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, check=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory) -> dict:
+    """The environment Podman runs with here: runc, and the limits this machine allows
+    (crun and the default ulimits cannot start a container on it)."""
+    if not shutil.which("podman") or not shutil.which("runc"):
+        pytest.fail("podman and runc are not installed (scripts/setup installs them as "
+                    "root)", pytrace=False)
+    conf = tmp_path_factory.mktemp("podman") / "containers.conf"
+    hard = _run(["sh", "-c", "ulimit -Hn"]).stdout.strip()
+    conf.write_text(f'[containers]\ndefault_ulimits = ["nofile={hard}:{hard}", '
+                    f'"nproc=32768:32768"]\n[engine]\nruntime = "runc"\n')
+    return {**os.environ, "CONTAINERS_CONF": str(conf)}
+
+
+def image(podman: dict, release: str) -> str:
+    """The release's image, imported from its chroot if that build has none yet (older
+    builds' images are removed)."""
+    root = ensure_chroot(release)
+    build = hashlib.sha256((root / "pcsc-bridge.json").read_bytes()).hexdigest()[:12]
+    tag = f"{REPO}:{release}-{build}"
+    if _run(["podman", "image", "exists", tag], env=podman).returncode != 0:
+        old = _run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}",
+                    "--filter", f"reference={REPO}:{release}-*"], env=podman).stdout.split()
+        tar = subprocess.Popen(["tar", "-C", str(chroot_dir(release)), "-c", "."],
+                               stdout=subprocess.PIPE)
+        done = subprocess.run(["podman", "import", "--change", f"ENV=PATH={PATH}",
+                               "--change", 'CMD=["/bin/bash"]', "-", tag],
+                              stdin=tar.stdout, capture_output=True, text=True, env=podman,
+                              check=False)
+        tar.wait()
+        assert done.returncode == 0, done.stderr
+        for o in old:
+            _run(["podman", "rmi", "-f", o], env=podman)
+    return tag
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """`pcsc-bridge local` on the virtual backend: one socket that shows R0 (and R2, once
+    plugged in), one that shows nothing, each alone in a folder a container mounts."""
+    d = tmp_path_factory.mktemp("containers")
+    os.chmod(d, 0o755)
+    socks = {}
+    for name in ("allowed", "denied"):
+        (d / name).mkdir(mode=0o755)
+        os.chmod(d / name, 0o755)          # a container's user is nobody here
+        socks[name] = d / name / "pcscd.comm"
+    control = d / "control.sock"
+    conf = d / "local.yaml"
+    conf.write_text(f"""\
+log: {{level: info}}
+local:
+  backend: {{type: virtual}}
+  virtual:
+    control: {control}
+    readers: [{{name: "{R0}"}}, {{name: "Virtual PCD 00 01", card: null}}]
+  admin_socket: {d}/admin.sock
+  sockets:
+    - {{path: {socks['allowed']}, readers: ["{R0}", "{R2}"]}}
+    - {{path: {socks['denied']}, readers: "nothing here*"}}
+""")
+    proc = Process(["local", "-c", str(conf)], str(d / "local.log"))
+    for s in socks.values():
+        wait_path(str(s))
+    yield socks, control, proc
+    proc.stop()
+
+
+def contain(podman, release: str, sock: Path, script: str, background: bool = False):
+    """``script`` run by python3 in a hardened container of ``release`` with ``sock``'s
+    folder as its /run/pcscd: its result, or (``background``) the running process."""
+    argv = ["podman", "run", "--rm", *HARDENED, "-v", f"{sock.parent}:/run/pcscd",
+            image(podman, release), "python3", "-c", script]
+    if background:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=podman)
+    return subprocess.run(argv, capture_output=True, text=True, env=podman, check=False,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_a_hardened_container_uses_the_readers_its_socket_shows(podman, local, release):
+    socks, _, _ = local
+    done = contain(podman, release, socks["allowed"], LIST_AND_SEND)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"readers 0 ['{R0}']" in done.stdout, done.stdout
+    assert f"connect {R0} 0 transmit 0 5a9000" in done.stdout, done.stdout
+    # the container's own user namespace: not root, not the host's uid 1000 either
+    ids = _run(["podman", "run", "--rm", *HARDENED, image(podman, release), "cat",
+                "/proc/self/uid_map"], env=podman)
+    inside, outside, _n = ids.stdout.split()[:3]
+    assert inside == "0" and int(outside) > 65535, ids.stdout   # none of the host's users
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_a_container_denied_a_reader_cannot_reach_it(podman, local, release):
+    socks, _, _ = local
+    done = contain(podman, release, socks["denied"], LIST_AND_SEND)
+    assert done.returncode == 0, done.stdout + done.stderr
+    no_readers = 0x8010002E      # SCARD_E_NO_READERS_AVAILABLE
+    assert f"readers {no_readers} []" in done.stdout, done.stdout
+    unknown = 0x80100009         # SCARD_E_UNKNOWN_READER: it does not exist for them
+    assert f"connect {R0} {unknown} transmit" in done.stdout, done.stdout
+
+
+def test_a_reader_plugged_in_on_the_host_is_seen_inside(podman, local):
+    socks, control, _ = local
+    waiting = contain(podman, "sid", socks["allowed"], WAIT_FOR_READER, background=True)
+    try:
+        line = waiting.stdout.readline()
+        assert line.startswith("waiting"), line + waiting.stdout.read()
+        time.sleep(0.3)
+        add = _run([sys.executable, "-m", "pcsc_bridge", "virtual", "--control",
+                    str(control), "add-reader", R2, "card"])
+        assert add.returncode == 0, add.stderr
+        out, _ = waiting.communicate(timeout=30)
+        assert out.startswith("woken 0") and R2 in out, out
+    finally:
+        waiting.kill()
+        _run([sys.executable, "-m", "pcsc_bridge", "virtual", "--control", str(control),
+              "remove-reader", R2])
+    # the socket that shows nothing still shows nothing
+    done = contain(podman, "bookworm", socks["denied"], LIST_AND_SEND)
+    assert "readers 2148532270 []" in done.stdout, done.stdout
+    assert json.dumps(R2) not in done.stdout
