@@ -187,3 +187,72 @@ def test_a_reader_plugged_in_on_the_host_is_seen_inside(podman, local):
     done = contain(podman, "bookworm", socks["denied"], LIST_AND_SEND)
     assert "readers 2148532270 []" in done.stdout, done.stdout
     assert json.dumps(R2) not in done.stdout
+
+
+def test_the_agent_as_a_sidecar_of_an_application_container(podman, tmp_path):
+    """A server on the host (virtual backend); the agent in a container of its own
+    (read-only, non-root, no capabilities, its certificate and key as Podman secrets,
+    the host's network to reach the server); the application in another, without
+    network, sharing only the socket's folder with the agent."""
+    from matrix.bridged import ROOT, package_tree
+    from targets import free_port, make_pki, wait_port, write_server_config
+    ca = make_pki(str(tmp_path), ("pod-7",))
+    port = free_port()
+    server = Process(["server", "-c", write_server_config(str(tmp_path), ca, port,
+                                                          backend="virtual")],
+                     str(tmp_path / "server.log"))
+    shared = tmp_path / "run-pcscd"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o1777)            # the agent's user (uid 1000) makes the socket
+    os.chmod(tmp_path, 0o755)
+    tree = package_tree(str(tmp_path / "python"))
+    config = tmp_path / "client.yaml"
+    config.write_text(f"""\
+client:
+  server: "127.0.0.1:{port}"
+  server_name: localhost
+  cert: /run/secrets/guest.pem
+  key: /run/secrets/guest-key.pem
+  ca: /run/secrets/ca.pem
+  socket: /run/pcscd/pcscd.comm
+  admin_socket: null
+""")
+    os.chmod(config, 0o644)
+    secrets = {"guest.pem": f"{ca}/pod-7.pem", "guest-key.pem": f"{ca}/pod-7-key.pem",
+               "ca.pem": f"{ca}/ca.pem"}
+    tag = f"t{os.getpid()}"
+    for name, path in secrets.items():
+        _run(["podman", "secret", "rm", f"{tag}-{name}"], env=podman)
+        made = _run(["podman", "secret", "create", f"{tag}-{name}", path], env=podman)
+        assert made.returncode == 0, made.stderr
+    agent = None
+    try:
+        wait_port(port)
+        agent = subprocess.Popen(
+            ["podman", "run", "--rm", "--name", f"{tag}-agent", "--network=host",
+             "--read-only", "--cap-drop=all", "--security-opt", "no-new-privileges",
+             "--user", "1000:1000",   # (no user namespace of its own: with the host's
+             # network, runc may not mount /sys in one)
+             *[a for name in secrets for a in (
+                 "--secret", f"{tag}-{name},target=/run/secrets/{name},uid=1000,mode=0400")],
+             "--tmpfs", "/run/secrets:size=64k",   # (a read-only root has no such folder)
+             "-v", f"{shared}:/run/pcscd", "-v", f"{config}:/etc/pcsc-bridge/client.yaml:ro",
+             "-v", f"{ROOT}:{ROOT}:ro", "-v", f"{tree}:{tree}:ro", "-e", f"PYTHONPATH={tree}",
+             image(podman, "trixie"), "python3", "-m", "pcsc_bridge", "client", "-c",
+             "/etc/pcsc-bridge/client.yaml"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=podman)
+        wait_path(str(shared / "pcscd.comm"), 30)
+        deadline = time.monotonic() + 10
+        while "guest.connected" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert 'guest.connected guest=pod-7' in server.output(), server.output()
+        done = contain(podman, "bookworm", shared / "pcscd.comm", LIST_AND_SEND)
+        assert f"connect {R0} 0 transmit 0 5a9000" in done.stdout, done.stdout + done.stderr
+    finally:
+        _run(["podman", "stop", "-t", "2", f"{tag}-agent"], env=podman)
+        if agent is not None:
+            out = agent.communicate(timeout=30)[0]
+            assert "agent.ready" in out, out
+        for name in secrets:
+            _run(["podman", "secret", "rm", f"{tag}-{name}"], env=podman)
+        server.stop()
