@@ -303,7 +303,7 @@ class LocalConfig:
         for path in paths:
             if paths.count(path) > 1:
                 raise FieldError("sockets", f"{path} is listed twice")
-            if path == self.backend.socket:
+            if path == self.backend.socket and self.backend.type in ("auto", "pcscd"):
                 raise FieldError("sockets", f"{path} is the backend's pcscd socket")
 
 

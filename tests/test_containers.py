@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -256,3 +257,80 @@ client:
         for name in secrets:
             _run(["podman", "secret", "rm", f"{tag}-{name}"], env=podman)
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def built(podman) -> str:
+    """scripts/build-image's image (its Debian root cached like the chroots)."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([str(root / "scripts" / "build-image"), "--tag",
+                           "localhost/pcsc-bridge:test"], capture_output=True, text=True,
+                          env=podman, check=False, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MB, built in" in done.stderr
+    return "localhost/pcsc-bridge:test"
+
+
+def test_the_image_runs_server_agent_and_local_read_only_as_a_user(podman, built, tmp_path):
+    from targets import free_port, make_pki, wait_port
+    version = _run(["podman", "run", "--rm", "--read-only", built, "--version"], env=podman)
+    assert version.stdout.strip() == f"pcsc-bridge {__import__('pcsc_bridge').__version__}"
+    ca = make_pki(str(tmp_path), ("pod-7",))
+    for f in [Path(ca), *Path(ca).iterdir()]:     # the image's user reads its files
+        os.chown(f, 10001, 10001)
+    os.chmod(tmp_path, 0o755)
+    port = free_port()
+    shared = {n: tmp_path / n for n in ("agent", "local")}
+    for d in shared.values():
+        d.mkdir()
+        os.chown(d, 10001, 10001)
+    (tmp_path / "server.yaml").write_text(f"""\
+server:
+  listen: ["127.0.0.1:{port}"]
+  cert: {ca}/host.pem
+  key: {ca}/host-key.pem
+  ca: {ca}/ca.pem
+  backend: {{type: virtual}}
+  admin_socket: null
+""")
+    (tmp_path / "client.yaml").write_text(f"""\
+client:
+  server: "127.0.0.1:{port}"
+  server_name: localhost
+  cert: {ca}/pod-7.pem
+  key: {ca}/pod-7-key.pem
+  ca: {ca}/ca.pem
+  socket: /run/pcscd/pcscd.comm
+  admin_socket: null
+""")
+    (tmp_path / "local.yaml").write_text("""\
+local:
+  backend: {type: virtual}
+  admin_socket: null
+  sockets: [{path: /run/pcscd/pcscd.comm, readers: "Virtual PCD 00 00"}]
+""")
+    common = ["podman", "run", "-d", "--read-only", "--cap-drop=all", "--security-opt",
+              "no-new-privileges", "-v", f"{tmp_path}:{tmp_path}:ro"]
+    names = [f"t{os.getpid()}-{n}" for n in ("server", "agent", "local")]
+    try:
+        for name, extra, args in (
+                (names[0], ["--network=host"], ["server", "-c", f"{tmp_path}/server.yaml"]),
+                (names[1], ["--network=host", "-v", f"{shared['agent']}:/run/pcscd"],
+                 ["client", "-c", f"{tmp_path}/client.yaml"]),
+                (names[2], ["--network=none", "-v", f"{shared['local']}:/run/pcscd"],
+                 ["local", "-c", f"{tmp_path}/local.yaml"])):
+            started = _run([*common, "--name", name, *extra, built, *args], env=podman)
+            assert started.returncode == 0, started.stderr
+            if name == names[0]:
+                wait_port(port)
+        for d in shared.values():
+            wait_path(str(d / "pcscd.comm"), 30)
+            done = contain(podman, "trixie", d / "pcscd.comm", LIST_AND_SEND)
+            assert f"connect {R0} 0 transmit 0 5a9000" in done.stdout, \
+                done.stdout + done.stderr + _run(["podman", "logs", names[0]], env=podman).stdout
+        for name in names:                    # each as the image's user, not root
+            top = _run(["podman", "exec", name, "cat", "/proc/1/status"], env=podman).stdout
+            assert re.search(r"^Uid:\s+10001\s", top, re.MULTILINE), top
+    finally:
+        for name in names:
+            _run(["podman", "rm", "-f", "-t", "1", name], env=podman)
