@@ -36,8 +36,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-async def _reach(c: config.ClientConfig, e: config.ServerEntry) -> Hello:
-    """TLS and both HELLOs with server ``e``, as the agent does them; its HELLO."""
+async def _reach(c: config.ClientConfig, e: config.ServerEntry | None = None) -> Hello:
+    """TLS and both HELLOs with server ``e`` (the first), as the agent does them; its
+    HELLO."""
+    e = e or c.entries()[0]
     ctx = tls.client_context(e.cert or c.cert, e.key or c.key, e.ca or c.ca,
                              c.tls_min_version)
     reader, writer = await asyncio.wait_for(asyncio.open_connection(

@@ -187,7 +187,10 @@ class Rig:
         self.attackers: list[Attacker] = []
 
     def start_server(self) -> Process:
-        conf = write_server_config(self.dir, self.ca, self.port)
+        # the guests share the card as pcscd shares it: what is measured is what one
+        # guest's traffic costs another's, not a reset between them (docs/lab.md)
+        conf = write_server_config(self.dir, self.ca, self.port, extra=(
+            "  guests:\n    default: {reset_between_guests: false}\n"))
         self.server = Process(["server", "-c", conf], os.path.join(self.dir, "server.log"))
         wait_port(self.port)
         return self.server
