@@ -83,6 +83,7 @@ class UnionBackend(Backend):
         self.contested: set[tuple[int, str]] = set()   # (entry, reader): shown qualified
         for m in members:
             m.backend.model.listen(self._rebuild)
+        self._rebuild()
 
     def describe(self) -> str:
         return "pcsc-bridge servers " + ", ".join(m.backend.server for m in self.members)

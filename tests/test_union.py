@@ -248,3 +248,81 @@ def test_names_stay_unique_stable_and_end_in_their_slot_numbers():
     a.model.update([ReaderState("R 00 00"), ReaderState("S 00 00")])
     assert names() == ["R 00 00", "S 00 00", "b.lab: R 00 00", "c/Yubico YubiKey 00 00"]
     assert union.route["c/Yubico YubiKey 00 00"][1] == "Yubico YubiKey 00 00"
+
+
+def test_answers_come_back_in_call_order_and_a_call_after_a_failure_elsewhere_fails():
+    """Two servers' streams answering out of order: the application gets its answers in
+    the order of its calls; a call that runs only if the one before it succeeded, when
+    that one went to the other server, waits for its answer here."""
+    import asyncio
+
+    from pcsc_bridge import pcsc as p
+    from pcsc_bridge.backend import AppInfo, BackendStream, ReaderModel
+    from pcsc_bridge.client.union import Member, UnionBackend
+
+    class Stream(BackendStream):
+        pipeline = 2
+
+        def __init__(self):
+            self.calls = []              # (msg, done, only_if_ok)
+
+        def submit(self, msg, done, *, only_if_ok=False, answered_early=False):
+            self.calls.append((msg, done, only_if_ok))
+
+    class Link:
+        def __init__(self, name):
+            self.model = ReaderModel([p.ReaderState(f"{name} 00 00", 1, p.SCARD_PRESENT)])
+            self.server_name, self.tried, self.stream = name, True, Stream()
+            self.link, self.early_answers = None, True
+            self.pool = SimpleNamespace(take=lambda app: (self.stream, 0x77))
+
+    async def run():
+        a, b = Link("A"), Link("B")
+        union = UnionBackend([Member(a), Member(b)])
+        stream = await union.open_stream(AppInfo())
+        got = []
+
+        def done(reply, error):
+            got.append((type(reply).__name__, reply.rv))
+        stream.submit(p.EstablishContext(2), lambda r, e: got.append(r.hContext))
+        await asyncio.sleep(0)
+        ctx = got.pop()
+        handles = {}
+        for name, link in (("A", a), ("B", b)):
+            stream.submit(p.Connect(ctx, f"{name} 00 00", 2, 3),
+                          lambda r, e, n=name: handles.__setitem__(n, r.hCard))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            msg, answer, _ = link.stream.calls.pop()
+            assert msg.hContext == 0x77 and msg.szReader == f"{name} 00 00"
+            answer(msg.with_rv(0, hCard=0x1000, dwActiveProtocol=2), None)  # same number
+            await asyncio.sleep(0)
+        assert handles["A"] != handles["B"]
+        # a Begin on A, then a Transmit on B that runs only if the Begin succeeded
+        stream.submit(p.BeginTransaction(handles["A"]), done, answered_early=True)
+        tx = p.Transmit(handles["B"], 2, 8, 2, 2, 8, 258, data=b"\x00\xb0")
+        stream.submit(tx, done, only_if_ok=True)
+        await asyncio.sleep(0)
+        assert not b.stream.calls, "it waits for the Begin's answer"
+        begin, answer_begin, _ = a.stream.calls.pop()
+        assert begin.hCard == 0x1000
+        answer_begin(begin.with_rv(p.SCARD_E_SHARING_VIOLATION), None)
+        await asyncio.sleep(0)
+        assert not b.stream.calls and got == [("BeginTransaction",
+                                               p.SCARD_E_SHARING_VIOLATION),
+                                              ("Transmit", p.SCARD_E_SHARING_VIOLATION)]
+        # out of order: B answers before A; the application hears A first
+        got.clear()
+        stream.submit(p.Status(handles["A"]), done)
+        stream.submit(p.Transmit(handles["B"], 2, 8, 2, 2, 8, 258, data=b"\x00\xb0"), done)
+        await asyncio.sleep(0)
+        tb, answer_b, if_ok = b.stream.calls.pop()
+        assert not if_ok
+        answer_b(tb.with_rv(0, pcbRecvLength=2, data=b"\x90\x00"), None)
+        await asyncio.sleep(0)
+        assert got == []
+        sa, answer_a, _ = a.stream.calls.pop()
+        answer_a(sa.with_rv(0), None)
+        await asyncio.sleep(0)
+        assert got == [("Status", 0), ("Transmit", 0)]
+    asyncio.run(run())
