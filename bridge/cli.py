@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from . import __version__
@@ -73,6 +74,8 @@ def run_daemon(name: str, body) -> int:
     error is printed and exits 2, a system error (a socket, a file) 1, a clean stop 0."""
     from . import config, netio, tls
     netio.raise_descriptor_limit()
+    if hasattr(signal, "SIGHUP"):   # a reload asked for before it is ready: not a death
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         body()
     except (config.ConfigError, tls.TLSConfigError, ValueError) as exc:

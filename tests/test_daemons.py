@@ -51,6 +51,9 @@ def test_sighup_does_not_stop_the_agent(tmp_path):
                                 stdout=log_file, stderr=subprocess.STDOUT)
     try:
         wait_path(sock)
+        deadline = time.monotonic() + 10    # ready: its reload handler is in place (a HUP
+        while "agent.ready" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)                # before that is ignored, not a death)
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 5
         while "agent.reloaded" not in log_path.read_text():

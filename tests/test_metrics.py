@@ -286,7 +286,10 @@ def test_two_guests_calls_readers_and_latency_add_up(tmp_path):
         b.agents["guest2"].stop()
         m = wait_for(lambda: (x := scrape(mport)) and x.get(
             "pcsc_bridge_guest_connected", guest="guest2") == 0 and x, "guest2 gone")
-        assert calls(m, "guest2") == seen["guest2"]
+        # (its card calls; contexts are its agent's to manage: one made ready meanwhile
+        # may have arrived after ``seen``)
+        assert {k: v for k, v in calls(m, "guest2").items() if k in CARD} == \
+            {k: v for k, v in seen["guest2"].items() if k in CARD}
         assert m.get("pcsc_bridge_guest_streams", guest="guest2") == 0
         assert m.get("pcsc_bridge_guests_connected") == 1
         assert m.get("pcsc_bridge_reader_cards_in_use", reader=R0) == 0
