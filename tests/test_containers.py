@@ -334,3 +334,148 @@ local:
     finally:
         for name in names:
             _run(["podman", "rm", "-f", "-t", "1", name], env=podman)
+
+
+# --- deploy/kubernetes/, played with `podman kube play` ----------------------------------
+KUBE = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+# the application of the manifests' pods: waits for its socket, then LIST_AND_SEND
+APP = "import os, time\nfor _ in range(200):\n    if os.path.exists('/run/pcscd/pcscd.comm'):\n" \
+      "        break\n    time.sleep(0.1)\n" + LIST_AND_SEND
+
+
+def playable(name: str, text: dict[str, str], secrets: dict[str, Path],
+             host: dict[str, str], app_image: str, scratch: Path) -> str:
+    """deploy/kubernetes/NAME as `podman kube play` 4.3 takes it, the test's addresses and
+    files in it (``text``: replacements), and what Podman 4.3 lacks stood in for: a
+    DaemonSet runs as a Deployment of one pod (Podman has no DaemonSet before 4.7), a
+    Secret volume is a folder of the same files (4.3's kube play cannot mount one), an
+    emptyDir a folder of ``scratch`` the pod's user may write to (4.3 applies no fsGroup),
+    the
+    pods use the host's network instead of a Service, hostPaths are the test's folders
+    (``host``), and the application's image is the test's, running APP."""
+    import yaml
+    raw = (KUBE / name).read_text()
+    for old, new in text.items():
+        assert old in raw, (name, old)
+        raw = raw.replace(old, new)
+    out = []
+    for doc in yaml.safe_load_all(raw):
+        kind = doc["kind"]
+        if kind in ("Namespace", "Service"):
+            continue
+        doc["metadata"].pop("namespace", None)
+        if kind == "DaemonSet":
+            doc["kind"] = "Deployment"
+            doc["spec"]["replicas"] = 1
+        if kind == "ConfigMap":
+            out.append(doc)
+            continue
+        spec = doc["spec"] if kind == "Pod" else doc["spec"]["template"]["spec"]
+        spec.pop("nodeSelector", None)
+        spec["hostNetwork"] = True
+        spec["restartPolicy"] = "Never"   # (4.3 restarts a Deployment's init containers)
+        for v in spec["volumes"]:
+            if "secret" in v:
+                v["hostPath"] = {"path": str(secrets[v.pop("secret")["secretName"]]),
+                                 "type": "Directory"}
+            elif "hostPath" in v and v["hostPath"]["path"] in host:
+                v["hostPath"]["path"] = host[v["hostPath"]["path"]]
+            elif "emptyDir" in v:
+                v.pop("emptyDir")
+                d = scratch / v["name"]
+                d.mkdir(parents=True)
+                os.chown(d, 10001, 10001)
+                v["hostPath"] = {"path": str(d), "type": "Directory"}
+        for c in [*spec.get("initContainers", ()), *spec["containers"]]:
+            c.pop("ports", None)               # the host's network: its ports as they are
+            c["image"] = c["image"].replace("pcsc-bridge:0.1.0", "localhost/pcsc-bridge:test")
+            if c["image"] == "my-ci-runner:latest":
+                c.update(image=app_image, command=["python3", "-c", APP])
+        out.append(doc)
+    return yaml.safe_dump_all(out)
+
+
+def pem_folder(path: Path, cert: str, key: str, ca: str) -> Path:
+    """A Secret's files (cert-manager's names) as the kubelet gives them: the group's."""
+    path.mkdir(parents=True)
+    for name, src in (("tls.crt", cert), ("tls.key", key), ("ca.crt", ca)):
+        shutil.copy(src, path / name)
+        os.chown(path / name, 0, 10001)
+        os.chmod(path / name, 0o440)
+    os.chmod(path, 0o755)
+    return path
+
+
+def logs_of(podman, container: str, want: str, timeout: float = 60) -> str:
+    """The output of the pod's container whose name ends in ``container``, once it shows
+    ``want`` (or the time is up)."""
+    deadline = time.monotonic() + timeout
+    out = ""
+    while time.monotonic() < deadline:
+        names = _run(["podman", "ps", "-a", "--format", "{{.Names}}"], env=podman).stdout
+        for n in names.split():
+            if n.endswith(container):
+                out = _run(["podman", "logs", n], env=podman).stdout
+                if want in out:
+                    return out
+        time.sleep(0.5)
+    return out
+
+
+def test_the_kubernetes_manifests_play_with_a_certificate_per_pod(podman, built, targets,
+                                                                   tmp_path):
+    """server.yaml (pcscd of the host), agent-sidecar.yaml twice with two pod identities
+    (ci-runner-a, ci-runner-b: each sees the reader its CN is given), local.yaml and
+    tenant-pod.yaml (a tenant's pod through a node's local socket)."""
+    from targets import free_port, make_pki, wait_port
+    targets.get("pcscd").reset()            # the test card in reader 0, reader 1 empty
+    os.chmod(tmp_path, 0o755)
+    ca = make_pki(str(tmp_path), ("ci-runner-a", "ci-runner-b"))
+    port = free_port()
+    secrets = {"pcsc-bridge-server-tls": pem_folder(tmp_path / "server-tls", f"{ca}/host.pem",
+                                                     f"{ca}/host-key.pem", f"{ca}/ca.pem")}
+    for runner in ("ci-runner-a", "ci-runner-b"):
+        secrets[f"{runner}-tls"] = pem_folder(tmp_path / f"{runner}-tls", f"{ca}/{runner}.pem",
+                                              f"{ca}/{runner}-key.pem", f"{ca}/ca.pem")
+    sockets = tmp_path / "pcsc-bridge-local"
+    sockets.mkdir()
+    os.chown(sockets, 10001, 10001)
+    host = {"/run/pcsc-bridge-local": str(sockets),
+            "/run/pcsc-bridge-local/team-a": str(sockets / "team-a")}
+    app_image = image(podman, "trixie")
+    played = []
+
+    def play(name: str, text: dict[str, str], tag: str = "") -> None:
+        f = tmp_path / f"{tag or name}"
+        f.write_text(playable(name, text, secrets, host, app_image,
+                              tmp_path / f"{tag or name}.d"))
+        done = _run(["podman", "kube", "play", "--replace", str(f)], env=podman)
+        assert done.returncode == 0, done.stdout + done.stderr
+        played.append(f)
+    try:
+        play("server.yaml", {"0.0.0.0:8443": f"127.0.0.1:{port}"})
+        wait_port(port, 30)
+        for runner in ("ci-runner-a", "ci-runner-b"):
+            play("agent-sidecar.yaml", {
+                '"pcsc-bridge.pcsc-bridge.svc:8443"':
+                    f'"127.0.0.1:{port}"\n      server_name: localhost',
+                "ci-runner-a": runner, "name: pcsc-bridge-agent": f"name: agent-{runner}"},
+                f"{runner}.yaml")
+        for runner, reader in (("ci-runner-a", R0), ("ci-runner-b", "Virtual PCD 00 01")):
+            out = logs_of(podman, f"{runner}-pod-0-app", "connect")
+            assert f"readers 0 ['{reader}']" in out, (
+                runner, out, logs_of(podman, f"{runner}-pod-0-agent", "", 1),
+                logs_of(podman, "pcsc-bridge-server-pod-0-server", "", 1))
+        out = logs_of(podman, "ci-runner-a-pod-0-app", "transmit")
+        assert f"connect {R0} 0 transmit 0 5a9000" in out, out
+        out = logs_of(podman, "ci-runner-b-pod-0-app", "transmit")
+        assert "connect Virtual PCD 00 01 2148532236" in out, out    # no card in it
+        # a node's local and a tenant's pod
+        play("local.yaml", {})
+        wait_path(str(sockets / "team-a" / "pcscd.comm"), 30)
+        play("tenant-pod.yaml", {})
+        out = logs_of(podman, "team-a-job-job", "transmit")
+        assert f"readers 0 ['{R0}']" in out and f"connect {R0} 0 transmit 0 5a9000" in out, out
+    finally:
+        for f in reversed(played):
+            _run(["podman", "kube", "down", str(f)], env=podman)
