@@ -66,6 +66,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -412,24 +413,30 @@ class Bridge(Route):
             raise Unavailable("`pcsc-bridge server` is not there yet: "
                               + (check.stderr.strip().splitlines() or ["?"])[-1])
         self.port = free_port()
-        cert, key = self.run.pki.server
-        config = self.dir / "server.yaml"
-        config.write_text(f"""\
-server:
-  listen: ["127.0.0.1:{self.port}"]
-  cert: {cert}
-  key: {key}
-  ca: {self.run.pki.ca}
+        self._server("server", self.port, f"""\
   backend: {{type: {self.backend_type}, socket: {self.backend}}}
   guests:   # as much as the tunnels allow: real applications ask for reader features;
             # the card as the tunnels pass it (the load's guests share it at once: a
             # reset between guests would make it another benchmark, docs/lab.md)
     default: {{control: all, exclusive: true, direct: true, reset_between_guests: false}}
 """)
-        proc = self.procs.start(f"{self.name}-server", [PYTHON, "-m", "pcsc_bridge", "server",
-                                                      "-c", str(config)])
+
+    def _server(self, name: str, port: int, rest: str) -> None:
+        """A server of this path on ``port`` (the run's certificates), its configuration
+        ``rest`` (``server:`` keys), started and listening."""
+        cert, key = self.run.pki.server
+        config = self.dir / f"{name}.yaml"
+        config.write_text(f"""\
+server:
+  listen: ["127.0.0.1:{port}"]
+  cert: {cert}
+  key: {key}
+  ca: {self.run.pki.ca}
+{rest}""")
+        proc = self.procs.start(f"{self.name}-{name}", [PYTHON, "-m", "pcsc_bridge", "server",
+                                                       "-c", str(config)])
         self.host.append(proc.pid)
-        self._wait_port(proc, "pcsc-bridge server")
+        self._wait_port(proc, f"pcsc-bridge server ({name})")
 
     def start_instance(self, tag: str, port: int) -> str:
         cert, key = self.run.pki.client(tag)
@@ -464,22 +471,11 @@ class BridgeTwo(Bridge):
     def start_shared(self) -> None:
         super().start_shared()
         self.other_port, self.metrics_port = free_port(), free_port()
-        cert, key = self.run.pki.server
-        config = self.dir / "server-other.yaml"
-        config.write_text(f"""\
-server:
-  listen: ["127.0.0.1:{self.other_port}"]
-  cert: {cert}
-  key: {key}
-  ca: {self.run.pki.ca}
+        self._server("other", self.other_port, f"""\
   backend: {{type: virtual}}
   virtual: {{readers: [{{name: "Other Host 00 00"}}, {{name: "Other Host 01 00"}}]}}
   metrics_listen: "127.0.0.1:{self.metrics_port}"
 """)
-        proc = self.procs.start(f"{self.name}-other", [PYTHON, "-m", "pcsc_bridge", "server",
-                                                      "-c", str(config)])
-        self.host.append(proc.pid)
-        self._wait_port(proc, "pcsc-bridge server (the other)")
 
     def more_servers(self) -> str:
         return ("  servers:\n"
@@ -489,7 +485,6 @@ server:
         """The calls the second server was asked to make, all guests together, by call
         (SCardEstablishContext: the context each link keeps ready for the next
         application, made in the background)."""
-        import urllib.request
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
                                     timeout=5) as r:
             text = r.read().decode()

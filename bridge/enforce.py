@@ -314,9 +314,9 @@ class Enforcer:
     def _hold(self, use: CardUse, now: float, ended: bool = False) -> None:
         """Whether ``use`` holds its reader changed, maybe (``ended``: its handle ended):
         its records follow."""
-        hold = None if ended else ("transaction" if use.locks else None) \
-            if use.share != SCARD_SHARE_EXCLUSIVE \
-            else ("exclusive, transaction" if use.locks else "exclusive")
+        kinds = () if ended else [k for k, on in (
+            ("exclusive", use.share == SCARD_SHARE_EXCLUSIVE), ("transaction", use.locks)) if on]
+        hold = ", ".join(kinds) or None
         if (hold is None) == (use.hold is None):
             use.hold = hold
             return

@@ -144,6 +144,19 @@ class UnionBackend(Backend):
         self.model.update(states)
 
 
+class _Call:
+    """One of the application's calls under way: answered (``reply``) or not, the server
+    it went to, what waits for its answer (``then``)."""
+
+    __slots__ = ("done", "member", "msg", "reply", "then")
+
+    def __init__(self, msg: Message, done):
+        self.msg, self.done = msg, done
+        self.reply: Message | None = None
+        self.member: Member | None = None
+        self.then: list = []
+
+
 class UnionStream(BackendStream):
     """One application's calls, each to the server of the reader or handle it names."""
 
@@ -155,7 +168,7 @@ class UnionStream(BackendStream):
         self.lost: set[int] = set()     # our handles on a server whose link went away
         self.streams: dict[Member, BackendStream] = {}        # made on first use
         self.opening: dict[Member, asyncio.Future] = {}
-        self.calls: deque = deque()   # [msg, done, reply, error, member, finished]
+        self.calls: deque[_Call] = deque()   # in the application's order
         self.closed = False
         self.delivering = False
 
@@ -169,7 +182,7 @@ class UnionStream(BackendStream):
     def submit(self, msg: Message, done, *, only_if_ok: bool = False,
                answered_early: bool = False) -> None:
         before = self.calls[-1] if self.calls else None
-        entry = [msg, done, None, None, None, False]
+        entry = _Call(msg, done)
         self.calls.append(entry)
         kind = type(msg)
         if kind is EstablishContext:
@@ -181,24 +194,24 @@ class UnionStream(BackendStream):
         where = self._where(msg)
         if isinstance(where, int):
             return self._finish(entry, msg.with_rv(0) if where == 0 else msg.failed(where))
-        member = entry[4] = where
+        member = entry.member = where
         if only_if_ok and before is not None:
-            if before[5]:                     # answered already, held back for order
-                if before[2].rv:
-                    return self._finish(entry, msg.failed(before[2].rv))
+            if before.reply is not None:      # answered already, held back for order
+                if before.reply.rv:
+                    return self._finish(entry, msg.failed(before.reply.rv))
                 only_if_ok = False
-            elif not (before[4] is member and self._live(member) is not None
+            elif not (before.member is member and self._live(member) is not None
                       and self.streams[member].pipeline > 1):
                 # the call before it goes elsewhere: its answer decides, here
-                before.append(lambda: self._after(entry, before, answered_early))
+                before.then.append(lambda: self._after(entry, before, answered_early))
                 return
         self._send(entry, member, only_if_ok, answered_early)
 
-    def _after(self, entry: list, before: list, answered_early: bool) -> None:
-        if before[2].rv:
-            self._finish(entry, entry[0].failed(before[2].rv))
+    def _after(self, entry: _Call, before: _Call, answered_early: bool) -> None:
+        if before.reply.rv:
+            self._finish(entry, entry.msg.failed(before.reply.rv))
         else:
-            self._send(entry, entry[4], False, answered_early)
+            self._send(entry, entry.member, False, answered_early)
 
     def _where(self, msg: Message) -> Member | int:
         """The server ``msg`` goes to, or the failure it gets here."""
@@ -240,9 +253,9 @@ class UnionStream(BackendStream):
             theirs.pop(member, None)
 
     # --- to a server --------------------------------------------------------------------
-    def _send(self, entry: list, member: Member, only_if_ok: bool,
+    def _send(self, entry: _Call, member: Member, only_if_ok: bool,
               answered_early: bool) -> None:
-        msg = entry[0]
+        msg = entry.msg
         if type(msg) is Connect:
             u = msg.hContext
             theirs = self.contexts[u].get(member)
@@ -259,7 +272,7 @@ class UnionStream(BackendStream):
             return
         self._to(stream, entry, member, out, only_if_ok, answered_early)
 
-    def _to(self, stream: BackendStream, entry: list, member: Member, out: Message,
+    def _to(self, stream: BackendStream, entry: _Call, member: Member, out: Message,
             only_if_ok: bool = False, answered_early: bool = False) -> None:
         early = stream.pipeline > 1
         try:
@@ -288,16 +301,16 @@ class UnionStream(BackendStream):
         future.set_result(stream)
         return stream
 
-    async def _send_when_open(self, entry: list, member: Member, out: Message) -> None:
+    async def _send_when_open(self, entry: _Call, member: Member, out: Message) -> None:
         stream = await self._open(member)
         if stream is None:
             self._answered(entry, member, None, BackendError("no session to that server"))
         else:
             self._to(stream, entry, member, out)
 
-    async def _connect_first(self, entry: list, member: Member) -> None:
+    async def _connect_first(self, entry: _Call, member: Member) -> None:
         """SCardConnect to a server this context has not used: a context there first."""
-        msg = entry[0]
+        msg = entry.msg
         u = msg.hContext
         theirs = None
         if self._live(member) is None and member not in self.opening:
@@ -332,7 +345,7 @@ class UnionStream(BackendStream):
         except BackendError as exc:
             done(None, exc)
 
-    def _release(self, entry: list, msg: ReleaseContext) -> None:
+    def _release(self, entry: _Call, msg: ReleaseContext) -> None:
         theirs = self.contexts.pop(msg.hContext, None)
         if theirs is None:
             return self._finish(entry, msg.failed(SCARD_E_INVALID_HANDLE))
@@ -347,9 +360,9 @@ class UnionStream(BackendStream):
         self._finish(entry, msg.with_rv(0))
 
     # --- out: the answers, in order ----------------------------------------------------
-    def _answered(self, entry: list, member: Member, reply: Message | None,
+    def _answered(self, entry: _Call, member: Member, reply: Message | None,
                   error: BackendError | None) -> None:
-        msg = entry[0]
+        msg = entry.msg
         if error is not None:
             # that server's link is gone (or never came): its readers went away
             self._lose(member)
@@ -374,9 +387,9 @@ class UnionStream(BackendStream):
                 self.context_of.pop(msg.hCard, None)
         self._finish(entry, reply)
 
-    def _finish(self, entry: list, reply: Message) -> None:
-        entry[2], entry[5] = reply, True
-        for then in entry[6:]:
+    def _finish(self, entry: _Call, reply: Message) -> None:
+        entry.reply = reply
+        for then in entry.then:
             then()
         if not self.delivering:
             self.delivering = True
@@ -386,10 +399,10 @@ class UnionStream(BackendStream):
         """Answers to the application, in the order of its calls (from the event loop)."""
         self.delivering = False
         calls = self.calls
-        while calls and calls[0][5]:
+        while calls and calls[0].reply is not None:
             entry = calls.popleft()
             if not self.closed:
-                entry[1](entry[2], None)
+                entry.done(entry.reply, None)
 
     # --- the rest of a stream -----------------------------------------------------------
     def pause_reading(self) -> None:
