@@ -285,6 +285,46 @@ class LocalSocket:
                       reset_between_guests=self.reset_between_guests)
 
 
+def parse_endpoint(v: Any) -> str:
+    """A VM's reader: ``HOST:PORT`` or the path of a Unix socket."""
+    if isinstance(v, str) and v.startswith(("/", ".")):
+        return os.path.abspath(v)
+    return str(HostPort.parse(v))
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmReader:
+    """A VM's virtual reader backed by one reader's card (``local.vscard[]``,
+    ``local.vpcd[]``, ``client.vscard[]``, ``client.vpcd[]``; docs/vms.md): where its
+    peer is (``listen`` here for it, or ``connect`` to it), which reader, and the policy
+    the VM gets, with a guest's keys and meaning."""
+    listen: str | None = _f(_Leaf(parse_endpoint), None, nullable=True)
+    connect: str | None = _f(_Leaf(parse_endpoint), None, nullable=True)
+    reader: str = _f(STRING)                       # a name or a glob: the first that matches
+    exclusive: bool = _f(BOOL, False)              # the card connected for the VM alone
+    apdu_rules: tuple[ApduRule, ...] = apdu_rules_field()
+    pin_guard: int = pin_guard_field()
+    hold_limit: float | None = hold_limit_field()
+    reset_between_guests: bool = reset_between_guests_field(True)
+
+    def __post_init__(self):
+        if (self.listen is None) == (self.connect is None):
+            raise FieldError("connect" if self.listen else "listen",
+                             "give one of listen (the VM's side connects here) and "
+                             "connect (the VM's side listens there)")
+
+    @property
+    def where(self) -> str:
+        return self.listen or self.connect
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(readers=(self.reader,), exclusive=self.exclusive, direct=False,
+                      control="none", apdu_rules=self.apdu_rules, pin_guard=self.pin_guard,
+                      hold_limit=self.hold_limit,
+                      reset_between_guests=self.reset_between_guests)
+
+
 @dataclass(frozen=True, kw_only=True)
 class LocalConfig:
     """``pcsc-bridge local``: translating sockets on this host over one backend."""
@@ -292,6 +332,10 @@ class LocalConfig:
     backend: BackendConfig = field(default_factory=BackendConfig, metadata=_m(BackendConfig))
     virtual: VirtualConfig = field(default_factory=VirtualConfig, metadata=_m(VirtualConfig))
     sockets: tuple[LocalSocket, ...] = _f(_ListOf(LocalSocket), ())
+    # VMs' virtual readers backed by this host's cards (docs/vms.md): QEMU's
+    # ccid-card-passthru, vsmartcard's vpcd (which listens: connect only)
+    vscard: tuple[VmReader, ...] = _f(_ListOf(VmReader), ())
+    vpcd: tuple[VmReader, ...] = _f(_ListOf(VmReader), ())
     # application connections one local user (uid) may hold over all the sockets: one
     # user cannot take the descriptors the users of the other sockets need
     sockets_per_user: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 256)
@@ -305,6 +349,13 @@ class LocalConfig:
                 raise FieldError("sockets", f"{path} is listed twice")
             if path == self.backend.socket and self.backend.type in ("auto", "pcscd"):
                 raise FieldError("sockets", f"{path} is the backend's pcscd socket")
+        for entry in self.vpcd:
+            if entry.listen:
+                raise FieldError("vpcd", "vpcd's driver listens for its card: give connect")
+        wheres = [e.where for e in self.vscard + self.vpcd]
+        for where in wheres:
+            if wheres.count(where) > 1:
+                raise FieldError("vscard", f"{where} is listed twice")
 
 
 SECTIONS = {"log": LogConfig, "server": ServerConfig, "client": ClientConfig,

@@ -42,6 +42,7 @@ from pcsc_bridge.pcsc import (
 )
 from pcsc_bridge.pool import ContextPool
 from pcsc_bridge.share import LOCK_POLL, Readers
+from pcsc_bridge.vmlink import VmLink
 
 from .admin import reader_status
 from .backends import make_backend
@@ -332,10 +333,34 @@ class Local:
         self.served: dict[str, Served] = {}
         self.users: dict = {}         # uid -> its application sockets, over every socket
         self.readers = Readers()      # the readers as the sockets share them (bridge/share.py)
+        self.vms: dict[tuple[str, str], tuple[config.VmReader, VmLink]] = {}
 
     def start(self) -> None:
         for sc in self.config.sockets:
             self._serve(sc)
+
+    async def start_vms(self, cfg: config.LocalConfig) -> list[str]:
+        """The VMs' readers (docs/vms.md) as ``cfg`` lists them: each a ``VmLink`` on a
+        ``PolicyView`` of its own, labelled ``vscard ADDRESS``; an entry that changed is
+        made anew (its VM sees the card taken out and put back), one gone is closed."""
+        want = {(kind, e.where): e for kind in ("vscard", "vpcd")
+                for e in getattr(cfg, kind)}
+        changed = []
+        for key in [k for k, (e, _) in self.vms.items() if want.get(k) != e]:
+            _, link = self.vms.pop(key)
+            await link.close()
+            await link.backend.close()
+            changed.append(f"{key[0]} {key[1]}: closed")
+        for (kind, where), entry in want.items():
+            if (kind, where) in self.vms:
+                continue
+            label = f"{kind} {where}"
+            link = VmLink(kind, entry, PolicyView(self.backend, entry.policy, label,
+                                                  self.readers), label)
+            await link.start()
+            self.vms[kind, where] = (entry, link)
+            changed.append(f"{label}: opened")
+        return changed
 
     def _serve(self, sc: config.LocalSocket) -> None:
         sock = self.passed.get(sc.path)
@@ -396,6 +421,11 @@ class Local:
         self.config = dataclasses.replace(cfg, **{k: getattr(self.config, k) for k in restart})
         if restart:
             changed.append(f"needs a restart to apply: {', '.join(restart)}")
+        try:
+            changed += await self.start_vms(cfg)
+        except OSError as exc:
+            log.error("local.reload_failed", error=str(exc))
+            failed.append(str(exc))
         log.info("local.reloaded", sockets=len(self.served), changes=len(changed))
         if failed:
             raise ReloadFailed("; ".join(failed + [f"applied: {c}" for c in changed]))
@@ -405,6 +435,7 @@ class Local:
         for served in list(self.served.values()):
             await served.close()
         self.served.clear()
+        await self.start_vms(dataclasses.replace(self.config, vscard=(), vpcd=()))
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -495,9 +526,10 @@ def _run(args) -> None:
     if unknown:
         raise config.ConfigError(f"local.sockets: systemd passed {', '.join(unknown)}, "
                                  "which the configuration does not list")
-    if not cfg.sockets:
+    if not cfg.sockets and not cfg.vscard and not cfg.vpcd:
         raise config.ConfigError("no socket to serve: give --socket PATH, list "
-                                 "local.sockets in the file, or start from a .socket unit")
+                                 "local.sockets (or local.vscard, local.vpcd) in the file, "
+                                 "or start from a .socket unit")
     netio.run(serve(cfg, passed, args))
 
 
@@ -508,6 +540,7 @@ async def serve(cfg: config.LocalConfig, passed: dict, args=None) -> None:
     control = admin = None
     try:
         local.start()
+        await local.start_vms(cfg)
         if cfg.virtual.control and backend.name == "virtual":
             control = await ControlServer(backend, cfg.virtual.control).start()
         elif cfg.virtual.control:
@@ -522,7 +555,7 @@ async def serve(cfg: config.LocalConfig, passed: dict, args=None) -> None:
         raise
     await daemon.until_stopped(
         "local", (lambda: reload(local, args)) if args is not None and args.config else None,
-        sockets=len(local.served), backend=backend.name, pcsc=backend.describe())
+        sockets=len(local.served), vms=len(local.vms), backend=backend.name, pcsc=backend.describe())
     for part in (control, admin):
         if part is not None:
             await part.close()
@@ -558,7 +591,8 @@ class LocalAdmin(CommandSocket):
                 "readers": reader_status(backend.model, self.local.readers),
                 "sockets": [{"path": path, "applications": len(served.facade.sessions),
                              "readers": list(served.cfg.readers)}
-                            for path, served in sorted(self.local.served.items())]}
+                            for path, served in sorted(self.local.served.items())],
+                "vms": [link.status() for _, link in self.local.vms.values()]}
 
     async def _reload(self, args: list[str]) -> dict:
         if args:
