@@ -289,15 +289,21 @@ def test_a_flatpak_on_a_socket_denied_a_reader_does_not_see_it(flatpak, local, t
     assert got[R1][0] == E_UNKNOWN_READER, got
 
 
-def test_an_override_of_the_variable_inside_the_sandbox_does_not_redirect_it(
+def test_an_override_of_the_variable_inside_the_sandbox_only_without_the_permission(
         flatpak, local, tmp_path):
     """`flatpak run --env= --filesystem=` (what `flatpak override` stores) sets the
-    variable and shares the socket's folder, but --socket=pcsc, finding the host's pcscd,
-    sets the variable again to the pcscd it binds: the mismatch stays."""
+    variable and shares the socket's folder; but --socket=pcsc, finding the host's pcscd,
+    sets the variable again to the pcscd it binds: the mismatch stays. Only for an
+    application without the pcsc permission (``--nosocket=pcsc`` here) does it work."""
     pcscd, socks = local
     pcscd.reset()
-    got = run_app(tmp_path, None, api.echo(b"\xaa"), R0,
-                  options=[f"--env=PCSCLITE_CSOCK_NAME={socks['all']}",
-                           f"--filesystem={socks['all'].parent}"])
+    override = [f"--env=PCSCLITE_CSOCK_NAME={socks['all']}",
+                f"--filesystem={socks['all'].parent}"]
+    got = run_app(tmp_path, None, api.echo(b"\xaa"), R0, options=override)
     assert got["socket"] == "/run/pcscd/pcscd.comm", got
     assert got["establish"] == E_SERVICE_STOPPED, got
+    got = run_app(tmp_path, None, api.echo(b"\xaa"), R0,
+                  options=["--nosocket=pcsc", *override])
+    assert got["socket"] == str(socks["all"]) and not got["socket_exists"], got
+    assert got["readers"] == [0, [R0, R1]], got
+    assert got[R0] == [0, 0, "aa9000"], got
