@@ -114,11 +114,11 @@ def _file_list(root: Path, pkg: str) -> list[str]:
     raise FileNotFoundError(f"no dpkg file list of {pkg} in {root}")
 
 
-def runtime_tree(root: Path, out: Path) -> int:
+def runtime_tree(root: Path, pkgs: list[str], out: Path) -> int:
     """The runtime's /usr (and its /etc, as flatpak wants it: /usr/etc) from the chroot's
-    files of packages(root), hard-linked; its size in bytes."""
+    files of ``pkgs``, hard-linked; its size in bytes."""
     size = 0
-    for pkg in packages(root):
+    for pkg in pkgs:
         for path in _file_list(root, pkg):
             if not path.startswith(("/usr/", "/etc/")) or path.startswith(LEAVE_OUT):
                 continue
@@ -177,7 +177,8 @@ def ensure_flatpak() -> dict:
         repo = base / "repo"
         # the runtime: metadata and usr/ (what the sandbox mounts at /usr)
         rt = base / "build-runtime"
-        size = runtime_tree(root, rt / "usr")
+        pkgs = packages(root)
+        size = runtime_tree(root, pkgs, rt / "usr")
         (rt / "metadata").write_text(
             f"[Runtime]\nname={RUNTIME}\nruntime={RUNTIME}/{ARCH}/{BRANCH}\n"
             f"sdk={RUNTIME}/{ARCH}/{BRANCH}\n")
@@ -205,13 +206,14 @@ def ensure_flatpak() -> dict:
         manifest = json.loads((root / "pcsc-bridge.json").read_text())
         built = {"key": key, "seconds": round(time.monotonic() - t0, 1),
                  "pcsc_lite": manifest["version"], "protocol": manifest["protocol"],
-                 "runtime_bytes": size, "packages": packages(root)}
+                 "runtime_bytes": size, "packages": pkgs}
         stamp.write_text(json.dumps(built, indent=1))
         return built
 
 
 @pytest.fixture(scope="module")
-def flatpak(tmp_path_factory) -> dict:
+def flatpak() -> dict:
+    """What ensure_flatpak() built (or found built)."""
     if not shutil.which("flatpak") or not shutil.which("bwrap"):
         pytest.fail("flatpak and bubblewrap are not installed (scripts/setup installs them "
                     "as root)", pytrace=False)
