@@ -182,6 +182,62 @@ class KeepaliveConfig:
                              f"got {self.timeout:g}s")
 
 
+def parse_endpoint(v: Any) -> str:
+    """A VM's reader: ``HOST:PORT`` or the path of a Unix socket."""
+    if isinstance(v, str) and v.startswith(("/", ".")):
+        return os.path.abspath(v)
+    return str(HostPort.parse(v))
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmReader:
+    """A VM's virtual reader backed by one reader's card (``client.vscard[]``,
+    ``client.vpcd[]``; docs/vms.md): where its peer is (``listen`` here for it, or
+    ``connect`` to it) and which reader. An agent's VMs are its guest for the server's
+    policy."""
+    listen: str | None = _f(_Leaf(parse_endpoint), None, nullable=True)
+    connect: str | None = _f(_Leaf(parse_endpoint), None, nullable=True)
+    reader: str = _f(STRING)                       # a name or a glob: the first that matches
+    exclusive: bool = _f(BOOL, False)              # the card connected for the VM alone
+
+    def __post_init__(self):
+        if (self.listen is None) == (self.connect is None):
+            raise FieldError("connect" if self.listen else "listen",
+                             "give one of listen (the VM's side connects here) and "
+                             "connect (the VM's side listens there)")
+
+    @property
+    def where(self) -> str:
+        return self.listen or self.connect
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalVmReader(VmReader):
+    """``local.vscard[]``, ``local.vpcd[]``: a VM's reader backed by this host's card,
+    the VM a client with a guest's policy keys and meaning."""
+    apdu_rules: tuple[ApduRule, ...] = apdu_rules_field()
+    pin_guard: int = pin_guard_field()
+    hold_limit: float | None = hold_limit_field()
+    reset_between_guests: bool = reset_between_guests_field(True)
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(readers=(self.reader,), exclusive=self.exclusive, direct=False,
+                      control="none", apdu_rules=self.apdu_rules, pin_guard=self.pin_guard,
+                      hold_limit=self.hold_limit,
+                      reset_between_guests=self.reset_between_guests)
+
+
+def check_vm_readers(vscard: tuple, vpcd: tuple) -> None:
+    for entry in vpcd:
+        if entry.listen:
+            raise FieldError("vpcd", "vpcd's driver listens for its card: give connect")
+    wheres = [e.where for e in vscard + vpcd]
+    for where in wheres:
+        if wheres.count(where) > 1:
+            raise FieldError("vscard", f"{where} is listed twice")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServerEntry:
     """One entry of ``client.servers``: a server, how to reach it, which of its readers
@@ -235,8 +291,12 @@ class ClientConfig:
     early_answers: bool = _f(BOOL, True)
     # `pcsc-bridge status` and `reload` ask the running agent on this socket (mode 0600)
     admin_socket: str | None = _f(PATH, ADMIN_SOCKETS["client"], nullable=True)
+    # VMs' virtual readers backed by the servers' cards (docs/vms.md)
+    vscard: tuple[VmReader, ...] = _f(_ListOf(VmReader), ())
+    vpcd: tuple[VmReader, ...] = _f(_ListOf(VmReader), ())
 
     def __post_init__(self):
+        check_vm_readers(self.vscard, self.vpcd)
         if self.server is None and not self.servers:
             raise FieldError("server", "required key is missing (or client.servers, a "
                              "list of servers)")
@@ -285,46 +345,6 @@ class LocalSocket:
                       reset_between_guests=self.reset_between_guests)
 
 
-def parse_endpoint(v: Any) -> str:
-    """A VM's reader: ``HOST:PORT`` or the path of a Unix socket."""
-    if isinstance(v, str) and v.startswith(("/", ".")):
-        return os.path.abspath(v)
-    return str(HostPort.parse(v))
-
-
-@dataclass(frozen=True, kw_only=True)
-class VmReader:
-    """A VM's virtual reader backed by one reader's card (``local.vscard[]``,
-    ``local.vpcd[]``, ``client.vscard[]``, ``client.vpcd[]``; docs/vms.md): where its
-    peer is (``listen`` here for it, or ``connect`` to it), which reader, and the policy
-    the VM gets, with a guest's keys and meaning."""
-    listen: str | None = _f(_Leaf(parse_endpoint), None, nullable=True)
-    connect: str | None = _f(_Leaf(parse_endpoint), None, nullable=True)
-    reader: str = _f(STRING)                       # a name or a glob: the first that matches
-    exclusive: bool = _f(BOOL, False)              # the card connected for the VM alone
-    apdu_rules: tuple[ApduRule, ...] = apdu_rules_field()
-    pin_guard: int = pin_guard_field()
-    hold_limit: float | None = hold_limit_field()
-    reset_between_guests: bool = reset_between_guests_field(True)
-
-    def __post_init__(self):
-        if (self.listen is None) == (self.connect is None):
-            raise FieldError("connect" if self.listen else "listen",
-                             "give one of listen (the VM's side connects here) and "
-                             "connect (the VM's side listens there)")
-
-    @property
-    def where(self) -> str:
-        return self.listen or self.connect
-
-    @property
-    def policy(self) -> Policy:
-        return Policy(readers=(self.reader,), exclusive=self.exclusive, direct=False,
-                      control="none", apdu_rules=self.apdu_rules, pin_guard=self.pin_guard,
-                      hold_limit=self.hold_limit,
-                      reset_between_guests=self.reset_between_guests)
-
-
 @dataclass(frozen=True, kw_only=True)
 class LocalConfig:
     """``pcsc-bridge local``: translating sockets on this host over one backend."""
@@ -334,8 +354,8 @@ class LocalConfig:
     sockets: tuple[LocalSocket, ...] = _f(_ListOf(LocalSocket), ())
     # VMs' virtual readers backed by this host's cards (docs/vms.md): QEMU's
     # ccid-card-passthru, vsmartcard's vpcd (which listens: connect only)
-    vscard: tuple[VmReader, ...] = _f(_ListOf(VmReader), ())
-    vpcd: tuple[VmReader, ...] = _f(_ListOf(VmReader), ())
+    vscard: tuple[LocalVmReader, ...] = _f(_ListOf(LocalVmReader), ())
+    vpcd: tuple[LocalVmReader, ...] = _f(_ListOf(LocalVmReader), ())
     # application connections one local user (uid) may hold over all the sockets: one
     # user cannot take the descriptors the users of the other sockets need
     sockets_per_user: int = _f(_Leaf(_integer(1, 1 << 16), typed=True), 256)
@@ -349,13 +369,7 @@ class LocalConfig:
                 raise FieldError("sockets", f"{path} is listed twice")
             if path == self.backend.socket and self.backend.type in ("auto", "pcscd"):
                 raise FieldError("sockets", f"{path} is the backend's pcscd socket")
-        for entry in self.vpcd:
-            if entry.listen:
-                raise FieldError("vpcd", "vpcd's driver listens for its card: give connect")
-        wheres = [e.where for e in self.vscard + self.vpcd]
-        for where in wheres:
-            if wheres.count(where) > 1:
-                raise FieldError("vscard", f"{where} is listed twice")
+        check_vm_readers(self.vscard, self.vpcd)
 
 
 SECTIONS = {"log": LogConfig, "server": ServerConfig, "client": ClientConfig,

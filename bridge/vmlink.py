@@ -35,6 +35,7 @@ from .vreader import (
     Show,
     Vpcd,
     VSCard,
+    atr_for_qemu,
 )
 
 READ_SIZE = 65536
@@ -166,8 +167,10 @@ class VmLink:
             return
         kind = type(a)
         if kind is Show:
-            w.write(VSCard.message(VSC_ATR, a.atr))
-            log.info("vm.card_shown", vm=self.label, atr=a.atr.hex())
+            atr = atr_for_qemu(a.atr)
+            w.write(VSCard.message(VSC_ATR, atr))
+            log.info("vm.card_shown", vm=self.label, atr=a.atr.hex(),
+                     shown=atr.hex() if atr != a.atr else None)
         elif kind is Hide:
             w.write(VSCard.message(VSC_CARD_REMOVE))
             log.info("vm.card_hidden", vm=self.label)

@@ -102,6 +102,35 @@ class VSCard:
         return cls.message(VSC_ERROR, struct.pack(">I", code))
 
 
+def historical_bytes(atr: bytes) -> bytes | None:
+    """The historical bytes of ``atr`` (ISO 7816-3), None if it is not a whole ATR."""
+    if len(atr) < 2 or atr[0] not in (0x3B, 0x3F):
+        return None
+    count, at, y = atr[1] & 0x0F, 2, atr[1] >> 4
+    while True:
+        at += (y & 7).bit_count()            # TAi, TBi, TCi
+        if not y & 8:
+            break
+        if at >= len(atr):
+            return None
+        y = atr[at] >> 4                        # TDi
+        at += 1
+    return atr[at:at + count] if at + count <= len(atr) else None
+
+
+def atr_for_qemu(atr: bytes) -> bytes:
+    """The ATR QEMU's reader shows the VM for a card of ``atr``. QEMU's usb-ccid offers
+    the VM's CCID driver T=0 only and passes whole APDUs whatever the card speaks, so a
+    card that does not offer T=0 first (most are T=1 only) would fail the VM's protocol
+    negotiation: such an ATR is shown as a T=0 ATR with the card's own historical bytes
+    (``3B 0K`` + the K historical bytes; no interface bytes, so QEMU's own check of it,
+    which reads TDi one byte too far on, passes too)."""
+    hist = historical_bytes(atr)
+    if hist is None or atr[1] >> 4 == 0:        # no interface bytes: T=0 already
+        return atr
+    return bytes([0x3B, len(hist)]) + hist
+
+
 # --- vpcd -----------------------------------------------------------------------------------
 
 VPCD_OFF, VPCD_ON, VPCD_RESET, VPCD_ATR = 0, 1, 2, 4

@@ -9,6 +9,7 @@ from pcsc_bridge import config, daemon, log, netio, tls
 from pcsc_bridge.admin import ReloadFailed, start_admin
 from pcsc_bridge.cli import run_daemon
 from pcsc_bridge.facade import Facade
+from pcsc_bridge.vmlink import VmLink
 
 from .agent import RemoteBackend
 from .union import Member, UnionBackend
@@ -120,6 +121,10 @@ async def serve(cfg: config.ClientConfig, path: str | None = None,
         from .admin import AgentAdmin
         admin = await start_admin(AgentAdmin(backend, facade, cfg.admin_socket, reload),
                                   config.ADMIN_SOCKETS["client"])
+    vms = [VmLink(kind, e, backend, f"{kind} {e.where}") for kind in ("vscard", "vpcd")
+           for e in getattr(cfg, kind)]
+    for vm in vms:
+        await vm.start()
     expiry = asyncio.get_running_loop().create_task(
         daemon.watch_expiry(lambda: (*backend.files, None), cfg.log.expiry_warning_days))
     try:
@@ -127,6 +132,8 @@ async def serve(cfg: config.ClientConfig, path: str | None = None,
                                    server=", ".join(str(e.server) for e in cfg.entries()))
     finally:
         expiry.cancel()
+        for vm in vms:
+            await vm.close()
         if admin is not None:
             await admin.close()
         await facade.close()

@@ -5,8 +5,8 @@ pcscd, libccid, pcsc-tools and OpenSC from a Debian 12 root, booted by QEMU with
 
 Built once into the cache (``$PCSC_BRIDGE_CACHE/vm``; a fresh cache, as CI's, builds it
 anew: about a minute), from Debian's registry only. Each boot appends the test's script to
-the initramfs (a second cpio archive, which the kernel unpacks over the first) and runs
-it; the VM powers off when it ends.
+the initramfs with the /init here (a second cpio archive, which the kernel unpacks over
+the first) and runs it; the VM powers off when it ends.
 
     python3 tests/vmimage.py build     # build it now (CI's set-up does)
 """
@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from matrix.pcsclite import CACHE, _Lock, _remove_tree, _run, apt_mirror  # noqa: E402
+from matrix.pcsclite import CACHE, _Lock, _remove_tree, _run, apt_mirror
 
-FORMAT = 1
+FORMAT = 2
 VM_DIR = CACHE / "vm"
 PACKAGES = ("pcscd", "libccid", "pcsc-tools", "opensc")
 PROGRAMS = ("usr/sbin/pcscd", "usr/bin/pcsc_scan", "usr/bin/opensc-tool",
@@ -40,7 +40,15 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /run/pcscd /tmp /var/run
 for m in MODULES; do insmod /modules/$m.ko || echo "vm: insmod $m failed"; done
+# pcscd learns of readers plugged in later from udevd, which is not here: the CCID
+# interfaces (class 0b) first, then pcscd
+for i in $(seq 50); do
+    grep -qs 0b /sys/bus/usb/devices/*/bInterfaceClass && break
+    sleep 0.1
+done
+sleep 0.5
 pcscd -f >/tmp/pcscd.log 2>&1 &
+for i in $(seq 50); do [ -S /run/pcscd/pcscd.comm ] && break; sleep 0.1; done
 echo "vm: up $(cut -d' ' -f1 /proc/uptime)"
 sh /script.sh
 echo "vm: end"
@@ -121,9 +129,6 @@ def _build(work: Path) -> None:
     for loader in root.glob("usr/lib64/ld-linux*"):
         shutil.copyfile(loader.resolve(), stage / "usr/lib64" / loader.name)
         (stage / "usr/lib64" / loader.name).chmod(0o755)
-    init = stage / "init"
-    init.write_text(INIT.replace("MODULES", " ".join(MODULES)))
-    init.chmod(0o755)
     _cpio(stage, work / "base.cpio")
     for d in (debs, kernel, root, stage):
         _remove_tree(d)
@@ -137,9 +142,12 @@ def _cpio(folder: Path, out: Path) -> None:
 
 
 def initrd(script: str, into: Path) -> Path:
-    """The VM's initramfs with ``script`` as its /script.sh."""
+    """The VM's initramfs with its /init (this file's) and ``script`` as /script.sh."""
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "script.sh").write_text(script)
+        init = Path(tmp) / "init"
+        init.write_text(INIT.replace("MODULES", " ".join(MODULES)))
+        init.chmod(0o755)
         _cpio(Path(tmp), into / "script.cpio")
     out = into / "initrd.cpio"
     with open(out, "wb") as f:
