@@ -77,7 +77,6 @@ class VmLink:
     # --- life cycle
 
     async def start(self) -> None:
-        self.stream = await self.backend.open_stream(AppInfo())
         self._unlisten = self.backend.model.listen(self._model)
         if self.kind == "vscard" and self.entry.listen:
             at = address(self.entry.listen)
@@ -134,10 +133,10 @@ class VmLink:
         for a in actions:
             kind = type(a)
             if kind is Call:
-                try:
-                    self.stream.submit(a.msg, self._answered)
-                except BackendError as exc:
-                    asyncio.get_running_loop().call_soon(self._answered, None, exc)
+                if self.stream is None:
+                    self._spawn(self._open_then(a.msg))
+                else:
+                    self._submit(a.msg)
             elif kind is Later:
                 if self.timer is not None:
                     self.timer.cancel()
@@ -149,8 +148,34 @@ class VmLink:
             else:
                 self._vpcd(a)
 
+    def _submit(self, msg) -> None:
+        try:
+            self.stream.submit(msg, self._answered)
+        except BackendError as exc:
+            asyncio.get_running_loop().call_soon(self._answered, None, exc)
+
+    async def _open_then(self, msg) -> None:
+        """The stream opened (at the first call, and again after the backend lost it: an
+        agent's link to its server), then ``msg`` on it; a backend that cannot open one
+        answers ``msg`` with its error (the peer tries again later)."""
+        try:
+            stream = await self.backend.open_stream(AppInfo())
+        except BackendError as exc:
+            self._answered(None, exc)
+            return
+        if self.closed:
+            await stream.close()
+            return
+        self.stream = stream
+        stream.watch(lambda: self._stream_lost(stream))
+        self._submit(msg)
+
+    def _stream_lost(self, stream) -> None:
+        if self.stream is stream:
+            self.stream = None
+
     def _answered(self, reply, error) -> None:
-        if self.closed and self.stream is None:
+        if self.closed:
             return
         rv = error.rv if error is not None else reply.rv
         self._act(self.peer.answered(reply if error is None else None, rv))
