@@ -177,6 +177,10 @@ class VmLink:
     def _answered(self, reply, error) -> None:
         if self.closed:
             return
+        if error is not None and self.stream is not None:
+            # the backend failed the call itself (a lost link): a new stream next time
+            stream, self.stream = self.stream, None
+            self._spawn(stream.close())
         rv = error.rv if error is not None else reply.rv
         self._act(self.peer.answered(reply if error is None else None, rv))
 

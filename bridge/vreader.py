@@ -209,6 +209,7 @@ LOCK_WAIT = 30.0     # ... for at most this long, then the VM's command fails
 GONE_RVS = frozenset({0x80100069, 0x8010000C, 0x80100017, 0x8010001D, 0x80100003,
                       0x8010001E, 0x80100009})  # W_REMOVED, NO_SMARTCARD, READER_UNAVAILABLE,
 # NO_SERVICE, INVALID_HANDLE, SERVICE_STOPPED, UNKNOWN_READER: the card is gone for the VM
+NO_SERVICE_RVS = frozenset({0x8010001D, 0x8010001E, 0x80100003})   # ... and our context too
 
 
 class Peer:
@@ -292,11 +293,13 @@ class Peer:
             if rv == 0:
                 self.card, self.protocol, self.refused = reply.hCard, reply.dwActiveProtocol, None
                 out.append(Note("vm.card", f"connected to {msg.szReader}"))
+            elif rv in NO_SERVICE_RVS:            # the context went with the service
+                self.context = None
+                self.paused = True
+                out.append(Later(RETRY))
             else:
                 self.refused = self.state.eventCounter if self.state is not None else None
                 out.append(Note("vm.refused", f"{msg.szReader}: {rv_name(rv)}"))
-                if rv in GONE_RVS:
-                    self.context = None if rv == 0x80100003 else self.context
         elif kind is Transmit:
             out += self._transmitted(reply, rv)
         elif kind is Reconnect:
@@ -340,7 +343,7 @@ class Peer:
         if self.card is not None:
             self.out = Disconnect(self.card, SCARD_LEAVE_CARD)
             out.append(Call(self.out))
-        if rv in (0x8010001D, 0x8010001E):      # no service: a new context later
+        if rv in NO_SERVICE_RVS:                 # no service: a new context later
             self.context = None
         return out + [Note("vm.card_gone", rv_name(rv))]
 

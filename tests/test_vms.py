@@ -44,7 +44,8 @@ from pcsc_bridge.vreader import (
     Vpcd,
     VSCard,
 )
-from targets import Process, free_port
+from targets import App, Process, free_port
+from test_bridge import Bridge
 from test_local import wait_log
 
 ATR = bytes.fromhex("3B8A80010031C173C84000009000")
@@ -191,6 +192,8 @@ local:
     control: {control}
     readers: [{{name: "{R0}"}}, {{name: "{R1}"}}]
   admin_socket: null
+  sockets:
+    - {{path: {tmp_path}/apps.sock, reset_between_guests: false}}
   vscard:
     - {{listen: "127.0.0.1:{port}", reader: "{R0}"}}
     - {{listen: "127.0.0.1:{denied}", reader: "nothing like it*"}}
@@ -206,7 +209,7 @@ local:
                               check=False)
         assert done.returncode == 0, done.stderr
     yield {"vscard": port, "denied": denied, "vpcd": vpcd_server, "virtual": virtual,
-           "proc": proc}
+           "proc": proc, "socket": str(tmp_path / "apps.sock")}
     proc.stop()
     vpcd_server.close()
 
@@ -279,3 +282,45 @@ def test_a_vm_reader_with_both_or_neither_end_is_refused(tmp_path):
     assert done.returncode == 2 and "local.vscard[0]" in said \
         and "give one of listen" in said, said
 
+
+
+def test_a_reset_by_another_application_is_a_removal_and_an_insertion_in_the_vm(local_vms):
+    """Another application on the host resets the card: the VM's next command meets
+    pcscd's SCARD_W_RESET_CARD and the VM sees the card taken out and put back."""
+    q = FakeQemu(local_vms["vscard"])
+    _, atr = q.next((VSC_ATR,))
+    app = App(local_vms["socket"])
+    try:
+        card = app.connect(app.establish().context, R0).card
+        assert app.disconnect(card, 1).rv == 0                  # SCARD_RESET_CARD
+    finally:
+        app.close()
+    assert q.apdu(bytes.fromhex("80EE0000015A"))[0] == VSC_CARD_REMOVE
+    assert q.next((VSC_ATR,)) == (VSC_ATR, atr)
+    assert q.apdu(bytes.fromhex("80EE0000015A"))[0] == VSC_APDU
+
+
+def test_a_lost_link_to_the_server_takes_the_card_from_the_vm(tmp_path):
+    """Through an agent: the server killed, the VM's card leaves its reader within the
+    keepalive bound (its command gets the removal, not a hang); the server back, the
+    card is back."""
+    port = free_port()
+    b = Bridge(str(tmp_path), guests=("vm1",), backend="virtual")
+    b.start_server()
+    b.start_agent("vm1", extra=f'  vscard:\n    - {{listen: "127.0.0.1:{port}", reader: "{R0}"}}\n')
+    try:
+        wait_log(b.agents["vm1"], "vm.listen")
+        q = FakeQemu(port)
+        _, atr = q.next((VSC_ATR,), timeout=15)
+        assert q.apdu(bytes.fromhex("80EE0000015A"))[0] == VSC_APDU
+        b.server.proc.kill()
+        t = time.monotonic()
+        assert q.next((VSC_CARD_REMOVE,), timeout=10)[0] == VSC_CARD_REMOVE
+        gone = time.monotonic() - t
+        assert q.apdu(b"\x00\xa4\x04\x00")[0] == VSC_ERROR       # no card: an error at once
+        b.start_server()
+        assert q.next((VSC_ATR,), timeout=20) == (VSC_ATR, atr)
+        assert q.apdu(bytes.fromhex("80EE0000015A"))[0] == VSC_APDU
+        print(f"\ncard gone from the VM {gone:.1f} s after the server died")
+    finally:
+        b.stop()
