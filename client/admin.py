@@ -47,9 +47,10 @@ def _link(agent) -> dict:
 class AgentAdmin(CommandSocket):
     COMMANDS: ClassVar[dict] = {"status": "status", "reload": "reload"}
 
-    def __init__(self, backend, facade, path: str, reload=None):
+    def __init__(self, backend, facade, path: str, reload=None, vms=()):
         super().__init__(path)
         self.agent, self.facade, self.reload = backend, facade, reload
+        self.vms = vms        # the VM readers' links (bridge/vmlink.py)
 
     async def _reload(self, args: list[str]) -> dict:
         if args:
@@ -77,8 +78,10 @@ class AgentAdmin(CommandSocket):
             })
         readers = [{"name": s.readerName, "card": bool(s.cardAtr)}
                    for s in agent.model.states if s.readerName]
+        vms = [vm.status() for vm in self.vms]
         if members is None:
-            return {"role": "agent", **_link(agent), "readers": readers, "applications": apps}
+            return {"role": "agent", **_link(agent), "readers": readers, "applications": apps,
+                    "vms": vms}
         links = []
         for m in members:
             shown = m.names
@@ -87,4 +90,4 @@ class AgentAdmin(CommandSocket):
                 if s.readerName and s.readerName in shown]})
         return {"role": "agent", "links": links, "readers": readers,
                 "over_16": agent.over is not None, "applications": apps,
-                "streams": sum(x["streams"] for x in links)}
+                "streams": sum(x["streams"] for x in links), "vms": vms}

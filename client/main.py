@@ -116,15 +116,15 @@ async def serve(cfg: config.ClientConfig, path: str | None = None,
     await backend.start()
     await facade.serve_unix(cfg.socket, cfg.socket_mode, cfg.socket_owner, cfg.socket_group)
     reload = AgentReload(path, over or {}, cfg, backend) if path is not None else None
-    admin = None
-    if cfg.admin_socket:
-        from .admin import AgentAdmin
-        admin = await start_admin(AgentAdmin(backend, facade, cfg.admin_socket, reload),
-                                  config.ADMIN_SOCKETS["client"])
     vms = [VmLink(kind, e, backend, f"{kind} {e.where}") for kind in ("vscard", "vpcd")
            for e in getattr(cfg, kind)]
     for vm in vms:
         await vm.start()
+    admin = None
+    if cfg.admin_socket:
+        from .admin import AgentAdmin
+        admin = await start_admin(AgentAdmin(backend, facade, cfg.admin_socket, reload, vms),
+                                  config.ADMIN_SOCKETS["client"])
     expiry = asyncio.get_running_loop().create_task(
         daemon.watch_expiry(lambda: (*backend.files, None), cfg.log.expiry_warning_days))
     try:

@@ -202,6 +202,14 @@ def _print_local(st: dict) -> None:
     for sc in st["sockets"]:
         print(f"socket  {sc['path']}: {sc['applications']} application(s), readers "
               f"{', '.join(sc['readers'])}")
+    _print_vms(st.get("vms", ()))
+
+
+def _print_vms(vms) -> None:
+    for vm in vms:
+        card = f"card {vm['card']}" if vm["card"] else "no card"
+        print(f"vm      {vm['vm']}: {'linked' if vm['linked'] else 'no VM linked'}, reader "
+              f"{vm['reader'] or 'none'}, {card}, {vm['links']} link(s)")
 
 
 def _print_link(st: dict) -> None:
@@ -230,6 +238,7 @@ def _print_agent(st: dict) -> None:
         print(f"app     {a['app']}: pid {a['pid']} ({a['command'] or '?'}) uid {a['uid']} "
               f"since {a['since']}, {a['dialect'] or 'no version yet'}, "
               f"{a['contexts']} context(s), {cards}")
+    _print_vms(st.get("vms", ()))
 
 
 def run_reload(args) -> int:

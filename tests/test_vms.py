@@ -46,6 +46,7 @@ from pcsc_bridge.vreader import (
 )
 from targets import App, Process, free_port
 from test_bridge import Bridge
+from test_lab import status
 from test_local import wait_log
 
 ATR = bytes.fromhex("3B8A80010031C173C84000009000")
@@ -191,7 +192,7 @@ local:
   virtual:
     control: {control}
     readers: [{{name: "{R0}"}}, {{name: "{R1}"}}]
-  admin_socket: null
+  admin_socket: {tmp_path}/admin.sock
   sockets:
     - {{path: {tmp_path}/apps.sock, reset_between_guests: false}}
   vscard:
@@ -209,7 +210,7 @@ local:
                               check=False)
         assert done.returncode == 0, done.stderr
     yield {"vscard": port, "denied": denied, "vpcd": vpcd_server, "virtual": virtual,
-           "proc": proc, "socket": str(tmp_path / "apps.sock")}
+           "proc": proc, "socket": str(tmp_path / "apps.sock"), "conf": str(conf)}
     proc.stop()
     vpcd_server.close()
 
@@ -219,6 +220,9 @@ def test_a_vscard_vm_gets_the_card_its_apdus_and_its_removal(local_vms):
     assert q.next((VSC_READER_ADD,))[1] == b"pcsc-bridge"
     kind, atr = q.next()
     assert kind == VSC_ATR and atr[0] in (0x3B, 0x3F)
+    said = status(local_vms["conf"])       # `pcsc-bridge status`: each VM reader
+    assert f"vm      vscard 127.0.0.1:{local_vms['vscard']}: linked, reader {R0}, card " in \
+        said and f"vscard 127.0.0.1:{local_vms['denied']}: no VM linked, reader none" in said, said
     kind, answer = q.apdu(bytes.fromhex("80EE0000015A"))
     assert (kind, answer[-2:]) == (VSC_APDU, b"\x90\x00"), answer.hex()
     local_vms["virtual"]("remove", R0)
