@@ -152,8 +152,14 @@ class Enforcer:
     a stream id or a stream object). ``readers``: the readers as the clients of the
     process share them (bridge/share.py)."""
 
-    def __init__(self, policy: Policy, readers: Readers | None = None, client: str = ""):
+    def __init__(self, policy: Policy, readers: Readers | None = None, client: str = "",
+                 tell_resets: bool = False):
         self.policy = policy
+        # after a reset between clients, the APDU gets SCARD_W_RESET_CARD instead of
+        # going to the card: a VM's reader (bridge/vmlink.py), which shows the VM the
+        # reset as the card taken out and put back, rather than an answer from a card
+        # whose state the VM does not know was lost
+        self.tell_resets = tell_resets
         self.readers = Readers() if readers is None else readers
         self.client = client
         self.handles: dict[int, CardUse] = {}   # hCard -> its use
@@ -209,6 +215,8 @@ class Enforcer:
                 if use.reset_rv:              # ... which fails as the reset did
                     rv, use.reset_rv = use.reset_rv, 0
                     return Verdict(rv)
+                if self.tell_resets:
+                    return Verdict(SCARD_W_RESET_CARD)
             elif reader.used_by is not None and reader.used_by != self.client \
                     and all(u is use for u in reader.holders) \
                     and use.resets_seen == reader.resets:

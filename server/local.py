@@ -61,9 +61,9 @@ class PolicyView(Backend):
     timer for the socket's holds)."""
 
     def __init__(self, backend: Backend, policy: config.Policy, label: str,
-                 readers: Readers):
+                 readers: Readers, tell_resets: bool = False):
         self.inner = backend
-        self.enforcer = Enforcer(policy, readers, label)
+        self.enforcer = Enforcer(policy, readers, label, tell_resets)
         self.label = label
         self.timer: asyncio.TimerHandle | None = None
         self.name = backend.name
@@ -356,7 +356,7 @@ class Local:
                 continue
             label = f"{kind} {where}"
             link = VmLink(kind, entry, PolicyView(self.backend, entry.policy, label,
-                                                  self.readers), label)
+                                                  self.readers, tell_resets=True), label)
             await link.start()
             self.vms[kind, where] = (entry, link)
             changed.append(f"{label}: opened")

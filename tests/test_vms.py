@@ -328,3 +328,23 @@ def test_a_lost_link_to_the_server_takes_the_card_from_the_vm(tmp_path):
         print(f"\ncard gone from the VM {gone:.1f} s after the server died")
     finally:
         b.stop()
+
+
+def test_a_reset_between_clients_is_a_removal_and_an_insertion_in_the_vm(local_vms):
+    """Another client's APDU was the last the card answered: the card is power-cycled
+    before the VM's next command (reset_between_guests), and the VM sees it as the card
+    taken out and put back, not as an answer from a card whose state it lost."""
+    q = FakeQemu(local_vms["vscard"])
+    _, atr = q.next((VSC_ATR,))
+    assert q.apdu(bytes.fromhex("80EE0000015A"))[0] == VSC_APDU
+    app = App(local_vms["socket"])
+    try:
+        card = app.connect(app.establish().context, R0).card
+        assert app.transmit(card, "80EE0000015A").rv == 0
+        assert app.disconnect(card).rv == 0
+    finally:
+        app.close()
+    assert q.apdu(bytes.fromhex("80EE0000015A"))[0] == VSC_CARD_REMOVE
+    assert q.next((VSC_ATR,)) == (VSC_ATR, atr)
+    assert q.apdu(bytes.fromhex("80EE0000015A"))[0] == VSC_APDU   # one reset, not two
+    assert "reset_between_guests" in local_vms["proc"].output()
