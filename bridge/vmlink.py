@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 
 from . import log
 from .backend import AppInfo, Backend, BackendError
@@ -82,7 +83,8 @@ class VmLink:
             at = address(self.entry.listen)
             if isinstance(at, str):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(at)
+                    if stat.S_ISSOCK(os.lstat(at).st_mode):    # a socket left behind
+                        os.unlink(at)
                 self.server = await asyncio.start_unix_server(self._accepted, at)
             else:
                 self.server = await asyncio.start_server(self._accepted, *at)
@@ -216,18 +218,22 @@ class VmLink:
             return
         await self._serve_vscard(reader, writer)
 
-    async def _connecting(self) -> None:
+    async def _dial(self, wanted) -> tuple | None:
+        """A connection to the entry's ``connect``, tried again (backing off) while it
+        fails and ``wanted()``; None once it is no longer wanted."""
         wait = RETRY_MIN
-        while not self.closed:
+        while not self.closed and wanted():
             try:
-                reader, writer = await _open(self.entry.connect)
+                return await _open(self.entry.connect)
             except OSError as exc:
                 log.debug("vm.connect_failed", vm=self.label, error=str(exc))
                 await asyncio.sleep(wait)
                 wait = min(RETRY_MAX, wait * 2)
-                continue
-            wait = RETRY_MIN
-            await self._serve_vscard(reader, writer)
+        return None
+
+    async def _connecting(self) -> None:
+        while (got := await self._dial(lambda: True)) is not None:
+            await self._serve_vscard(*got)
             await asyncio.sleep(RETRY_MIN)
 
     async def _serve_vscard(self, reader, writer) -> None:
@@ -282,15 +288,8 @@ class VmLink:
     async def _to_vpcd(self, atr: bytes, generation: int) -> None:
         """The card in vpcd's reader: a connection to the driver, made again while the
         card is shown (the driver restarted, or was not there yet)."""
-        wait = RETRY_MIN
-        while not self.closed and self.generation == generation:
-            try:
-                reader, writer = await _open(self.entry.connect)
-            except OSError as exc:
-                log.debug("vm.connect_failed", vm=self.label, error=str(exc))
-                await asyncio.sleep(wait)
-                wait = min(RETRY_MAX, wait * 2)
-                continue
+        while (got := await self._dial(lambda: self.generation == generation)) is not None:
+            reader, writer = got
             if self.generation != generation:
                 writer.close()
                 return

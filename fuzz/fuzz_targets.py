@@ -213,6 +213,79 @@ def apdu_target():
     return target
 
 
+def vreader_target():
+    """A VM's reader (bridge/vreader.py): the VSCard bytes a VM's side sends, through the
+    framing; and the same input as a run of events for the card's peer (a VM command, the
+    backend's answer to the call under way with one of its codes, a tick, the card in or
+    out, the VM linked or not): one call at a time, the VM never left without an answer
+    to its command."""
+    from pcsc_bridge.vreader import (
+        VSC_HEADER,
+        VSC_MAX,
+        Answer,
+        Call,
+        Fail,
+        Hide,
+        Peer,
+        ProtocolError,
+        VSCard,
+    )
+    rvs = (0, 0x80100068, 0x8010000B, 0x8010001D, 0x80100069, 0x80100009, 0x80100003,
+           0x80100016)
+
+    def state(present: bool):
+        return (pcsc.ReaderState(readerName="R0", eventCounter=int(present) + 1,
+                                 readerState=pcsc.SCARD_PRESENT if present else 2,
+                                 cardAtr=b"\x3b\x00" if present else b""),)
+
+    def target(data: bytes) -> None:
+        codec = VSCard()
+        try:
+            codec.receive(data)
+        except ProtocolError:
+            pass
+        assert len(codec.buffer) < VSC_HEADER.size + VSC_MAX + len(data) + 1
+        p = Peer("R*")
+        out: list = p.states(state(True))
+        call, command, present, linked = None, False, True, False
+        for i, b in enumerate(data):
+            op = b % 6
+            if op == 0 and linked:
+                acts = p.command_in(data[i:i + 5])
+                command = command or not any(isinstance(a, Fail) for a in acts)
+            elif op == 1 and call is not None:
+                rv = rvs[b // 6 % len(rvs)]
+                reply = call.with_rv(rv, hContext=5, hCard=9, dwActiveProtocol=1) \
+                    if type(call) in (pcsc.EstablishContext, pcsc.Connect) \
+                    else call.with_rv(rv, dwActiveProtocol=1) if type(call) is pcsc.Reconnect \
+                    else call.with_rv(rv, data=b"\x90\x00") if type(call) is pcsc.Transmit \
+                    else call.with_rv(rv)
+                call = None
+                acts = p.answered(reply if rv == 0 or b & 0x80 else None, rv)
+            elif op == 2:
+                acts = p.tick()
+            elif op == 3:
+                present = not present
+                acts = p.states(state(present))
+            elif op == 4:
+                linked = not linked
+                acts = p.linked() if linked else p.unlinked()
+                command = False
+            else:
+                continue
+            calls = [a.msg for a in acts if isinstance(a, Call)]
+            assert len(calls) <= 1 and not (calls and call is not None), (call, calls)
+            call = calls[0] if calls else call
+            if any(isinstance(a, (Answer, Fail, Hide)) for a in acts):
+                command = False
+        out.clear()
+        # the VM's command under way is answered once nothing else is: the backend's
+        # answer to the call out, or at once
+        assert not (command and call is None and not p.paused and p.command is not None
+                    and p.card is not None and p.out is None), vars(p)
+    return target
+
+
 TARGETS = {
     **{f"pcsc-app-4:{m}": (lambda m=m: app_target(m)) for m in pcsc.PROTOCOL_MINORS},
     **{f"pcsc-pcscd-4:{m}": (lambda m=m: pcscd_target(m)) for m in pcsc.PROTOCOL_MINORS},
@@ -222,6 +295,7 @@ TARGETS = {
     "config-client": lambda: config_target("client"),
     "control": control_target,
     "apdu": apdu_target,
+    "vreader": vreader_target,
 }
 
 # inputs that start a target off somewhere meaningful (the corpus seeds)
@@ -237,6 +311,8 @@ SEEDS = {
     "config": [b"server:\n  cert: a\n  key: b\n  ca: c\n  listen: [\"[::1]:8443\"]\n",
                b"client:\n  server: host:8443\n  cert: a\n  key: b\n  ca: c\n"],
     "control": [b"list\ninsert 0 3B00\nadd-reader 'X Y' card\nremove-reader 1\n"],
+    "vreader": [b"\x00\x00\x00\x07\x00\x00\x00\x00\x00\x00\x00\x02\x00\xa4\x04\x01\x01\x01",
+                bytes([4, 1, 1, 1, 0, 1, 1, 3, 0, 1, 2, 0, 1])],
     "apdu": [bytes([13, 2]) + bytes.fromhex("00A4040008A000000151000000") + b"\x90\x00"
              + bytes([11, 2]) + bytes.fromhex("0020008106313233343536") + b"\x63\xc1"],
 }
