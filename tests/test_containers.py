@@ -273,8 +273,10 @@ def built(podman) -> str:
 
 def test_the_image_runs_server_agent_and_local_read_only_as_a_user(podman, built, tmp_path):
     from targets import free_port, make_pki, wait_port
-    version = _run(["podman", "run", "--rm", "--read-only", built, "--version"], env=podman)
-    assert version.stdout.strip() == f"pcsc-bridge {__import__('pcsc_bridge').__version__}"
+    for argv in (["--version"], ["pcsc-bridge", "--version"]):    # with the command named too
+        version = _run(["podman", "run", "--rm", "--read-only", built, *argv], env=podman)
+        assert version.stdout.strip() == \
+            f"pcsc-bridge {__import__('pcsc_bridge').__version__}", version.stderr
     ca = make_pki(str(tmp_path), ("pod-7",))
     for f in [Path(ca), *Path(ca).iterdir()]:     # the image's user reads its files
         os.chown(f, 10001, 10001)
