@@ -153,8 +153,13 @@ def test_vscard_framing():
 class FakeQemu:
     """The VSCard side of QEMU's ccid-card-passthru: what it sends, what it answers."""
 
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, where: int | str):
+        if isinstance(where, str):                 # a Unix socket's path
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(10)
+            self.sock.connect(where)
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", where), timeout=10)
         self.codec = VSCard()
         self.got: list = []
         self.sock.sendall(VSCard.init())
@@ -198,6 +203,7 @@ local:
   vscard:
     - {{listen: "127.0.0.1:{port}", reader: "{R0}"}}
     - {{listen: "127.0.0.1:{denied}", reader: "nothing like it*"}}
+    - {{listen: "{tmp_path}/vm.sock", reader: "{R0}", reset_between_guests: false}}
   vpcd:
     - {{connect: "127.0.0.1:{vpcd}", reader: "{R1}"}}
 """)
@@ -210,7 +216,8 @@ local:
                               check=False)
         assert done.returncode == 0, done.stderr
     yield {"vscard": port, "denied": denied, "vpcd": vpcd_server, "virtual": virtual,
-           "proc": proc, "socket": str(tmp_path / "apps.sock"), "conf": str(conf)}
+           "proc": proc, "socket": str(tmp_path / "apps.sock"), "conf": str(conf),
+           "unix": str(tmp_path / "vm.sock")}
     proc.stop()
     vpcd_server.close()
 
@@ -238,6 +245,26 @@ def test_a_vscard_vm_gets_the_card_its_apdus_and_its_removal(local_vms):
     q.sock.close()
     out = local_vms["proc"].output()
     assert "audit.card" in out and "vscard 127.0.0.1" in out, out[-3000:]
+
+
+def test_two_vms_share_the_card_each_with_its_policy(local_vms):
+    """A VM on a Unix socket whose entry does not reset the card between clients (a), a
+    VM on TCP whose entry does (b): b's command after a's is not sent, the card is reset
+    and b sees it taken out and put back; a, whose card was reset under it, then learns
+    it as pcscd tells it (SCARD_W_RESET_CARD) and sees the same; a's own entry never
+    resets it."""
+    a, b = FakeQemu(local_vms["unix"]), FakeQemu(local_vms["vscard"])
+    _, atr = a.next((VSC_ATR,))
+    assert b.next((VSC_ATR,)) == (VSC_ATR, atr)
+    echo = bytes.fromhex("80EE0000015A")
+    assert a.apdu(echo)[0] == VSC_APDU
+    for q in (b, a):
+        assert q.apdu(echo)[0] == VSC_CARD_REMOVE
+        assert q.next((VSC_ATR,)) == (VSC_ATR, atr)
+        assert q.apdu(echo)[0] == VSC_APDU
+    assert b.apdu(echo)[0] == VSC_CARD_REMOVE      # a was last: b's entry resets again
+    b.next((VSC_ATR,))
+    assert b.apdu(echo)[0] == VSC_APDU
 
 
 def test_a_vm_whose_policy_shows_no_reader_gets_no_card(local_vms):
@@ -311,9 +338,17 @@ def test_a_lost_link_to_the_server_takes_the_card_from_the_vm(tmp_path):
     port = free_port()
     b = Bridge(str(tmp_path), guests=("vm1",), backend="virtual")
     b.start_server()
-    b.start_agent("vm1", extra=f'  vscard:\n    - {{listen: "127.0.0.1:{port}", reader: "{R0}"}}\n')
+    vpcd = socket.create_server(("127.0.0.1", 0))
+    vpcd.settimeout(10)
+    b.start_agent("vm1", extra=f'  vscard:\n    - {{listen: "127.0.0.1:{port}", reader: "{R0}"}}\n'
+                               f'  vpcd:\n    - {{connect: "127.0.0.1:{vpcd.getsockname()[1]}", '
+                               f'reader: "{R0}"}}\n')
     try:
         wait_log(b.agents["vm1"], "vm.listen")
+        driver, _ = vpcd.accept()                 # the agent's vpcd entry: the card is in
+        driver.settimeout(10)
+        driver.sendall(Vpcd.message(b"\x04"))
+        assert Vpcd().receive(driver.recv(100))[0][0] in (0x3B, 0x3F)
         q = FakeQemu(port)
         _, atr = q.next((VSC_ATR,), timeout=15)
         assert q.apdu(bytes.fromhex("80EE0000015A"))[0] == VSC_APDU
@@ -321,6 +356,7 @@ def test_a_lost_link_to_the_server_takes_the_card_from_the_vm(tmp_path):
         t = time.monotonic()
         assert q.next((VSC_CARD_REMOVE,), timeout=10)[0] == VSC_CARD_REMOVE
         gone = time.monotonic() - t
+        assert driver.recv(100) == b""            # ... and out of vpcd's reader
         assert q.apdu(b"\x00\xa4\x04\x00")[0] == VSC_ERROR       # no card: an error at once
         b.start_server()
         assert q.next((VSC_ATR,), timeout=20) == (VSC_ATR, atr)
@@ -328,6 +364,7 @@ def test_a_lost_link_to_the_server_takes_the_card_from_the_vm(tmp_path):
         print(f"\ncard gone from the VM {gone:.1f} s after the server died")
     finally:
         b.stop()
+        vpcd.close()
 
 
 def test_a_reset_between_clients_is_a_removal_and_an_insertion_in_the_vm(local_vms):
