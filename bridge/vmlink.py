@@ -91,7 +91,7 @@ class VmLink:
         elif self.kind == "vscard":
             self._spawn(self._connecting())
         else:
-            self.peer.vm = True        # vpcd: the driver is asked for once there is a card
+            self._act(self.peer.linked())   # vpcd: the driver is dialled once there is a card
         log.info("vm.listen" if self.server else "vm.start", vm=self.label, kind=self.kind,
                  reader=self.entry.reader, exclusive=self.entry.exclusive)
         self._model()

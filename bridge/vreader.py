@@ -28,7 +28,13 @@ import struct
 from dataclasses import dataclass
 
 from .pcsc import (
+    SCARD_E_INVALID_HANDLE,
+    SCARD_E_NO_SERVICE,
+    SCARD_E_NO_SMARTCARD,
+    SCARD_E_READER_UNAVAILABLE,
+    SCARD_E_SERVICE_STOPPED,
     SCARD_E_SHARING_VIOLATION,
+    SCARD_E_UNKNOWN_READER,
     SCARD_LEAVE_CARD,
     SCARD_PRESENT,
     SCARD_PROTOCOL_T0,
@@ -37,6 +43,7 @@ from .pcsc import (
     SCARD_SCOPE_SYSTEM,
     SCARD_SHARE_EXCLUSIVE,
     SCARD_SHARE_SHARED,
+    SCARD_W_REMOVED_CARD,
     SCARD_W_RESET_CARD,
     Connect,
     Disconnect,
@@ -206,10 +213,12 @@ class Note:
 RETRY = 1.0          # a context or connection that failed for want of service: again after
 LOCK_POLL = 0.1      # another application's transaction: pcscd's poll rate, as its library
 LOCK_WAIT = 30.0     # ... for at most this long, then the VM's command fails
-GONE_RVS = frozenset({0x80100069, 0x8010000C, 0x80100017, 0x8010001D, 0x80100003,
-                      0x8010001E, 0x80100009})  # W_REMOVED, NO_SMARTCARD, READER_UNAVAILABLE,
-# NO_SERVICE, INVALID_HANDLE, SERVICE_STOPPED, UNKNOWN_READER: the card is gone for the VM
-NO_SERVICE_RVS = frozenset({0x8010001D, 0x8010001E, 0x80100003})   # ... and our context too
+ANY_PROTOCOL = SCARD_PROTOCOL_T0 | SCARD_PROTOCOL_T1
+# the service went, and our context with it
+NO_SERVICE_RVS = frozenset({SCARD_E_NO_SERVICE, SCARD_E_SERVICE_STOPPED, SCARD_E_INVALID_HANDLE})
+# the card is gone for the VM
+GONE_RVS = NO_SERVICE_RVS | {SCARD_W_REMOVED_CARD, SCARD_E_NO_SMARTCARD,
+                             SCARD_E_READER_UNAVAILABLE, SCARD_E_UNKNOWN_READER}
 
 
 class Peer:
@@ -324,12 +333,8 @@ class Peer:
         if rv == SCARD_W_RESET_CARD:
             # the card was reset under us: the VM sees it taken out and put back (its
             # command fails with the removal), we take up the reset card
-            self.command = None
-            self.out = Reconnect(self.card, self.share, SCARD_PROTOCOL_T0 | SCARD_PROTOCOL_T1,
-                                 SCARD_LEAVE_CARD)
-            out = [Hide()] if self.shown is not None else []
-            self.shown = None
-            return out + [Note("vm.reset", "the card was reset on the host"), Call(self.out)]
+            return self._hide() + [Note("vm.reset", "the card was reset on the host")] \
+                + self._call(Reconnect(self.card, self.share, ANY_PROTOCOL, SCARD_LEAVE_CARD))
         if rv in GONE_RVS:
             return self._lost(rv)
         self.command = None
@@ -337,12 +342,9 @@ class Peer:
 
     def _lost(self, rv: int) -> list:
         """The card (or the link to it) is gone: the VM sees no card; our handle goes."""
-        self.command = None
-        out = [Hide()] if self.shown is not None else []
-        self.shown = None
+        out = self._hide()
         if self.card is not None:
-            self.out = Disconnect(self.card, SCARD_LEAVE_CARD)
-            out.append(Call(self.out))
+            out += self._call(Disconnect(self.card, SCARD_LEAVE_CARD))
         if rv in NO_SERVICE_RVS:                 # no service: a new context later
             self.context = None
         return out + [Note("vm.card_gone", rv_name(rv))]
@@ -357,14 +359,10 @@ class Peer:
         present = state is not None and state.readerState & SCARD_PRESENT
         if self.card is not None:
             if not self.vm or not present:
-                out = [Hide()] if self.shown is not None else []
-                self.shown = None
-                self.command = None
-                return out + self._call(Disconnect(self.card, SCARD_LEAVE_CARD))
+                return self._hide() + self._call(Disconnect(self.card, SCARD_LEAVE_CARD))
             if self.reset_asked:
                 self.reset_asked = False
-                return self._call(Reconnect(self.card, self.share,
-                                            SCARD_PROTOCOL_T0 | SCARD_PROTOCOL_T1,
+                return self._call(Reconnect(self.card, self.share, ANY_PROTOCOL,
                                             SCARD_RESET_CARD))
             out = []
             if self.shown is None:
@@ -377,11 +375,19 @@ class Peer:
         self.reset_asked = False
         if self.vm and present and state.eventCounter != self.refused:
             return self._call(Connect(self.context, state.readerName, self.share,
-                                      SCARD_PROTOCOL_T0 | SCARD_PROTOCOL_T1))
+                                      ANY_PROTOCOL))
         if self.command is not None:
             self.command = None
             return [Fail("no card")]
         return []
+
+    def _hide(self) -> list:
+        """The VM's reader emptied, if it showed a card; the VM's command is dropped
+        (the removal answers it)."""
+        out = [Hide()] if self.shown is not None else []
+        self.shown = None
+        self.command = None
+        return out
 
     def _call(self, msg: Message) -> list:
         self.out = msg
