@@ -256,6 +256,9 @@ class VmLink:
                         raise ProtocolError(f"VSC_Init with magic {payload[:4].hex()}")
                     elif kind == VSC_FLUSH:
                         writer.write(VSCard.message(VSC_FLUSH_COMPLETE))
+                # a VM that sends and does not read: no more is read from it until what
+                # is written to it goes (asyncio's write-buffer high-water mark)
+                await writer.drain()
         except ProtocolError as exc:
             why = str(exc)
         except (OSError, asyncio.IncompleteReadError) as exc:
@@ -310,6 +313,7 @@ class VmLink:
                                 self._act(self.peer.reset())
                         else:
                             self._act(self.peer.command_in(payload))
+                    await writer.drain()               # (as for VSCard, above)
             except OSError:
                 pass
             finally:
